@@ -1,0 +1,1 @@
+"""Entity representations and the geometry of the rings they form."""

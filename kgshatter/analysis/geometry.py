@@ -1,0 +1,86 @@
+"""Ring-structure metrics: is an order's cyclic structure present in a set of representations?
+
+Three views, because a ring can be encoded without being visible (shared/docs/learning-notes.md):
+- ``probe_r2``: cross-validated ridge probe from the representation to (cos, sin) of ring
+  position; 1 = ring position linearly decodable.
+- ``neighbour_fraction``: fraction of entities whose two nearest neighbours (Euclidean) lie
+  within +-``window`` ring positions; ~1 for a clean ring, ~``4 * window / N`` by chance.
+- ``isomap_alignment``: resultant length of the angle difference between a 2-D Isomap embedding
+  and ring position, best over reflection; 1 = the Isomap picture is the ring in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
+
+
+def ring_angle(positions: np.ndarray, n: int) -> np.ndarray:
+    return 2 * np.pi * np.asarray(positions, dtype=float) / n
+
+
+def probe_r2(reps, positions: np.ndarray, n: int, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of a ridge probe onto (cos, sin) of ring position."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = _np(reps)
+    theta = ring_angle(positions, n)
+    y = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+    pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def neighbour_fraction(reps, positions: np.ndarray, n: int, window: int = 2) -> float:
+    """Fraction of entities whose 2 nearest neighbours are within +-window ring positions."""
+    x = _np(reps)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, axis=1)[:, :2]
+    pos = np.asarray(positions)
+    gap = np.abs(pos[nn] - pos[:, None])
+    gap = np.minimum(gap, n - gap)
+    return float((gap <= window).all(axis=1).mean())
+
+
+def embed_2d(reps, method: str = "isomap", n_neighbors: int = 10) -> np.ndarray:
+    """2-D Isomap or PCA embedding of the representations."""
+    x = _np(reps)
+    if method == "pca":
+        x = x - x.mean(0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        return x @ vt[:2].T
+    if method == "isomap":
+        from sklearn.manifold import Isomap
+
+        return Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2).fit_transform(x)
+    raise ValueError(f"method must be 'isomap' or 'pca', got {method!r}")
+
+
+def circular_alignment(xy: np.ndarray, positions: np.ndarray, n: int) -> float:
+    """How well the angle of a 2-D embedding follows ring position (0..1, reflection allowed)."""
+    xy = np.asarray(xy, float) - np.asarray(xy, float).mean(0)
+    phi = np.arctan2(xy[:, 1], xy[:, 0])
+    theta = ring_angle(positions, n)
+    return float(max(abs(np.exp(1j * (phi - s * theta)).mean()) for s in (1, -1)))
+
+
+def isomap_alignment(reps, positions: np.ndarray, n: int, n_neighbors: int = 10) -> float:
+    return circular_alignment(embed_2d(reps, "isomap", n_neighbors), positions, n)
+
+
+def ring_metrics(reps, positions: np.ndarray, n: int, seed: int = 0) -> dict[str, float]:
+    """All three ring metrics of one order's representations."""
+    return {
+        "probe_r2": probe_r2(reps, positions, n, seed=seed),
+        "neighbours": neighbour_fraction(reps, positions, n),
+        "isomap": isomap_alignment(reps, positions, n),
+        "pca": circular_alignment(embed_2d(reps, "pca"), positions, n),
+    }

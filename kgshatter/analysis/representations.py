@@ -1,0 +1,73 @@
+"""Entity representations read through TransformerLens hooks (science.md section 6).
+
+Default *(choice)*: the representation of entity x for order o is the hidden state at the last
+position of the query ``x o_C1`` written after random-walk contexts, averaged over contexts.
+All requested sites come from one cached forward pass, so a layer sweep costs one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from kgshatter.kg.walks import WalkSampler, step_generator
+from kgshatter.sites import Site
+
+POSITIONS = ("relation", "entity")
+
+
+def entity_query_tokens(
+    sampler: WalkSampler, relation: str | int, n_prefixes: int, seed: int = 0
+) -> Int[torch.Tensor, "entity prefix n_ctx"]:
+    """For every entity x, ``n_prefixes`` sequences ending in ``x relation``."""
+    graph = sampler.graph
+    rel = graph.relation(relation)
+    n = graph.n_entities
+    ends = torch.arange(n).repeat_interleave(n_prefixes)
+    g = step_generator(seed, 1 << 21 | rel.index)
+    ctx = sampler.contexts(ends, sampler.config.n_ctx - 1, g)
+    tokens = torch.cat([ctx, torch.full((ctx.shape[0], 1), n + rel.index)], dim=1)
+    return tokens.reshape(n, n_prefixes, -1)
+
+
+@torch.inference_mode()
+def collect_representations(
+    model: Any,
+    tokens: Int[torch.Tensor, "item prefix seq"],
+    sites: Sequence[Site],
+    position: str = "relation",
+    batch_size: int = 1024,
+) -> dict[Site, Float[torch.Tensor, "item d"]]:
+    """Mean over prefixes of each site's activation at the query position.
+
+    ``position="relation"``: the last token; ``"entity"``: the token before it.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
+    n_layers = model.cfg.n_layers
+    sites = [s.check(n_layers) for s in sites]
+    names = {s.hook_name for s in sites}
+    items, k, seq = tokens.shape
+    flat = tokens.reshape(items * k, seq).to(_device(model))
+    pos = -1 if position == "relation" else -2
+    out: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
+    for start in range(0, flat.shape[0], batch_size):
+        _, cache = model.run_with_cache(
+            flat[start : start + batch_size], names_filter=lambda n: n in names
+        )
+        for s in sites:
+            out[s].append(cache[s.hook_name][:, pos].float().cpu())
+    return {s: torch.cat(v).reshape(items, k, -1).mean(1) for s, v in out.items()}
+
+
+def ring_positions(sampler: WalkSampler, order: int) -> np.ndarray:
+    """Ring position of every entity on ``order``'s ring."""
+    return np.asarray(sampler.graph.positions[order])
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device

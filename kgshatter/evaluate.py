@@ -1,0 +1,137 @@
+"""Accuracy per task (direct recall, logical and compositional inference) per order, plus rings.
+
+science.md section 4: a query ``x r`` is answered by the argmax of the next-token softmax,
+averaged over K random context prefixes (paper: K = 5; K = 1 allowed). The argmax runs over the
+whole vocabulary (a relation token counts as wrong). Results are plain dicts of floats, ready
+for JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kgshatter.analysis.geometry import ring_metrics
+from kgshatter.analysis.representations import collect_representations, entity_query_tokens
+from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
+from kgshatter.presets import EvalConfig, RunConfig
+from kgshatter.sites import Site, all_sites
+
+
+@torch.inference_mode()
+def query_probs(model: Any, queries: QuerySet, batch_size: int = 1024) -> torch.Tensor:
+    """Next-token probabilities at the query position, averaged over prefixes: [query, vocab]."""
+    q, k, seq = queries.tokens.shape
+    flat = queries.tokens.reshape(q * k, seq)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, flat.shape[0], batch_size):
+        logits = model(flat[start : start + batch_size].to(device))[:, -1].float()
+        out.append(torch.softmax(logits, -1).cpu())
+    if not out:
+        return torch.zeros(0, model.cfg.d_vocab)
+    return torch.cat(out).reshape(q, k, -1).mean(1)
+
+
+def accuracy_by_order(
+    correct: torch.Tensor, order: torch.Tensor, graph: KnowledgeGraph
+) -> dict[str, float | None]:
+    """Mean of ``correct`` per order name, plus ``all``; ``None`` where an order has no query."""
+    table: dict[str, float | None] = {}
+    for o in range(graph.n_orders):
+        sel = correct[order == o]
+        table[graph.order_name(o)] = float(sel.float().mean()) if sel.numel() else None
+    table["all"] = float(correct.float().mean()) if correct.numel() else None
+    return table
+
+
+class Evaluator:
+    """Evaluation of one graph under one :class:`EvalConfig`; query sets are built once.
+
+    ``max_queries`` (from the config, or overridden) subsamples each split with a fixed seed, so
+    the same questions are asked at every evaluation of a run.
+    """
+
+    def __init__(
+        self,
+        graph: KnowledgeGraph,
+        sampler: WalkSampler,
+        config: EvalConfig,
+        max_queries: int | None | str = "config",
+    ) -> None:
+        self.graph = graph
+        self.sampler = sampler
+        self.config = config
+        limit = config.max_queries if max_queries == "config" else max_queries
+        self.queries = {
+            split: QuerySet.build(
+                sampler, split, n_prefixes=config.n_prefixes, seed=config.seed, max_queries=limit
+            )
+            for split in SPLITS
+        }
+        self._ring_tokens: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def for_run(cls, run: RunConfig, graph: KnowledgeGraph, max_queries: int | None | str = "config"):
+        return cls(graph, WalkSampler(graph, run.walks), run.eval, max_queries)
+
+    def accuracy(self, model: Any) -> dict[str, dict[str, float | None]]:
+        """``{split: {order: accuracy, "all": accuracy}}``."""
+        result = {}
+        for split, qs in self.queries.items():
+            probs = query_probs(model, qs, self.config.batch_size)
+            result[split] = accuracy_by_order(probs.argmax(-1) == qs.answers, qs.order, self.graph)
+        return result
+
+    def ring_tokens(self, order: int) -> torch.Tensor:
+        """Query tokens ``x o_C1`` for every entity x (cached per order)."""
+        if order not in self._ring_tokens:
+            name = self.graph.relations[
+                next(r.index for r in self.graph.relations if r.order == order and r.shift == 1)
+            ].name
+            self._ring_tokens[order] = entity_query_tokens(
+                self.sampler, name, self.config.ring_prefixes, self.config.seed
+            )
+        return self._ring_tokens[order]
+
+    def rings(self, model: Any, sites: list[Site] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+        """``{order: {site: {metric: value}}}`` at every site (default: embedding + each block)."""
+        sites = sites or all_sites(model.cfg.n_layers)
+        n = self.graph.n_entities
+        result: dict[str, dict[str, dict[str, float]]] = {}
+        for o in range(self.graph.n_orders):
+            reps = collect_representations(
+                model, self.ring_tokens(o), sites, batch_size=self.config.batch_size
+            )
+            positions = self.graph.positions[o]
+            result[self.graph.order_name(o)] = {
+                str(s): ring_metrics(r, positions, n, seed=self.config.seed) for s, r in reps.items()
+            }
+        return result
+
+    def __call__(self, model: Any, rings: bool = True) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            out: dict[str, Any] = {"accuracy": self.accuracy(model)}
+            if rings:
+                out["rings"] = self.rings(model)
+                out["ring_summary"] = summarise_rings(out["rings"])
+        finally:
+            model.train(was_training)
+        return out
+
+
+def summarise_rings(rings: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per order: the best value of each metric over sites, and the site that reached it."""
+    summary: dict[str, dict[str, Any]] = {}
+    for order, by_site in rings.items():
+        best: dict[str, Any] = {}
+        metrics = next(iter(by_site.values())).keys()
+        for m in metrics:
+            site, value = max(((s, v[m]) for s, v in by_site.items()), key=lambda t: t[1])
+            best[m] = {"value": value, "site": site}
+        summary[order] = best
+    return summary

@@ -1,0 +1,380 @@
+"""The structured knowledge graph: entities on cyclic orders, relations, facts and splits.
+
+Paper (arXiv 2410.17194, section 3): N entities, K independent random cyclic orders; per order the
+relations "k hops clockwise" (``I_C2``) and "k hops anticlockwise" (``I_A2``). Order I is the edit
+sub-graph, II the retain sub-graph, III the test sub-graph.
+
+Relations are stored as lookup tables ``table[r, x] = y`` (``-1`` where undefined), so callers never
+depend on the ring arithmetic: a tree or grid structure only has to fill the same tables and say
+how far apart two entities are (:meth:`KnowledgeGraph.edit_distance`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgshatter.io import write_json_atomic
+from kgshatter.kg.config import KGConfig
+
+GRAPH_FORMAT = "kgshatter.graph/1"
+ROLES = ("edit", "retain", "test")
+
+_ROMAN = [(10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
+
+
+def roman(n: int) -> str:
+    """Roman numeral of a 1-based order index.
+
+    >>> [roman(i) for i in (1, 2, 3, 4, 9, 14)]
+    ['I', 'II', 'III', 'IV', 'IX', 'XIV']
+    """
+    out = []
+    for value, symbol in _ROMAN:
+        while n >= value:
+            out.append(symbol)
+            n -= value
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One relation: ``hops`` steps ``direction`` (+1 clockwise, -1 anticlockwise) on ``order``."""
+
+    index: int
+    name: str
+    order: int
+    direction: int
+    hops: int
+
+    @property
+    def shift(self) -> int:
+        """Signed ring displacement: C2 -> +2, A3 -> -3."""
+        return self.direction * self.hops
+
+
+def relation_name(order: int, direction: int, hops: int) -> str:
+    """``relation_name(0, -1, 4) == 'I_A4'``."""
+    return f"{roman(order + 1)}_{'C' if direction > 0 else 'A'}{hops}"
+
+
+class KnowledgeGraph:
+    """Entities, relations, facts and the train / held-out splits of one knowledge graph.
+
+    Build one with :meth:`from_config` (seeded) or :meth:`load` (JSON written by :meth:`save`).
+    The object is immutable by convention: arrays are marked read-only.
+    """
+
+    def __init__(
+        self,
+        config: KGConfig,
+        rings: np.ndarray,
+        logical_heldout: np.ndarray,
+        compositional_heldout: np.ndarray,
+    ) -> None:
+        n, k = config.n_entities, config.n_orders
+        rings = np.asarray(rings, dtype=np.int64)
+        if rings.shape != (k, n):
+            raise ValueError(f"rings must have shape (n_orders={k}, n_entities={n}), got {rings.shape}")
+        for o in range(k):
+            if not np.array_equal(np.sort(rings[o]), np.arange(n)):
+                raise ValueError(f"ring {roman(o + 1)} is not a permutation of the {n} entities")
+        self.config = config
+        self.rings = _readonly(rings)
+        positions = np.empty_like(rings)
+        for o in range(k):
+            positions[o, rings[o]] = np.arange(n)
+        self.positions = _readonly(positions)
+
+        rels = []
+        for o in range(k):
+            for direction in (1, -1):
+                for h in range(1, config.max_hops + 1):
+                    rels.append(Relation(len(rels), relation_name(o, direction, h), o, direction, h))
+        self.relations: tuple[Relation, ...] = tuple(rels)
+        self._by_name = {r.name: r for r in rels}
+
+        table = np.empty((len(rels), n), dtype=np.int64)
+        for r in rels:
+            table[r.index] = rings[r.order, (positions[r.order] + r.shift) % n]
+        self.table = _readonly(table)
+
+        self.logical_heldout = _readonly(_as_mask(logical_heldout, (len(rels), n), "logical_heldout"))
+        if self.logical_heldout[[r.index for r in rels if r.direction > 0]].any():
+            raise ValueError("logical_heldout may only hold anticlockwise facts")
+        self.compositional_heldout = _readonly(
+            _as_mask(compositional_heldout, (len(rels), len(rels), n), "compositional_heldout")
+        )
+        if (self.compositional_heldout & ~self.composable).any():
+            raise ValueError("compositional_heldout holds a two-hop query that is not composable")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: KGConfig) -> KnowledgeGraph:
+        """Sample rings and splits from ``config.seed`` (numpy PCG64; global RNGs untouched)."""
+        rng = np.random.default_rng(config.seed)
+        n = config.n_entities
+        rings = np.stack([rng.permutation(n) for _ in range(config.n_orders)])
+        skeleton = cls(
+            config,
+            rings,
+            np.zeros((config.n_relations, n), dtype=bool),
+            np.zeros((config.n_relations, config.n_relations, n), dtype=bool),
+        )
+        logical = np.zeros((config.n_relations, n), dtype=bool)
+        n_hold = int(round(config.logical_holdout * n))
+        for r in skeleton.relations:
+            if r.direction < 0 and n_hold:
+                logical[r.index, rng.choice(n, size=n_hold, replace=False)] = True
+        # Two-hop queries are held out only where both hops are trained facts, so that answering
+        # them needs composition and nothing else.
+        trained = ~logical
+        both = skeleton.composable & trained[:, None, :] & _second_hop_trained(trained, skeleton.table)
+        candidates = np.flatnonzero(both)
+        n_comp = int(round(config.compositional_holdout * candidates.size))
+        comp = np.zeros(both.size, dtype=bool)
+        if n_comp:
+            comp[rng.choice(candidates, size=n_comp, replace=False)] = True
+        return cls(config, rings, logical, comp.reshape(both.shape))
+
+    # ------------------------------------------------------------------ names and lookup
+    @property
+    def n_entities(self) -> int:
+        return self.config.n_entities
+
+    @property
+    def n_relations(self) -> int:
+        return len(self.relations)
+
+    @property
+    def n_orders(self) -> int:
+        return self.config.n_orders
+
+    @property
+    def relation_names(self) -> list[str]:
+        return [r.name for r in self.relations]
+
+    def order_name(self, order: int) -> str:
+        return roman(order + 1)
+
+    def role(self, order: int) -> str:
+        """Edit / retain / test role of an order (paper: I / II / III); ``extra`` beyond."""
+        self._check_order(order)
+        return ROLES[order] if order < len(ROLES) else "extra"
+
+    def relation(self, name_or_index: str | int) -> Relation:
+        if isinstance(name_or_index, str):
+            try:
+                return self._by_name[name_or_index]
+            except KeyError:
+                raise ValueError(
+                    f"unknown relation {name_or_index!r}; this graph has {self.n_relations} "
+                    f"relations: {', '.join(self.relation_names)}"
+                ) from None
+        if isinstance(name_or_index, (int, np.integer)) and 0 <= name_or_index < self.n_relations:
+            return self.relations[int(name_or_index)]
+        raise ValueError(
+            f"relation index must be in [0, {self.n_relations - 1}], got {name_or_index!r}"
+        )
+
+    def entity_name(self, entity: int) -> str:
+        self._check_entity(entity)
+        width = len(str(self.n_entities - 1))
+        return f"e{entity:0{width}d}"
+
+    def entity(self, name_or_index: str | int) -> int:
+        """Entity index from a name such as ``e0042`` or from an index."""
+        if isinstance(name_or_index, str):
+            body = name_or_index[1:] if name_or_index.startswith("e") else ""
+            if body.isdigit() and int(body) < self.n_entities:
+                return int(body)
+            raise ValueError(
+                f"unknown entity {name_or_index!r}; entities are named e0..e{self.n_entities - 1} "
+                f"(zero-padded, e.g. {self.entity_name(0)!r})"
+            )
+        self._check_entity(name_or_index)
+        return int(name_or_index)
+
+    # ------------------------------------------------------------------ algebra
+    def apply(self, relation: str | int, entity: str | int) -> int:
+        """``r(x)``: the entity the fact ``(x, r, ?)`` points to."""
+        return int(self.table[self.relation(relation).index, self.entity(entity)])
+
+    def inverse(self, relation: str | int) -> Relation:
+        """The inverse relation: ``I_C2`` <-> ``I_A2``."""
+        r = self.relation(relation)
+        return self.relation(relation_name(r.order, -r.direction, r.hops))
+
+    def compose(self, first: str | int, second: str | int) -> np.ndarray:
+        """Table of ``second(first(x))`` for every x, shape [N]."""
+        a, b = self.relation(first), self.relation(second)
+        return self.table[b.index, self.table[a.index]]
+
+    def closed_form(self, first: str | int, second: str | int) -> Relation | None:
+        """The single relation equal to ``first`` then ``second``, if one exists.
+
+        Within one order ``C_i`` then ``C_j`` is ``C_(i+j)`` (while ``i + j <= max_hops``);
+        across orders there is none.
+        """
+        a, b = self.relation(first), self.relation(second)
+        shift = a.shift + b.shift
+        if a.order != b.order or shift == 0 or abs(shift) > self.config.max_hops:
+            return None
+        return self.relation(relation_name(a.order, 1 if shift > 0 else -1, abs(shift)))
+
+    @cached_property
+    def composable(self) -> np.ndarray:
+        """[R, R, N] mask of valid two-hop queries ``x r1 r2`` (same order unless configured)."""
+        orders = np.array([r.order for r in self.relations])
+        pair = np.ones((self.n_relations,) * 2, dtype=bool)
+        if not self.config.compose_across_orders:
+            pair = orders[:, None] == orders[None, :]
+        return _readonly(np.broadcast_to(pair[:, :, None], pair.shape + (self.n_entities,)).copy())
+
+    def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
+        """Cyclic distance between two answers on the ring of ``relation``'s order (paper's d)."""
+        r = self.relation(relation)
+        a, b = self.positions[r.order, self.entity(y)], self.positions[r.order, self.entity(y_new)]
+        diff = abs(int(a) - int(b))
+        return min(diff, self.n_entities - diff)
+
+    # ------------------------------------------------------------------ facts and splits
+    def facts(self) -> np.ndarray:
+        """Every fact as rows ``(x, r, y)``, shape [R * N, 3], ordered by relation then x."""
+        r, x = np.meshgrid(np.arange(self.n_relations), np.arange(self.n_entities), indexing="ij")
+        return np.stack([x.ravel(), r.ravel(), self.table.ravel()], axis=1)
+
+    @property
+    def trained_facts_mask(self) -> np.ndarray:
+        """[R, N]: facts that may appear in training walks."""
+        return ~self.logical_heldout
+
+    @property
+    def trained_compositions_mask(self) -> np.ndarray:
+        """[R, R, N]: two-hop steps ``x r1 r2 y`` that may appear in training walks."""
+        trained = self.trained_facts_mask
+        return (
+            self.composable
+            & ~self.compositional_heldout
+            & trained[:, None, :]
+            & _second_hop_trained(trained, self.table)
+        )
+
+    def split_facts(self, split: str) -> np.ndarray:
+        """Rows of queries for one split.
+
+        ``direct`` and ``logical``: ``(x, r, y)``; ``compositional``: ``(x, r1, r2, y)``.
+        """
+        if split == "direct":
+            r, x = np.nonzero(self.trained_facts_mask)
+            return np.stack([x, r, self.table[r, x]], axis=1)
+        if split == "logical":
+            r, x = np.nonzero(self.logical_heldout)
+            return np.stack([x, r, self.table[r, x]], axis=1)
+        if split == "compositional":
+            r1, r2, x = np.nonzero(self.compositional_heldout)
+            return np.stack([x, r1, r2, self.table[r2, self.table[r1, x]]], axis=1)
+        raise ValueError(f"unknown split {split!r}; allowed: ['direct', 'logical', 'compositional']")
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        r, x = np.nonzero(self.logical_heldout)
+        r1, r2, cx = np.nonzero(self.compositional_heldout)
+        return {
+            "format": GRAPH_FORMAT,
+            "config": self.config.to_dict(),
+            "rings": self.rings.tolist(),
+            "logical_heldout": np.stack([x, r], axis=1).tolist(),
+            "compositional_heldout": np.stack([cx, r1, r2], axis=1).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KnowledgeGraph:
+        if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a kgshatter graph: expected format {GRAPH_FORMAT!r}, got {found!r}")
+        config = KGConfig.from_dict(data["config"])
+        n, nr = config.n_entities, config.n_relations
+        logical = np.zeros((nr, n), dtype=bool)
+        rows = np.asarray(data["logical_heldout"], dtype=np.int64).reshape(-1, 2)
+        _check_rows(rows, (n, nr), "logical_heldout")
+        logical[rows[:, 1], rows[:, 0]] = True
+        comp = np.zeros((nr, nr, n), dtype=bool)
+        rows = np.asarray(data["compositional_heldout"], dtype=np.int64).reshape(-1, 3)
+        _check_rows(rows, (n, nr, nr), "compositional_heldout")
+        comp[rows[:, 1], rows[:, 2], rows[:, 0]] = True
+        return cls(config, np.asarray(data["rings"]), logical, comp)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the graph as JSON atomically (temp file + rename)."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KnowledgeGraph:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no graph file at {path}")
+        with path.open() as f:
+            return cls.from_dict(json.load(f))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short content hash: two graphs with the same fingerprint hold the same facts and splits."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KnowledgeGraph) and self.fingerprint == other.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"KnowledgeGraph({c.structure}, n_entities={c.n_entities}, orders={c.n_orders}, "
+            f"relations={self.n_relations}, logical held out={int(self.logical_heldout.sum())}, "
+            f"compositional held out={int(self.compositional_heldout.sum())}, seed={c.seed})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_entity(self, entity: Any) -> None:
+        if isinstance(entity, bool) or not isinstance(entity, (int, np.integer)):
+            raise ValueError(f"entity must be a name or an index, got {entity!r}")
+        if not 0 <= entity < self.n_entities:
+            raise ValueError(f"entity index must be in [0, {self.n_entities - 1}], got {entity}")
+
+    def _check_order(self, order: int) -> None:
+        if not 0 <= order < self.n_orders:
+            raise ValueError(f"order must be in [0, {self.n_orders - 1}], got {order}")
+
+
+def _second_hop_trained(trained: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """[R1, R2, N] mask: the second hop ``(r1(x), r2)`` is a trained fact."""
+    # trained[r2, table[r1, x]] laid out as [r1, r2, x]
+    return trained[:, table].transpose(1, 0, 2)
+
+
+def _as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != bool:
+        raise ValueError(f"{name} must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}")
+    return mask.copy()
+
+
+def _check_rows(rows: np.ndarray, bounds: tuple[int, ...], name: str) -> None:
+    for col, bound in enumerate(bounds):
+        if rows.size and (rows[:, col].min() < 0 or rows[:, col].max() >= bound):
+            raise ValueError(f"{name} column {col} must be in [0, {bound - 1}]")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a

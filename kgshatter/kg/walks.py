@@ -1,0 +1,234 @@
+"""Training walks (the paper's Algorithm 1, reconstructed) and evaluation query sets.
+
+A training sequence is a random walk ``x0 r1 x1 r2 x2 ...`` with ``x_{t+1} = r_{t+1}(x_t)``;
+relations from every order mix in one walk. With probability ``composition_prob`` a step is
+written as a two-hop composition ``x r1 r2 z`` with the middle entity dropped (science.md
+section 2). Held-out facts and held-out two-hop queries are never emitted: every step is drawn
+only from the graph's trained masks.
+
+Sequences are sampled on the fly from a generator seeded by ``(seed, step)``, so batch ``s`` is
+the same bytes whether a run was interrupted or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+
+from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.validation import check_fraction, check_int, config_from_dict
+
+SPLITS = ("direct", "logical", "compositional")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WalkConfig:
+    """How training sequences and evaluation contexts are written.
+
+    Attributes:
+        n_ctx: tokens the model reads (paper: 16).
+        composition_prob: probability that a walk step is a two-hop composition *(choice)*.
+        crop: sequences are cropped at a random offset of up to 2 tokens from a walk start, so
+            they may begin with a relation, as evaluation contexts do *(choice: True)*.
+    """
+
+    n_ctx: int = 16
+    composition_prob: float = 0.25
+    crop: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("n_ctx", self.n_ctx, 4)
+        check_fraction("composition_prob", self.composition_prob)
+        if not isinstance(self.crop, bool):
+            raise ValueError(f"crop must be a bool, got {self.crop!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WalkConfig:
+        return config_from_dict(cls, data)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for (seed, step), independent of everything sampled before."""
+    state = np.random.SeedSequence([int(seed), int(step)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state % (2**63)))
+
+
+class WalkSampler:
+    """Samples walks on a :class:`KnowledgeGraph` that never emit a held-out fact."""
+
+    def __init__(self, graph: KnowledgeGraph, config: WalkConfig) -> None:
+        self.graph = graph
+        self.config = config
+        n, nr = graph.n_entities, graph.n_relations
+        table = torch.from_numpy(graph.table.copy())  # [R, N]
+        trained = torch.from_numpy(graph.trained_facts_mask.copy())  # [R, N]
+        comp = torch.from_numpy(graph.trained_compositions_mask.copy())  # [R1, R2, N]
+        inverse = torch.tensor([graph.inverse(r.index).index for r in graph.relations])
+        two = table[:, table].permute(1, 0, 2).reshape(nr * nr, n)  # [(r1, r2), x] -> r2(r1(x))
+        # forward: from x, relation r is allowed if (x, r) is trained and leads to table[r, x]
+        self._fwd1 = (_cumulative(trained.T), table)
+        self._fwd2 = (_cumulative(comp.reshape(nr * nr, n).T), two)
+        # backward: arrive at x by (p, r, x) with p = r^-1(x); allowed if (p, r) is trained
+        prev1 = table[inverse]  # [R, N]
+        allow_b1 = torch.gather(trained, 1, prev1)  # trained[r, prev1[r, x]]
+        # p = r1^-1(r2^-1(x)); allowed if (p, r1, r2) is a trained composition
+        prev2 = table[inverse][:, table[inverse]]  # [r1, r2, x] -> r1^-1(r2^-1(x))
+        prev2 = prev2.reshape(nr * nr, n)
+        allow_b2 = torch.gather(comp.reshape(nr * nr, n), 1, prev2)
+        self._bwd1 = (_cumulative(allow_b1.T), prev1)
+        self._bwd2 = (_cumulative(allow_b2.T), prev2)
+        self._n_rel = nr
+
+    # ------------------------------------------------------------------ core walk
+    def _walk(
+        self,
+        start: Int[torch.Tensor, " batch"],
+        n_tokens: int,
+        generator: torch.Generator,
+        backward: bool = False,
+    ) -> Int[torch.Tensor, "batch n_tokens"]:
+        """Walk from ``start`` until every row has ``n_tokens`` tokens.
+
+        Forward rows read ``x r y r y ...``; backward rows are written away from ``start`` and
+        flipped, so they read ``... y r y r x`` and end at ``start``.
+        """
+        n = self.graph.n_entities
+        (w1, d1), (w2, d2) = (self._bwd1, self._bwd2) if backward else (self._fwd1, self._fwd2)
+        b = start.shape[0]
+        buf = torch.zeros(b, n_tokens + 3, dtype=torch.long)
+        rows = torch.arange(b)
+        buf[:, 0] = start
+        pos = torch.ones(b, dtype=torch.long)
+        cur = start.clone()
+        p = self.config.composition_prob
+        while bool((pos < n_tokens).any()):
+            u = torch.rand(3, b, generator=generator, dtype=torch.float64)
+            two = (u[0] < p) & (w2[cur, -1] > 0)
+            r1 = _inverse_cdf(w1[cur], u[1])
+            pair = _inverse_cdf(w2[cur], u[2])
+            nxt = torch.where(two, d2[pair, cur], d1[r1, cur])
+            first = torch.where(two, pair // self._n_rel, r1)
+            second = pair % self._n_rel
+            if backward:  # written reversed: r2 before r1
+                first, second = torch.where(two, second, first), torch.where(two, first, second)
+            live = pos < n_tokens  # finished rows stop growing
+            two &= live
+            buf[rows[live], pos[live]] = n + first[live]
+            buf[rows[two], pos[two] + 1] = n + second[two]
+            step = 1 + two.long()
+            buf[rows[live], (pos + step)[live]] = nxt[live]
+            pos = torch.where(live, pos + step + 1, pos)
+            cur = torch.where(live, nxt, cur)
+        out = buf[:, :n_tokens]
+        return out.flip(1) if backward else out
+
+    # ------------------------------------------------------------------ training batches
+    def batch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Int[torch.Tensor, "batch n_ctx_plus_1"]:
+        """``batch_size`` sequences of ``n_ctx + 1`` tokens (inputs are ``[:, :-1]``)."""
+        check_int("batch_size", batch_size, 1)
+        length = self.config.n_ctx + 1
+        start = torch.randint(self.graph.n_entities, (batch_size,), generator=generator)
+        walks = self._walk(start, length + 2, generator)
+        if not self.config.crop:
+            return walks[:, :length]
+        offset = torch.randint(3, (batch_size,), generator=generator)
+        idx = offset[:, None] + torch.arange(length)[None, :]
+        return torch.gather(walks, 1, idx)
+
+    def batch_for_step(self, step: int, batch_size: int, seed: int) -> Int[torch.Tensor, "batch seq"]:
+        return self.batch(batch_size, step_generator(seed, step))
+
+    def contexts(
+        self, ends: Int[torch.Tensor, " n"], length: int, generator: torch.Generator
+    ) -> Int[torch.Tensor, "n length"]:
+        """Random walk contexts of ``length`` tokens whose last token is ``ends`` (an entity)."""
+        return self._walk(ends, length, generator, backward=True)
+
+
+def _cumulative(allowed: torch.Tensor) -> torch.Tensor:
+    """Per row, the running count of allowed choices (float64; last column = row total)."""
+    return allowed.double().cumsum(-1).contiguous()
+
+
+def _inverse_cdf(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One uniform draw per row among its allowed choices (rows with none give index 0)."""
+    target = (u * cum[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cum, target, right=True).squeeze(1)
+    return idx.clamp_(max=cum.shape[1] - 1)
+
+
+# ---------------------------------------------------------------------- evaluation queries
+@dataclass(frozen=True)
+class QuerySet:
+    """Evaluation queries of one split, each written after ``n_prefixes`` random contexts.
+
+    ``tokens[q, k]`` is query ``q`` after context ``k``; the answer is predicted at the last
+    position. ``order[q]`` is the order of the query's (first) relation.
+    """
+
+    split: str
+    tokens: Int[torch.Tensor, "query prefix n_ctx"]
+    answers: Int[torch.Tensor, " query"]
+    order: Int[torch.Tensor, " query"]
+    rows: np.ndarray
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.answers.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        sampler: WalkSampler,
+        split: str,
+        n_prefixes: int = 5,
+        seed: int = 0,
+        max_queries: int | None = None,
+        rows: np.ndarray | None = None,
+    ) -> QuerySet:
+        """Queries for ``split`` (all of them, or a seeded sample of ``max_queries``).
+
+        ``rows`` overrides the split's facts (``(x, r, y)`` or ``(x, r1, r2, y)`` rows).
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
+        check_int("n_prefixes", n_prefixes, 1)
+        graph, n = sampler.graph, sampler.graph.n_entities
+        if rows is None:
+            rows = graph.split_facts(split)
+        rows = np.asarray(rows, dtype=np.int64)
+        g = step_generator(seed, 1 << 20 | SPLITS.index(split))
+        if max_queries is not None:
+            check_int("max_queries", max_queries, 1)
+            if rows.shape[0] > max_queries:
+                pick = torch.randperm(rows.shape[0], generator=g)[:max_queries].sort().values
+                rows = rows[pick.numpy()]
+        q = rows.shape[0]
+        rels = torch.from_numpy(rows[:, 1:-1]) + n  # [Q, 1 or 2]
+        ctx_len = sampler.config.n_ctx - rels.shape[1]
+        ends = torch.from_numpy(rows[:, 0]).repeat_interleave(n_prefixes)
+        ctx = sampler.contexts(ends, ctx_len, g) if q else torch.zeros(0, ctx_len, dtype=torch.long)
+        tokens = torch.cat([ctx, rels.repeat_interleave(n_prefixes, 0)], dim=1)
+        order = torch.tensor([graph.relations[int(r)].order for r in rows[:, 1]], dtype=torch.long)
+        return cls(
+            split=split,
+            tokens=tokens.reshape(q, n_prefixes, sampler.config.n_ctx),
+            answers=torch.from_numpy(rows[:, -1].copy()),
+            order=order,
+            rows=rows,
+        )
+
+
+def entity_targets(tokens: Int[torch.Tensor, "batch seq"], n_entities: int) -> Bool[torch.Tensor, "batch seq"]:
+    """Mask of positions whose token is an entity."""
+    return tokens < n_entities

@@ -1,0 +1,136 @@
+"""Model configs and construction: small GPT-style decoders as TransformerLens hooked transformers.
+
+TransformerLens 4 replaced ``HookedTransformer`` with ``TransformerBridge``; a model trained from
+scratch is ``TransformerBridge.boot_native(TransformerBridgeConfig(...))``, with the same hook
+names (``blocks.0.mlp.hook_post``, ``blocks.1.hook_resid_post``, ...) and the same user API
+(``run_with_cache``, ``run_with_hooks``, ``hooks()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kgshatter.validation import check_choice, check_int, config_from_dict
+
+ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
+NORMALIZATIONS = ("LN", "RMS")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape of the decoder (paper: 2 layers, context 16; width and heads are *(choice)*).
+
+    ``d_vocab`` is not here: it follows from the graph (entities + relations).
+    """
+
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int | None = None
+    d_mlp: int | None = None
+    n_ctx: int = 16
+    act_fn: str = "gelu"
+    normalization_type: str = "LN"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("n_layers", self.n_layers, 1)
+        check_int("d_model", self.d_model, 1)
+        check_int("n_heads", self.n_heads, 1)
+        if self.d_head is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) when "
+                f"d_head is unset; set d_head or choose n_heads among the divisors of d_model"
+            )
+        if self.d_head is not None:
+            check_int("d_head", self.d_head, 1)
+        if self.d_mlp is not None:
+            check_int("d_mlp", self.d_mlp, 1)
+        check_int("n_ctx", self.n_ctx, 2)
+        check_choice("act_fn", self.act_fn, ACT_FNS)
+        check_choice("normalization_type", self.normalization_type, NORMALIZATIONS)
+        check_int("seed", self.seed, 0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return config_from_dict(cls, data)
+
+
+def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | None = None) -> Any:
+    """A freshly initialised ``TransformerBridge`` (seeded by ``config.seed``; global RNG untouched)."""
+    check_int("d_vocab", d_vocab, 2)
+    bridge, bridge_config = _bridge()
+    cfg = bridge_config(
+        n_layers=config.n_layers,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        d_head=config.head_dim,
+        d_mlp=config.mlp_dim,
+        d_vocab=d_vocab,
+        n_ctx=config.n_ctx,
+        act_fn=config.act_fn,
+        normalization_type=config.normalization_type,
+        positional_embedding_type="standard",
+        seed=config.seed,
+        device=str(device) if device is not None else "cpu",
+    )
+    return bridge.boot_native(cfg)
+
+
+def model_state(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights as a flat, contiguous state dict (what checkpoints store)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: Any, path: str | os.PathLike[str]) -> Path:
+    """Write the weights as safetensors atomically."""
+    from safetensors.torch import save_file
+
+    from kgshatter.io import write_atomic
+
+    state = {k: v.cpu() for k, v in model_state(model).items()}
+    return write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
+    """Load safetensors weights into ``model``, refusing mismatched keys or shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing model weights: no file at {path}")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or bad:
+        raise ValueError(
+            f"weights at {path} do not fit this model: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}, shape mismatch {bad[:3]}"
+        )
+    device = next(iter(own.values())).device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return model
+
+
+def _bridge() -> tuple[Any, Any]:
+    from kgshatter.tl_compat import bridge_classes
+
+    return bridge_classes()

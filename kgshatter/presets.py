@@ -1,0 +1,197 @@
+"""Run configs (graph + walks + model + training + evaluation) and the named presets.
+
+``paper``: the paper's scale, meant for a GPU. ``cpu``: the embedded default, trained on 2 CPU
+cores (its recipe and the evidence behind it are in the README's "Learning the rings" section).
+``tiny``: seconds, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kgshatter.kg.config import KGConfig
+from kgshatter.kg.walks import WalkConfig
+from kgshatter.models import ModelConfig
+from kgshatter.validation import (
+    check_choice,
+    check_float,
+    check_fraction,
+    check_int,
+    config_from_dict,
+)
+
+LOSS_POSITIONS = ("entities", "all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimiser and schedule (paper: 150k steps, batch 256; the rest is *(choice)*).
+
+    AdamW with decoupled weight decay on matrices and embeddings (not on biases or norms),
+    linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient clipping.
+    ``loss_positions="entities"`` puts the next-token loss only on positions whose target is an
+    entity (relations in a walk are random, so their loss is irreducible noise).
+    """
+
+    steps: int = 150_000
+    batch_size: int = 256
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    loss_positions: str = "entities"
+    eval_every: int = 5000
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, 0.0, inclusive=False)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_fraction("beta1", self.beta1)
+        check_fraction("beta2", self.beta2)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_float("grad_clip", self.grad_clip, 0.0, inclusive=False)
+        check_choice("loss_positions", self.loss_positions, LOSS_POSITIONS)
+        check_int("eval_every", self.eval_every, 1)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        check_int("seed", self.seed, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """How accuracy and ring structure are measured.
+
+    ``n_prefixes``: random walk contexts per query; the next-token softmax is averaged over them
+    before the argmax (paper: 5). ``max_queries``: per split, for periodic evaluation during
+    training (``None``: all). ``ring_prefixes``: contexts per entity for ring metrics.
+    """
+
+    n_prefixes: int = 5
+    max_queries: int | None = 2000
+    ring_prefixes: int = 5
+    batch_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("n_prefixes", self.n_prefixes, 1)
+        if self.max_queries is not None:
+            check_int("max_queries", self.max_queries, 1)
+        check_int("ring_prefixes", self.ring_prefixes, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything that defines a training run; stored as ``run.json`` beside its checkpoints."""
+
+    name: str = "custom"
+    kg: KGConfig = field(default_factory=KGConfig)
+    walks: WalkConfig = field(default_factory=WalkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.walks.n_ctx != self.model.n_ctx:
+            raise ValueError(
+                f"walks.n_ctx ({self.walks.n_ctx}) must equal model.n_ctx ({self.model.n_ctx})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kg": self.kg.to_dict(),
+            "walks": self.walks.to_dict(),
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "eval": self.eval.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"RunConfig needs a dict, got {type(data).__name__}")
+        parts = {"kg": KGConfig, "walks": WalkConfig, "model": ModelConfig,
+                 "train": TrainConfig, "eval": EvalConfig}
+        unknown = sorted(set(data) - set(parts) - {"name"})
+        if unknown:
+            raise ValueError(f"unknown RunConfig fields {unknown}; allowed: name, {sorted(parts)}")
+        kwargs: dict[str, Any] = {k: c.from_dict(data[k]) for k, c in parts.items() if k in data}
+        if "name" in data:
+            kwargs["name"] = data["name"]
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some top-level parts replaced (configs stay frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, RunConfig] = {
+    "paper": RunConfig(
+        name="paper",
+        kg=KGConfig(n_entities=2048, n_orders=3, max_hops=4),
+        walks=WalkConfig(n_ctx=16),
+        model=ModelConfig(n_layers=2, d_model=256, n_heads=8, n_ctx=16),
+        train=TrainConfig(steps=150_000, batch_size=256, lr=1e-3, weight_decay=0.1,
+                          warmup_steps=1000, eval_every=5000, checkpoint_every=5000),
+        eval=EvalConfig(max_queries=4000),
+    ),
+    "cpu": RunConfig(
+        name="cpu",
+        kg=KGConfig(n_entities=128, n_orders=3, max_hops=4),
+        walks=WalkConfig(n_ctx=16, composition_prob=0.25),
+        model=ModelConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=16),
+        train=TrainConfig(steps=16_000, batch_size=256, lr=2e-3, weight_decay=1.0,
+                          beta2=0.98, warmup_steps=100, min_lr_ratio=0.0,
+                          eval_every=1000, checkpoint_every=1000),
+        eval=EvalConfig(max_queries=2000),
+    ),
+    "tiny": RunConfig(
+        name="tiny",
+        kg=KGConfig(n_entities=16, n_orders=3, max_hops=2, logical_holdout=0.125,
+                    compositional_holdout=0.1),
+        walks=WalkConfig(n_ctx=8, composition_prob=0.25),
+        model=ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=128, n_ctx=8),
+        train=TrainConfig(steps=300, batch_size=64, lr=3e-3, weight_decay=0.1, beta2=0.98,
+                          warmup_steps=20, min_lr_ratio=0.1, eval_every=100,
+                          checkpoint_every=100),
+        eval=EvalConfig(n_prefixes=3, max_queries=None, ring_prefixes=2, batch_size=512),
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A named preset; unknown names list the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,285 @@
+"""Training: one readable loop (nanoGPT style), atomic checkpoints, exact resume.
+
+A run directory holds::
+
+    run.json                      the RunConfig and the graph's fingerprint
+    graph.json                    the knowledge graph (rings and splits)
+    checkpoints/step_0001000/     model.safetensors, optimizer.pt, state.json (step, history)
+    history.json                  the evaluation history of the finished run
+
+Every file is written through a temp name and renamed; a checkpoint folder is renamed into place
+only once complete, so a killed run never leaves a half-written checkpoint. Batches depend only on
+``(train.seed, step)`` and the optimiser state is saved, so ``resume=True`` reproduces an
+uninterrupted run bit for bit on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kgshatter.evaluate import Evaluator
+from kgshatter.io import read_json, write_json_atomic
+from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.kg.walks import WalkSampler
+from kgshatter.models import build_model, load_weights, save_weights
+from kgshatter.presets import RunConfig
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "kgshatter.run/1"
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    graph: KnowledgeGraph
+    run: RunConfig
+    history: list[dict[str, Any]]
+    out_dir: Path | None
+
+
+def lr_at(step: int, run: RunConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+
+    >>> from kgshatter.presets import get_preset
+    >>> run = get_preset("tiny")
+    >>> lr_at(0, run) < lr_at(10, run) < lr_at(20, run) == run.train.lr
+    True
+    """
+    t = run.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    floor = t.min_lr_ratio * t.lr
+    return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: Any, run: RunConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only (nanoGPT's grouping)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    t = run.train
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+def loss_fn(model: Any, tokens: torch.Tensor, n_entities: int, positions: str) -> torch.Tensor:
+    """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]``.
+
+    ``positions="entities"``: only where the target is an entity; ``"all"``: every position.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    if positions == "entities":
+        mask = targets < n_entities
+        return F.cross_entropy(logits[mask], targets[mask])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# ---------------------------------------------------------------------- run directories
+def _run_record(run: RunConfig, graph: KnowledgeGraph) -> dict[str, Any]:
+    return {"format": RUN_FORMAT, "config": run.to_dict(), "graph_fingerprint": graph.fingerprint}
+
+
+def checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resume: bool) -> bool:
+    """Check ``out_dir`` may hold this run; returns whether a checkpoint is there to resume."""
+    record = out_dir / "run.json"
+    if record.exists():
+        existing = read_json(record, "run record")
+        if existing.get("config") != run.to_dict():
+            raise ValueError(
+                f"{out_dir} already holds a different run (preset {existing.get('config', {}).get('name')!r}"
+                f" with other settings); choose a new --out, or resume it with its own config"
+            )
+        if existing.get("graph_fingerprint") != graph.fingerprint:
+            raise ValueError(f"{out_dir} holds a run on a different graph; choose a new --out")
+        if checkpoints(out_dir) and not resume:
+            raise ValueError(
+                f"{out_dir} already holds this run with checkpoints; pass --resume (resume=True) "
+                f"to continue it, or choose a new --out"
+            )
+        return bool(checkpoints(out_dir))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(
+            f"{out_dir} exists and is not a kgshatter run directory (no run.json); refusing to "
+            f"write into it: choose an empty or new --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph.save(out_dir / "graph.json")
+    write_json_atomic(record, _run_record(run, graph))
+    return False
+
+
+def save_checkpoint(
+    out_dir: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
+) -> Path:
+    """Write a checkpoint folder atomically and prune all but the newest ``keep``."""
+    root = out_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_json_atomic(tmp / "state.json", state)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_run(
+    out_dir: str | os.PathLike[str], device: str | torch.device | None = None
+) -> tuple[RunConfig, KnowledgeGraph, Any, dict[str, Any]]:
+    """``(run, graph, model, state)`` from a run directory's newest checkpoint.
+
+    Refuses a directory whose graph does not match its run record or whose files are missing.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {out_dir}")
+    record = read_json(out_dir / "run.json", "run record (run.json)")
+    if record.get("format") != RUN_FORMAT:
+        raise ValueError(f"{out_dir / 'run.json'} is not a kgshatter run record")
+    run = RunConfig.from_dict(record["config"])
+    graph = KnowledgeGraph.load(out_dir / "graph.json")
+    if graph.fingerprint != record.get("graph_fingerprint"):
+        raise ValueError(
+            f"{out_dir / 'graph.json'} is a different graph from the one this run was trained on "
+            f"(fingerprint {graph.fingerprint} != {record.get('graph_fingerprint')})"
+        )
+    if graph.config != run.kg:
+        raise ValueError(f"{out_dir / 'graph.json'} was not built from this run's kg config")
+    found = checkpoints(out_dir)
+    weights = out_dir / "model.safetensors"
+    if found:
+        ckpt = found[-1]
+        weights = ckpt / "model.safetensors"
+        state = read_json(ckpt / "state.json", "checkpoint state")
+    elif weights.is_file():  # a shipped, weights-only run
+        state = read_json(out_dir / "state.json", "checkpoint state")
+    else:
+        raise FileNotFoundError(f"{out_dir} has no checkpoint (no checkpoints/step_*/ folder)")
+    model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
+    load_weights(model, weights)
+    model.eval()
+    return run, graph, model, state
+
+
+# ---------------------------------------------------------------------- the loop
+def train(
+    run: RunConfig,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train ``run`` from scratch (or resume it) and return the model, graph and history.
+
+    ``out_dir=None`` trains in memory without checkpoints. ``max_steps`` stops early (the
+    schedule still follows ``run.train.steps``), which is how tests interrupt a run.
+    """
+    from tqdm.auto import tqdm
+
+    graph = KnowledgeGraph.from_config(run.kg)
+    sampler = WalkSampler(graph, run.walks)
+    evaluator = Evaluator.for_run(run, graph)
+    model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
+    optimizer = make_optimizer(model, run)
+    t = run.train
+    state: dict[str, Any] = {"step": 0, "seconds": 0.0, "history": [], "loss_sum": 0.0,
+                             "loss_count": 0, "tokens": 0}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and _prepare_out_dir(out, run, graph, resume):
+        ckpt = checkpoints(out)[-1]
+        load_weights(model, ckpt / "model.safetensors")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = read_json(ckpt / "state.json", "checkpoint state")
+        log.info("resuming %s from step %d", out, state["step"])
+
+    dev = next(model.parameters()).device
+    end = t.steps if max_steps is None else min(t.steps, max_steps)
+    model.train()
+    bar = tqdm(total=t.steps, initial=state["step"], disable=not progress, desc=f"train {run.name}")
+    window_start, window_tokens = time.perf_counter(), 0
+    while state["step"] < end:
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, run)
+        tokens = sampler.batch_for_step(step, t.batch_size, t.seed).to(dev)
+        loss = loss_fn(model, tokens, graph.n_entities, t.loss_positions)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        state["step"] = step + 1
+        state["loss_sum"] += loss.item()
+        state["loss_count"] += 1
+        window_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+        bar.update(1)
+        last = state["step"] == end
+        if state["step"] % t.eval_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            state["seconds"] += elapsed
+            state["tokens"] += window_tokens
+            result = evaluator(model)
+            model.train()
+            entry = {
+                "step": state["step"],
+                "train_seconds": round(state["seconds"], 2),
+                "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1),
+                "loss": state["loss_sum"] / max(1, state["loss_count"]),
+                "lr": lr_at(step, run),
+                **result,
+            }
+            state["history"].append(entry)
+            state["loss_sum"], state["loss_count"] = 0.0, 0
+            acc = result["accuracy"]
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", direct=acc["direct"]["all"],
+                            logical=acc["logical"]["all"], comp=acc["compositional"]["all"])
+            log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
+            window_start, window_tokens = time.perf_counter(), 0
+        if out is not None and (state["step"] % t.checkpoint_every == 0 or last):
+            elapsed = time.perf_counter() - window_start
+            state["seconds"] += elapsed
+            state["tokens"] += window_tokens
+            window_start, window_tokens = time.perf_counter(), 0
+            save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
+    bar.close()
+    if out is not None and state["step"] == t.steps:
+        write_json_atomic(out / "history.json", state["history"])
+    model.eval()
+    return TrainResult(model=model, graph=graph, run=run, history=state["history"], out_dir=out)

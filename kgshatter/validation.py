@@ -1,0 +1,59 @@
+"""Validation helpers shared by every frozen config: errors name the value and the allowed range."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int in ``[minimum, maximum]``.
+
+    >>> check_int("n_layers", 2, 1)
+    >>> check_int("n_layers", 0, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_layers must be an integer >= 1, got 0
+    """
+    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+
+
+def check_float(name: str, value: Any, minimum: float, *, inclusive: bool = True) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number above ``minimum``."""
+    op = ">=" if inclusive else ">"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {op} {minimum}, got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        raise ValueError(f"{name} must be a finite number {op} {minimum}, got {value}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def config_from_dict(cls: type[T], data: Any) -> T:
+    """Build a frozen dataclass from a dict, naming unknown keys instead of dropping them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
