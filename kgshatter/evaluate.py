@@ -8,6 +8,7 @@ for JSON.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
 from kgshatter.presets import EvalConfig, RunConfig
 from kgshatter.sites import Site, all_sites
+
+# where the ring code is strongest in trained models (MLP hidden layer) and the block outputs
+RING_COMPONENTS = ("mlp_post", "resid_post")
 
 
 @torch.inference_mode()
@@ -74,7 +78,9 @@ class Evaluator:
         self._ring_tokens: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def for_run(cls, run: RunConfig, graph: KnowledgeGraph, max_queries: int | None | str = "config"):
+    def for_run(
+        cls, run: RunConfig, graph: KnowledgeGraph, max_queries: int | None | str = "config"
+    ):
         return cls(graph, WalkSampler(graph, run.walks), run.eval, max_queries)
 
     def accuracy(self, model: Any) -> dict[str, dict[str, float | None]]:
@@ -96,9 +102,11 @@ class Evaluator:
             )
         return self._ring_tokens[order]
 
-    def rings(self, model: Any, sites: list[Site] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    def rings(
+        self, model: Any, sites: list[Site] | None = None
+    ) -> dict[str, dict[str, dict[str, float]]]:
         """``{order: {site: {metric: value}}}`` at every site (default: embedding + each block)."""
-        sites = sites or all_sites(model.cfg.n_layers)
+        sites = sites or all_sites(model.cfg.n_layers, RING_COMPONENTS)
         n = self.graph.n_entities
         result: dict[str, dict[str, dict[str, float]]] = {}
         for o in range(self.graph.n_orders):
@@ -107,7 +115,8 @@ class Evaluator:
             )
             positions = self.graph.positions[o]
             result[self.graph.order_name(o)] = {
-                str(s): ring_metrics(r, positions, n, seed=self.config.seed) for s, r in reps.items()
+                str(s): ring_metrics(r, positions, n, seed=self.config.seed)
+                for s, r in reps.items()
             }
         return result
 
@@ -131,7 +140,9 @@ def summarise_rings(rings: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
         best: dict[str, Any] = {}
         metrics = next(iter(by_site.values())).keys()
         for m in metrics:
-            site, value = max(((s, v[m]) for s, v in by_site.items()), key=lambda t: t[1])
-            best[m] = {"value": value, "site": site}
+            values = [(s, v[m]) for s, v in by_site.items() if not math.isnan(v[m])]
+            if values:
+                site, value = max(values, key=lambda t: t[1])
+                best[m] = {"value": value, "site": site}
         summary[order] = best
     return summary

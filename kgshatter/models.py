@@ -74,7 +74,10 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | None = None) -> Any:
-    """A freshly initialised ``TransformerBridge`` (seeded by ``config.seed``; global RNG untouched)."""
+    """A freshly initialised ``TransformerBridge``, seeded by ``config.seed``.
+
+    The global RNG is left untouched (``boot_native`` forks it).
+    """
     check_int("d_vocab", d_vocab, 2)
     bridge, bridge_config = _bridge()
     cfg = bridge_config(

@@ -140,8 +140,13 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"RunConfig needs a dict, got {type(data).__name__}")
-        parts = {"kg": KGConfig, "walks": WalkConfig, "model": ModelConfig,
-                 "train": TrainConfig, "eval": EvalConfig}
+        parts = {
+            "kg": KGConfig,
+            "walks": WalkConfig,
+            "model": ModelConfig,
+            "train": TrainConfig,
+            "eval": EvalConfig,
+        }
         unknown = sorted(set(data) - set(parts) - {"name"})
         if unknown:
             raise ValueError(f"unknown RunConfig fields {unknown}; allowed: name, {sorted(parts)}")
@@ -161,8 +166,15 @@ PRESETS: dict[str, RunConfig] = {
         kg=KGConfig(n_entities=2048, n_orders=3, max_hops=4),
         walks=WalkConfig(n_ctx=16),
         model=ModelConfig(n_layers=2, d_model=256, n_heads=8, n_ctx=16),
-        train=TrainConfig(steps=150_000, batch_size=256, lr=1e-3, weight_decay=0.1,
-                          warmup_steps=1000, eval_every=5000, checkpoint_every=5000),
+        train=TrainConfig(
+            steps=150_000,
+            batch_size=256,
+            lr=1e-3,
+            weight_decay=0.1,
+            warmup_steps=1000,
+            eval_every=5000,
+            checkpoint_every=5000,
+        ),
         eval=EvalConfig(max_queries=4000),
     ),
     "cpu": RunConfig(
@@ -170,20 +182,37 @@ PRESETS: dict[str, RunConfig] = {
         kg=KGConfig(n_entities=128, n_orders=3, max_hops=4),
         walks=WalkConfig(n_ctx=16, composition_prob=0.25),
         model=ModelConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=16),
-        train=TrainConfig(steps=16_000, batch_size=256, lr=2e-3, weight_decay=1.0,
-                          beta2=0.98, warmup_steps=100, min_lr_ratio=0.0,
-                          eval_every=1000, checkpoint_every=1000),
+        train=TrainConfig(
+            steps=16_000,
+            batch_size=256,
+            lr=2e-3,
+            weight_decay=1.0,
+            beta2=0.98,
+            warmup_steps=100,
+            min_lr_ratio=0.0,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
         eval=EvalConfig(max_queries=2000),
     ),
     "tiny": RunConfig(
         name="tiny",
-        kg=KGConfig(n_entities=16, n_orders=3, max_hops=2, logical_holdout=0.125,
-                    compositional_holdout=0.1),
+        kg=KGConfig(
+            n_entities=16, n_orders=3, max_hops=2, logical_holdout=0.125, compositional_holdout=0.1
+        ),
         walks=WalkConfig(n_ctx=8, composition_prob=0.25),
         model=ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=128, n_ctx=8),
-        train=TrainConfig(steps=300, batch_size=64, lr=3e-3, weight_decay=0.1, beta2=0.98,
-                          warmup_steps=20, min_lr_ratio=0.1, eval_every=100,
-                          checkpoint_every=100),
+        train=TrainConfig(
+            steps=300,
+            batch_size=64,
+            lr=3e-3,
+            weight_decay=0.1,
+            beta2=0.98,
+            warmup_steps=20,
+            min_lr_ratio=0.1,
+            eval_every=100,
+            checkpoint_every=100,
+        ),
         eval=EvalConfig(n_prefixes=3, max_queries=None, ring_prefixes=2, batch_size=512),
     ),
 }

@@ -37,7 +37,9 @@ class Site:
                 raise ValueError(f"site component {self.component!r} takes no layer (use None)")
         elif self.component in COMPONENTS:
             if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-                raise ValueError(f"site {self.component!r} needs a layer index >= 0, got {self.layer!r}")
+                raise ValueError(
+                    f"site {self.component!r} needs a layer index >= 0, got {self.layer!r}"
+                )
         else:
             raise ValueError(
                 f"unknown site component {self.component!r}; allowed: "

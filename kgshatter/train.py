@@ -113,8 +113,9 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
     if record.exists():
         existing = read_json(record, "run record")
         if existing.get("config") != run.to_dict():
+            other = existing.get("config", {}).get("name")
             raise ValueError(
-                f"{out_dir} already holds a different run (preset {existing.get('config', {}).get('name')!r}"
+                f"{out_dir} already holds a different run (preset {other!r}"
                 f" with other settings); choose a new --out, or resume it with its own config"
             )
         if existing.get("graph_fingerprint") != graph.fingerprint:
@@ -218,8 +219,14 @@ def train(
     model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
     optimizer = make_optimizer(model, run)
     t = run.train
-    state: dict[str, Any] = {"step": 0, "seconds": 0.0, "history": [], "loss_sum": 0.0,
-                             "loss_count": 0, "tokens": 0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "seconds": 0.0,
+        "history": [],
+        "loss_sum": 0.0,
+        "loss_count": 0,
+        "tokens": 0,
+    }
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and _prepare_out_dir(out, run, graph, resume):
         ckpt = checkpoints(out)[-1]
@@ -268,8 +275,12 @@ def train(
             state["history"].append(entry)
             state["loss_sum"], state["loss_count"] = 0.0, 0
             acc = result["accuracy"]
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", direct=acc["direct"]["all"],
-                            logical=acc["logical"]["all"], comp=acc["compositional"]["all"])
+            bar.set_postfix(
+                loss=f"{entry['loss']:.3f}",
+                direct=acc["direct"]["all"],
+                logical=acc["logical"]["all"],
+                comp=acc["compositional"]["all"],
+            )
             log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
             window_start, window_tokens = time.perf_counter(), 0
         if out is not None and (state["step"] % t.checkpoint_every == 0 or last):

@@ -16,7 +16,9 @@ import torch
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
+    return (
+        x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
+    )
 
 
 def ring_angle(positions: np.ndarray, n: int) -> np.ndarray:
@@ -36,6 +38,19 @@ def probe_r2(reps, positions: np.ndarray, n: int, folds: int = 5, seed: int = 0)
     probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
     pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def fourier_probe(
+    reps, positions: np.ndarray, n: int, frequencies: range | list[int] = range(1, 9), seed: int = 0
+) -> dict[int, float]:
+    """Probe R^2 onto (cos, sin) of ``k * position`` for each frequency k.
+
+    A model can encode a ring with Fourier features of any frequency (as in modular-arithmetic
+    grokking); a frequency-k code is invisible to the plain (k = 1) probe and draws the ring
+    k times around in 2-D. This spectrum says which frequencies the representation uses.
+    """
+    pos = np.asarray(positions)
+    return {int(k): probe_r2(reps, (k * pos) % n, n, seed=seed) for k in frequencies}
 
 
 def neighbour_fraction(reps, positions: np.ndarray, n: int, window: int = 2) -> float:
@@ -77,7 +92,14 @@ def isomap_alignment(reps, positions: np.ndarray, n: int, n_neighbors: int = 10)
 
 
 def ring_metrics(reps, positions: np.ndarray, n: int, seed: int = 0) -> dict[str, float]:
-    """All three ring metrics of one order's representations."""
+    """All ring metrics of one order's representations (NaN where all points coincide)."""
+    if np.ptp(_np(reps), axis=0).max() < 1e-12:
+        return {
+            "probe_r2": float("nan"),
+            "neighbours": float("nan"),
+            "isomap": float("nan"),
+            "pca": float("nan"),
+        }
     return {
         "probe_r2": probe_r2(reps, positions, n, seed=seed),
         "neighbours": neighbour_fraction(reps, positions, n),

@@ -44,7 +44,9 @@ def collect_representations(
 ) -> dict[Site, Float[torch.Tensor, "item d"]]:
     """Mean over prefixes of each site's activation at the query position.
 
-    ``position="relation"``: the last token; ``"entity"``: the token before it.
+    ``position="relation"``: the last token; ``"entity"``: the token before it. The ``embed``
+    site is always read at the entity token (at the relation token it is the same vector for
+    every entity).
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
@@ -60,7 +62,8 @@ def collect_representations(
             flat[start : start + batch_size], names_filter=lambda n: n in names
         )
         for s in sites:
-            out[s].append(cache[s.hook_name][:, pos].float().cpu())
+            at = -2 if s.component == "embed" else pos
+            out[s].append(cache[s.hook_name][:, at].float().cpu())
     return {s: torch.cat(v).reshape(items, k, -1).mean(1) for s, v in out.items()}
 
 

@@ -5,4 +5,12 @@ from kgshatter.kg.graph import KnowledgeGraph, Relation
 from kgshatter.kg.tokenizer import Vocabulary
 from kgshatter.kg.walks import QuerySet, WalkConfig, WalkSampler
 
-__all__ = ["KGConfig", "KnowledgeGraph", "QuerySet", "Relation", "Vocabulary", "WalkConfig", "WalkSampler"]
+__all__ = [
+    "KGConfig",
+    "KnowledgeGraph",
+    "QuerySet",
+    "Relation",
+    "Vocabulary",
+    "WalkConfig",
+    "WalkSampler",
+]

@@ -47,7 +47,9 @@ class KGConfig:
         check_int("n_entities", self.n_entities, 3)
         check_int("n_orders", self.n_orders, 1)
         if self.n_orders > 39:
-            raise ValueError(f"n_orders must be in [1, 39] (Roman-numeral names), got {self.n_orders}")
+            raise ValueError(
+                f"n_orders must be in [1, 39] (Roman-numeral names), got {self.n_orders}"
+            )
         check_int("max_hops", self.max_hops, 1)
         # k and N - k hops would name the same move; k < N/2 keeps every relation distinct.
         if 2 * self.max_hops >= self.n_entities:

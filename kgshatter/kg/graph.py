@@ -82,7 +82,9 @@ class KnowledgeGraph:
         n, k = config.n_entities, config.n_orders
         rings = np.asarray(rings, dtype=np.int64)
         if rings.shape != (k, n):
-            raise ValueError(f"rings must have shape (n_orders={k}, n_entities={n}), got {rings.shape}")
+            raise ValueError(
+                f"rings must have shape (n_orders={k}, n_entities={n}), got {rings.shape}"
+            )
         for o in range(k):
             if not np.array_equal(np.sort(rings[o]), np.arange(n)):
                 raise ValueError(f"ring {roman(o + 1)} is not a permutation of the {n} entities")
@@ -97,7 +99,9 @@ class KnowledgeGraph:
         for o in range(k):
             for direction in (1, -1):
                 for h in range(1, config.max_hops + 1):
-                    rels.append(Relation(len(rels), relation_name(o, direction, h), o, direction, h))
+                    rels.append(
+                        Relation(len(rels), relation_name(o, direction, h), o, direction, h)
+                    )
         self.relations: tuple[Relation, ...] = tuple(rels)
         self._by_name = {r.name: r for r in rels}
 
@@ -106,7 +110,9 @@ class KnowledgeGraph:
             table[r.index] = rings[r.order, (positions[r.order] + r.shift) % n]
         self.table = _readonly(table)
 
-        self.logical_heldout = _readonly(_as_mask(logical_heldout, (len(rels), n), "logical_heldout"))
+        self.logical_heldout = _readonly(
+            _as_mask(logical_heldout, (len(rels), n), "logical_heldout")
+        )
         if self.logical_heldout[[r.index for r in rels if r.direction > 0]].any():
             raise ValueError("logical_heldout may only hold anticlockwise facts")
         self.compositional_heldout = _readonly(
@@ -136,7 +142,9 @@ class KnowledgeGraph:
         # Two-hop queries are held out only where both hops are trained facts, so that answering
         # them needs composition and nothing else.
         trained = ~logical
-        both = skeleton.composable & trained[:, None, :] & _second_hop_trained(trained, skeleton.table)
+        both = (
+            skeleton.composable & trained[:, None, :] & _second_hop_trained(trained, skeleton.table)
+        )
         candidates = np.flatnonzero(both)
         n_comp = int(round(config.compositional_holdout * candidates.size))
         comp = np.zeros(both.size, dtype=bool)
@@ -281,7 +289,9 @@ class KnowledgeGraph:
         if split == "compositional":
             r1, r2, x = np.nonzero(self.compositional_heldout)
             return np.stack([x, r1, r2, self.table[r2, self.table[r1, x]]], axis=1)
-        raise ValueError(f"unknown split {split!r}; allowed: ['direct', 'logical', 'compositional']")
+        raise ValueError(
+            f"unknown split {split!r}; allowed: ['direct', 'logical', 'compositional']"
+        )
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -299,7 +309,9 @@ class KnowledgeGraph:
     def from_dict(cls, data: dict[str, Any]) -> KnowledgeGraph:
         if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not a kgshatter graph: expected format {GRAPH_FORMAT!r}, got {found!r}")
+            raise ValueError(
+                f"not a kgshatter graph: expected format {GRAPH_FORMAT!r}, got {found!r}"
+            )
         config = KGConfig.from_dict(data["config"])
         n, nr = config.n_entities, config.n_relations
         logical = np.zeros((nr, n), dtype=bool)
@@ -326,7 +338,7 @@ class KnowledgeGraph:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Short content hash: two graphs with the same fingerprint hold the same facts and splits."""
+        """Short content hash: equal fingerprints mean the same facts and splits."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -365,7 +377,9 @@ def _second_hop_trained(trained: np.ndarray, table: np.ndarray) -> np.ndarray:
 def _as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != shape or mask.dtype != bool:
-        raise ValueError(f"{name} must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}")
+        raise ValueError(
+            f"{name} must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}"
+        )
     return mask.copy()
 
 

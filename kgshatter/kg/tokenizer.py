@@ -54,4 +54,6 @@ class Vocabulary:
         return self.graph.relations[token - self.n_entities].name
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
-        return " ".join(self.name(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens))
+        return " ".join(
+            self.name(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
+        )

@@ -145,7 +145,9 @@ class WalkSampler:
         idx = offset[:, None] + torch.arange(length)[None, :]
         return torch.gather(walks, 1, idx)
 
-    def batch_for_step(self, step: int, batch_size: int, seed: int) -> Int[torch.Tensor, "batch seq"]:
+    def batch_for_step(
+        self, step: int, batch_size: int, seed: int
+    ) -> Int[torch.Tensor, "batch seq"]:
         return self.batch(batch_size, step_generator(seed, step))
 
     def contexts(
@@ -229,6 +231,8 @@ class QuerySet:
         )
 
 
-def entity_targets(tokens: Int[torch.Tensor, "batch seq"], n_entities: int) -> Bool[torch.Tensor, "batch seq"]:
+def entity_targets(
+    tokens: Int[torch.Tensor, "batch seq"], n_entities: int
+) -> Bool[torch.Tensor, "batch seq"]:
     """Mask of positions whose token is an entity."""
     return tokens < n_entities

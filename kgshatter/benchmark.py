@@ -1,0 +1,131 @@
+"""Training throughput: the TransformerBridge model vs a plain PyTorch decoder of the same shape.
+
+Both are trained by the same step (same batches, loss, AdamW and clipping), timed in interleaved
+blocks so that machine noise hits both alike. The ratio is the cost of the hook machinery.
+This is a benchmark, not a test: it prints numbers and writes a JSON file.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kgshatter.io import write_json_atomic
+from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.kg.walks import WalkSampler
+from kgshatter.models import ModelConfig, build_model
+from kgshatter.presets import RunConfig
+
+
+class PlainDecoder(nn.Module):
+    """Pre-LayerNorm GPT decoder with learned positions; no hooks. Benchmark reference only."""
+
+    def __init__(self, cfg: ModelConfig, d_vocab: int) -> None:
+        super().__init__()
+        d, h, dh = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.n_heads, self.d_head = h, dh
+        self.embed = nn.Embedding(d_vocab, d)
+        self.pos = nn.Embedding(cfg.n_ctx, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.n_layers):
+            self.blocks.append(
+                nn.ModuleDict(
+                    {
+                        "ln1": nn.LayerNorm(d),
+                        "q": nn.Linear(d, h * dh),
+                        "k": nn.Linear(d, h * dh),
+                        "v": nn.Linear(d, h * dh),
+                        "o": nn.Linear(h * dh, d),
+                        "ln2": nn.LayerNorm(d),
+                        "fc_in": nn.Linear(d, cfg.mlp_dim),
+                        "fc_out": nn.Linear(cfg.mlp_dim, d),
+                    }
+                )
+            )
+        self.ln_f = nn.LayerNorm(d)
+        self.unembed = nn.Linear(d, d_vocab, bias=False)
+        mask = torch.triu(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+        self.act = F.gelu if cfg.act_fn.startswith("gelu") else F.relu
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        x = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
+        for blk in self.blocks:
+            a = blk["ln1"](x)
+            q, k, v = (
+                blk[n](a).view(b, t, self.n_heads, self.d_head).transpose(1, 2)
+                for n in ("q", "k", "v")
+            )
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # [b, h, t, t]
+            scores = scores.masked_fill(self.mask[:t, :t], float("-inf"))
+            z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+            x = x + blk["o"](z)
+            x = x + blk["fc_out"](self.act(blk["fc_in"](blk["ln2"](x))))
+        return self.unembed(self.ln_f(x))
+
+
+def throughput_benchmark(
+    run: RunConfig,
+    steps: int = 60,
+    blocks: int = 6,
+    threads: int | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Tokens per second of one training step for both models; writes ``out`` as JSON."""
+    from kgshatter.train import loss_fn
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    graph = KnowledgeGraph.from_config(run.kg)
+    sampler = WalkSampler(graph, run.walks)
+    d_vocab = graph.n_entities + graph.n_relations
+    models = {"bridge": build_model(run.model, d_vocab), "plain": PlainDecoder(run.model, d_vocab)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=run.train.lr) for k, m in models.items()}
+    batches = [sampler.batch_for_step(i, run.train.batch_size, run.train.seed) for i in range(8)]
+    tokens_per_step = run.train.batch_size * run.walks.n_ctx
+
+    def step(name: str, i: int) -> None:
+        loss = loss_fn(
+            models[name], batches[i % len(batches)], graph.n_entities, run.train.loss_positions
+        )
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models[name].parameters(), run.train.grad_clip)
+        opts[name].step()
+
+    for name in models:  # warm-up
+        for i in range(3):
+            step(name, i)
+    per_block = max(1, steps // blocks)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(blocks):
+        for name in models:
+            start = time.perf_counter()
+            for i in range(per_block):
+                step(name, i)
+            rates[name].append(per_block * tokens_per_step / (time.perf_counter() - start))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    result = {
+        "preset": run.name,
+        "tokens_per_step": tokens_per_step,
+        "steps_per_model": per_block * blocks,
+        "threads": torch.get_num_threads(),
+        "tokens_per_second": {k: round(v, 1) for k, v in med.items()},
+        "tokens_per_second_blocks": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "bridge_over_plain": round(med["bridge"] / med["plain"], 3),
+        "hook_overhead": round(1 - med["bridge"] / med["plain"], 3),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    if out is not None:
+        write_json_atomic(out, result)
+    return result

@@ -1,0 +1,65 @@
+"""The command line: train, evaluate, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kgshatter.cli import apply_overrides, main
+from kgshatter.presets import get_preset
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.eval_every=30",
+    ]
+    assert main(args) == 0
+    assert "direct" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--prefixes", "1", "--no-rings"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["n_prefixes"] == 1 and result["step"] == 30
+    assert set(result["accuracy"]) == {"direct", "logical", "compositional"}
+    assert set(result["accuracy"]["direct"]) == {"I", "II", "III", "all"}
+    # the same command again refuses instead of overwriting
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert (
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "train.lr=-1"])
+        == 2
+    )
+    assert "lr must be a finite number > 0" in capsys.readouterr().err
+    assert (
+        main(
+            ["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "kg.n_entities=4"]
+        )
+        == 2
+    )
+    assert "max_hops must be < n_entities / 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "huge", "--out", str(tmp_path / "r")])
+
+
+def test_overrides():
+    run = apply_overrides(get_preset("tiny"), ["train.lr=0.01", "kg.seed=3", "model.act_fn=relu"])
+    assert (run.train.lr, run.kg.seed, run.model.act_fn) == (0.01, 3, "relu")
+    with pytest.raises(ValueError, match="has no field 'lrate'"):
+        apply_overrides(get_preset("tiny"), ["train.lrate=1"])
+    with pytest.raises(ValueError, match="PART.FIELD=VALUE"):
+        apply_overrides(get_preset("tiny"), ["lr=1"])

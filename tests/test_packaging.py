@@ -1,0 +1,55 @@
+"""The wheel installs one top-level name, ``kgshatter``, with ``hooks/`` as ``kgshatter.hooks``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light():
+    code = (
+        "import sys, kgshatter; print(any(m.startswith(('transformer_lens', 'sklearn', "
+        "'matplotlib')) for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_hooks_are_kgshatter_hooks():
+    import kgshatter.hooks
+
+    assert Path(kgshatter.hooks.__file__).parent.name == "hooks"
+    assert "hooks" not in sys.modules or sys.modules["hooks"] is not kgshatter.hooks
+
+
+def test_wheel_top_level_is_only_kgshatter(tmp_path):
+    pytest.importorskip("setuptools")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("kgshatter-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"kgshatter"}
+    assert "kgshatter/hooks/__init__.py" in names
+    assert "kgshatter/kg/graph.py" in names

@@ -1,0 +1,141 @@
+"""Training: determinism, checkpoints, exact resume, run-directory safety, and learning."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+
+from kgshatter.presets import RunConfig, TrainConfig, get_preset
+from kgshatter.train import checkpoints, load_run, lr_at, train
+
+
+def short_run(steps: int = 40) -> RunConfig:
+    tiny = get_preset("tiny")
+    t = dict(tiny.train.to_dict(), steps=steps, eval_every=20, checkpoint_every=20)
+    return tiny.replace(train=TrainConfig.from_dict(t))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_same_seed_gives_identical_weights():
+    run = short_run(15)
+    a = train(run, None, progress=False)
+    b = train(run, None, progress=False)
+    assert_same_weights(weights(a.model), weights(b.model))
+    other = run.replace(train=TrainConfig.from_dict(dict(run.train.to_dict(), seed=1)))
+    c = train(other, None, progress=False)
+    wa, wc = weights(a.model), weights(c.model)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_checkpoint_round_trip_and_resume_equivalence(tmp_path):
+    run = short_run(40)
+    full = train(run, tmp_path / "full", progress=False)
+    # interrupt after 20 steps (a checkpoint), then resume to the end
+    train(run, tmp_path / "cut", progress=False, max_steps=20)
+    assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step_0000020"]
+    resumed = train(run, tmp_path / "cut", resume=True, progress=False)
+    assert_same_weights(weights(full.model), weights(resumed.model))
+    assert [h["step"] for h in resumed.history] == [20, 40]
+    assert resumed.history[-1]["accuracy"] == full.history[-1]["accuracy"]
+    # the checkpoint reloads into a fresh model with identical logits
+    run2, graph, model, state = load_run(tmp_path / "full")
+    assert run2 == run and graph == full.graph and state["step"] == 40
+    tokens = torch.randint(0, graph.n_entities, (4, run.model.n_ctx))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), full.model(tokens))
+    history = json.loads((tmp_path / "full" / "history.json").read_text())
+    assert [h["step"] for h in history] == [20, 40]
+
+
+def test_keep_only_newest_checkpoints(tmp_path):
+    run = short_run(60)
+    train(run, tmp_path / "r", progress=False)
+    assert [p.name for p in checkpoints(tmp_path / "r")] == ["step_0000040", "step_0000060"]
+    assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))
+
+
+def test_out_dir_safety(tmp_path):
+    run = short_run(20)
+    train(run, tmp_path / "r", progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="already holds this run.*--resume"):
+        train(run, tmp_path / "r", progress=False)
+    different = run.replace(train=TrainConfig.from_dict(dict(run.train.to_dict(), lr=1e-3)))
+    with pytest.raises(ValueError, match="already holds a different run"):
+        train(different, tmp_path / "r", resume=True, progress=False)
+    after = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert before == after, "a refused run must not touch the directory"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a kgshatter run directory"):
+        train(run, foreign, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_load_run_rejects_broken_directories(tmp_path):
+    run = short_run(20)
+    train(run, tmp_path / "r", progress=False)
+    with pytest.raises(FileNotFoundError, match="no run directory"):
+        load_run(tmp_path / "nothing")
+    other = get_preset("tiny").kg.__class__(**dict(run.kg.to_dict(), seed=5))
+    from kgshatter.kg import KnowledgeGraph
+
+    KnowledgeGraph.from_config(other).save(tmp_path / "r" / "graph.json")
+    with pytest.raises(ValueError, match="different graph"):
+        load_run(tmp_path / "r")
+    (tmp_path / "r" / "run.json").unlink()
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        load_run(tmp_path / "r")
+
+
+def test_lr_schedule_shape():
+    run = get_preset("tiny")
+    lrs = [lr_at(s, run) for s in range(run.train.steps)]
+    peak = lrs.index(max(lrs))
+    assert peak == run.train.warmup_steps - 1 or peak == run.train.warmup_steps
+    assert all(a >= b - 1e-12 for a, b in pairwise(lrs[peak:]))
+    assert lrs[-1] == pytest.approx(run.train.min_lr_ratio * run.train.lr, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr"),
+        ({"loss_positions": "some"}, "loss_positions must be one of"),
+        ({"beta2": 1.0}, "beta2"),
+    ],
+)
+def test_train_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_run_config_mismatched_context():
+    tiny = get_preset("tiny")
+    with pytest.raises(ValueError, match="walks.n_ctx"):
+        tiny.replace(model=tiny.model.__class__(**dict(tiny.model.to_dict(), n_ctx=16)))
+    assert RunConfig.from_dict(tiny.to_dict()) == tiny
+
+
+def test_tiny_learns_direct_recall(trained_tiny):
+    """Integration: the tiny preset reaches high direct recall in seconds."""
+    final = trained_tiny.history[-1]
+    assert final["accuracy"]["direct"]["all"] >= 0.95
+    assert final["loss"] < trained_tiny.history[0]["loss"]
+    for order in ("I", "II", "III"):
+        assert final["accuracy"]["direct"][order] >= 0.9
