@@ -86,7 +86,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")
+    if args.figure:
+        fig_path = write_ring_figure(evaluator, model, result, args.figure, args.site, args.method)
+        print(f"wrote {fig_path}")
     return 0
+
+
+def write_ring_figure(
+    evaluator: Any, model: Any, result: dict[str, Any], path: str, site: str | None, method: str
+) -> Path:
+    """Each order's entities in 2-D at ``site`` (default: that order's best site by ``method``)."""
+    from kgshatter.analysis.representations import collect_representations
+    from kgshatter.plotting import ring_figure, save_figure
+    from kgshatter.sites import Site
+
+    graph = evaluator.graph
+    chosen = Site.parse(site).check(model.cfg.n_layers) if site else None
+    panels = {}
+    for o in range(graph.n_orders):
+        name = graph.order_name(o)
+        if chosen is not None:
+            s = chosen
+        elif "ring_summary" in result and method in result["ring_summary"].get(name, {}):
+            s = Site.parse(result["ring_summary"][name][method]["site"])
+        else:
+            s = Site(model.cfg.n_layers - 1, "resid_post")
+        reps = collect_representations(model, evaluator.ring_tokens(o), [s])[s]
+        panels[f"order {name} ({graph.role(o)}) @ {s}"] = (reps, graph.positions[o])
+    fig = ring_figure(
+        panels,
+        graph.n_entities,
+        method=method,
+        title=f"entity representations, queries 'x <order>_C1' (step {result['step']})",
+    )
+    return save_figure(fig, path)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -172,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample at most this many queries per split (default: all)",
     )
     p.add_argument("--no-rings", action="store_true", help="skip the ring metrics")
+    p.add_argument("--figure", default=None, help="also draw each order's ring to this PNG")
+    p.add_argument(
+        "--site",
+        default=None,
+        help="site for --figure, e.g. 1.mlp_post (default: best site per order)",
+    )
+    p.add_argument(
+        "--method", default="isomap", choices=["isomap", "pca"], help="2-D embedding for --figure"
+    )
     p.add_argument(
         "--json", default=None, help="write results here (default RUN_DIR/evaluation.json)"
     )

@@ -7,12 +7,21 @@ Three views, because a ring can be encoded without being visible (shared/docs/le
   within +-``window`` ring positions; ~1 for a clean ring, ~``4 * window / N`` by chance.
 - ``isomap_alignment``: resultant length of the angle difference between a 2-D Isomap embedding
   and ring position, best over reflection; 1 = the Isomap picture is the ring in order.
+
+Isomap's neighbourhood defaults to 3 points (*choice*): trained models encode a ring with
+Fourier features of several frequencies, so the entities lie on a closed curve that winds
+through many dimensions and is locally linear only over the nearest few ring neighbours. On the
+``cpu`` model after 1000 steps the ring of order III scores 0.97 with 3 neighbours, 0.74 with 4,
+0.22 with 6 and 0.27 with 10: larger neighbourhoods short-circuit the curve. Pass
+``n_neighbors`` to choose another.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+ISOMAP_NEIGHBORS = 3
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -26,16 +35,19 @@ def ring_angle(positions: np.ndarray, n: int) -> np.ndarray:
 
 
 def probe_r2(reps, positions: np.ndarray, n: int, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated R^2 of a ridge probe onto (cos, sin) of ring position."""
+    """Cross-validated R^2 of a ridge probe onto (cos, sin) of ring position.
+
+    Features are centred and divided by one overall scale (not per feature), so the probe is
+    invariant to rotations and translations of the representation.
+    """
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     x = _np(reps)
+    x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
     theta = ring_angle(positions, n)
     y = np.stack([np.cos(theta), np.sin(theta)], axis=1)
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+    probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
     pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
@@ -65,7 +77,7 @@ def neighbour_fraction(reps, positions: np.ndarray, n: int, window: int = 2) -> 
     return float((gap <= window).all(axis=1).mean())
 
 
-def embed_2d(reps, method: str = "isomap", n_neighbors: int = 10) -> np.ndarray:
+def embed_2d(reps, method: str = "isomap", n_neighbors: int = ISOMAP_NEIGHBORS) -> np.ndarray:
     """2-D Isomap or PCA embedding of the representations."""
     x = _np(reps)
     if method == "pca":
@@ -87,7 +99,9 @@ def circular_alignment(xy: np.ndarray, positions: np.ndarray, n: int) -> float:
     return float(max(abs(np.exp(1j * (phi - s * theta)).mean()) for s in (1, -1)))
 
 
-def isomap_alignment(reps, positions: np.ndarray, n: int, n_neighbors: int = 10) -> float:
+def isomap_alignment(
+    reps, positions: np.ndarray, n: int, n_neighbors: int = ISOMAP_NEIGHBORS
+) -> float:
     return circular_alignment(embed_2d(reps, "isomap", n_neighbors), positions, n)
 
 

@@ -1,0 +1,82 @@
+"""Ring metrics behave on known geometry: a clean ring scores ~1, noise scores ~0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kgshatter.analysis.geometry import (
+    circular_alignment,
+    embed_2d,
+    fourier_probe,
+    neighbour_fraction,
+    probe_r2,
+    ring_metrics,
+)
+
+N = 64
+
+
+def ring_points(n: int = N, dim: int = 16, freq: int = 1, noise: float = 0.0, seed: int = 0):
+    """A ring of n points (in a random order) embedded in ``dim`` dimensions by a random map."""
+    rng = np.random.default_rng(seed)
+    positions = rng.permutation(n)
+    theta = 2 * np.pi * freq * positions / n
+    plane = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:2]
+    return plane @ basis * 3 + rng.normal(scale=noise, size=(n, dim)), positions
+
+
+def test_clean_ring_scores_one():
+    x, pos = ring_points()
+    m = ring_metrics(x, pos, N)
+    assert m["probe_r2"] > 0.98
+    assert m["neighbours"] == 1.0
+    assert m["isomap"] > 0.98 and m["pca"] > 0.98
+
+
+def test_random_points_score_low():
+    rng = np.random.default_rng(1)
+    x, pos = rng.normal(size=(N, 16)), rng.permutation(N)
+    m = ring_metrics(x, pos, N)
+    assert m["probe_r2"] < 0.2
+    assert m["neighbours"] < 0.2
+    assert m["pca"] < 0.4
+
+
+def test_invariant_to_rotation_translation_and_reflection():
+    x, pos = ring_points(noise=0.3)
+    rng = np.random.default_rng(2)
+    q = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+    y = x @ q + 5.0
+    assert neighbour_fraction(x, pos, N) == neighbour_fraction(y, pos, N)
+    assert probe_r2(x, pos, N) == pytest.approx(probe_r2(y, pos, N), abs=1e-6)
+    assert circular_alignment(embed_2d(x, "pca"), pos, N) == pytest.approx(
+        circular_alignment(embed_2d(y, "pca"), pos, N), abs=1e-6
+    )
+    flipped = embed_2d(x, "pca") * np.array([1.0, -1.0])
+    assert circular_alignment(flipped, pos, N) == pytest.approx(
+        circular_alignment(embed_2d(x, "pca"), pos, N), abs=1e-9
+    )
+
+
+def test_metrics_fall_as_noise_grows():
+    values = [ring_metrics(*ring_points(noise=s), N) for s in (0.0, 0.5, 2.0, 8.0)]
+    for key in ("probe_r2", "pca"):
+        seq = [v[key] for v in values]
+        assert seq == sorted(seq, reverse=True), (key, seq)
+    assert values[-1]["neighbours"] < values[0]["neighbours"]
+
+
+def test_fourier_probe_finds_the_frequency():
+    x, pos = ring_points(freq=5)
+    spectrum = fourier_probe(x, pos, N, frequencies=range(1, 8))
+    assert max(spectrum, key=spectrum.get) == 5
+    assert spectrum[5] > 0.98 and spectrum[1] < 0.2
+
+
+def test_degenerate_representations_give_nan():
+    m = ring_metrics(np.ones((N, 4)), np.arange(N), N)
+    assert all(np.isnan(v) for v in m.values())
+    with pytest.raises(ValueError, match="isomap' or 'pca"):
+        embed_2d(np.ones((4, 2)), "tsne")
