@@ -67,7 +67,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgshatter.io import write_json_atomic
     from kgshatter.train import load_run
 
+    from kgshatter.sites import Site
+
     run, graph, model, state = load_run(args.run_dir, device=args.device)
+    if args.site:  # fail before the long computation, not after it
+        Site.parse(args.site).check(model.cfg.n_layers)
     eval_cfg = (
         run.eval
         if args.prefixes is None

@@ -177,13 +177,16 @@ PRESETS: dict[str, RunConfig] = {
         ),
         eval=EvalConfig(max_queries=4000),
     ),
+    # Recipe and evidence: README "Learning the rings on a CPU". Weight decay 1.0 is the lever
+    # that turns memorisation into generalisation (grokking); half of the walk steps written as
+    # two-hop compositions lifts compositional inference from 0.27 to 0.49 at 1000 steps.
     "cpu": RunConfig(
         name="cpu",
         kg=KGConfig(n_entities=128, n_orders=3, max_hops=4),
-        walks=WalkConfig(n_ctx=16, composition_prob=0.25),
+        walks=WalkConfig(n_ctx=16, composition_prob=0.5),
         model=ModelConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=16),
         train=TrainConfig(
-            steps=16_000,
+            steps=10_000,
             batch_size=256,
             lr=2e-3,
             weight_decay=1.0,

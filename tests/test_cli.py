@@ -31,6 +31,40 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert result["n_prefixes"] == 1 and result["step"] == 30
     assert set(result["accuracy"]) == {"direct", "logical", "compositional"}
     assert set(result["accuracy"]["direct"]) == {"I", "II", "III", "all"}
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--max-queries",
+                "20",
+                "--figure",
+                str(out / "r.png"),
+                "--site",
+                "1.mlp_post",
+                "--method",
+                "pca",
+            ]
+        )
+        == 0
+    )
+    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--no-rings",
+                "--figure",
+                str(out / "s.png"),
+                "--site",
+                "7.mlp_post",
+            ]
+        )
+        == 2
+    )
+    assert "model has layers 0..1" in capsys.readouterr().err
+    assert not (out / "s.png").exists()
     # the same command again refuses instead of overwriting
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
