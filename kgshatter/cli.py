@@ -7,6 +7,7 @@ is overwritten.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -55,6 +56,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kgshatter.train import train
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = train(run, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
     last = result.history[-1] if result.history else {}
     print(format_accuracy(last.get("accuracy", {})))
@@ -65,18 +70,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgshatter.evaluate import Evaluator
     from kgshatter.io import write_json_atomic
-    from kgshatter.train import load_run
-
     from kgshatter.sites import Site
+    from kgshatter.train import load_run
 
     run, graph, model, state = load_run(args.run_dir, device=args.device)
     if args.site:  # fail before the long computation, not after it
         Site.parse(args.site).check(model.cfg.n_layers)
-    eval_cfg = (
-        run.eval
-        if args.prefixes is None
-        else run.eval.__class__(**{**run.eval.to_dict(), "n_prefixes": args.prefixes})
-    )
+    eval_cfg = run.eval
+    if args.prefixes is not None:
+        eval_cfg = dataclasses.replace(run.eval, n_prefixes=args.prefixes)
     evaluator = Evaluator.for_run(run.replace(eval=eval_cfg), graph, max_queries=args.max_queries)
     result = {
         "step": state.get("step"),
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a preset field, e.g. --set train.steps=2000 (repeatable)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

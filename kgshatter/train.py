@@ -181,17 +181,11 @@ def load_run(
     if graph.config != run.kg:
         raise ValueError(f"{out_dir / 'graph.json'} was not built from this run's kg config")
     found = checkpoints(out_dir)
-    weights = out_dir / "model.safetensors"
-    if found:
-        ckpt = found[-1]
-        weights = ckpt / "model.safetensors"
-        state = read_json(ckpt / "state.json", "checkpoint state")
-    elif weights.is_file():  # a shipped, weights-only run
-        state = read_json(out_dir / "state.json", "checkpoint state")
-    else:
+    if not found:
         raise FileNotFoundError(f"{out_dir} has no checkpoint (no checkpoints/step_*/ folder)")
+    state = read_json(found[-1] / "state.json", "checkpoint state")
     model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
-    load_weights(model, weights)
+    load_weights(model, found[-1] / "model.safetensors")
     model.eval()
     return run, graph, model, state
 
@@ -240,6 +234,16 @@ def train(
     model.train()
     bar = tqdm(total=t.steps, initial=state["step"], disable=not progress, desc=f"train {run.name}")
     window_start, window_tokens = time.perf_counter(), 0
+
+    def bank_time() -> float:
+        """Move the time and tokens since the last call into ``state``; return the seconds."""
+        nonlocal window_start, window_tokens
+        elapsed = time.perf_counter() - window_start
+        state["seconds"] += elapsed
+        state["tokens"] += window_tokens
+        window_start, window_tokens = time.perf_counter(), 0
+        return elapsed
+
     while state["step"] < end:
         step = state["step"]
         for group in optimizer.param_groups:
@@ -259,15 +263,14 @@ def train(
         bar.update(1)
         last = state["step"] == end
         if state["step"] % t.eval_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            state["seconds"] += elapsed
-            state["tokens"] += window_tokens
+            tokens_seen = window_tokens
+            elapsed = bank_time()
             result = evaluator(model)
             model.train()
             entry = {
                 "step": state["step"],
                 "train_seconds": round(state["seconds"], 2),
-                "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1),
+                "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9), 1),
                 "loss": state["loss_sum"] / max(1, state["loss_count"]),
                 "lr": lr_at(step, run),
                 **result,
@@ -282,12 +285,9 @@ def train(
                 comp=acc["compositional"]["all"],
             )
             log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start = time.perf_counter()  # evaluation time is not training time
         if out is not None and (state["step"] % t.checkpoint_every == 0 or last):
-            elapsed = time.perf_counter() - window_start
-            state["seconds"] += elapsed
-            state["tokens"] += window_tokens
-            window_start, window_tokens = time.perf_counter(), 0
+            bank_time()
             save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
     bar.close()
     if out is not None and state["step"] == t.steps:
