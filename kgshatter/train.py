@@ -234,6 +234,19 @@ def train(
     model.train()
     bar = tqdm(total=t.steps, initial=state["step"], disable=not progress, desc=f"train {run.name}")
     window_start, window_tokens = time.perf_counter(), 0
+    running_loss = torch.zeros((), device=dev)  # summed on the device: no sync per step
+
+    def flush_loss() -> None:
+        """Move the running loss into ``state``; refuse a non-finite loss before any save."""
+        nonlocal running_loss
+        value = running_loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss became {value} before step {state['step']}; nothing was saved "
+                f"for this window: lower train.lr or resume from the last checkpoint"
+            )
+        state["loss_sum"] += value
+        running_loss = torch.zeros((), device=dev)
 
     def bank_time() -> float:
         """Move the time and tokens since the last call into ``state``; return the seconds."""
@@ -250,19 +263,18 @@ def train(
             group["lr"] = lr_at(step, run)
         tokens = sampler.batch_for_step(step, t.batch_size, t.seed).to(dev)
         loss = loss_fn(model, tokens, graph.n_entities, t.loss_positions)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         state["step"] = step + 1
-        state["loss_sum"] += loss.item()
+        running_loss += loss.detach()
         state["loss_count"] += 1
         window_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
         bar.update(1)
         last = state["step"] == end
         if state["step"] % t.eval_every == 0 or last:
+            flush_loss()
             tokens_seen = window_tokens
             elapsed = bank_time()
             result = evaluator(model)
@@ -287,6 +299,7 @@ def train(
             log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
             window_start = time.perf_counter()  # evaluation time is not training time
         if out is not None and (state["step"] % t.checkpoint_every == 0 or last):
+            flush_loss()
             bank_time()
             save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
     bar.close()

@@ -139,3 +139,21 @@ def test_tiny_learns_direct_recall(trained_tiny):
     assert final["loss"] < trained_tiny.history[0]["loss"]
     for order in ("I", "II", "III"):
         assert final["accuracy"]["direct"][order] >= 0.9
+
+
+def test_non_finite_loss_stops_before_any_checkpoint(tmp_path, monkeypatch):
+    import kgshatter.train as train_module
+
+    original = train_module.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(train_module, "loss_fn", poisoned)
+    run = short_run(20)
+    with pytest.raises(FloatingPointError, match="nothing was saved"):
+        train(run, tmp_path / "r", progress=False)
+    assert checkpoints(tmp_path / "r") == []

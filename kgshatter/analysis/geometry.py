@@ -68,7 +68,8 @@ def fourier_probe(
 def neighbour_fraction(reps, positions: np.ndarray, n: int, window: int = 2) -> float:
     """Fraction of entities whose 2 nearest neighbours are within +-window ring positions."""
     x = _np(reps)
-    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    sq = (x * x).sum(1)
+    d = sq[:, None] + sq[None, :] - 2 * x @ x.T  # squared distances, O(N^2) memory
     np.fill_diagonal(d, np.inf)
     nn = np.argsort(d, axis=1)[:, :2]
     pos = np.asarray(positions)
