@@ -18,6 +18,8 @@ through many dimensions and is locally linear only over the nearest few ring nei
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -86,9 +88,15 @@ def embed_2d(reps, method: str = "isomap", n_neighbors: int = ISOMAP_NEIGHBORS) 
         _, _, vt = np.linalg.svd(x, full_matrices=False)
         return x @ vt[:2].T
     if method == "isomap":
+        from scipy.sparse import SparseEfficiencyWarning
         from sklearn.manifold import Isomap
 
-        return Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2).fit_transform(x)
+        with warnings.catch_warnings():
+            # a small neighbourhood may split the graph; Isomap then joins the components itself
+            warnings.filterwarnings("ignore", message=".*connected components.*")
+            warnings.filterwarnings("ignore", category=SparseEfficiencyWarning)
+            isomap = Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2)
+            return isomap.fit_transform(x)
     raise ValueError(f"method must be 'isomap' or 'pca', got {method!r}")
 
 
