@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kgshatter.kg.graph import roman
+from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import PRESETS, RunConfig, get_preset
+
+ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
 
 log = logging.getLogger("kgshatter")
 
@@ -142,10 +146,13 @@ def format_accuracy(acc: dict[str, dict[str, float | None]]) -> str:
     """Accuracy table: tasks as rows, orders as columns."""
     if not acc:
         return "(no evaluation)"
-    orders = list(next(iter(acc.values())).keys())
+    tasks = [t for t in SPLITS if t in acc] + [t for t in acc if t not in SPLITS]
+    orders = sorted(acc[tasks[0]], key=lambda o: (o == "all", ROMAN_ORDER.get(o, 99), o))
     lines = ["task           " + "".join(f"{o:>8}" for o in orders)]
-    for task, row in acc.items():
-        cells = "".join(f"{'-' if v is None else f'{100 * v:.1f}':>8}" for v in row.values())
+    for task in tasks:
+        cells = "".join(
+            f"{'-' if acc[task][o] is None else f'{100 * acc[task][o]:.1f}':>8}" for o in orders
+        )
         lines.append(f"{task:<15}{cells}")
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ Three views, because a ring can be encoded without being visible (shared/docs/le
 - ``probe_r2``: cross-validated ridge probe from the representation to (cos, sin) of ring
   position; 1 = ring position linearly decodable.
 - ``neighbour_fraction``: fraction of entities whose two nearest neighbours (Euclidean) lie
-  within +-``window`` ring positions; ~1 for a clean ring, ~``4 * window / N`` by chance.
+  within +-``window`` ring positions; ~1 for a clean ring; by chance
+  ``(2w / (N-1)) * ((2w-1) / (N-2))``, about 0.1% for N = 128 and w = 2.
 - ``isomap_alignment``: resultant length of the angle difference between a 2-D Isomap embedding
   and ring position, best over reflection; 1 = the Isomap picture is the ring in order.
 
