@@ -7,7 +7,8 @@ ready for ``model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name, fn)])`` or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -71,6 +72,68 @@ def replace(
     return hook
 
 
+def low_rank_delta(
+    key_hook: str,
+    out_hook: str,
+    a: Float[torch.Tensor, "d_in rank"],
+    b: Float[torch.Tensor, "d_out rank"],
+) -> list[tuple[str, HookFn]]:
+    """A weight delta ``W += a @ b.T`` applied as hooks, weights untouched.
+
+    The activation at ``key_hook`` (the matrix's input, e.g. ``blocks.0.mlp.hook_post``) is read
+    and ``(key @ a) @ b.T`` is added at ``out_hook`` (its output, e.g. ``blocks.0.hook_mlp_out``)
+    in the same forward pass. Returns the ``(name, fn)`` pairs for ``fwd_hooks``.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"factors disagree on rank: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_key(activation: torch.Tensor, hook: Any) -> None:
+        seen["key"] = activation
+
+    def add_delta(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        key = seen.pop("key", None)
+        if key is None:
+            raise RuntimeError(f"low_rank_delta: {key_hook} did not fire before {out_hook}")
+        if key.shape[-1] != a.shape[0] or activation.shape[-1] != b.shape[0]:
+            raise ValueError(
+                f"low_rank_delta: factors {tuple(a.shape)} x {tuple(b.shape)} do not fit "
+                f"{key_hook} ({key.shape[-1]}) -> {out_hook} ({activation.shape[-1]})"
+            )
+        aa, bb = a.to(key.dtype).to(key.device), b.to(key.dtype).to(key.device)
+        return activation + (key @ aa) @ bb.T
+
+    return [(key_hook, read_key), (out_hook, add_delta)]
+
+
+@contextmanager
+def edited(model: Any, *edits: Any) -> Iterator[Any]:
+    """``with edited(model, edit1, edit2): ...`` runs the model with the edits as hooks.
+
+    Each edit is an object with ``hooks() -> list[(name, fn)]`` (a kgshatter ``Edit``) or such a
+    list itself. Hooks are added in order on enter and removed in ``finally``, so no hook is
+    left behind even when the body raises. The weights are never touched.
+    """
+    pairs: list[tuple[str, HookFn]] = []
+    for e in edits:
+        pairs.extend(e.hooks() if hasattr(e, "hooks") else e)
+    missing = sorted({name for name, _ in pairs if name not in model.hook_dict})
+    if missing:
+        raise ValueError(f"edited(): the model has no hook points {missing}")
+    added: list[tuple[Any, Any]] = []
+    try:
+        for name, fn in pairs:
+            point = model.hook_dict[name]
+            point.add_hook(fn)
+            added.append((point, point.fwd_hooks[-1]))
+        yield model
+    finally:
+        # remove exactly the hooks added here; hooks the user attached stay
+        for point, handle in reversed(added):
+            handle.hook.remove()
+            point.fwd_hooks = [h for h in point.fwd_hooks if h is not handle]
+
+
 def _check_last_dim(activation: torch.Tensor, vector: torch.Tensor, hook: Any) -> None:
     if vector.shape[-1] != activation.shape[-1]:
         name = getattr(hook, "name", "?")
@@ -80,4 +143,4 @@ def _check_last_dim(activation: torch.Tensor, vector: torch.Tensor, hook: Any) -
         )
 
 
-__all__ = ["HookFn", "add_vector", "capture", "replace"]
+__all__ = ["HookFn", "add_vector", "capture", "edited", "low_rank_delta", "replace"]

@@ -1,0 +1,121 @@
+"""Second-moment statistics ``C = E[k k^T]`` of MLP keys, with an on-disk cache.
+
+Computing C is the slowest step users meet (editing-methods.md); it is done once per
+(model, layer, hook, corpus, sample count, dtype) and cached. One eigendecomposition serves every
+method: ROME's ``C^-1 k``, MEMIT's ``lambda C`` and AlphaEdit's null-space projector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from kgshatter.io import write_atomic
+from kgshatter.sites import Site
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """What a cached statistic was computed from; a cache file answers only its own key."""
+
+    model_id: str
+    layer: int
+    hook: str
+    corpus: str
+    n_samples: int
+    dtype: str = "float64"
+
+    def filename(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return f"mom2-{hashlib.sha256(blob).hexdigest()[:20]}.safetensors"
+
+
+@dataclass
+class SecondMoment:
+    """``C`` with its eigendecomposition ``C = V diag(w) V^T`` (w ascending)."""
+
+    key: StatsKey
+    matrix: Float[torch.Tensor, "d d"]
+    eigenvalues: Float[torch.Tensor, " d"]
+    eigenvectors: Float[torch.Tensor, "d d"]
+    n_keys: int
+
+    @classmethod
+    def from_matrix(cls, key: StatsKey, matrix: torch.Tensor, n_keys: int) -> SecondMoment:
+        if not torch.isfinite(matrix).all():
+            raise FloatingPointError(f"second moment for {key} has non-finite entries")
+        w, v = torch.linalg.eigh(matrix)
+        return cls(key, matrix, w, v, n_keys)
+
+    def solve(self, k: Float[torch.Tensor, "d ..."], ridge: float = 1e-6) -> torch.Tensor:
+        """``(C + ridge * mean(eig) * I)^-1 k``; the ridge keeps a singular C usable.
+
+        The regularisation is relative to C's mean eigenvalue, so it is scale-free.
+        """
+        w = self.eigenvalues.clamp(min=0) + ridge * self.eigenvalues.mean().clamp(min=1e-30)
+        v = self.eigenvectors
+        k64 = k.to(v.dtype)
+        return v @ ((v.T @ k64) / (w[:, None] if k64.dim() == 2 else w))
+
+
+def second_moment(
+    model: Any, layer: int, batches: Iterable[torch.Tensor], site: str = "mlp_post"
+) -> tuple[torch.Tensor, int]:
+    """Uncentred ``E[k k^T]`` over every token position of ``batches`` (float64 accumulation)."""
+    name = Site(layer, site).check(model.cfg.n_layers).hook_name
+    device = next(model.parameters()).device
+    total, count = None, 0
+    with torch.inference_mode():
+        for tokens in batches:
+            _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n == name)
+            k = cache[name].reshape(-1, cache[name].shape[-1]).double()
+            total = k.T @ k if total is None else total + k.T @ k
+            count += k.shape[0]
+    if total is None or count == 0:
+        raise ValueError("second_moment needs at least one batch of tokens")
+    return (total / count).cpu(), count
+
+
+class CovarianceCache:
+    """Second moments stored as safetensors in ``directory``, one file per :class:`StatsKey`."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: StatsKey, compute: Any) -> SecondMoment:
+        """The cached statistic for ``key``, or ``compute() -> (C, n_keys)`` stored first."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = self.directory / key.filename()
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                stored = json.loads(f.metadata()["key"])
+                if stored != asdict(key):
+                    raise ValueError(
+                        f"cache file {path} holds statistics for {stored}, not for {asdict(key)}"
+                    )
+                matrix = f.get_tensor("matrix")
+                n_keys = int(f.metadata()["n_keys"])
+            self.hits += 1
+            return SecondMoment.from_matrix(key, matrix, n_keys)
+        matrix, n_keys = compute()
+        stats = SecondMoment.from_matrix(key, matrix.to(getattr(torch, key.dtype)), n_keys)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"key": json.dumps(asdict(key), sort_keys=True), "n_keys": str(n_keys)}
+        write_atomic(
+            path,
+            lambda tmp: save_file({"matrix": stats.matrix.contiguous()}, str(tmp), metadata=meta),
+        )
+        self.misses += 1
+        return stats

@@ -1,0 +1,155 @@
+"""``Edit`` values: low-rank (or dense) weight deltas with their provenance, applied reversibly.
+
+An edit never changes a model by itself. ``kgshatter.hooks.edited(model, edit)`` applies it as
+hooks for the duration of a ``with`` block; ``edit.apply_to_weights(model)`` writes it into the
+weights and returns a handle whose ``restore()`` puts the exact original bytes back
+(editing-methods.md, "Edits are values").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from kgshatter.io import read_json, write_atomic, write_json_atomic
+from kgshatter.sites import Site
+
+EDIT_FORMAT = "kgshatter.edit/1"
+
+
+def model_identity(model: Any) -> str:
+    """Content hash of a model's shape and weights (keys caches and edits to one model)."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                k: str(getattr(model.cfg, k))
+                for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_heads", "n_ctx")
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LayerDelta:
+    """``W_out[layer] += a @ b.T``; ``a`` [d_mlp, rank], ``b`` [d_model, rank]."""
+
+    layer: int
+    a: Float[torch.Tensor, "d_mlp rank"]
+    b: Float[torch.Tensor, "d_model rank"]
+
+    @property
+    def dense(self) -> Float[torch.Tensor, "d_mlp d_model"]:
+        return self.a @ self.b.T
+
+
+@dataclass
+class Edit:
+    """One edit (one method applied to one or more requests), as per-layer weight deltas."""
+
+    method: str
+    deltas: list[LayerDelta]
+    requests: list[dict[str, int]]
+    config: dict[str, Any]
+    model_id: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """Forward hooks adding each layer's delta to the MLP output (weights untouched)."""
+        from kgshatter.hooks import low_rank_delta
+
+        pairs: list[tuple[str, Any]] = []
+        for d in self.deltas:
+            pairs += low_rank_delta(
+                Site(d.layer, "mlp_post").hook_name, Site(d.layer, "mlp_out").hook_name, d.a, d.b
+            )
+        return pairs
+
+    def apply_to_weights(self, model: Any) -> WeightPatch:
+        """Add the deltas to ``W_out`` in place; ``restore()`` on the handle undoes it exactly."""
+        return WeightPatch(model, self.deltas)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """``PATH.safetensors`` (factors) and ``PATH.json`` (everything else), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {}
+        for i, d in enumerate(self.deltas):
+            tensors[f"{i}.a"], tensors[f"{i}.b"] = d.a.contiguous().cpu(), d.b.contiguous().cpu()
+        write_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+        meta = {
+            "format": EDIT_FORMAT,
+            "method": self.method,
+            "layers": [d.layer for d in self.deltas],
+            "requests": self.requests,
+            "config": self.config,
+            "model_id": self.model_id,
+            "info": self.info,
+        }
+        write_json_atomic(path.with_suffix(".json"), meta)
+        return path.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Edit:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_json(path.with_suffix(".json"), "edit metadata")
+        if meta.get("format") != EDIT_FORMAT:
+            raise ValueError(f"{path.with_suffix('.json')} is not a kgshatter edit")
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        deltas = [
+            LayerDelta(layer, tensors[f"{i}.a"], tensors[f"{i}.b"])
+            for i, layer in enumerate(meta["layers"])
+        ]
+        return cls(
+            meta["method"],
+            deltas,
+            meta["requests"],
+            meta["config"],
+            meta["model_id"],
+            meta.get("info", {}),
+        )
+
+
+class WeightPatch:
+    """An edit written into the weights; ``restore()`` (or leaving ``with``) undoes it exactly."""
+
+    def __init__(self, model: Any, deltas: list[LayerDelta]) -> None:
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        n_layers = model.cfg.n_layers
+        for d in deltas:
+            Site(d.layer, "mlp_out").check(n_layers)
+        with torch.no_grad():
+            for d in deltas:
+                w = model.blocks[d.layer].mlp.W_out  # [d_mlp, d_model], a view of the weight
+                self._saved.append((w, w.detach().clone()))
+                w += d.dense.to(w.dtype).to(w.device)
+        self.active = True
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        with torch.no_grad():
+            for w, original in reversed(self._saved):
+                w.copy_(original)
+        self.active = False
+
+    def __enter__(self) -> WeightPatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

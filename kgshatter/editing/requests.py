@@ -1,0 +1,69 @@
+"""Edit requests on the synthetic graph: "x r -> y'" and the prompts that express them.
+
+A request's prompt is ``... x r`` written after random-walk contexts that lead into ``x``
+(science.md section 5); the subject's last (only) token is ``x``, one position before the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+
+from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.kg.walks import WalkSampler, step_generator
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model answer ``target`` to the query ``subject relation`` (indices)."""
+
+    subject: int
+    relation: int
+    target: int
+
+    @classmethod
+    def parse(cls, graph: KnowledgeGraph, fact: str, target: str | int) -> EditRequest:
+        """``EditRequest.parse(graph, "e003 I_C1", "e042")``, names checked against the graph."""
+        parts = fact.split()
+        if len(parts) != 2:
+            raise ValueError(
+                f"a fact to edit is 'SUBJECT RELATION' (e.g. 'e003 I_C1'), got {fact!r}"
+            )
+        return cls(graph.entity(parts[0]), graph.relation(parts[1]).index, graph.entity(target))
+
+    def validate(self, graph: KnowledgeGraph) -> EditRequest:
+        graph.entity(self.subject)
+        graph.relation(self.relation)
+        graph.entity(self.target)
+        if graph.table[self.relation, self.subject] == self.target:
+            raise ValueError(
+                f"the edit {self.describe(graph)} asks for the answer the graph already gives; "
+                f"choose a different target"
+            )
+        return self
+
+    def old_target(self, graph: KnowledgeGraph) -> int:
+        return int(graph.table[self.relation, self.subject])
+
+    def describe(self, graph: KnowledgeGraph) -> str:
+        return (
+            f"{graph.entity_name(self.subject)} {graph.relations[self.relation].name} -> "
+            f"{graph.entity_name(self.target)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"subject": self.subject, "relation": self.relation, "target": self.target}
+
+
+def request_prompts(
+    sampler: WalkSampler, subject: int, relation: int, n_prompts: int, seed: int = 0
+) -> Int[torch.Tensor, "prompt n_ctx"]:
+    """``n_prompts`` full-length prompts ``<context leading into subject> subject relation``."""
+    n = sampler.graph.n_entities
+    g = step_generator(seed, 1 << 22 | subject * sampler.graph.n_relations + relation)
+    ends = torch.full((n_prompts,), subject, dtype=torch.long)
+    ctx = sampler.contexts(ends, sampler.config.n_ctx - 1, g)
+    return torch.cat([ctx, torch.full((n_prompts, 1), n + relation)], dim=1)
