@@ -116,8 +116,8 @@ def test_covariance_cache_hits_and_rejects_foreign_files(setup, rome_edit, tmp_p
 
 def test_save_load_round_trip(rome_edit, tmp_path):
     edit, _ = rome_edit
-    edit.save(tmp_path / "e")
-    loaded = Edit.load(tmp_path / "e")
+    edit.save(tmp_path / "new_dir" / "e")
+    loaded = Edit.load(tmp_path / "new_dir" / "e")
     assert loaded.method == "rome" and loaded.requests == edit.requests
     assert torch.equal(loaded.deltas[0].a, edit.deltas[0].a)
     assert loaded.model_id == edit.model_id

@@ -86,6 +86,7 @@ class Edit:
         from safetensors.torch import save_file
 
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, d in enumerate(self.deltas):
             tensors[f"{i}.a"], tensors[f"{i}.b"] = d.a.contiguous().cpu(), d.b.contiguous().cpu()
