@@ -8,7 +8,6 @@ names (``blocks.0.mlp.hook_post``, ``blocks.1.hook_resid_post``, ...) and the sa
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,14 @@ from typing import Any
 
 import torch
 
-from kgshatter.validation import check_choice, check_int, config_from_dict
+from kgshatter.validation import ConfigDict, check_choice, check_int
 
 ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
 NORMALIZATIONS = ("LN", "RMS")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(ConfigDict):
     """Shape of the decoder (paper: 2 layers, context 16; width and heads are *(choice)*).
 
     ``d_vocab`` is not here: it follows from the graph (entities + relations).
@@ -64,13 +63,6 @@ class ModelConfig:
     @property
     def mlp_dim(self) -> int:
         return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return config_from_dict(cls, data)
 
 
 def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | None = None) -> Any:

@@ -15,18 +15,18 @@ from kgshatter.kg.config import KGConfig
 from kgshatter.kg.walks import WalkConfig
 from kgshatter.models import ModelConfig
 from kgshatter.validation import (
+    ConfigDict,
     check_choice,
     check_float,
     check_fraction,
     check_int,
-    config_from_dict,
 )
 
 LOSS_POSITIONS = ("entities", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Optimiser and schedule (paper: 150k steps, batch 256; the rest is *(choice)*).
 
     AdamW with decoupled weight decay on matrices and embeddings (not on biases or norms),
@@ -68,16 +68,9 @@ class TrainConfig:
         check_int("keep_checkpoints", self.keep_checkpoints, 1)
         check_int("seed", self.seed, 0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return config_from_dict(cls, data)
-
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class EvalConfig(ConfigDict):
     """How accuracy and ring structure are measured.
 
     ``n_prefixes``: random walk contexts per query; the next-token softmax is averaged over them
@@ -98,13 +91,6 @@ class EvalConfig:
         check_int("ring_prefixes", self.ring_prefixes, 1)
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        return config_from_dict(cls, data)
 
 
 @dataclass(frozen=True, kw_only=True)

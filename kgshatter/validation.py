@@ -47,6 +47,17 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+class ConfigDict:
+    """``to_dict`` / ``from_dict`` for frozen config dataclasses (JSON round-trip)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: Any) -> T:
+        return config_from_dict(cls, data)
+
+
 def config_from_dict(cls: type[T], data: Any) -> T:
     """Build a frozen dataclass from a dict, naming unknown keys instead of dropping them."""
     if not isinstance(data, dict):

@@ -9,7 +9,6 @@ output, the mismatch r-ROME showed to cause model-disabling edits.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +20,14 @@ from kgshatter.editing.requests import EditRequest, request_prompts
 from kgshatter.editing.targets import optimize_delta
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.sites import Site
-from kgshatter.validation import check_choice, check_float, check_int, config_from_dict
+from kgshatter.validation import ConfigDict, check_choice, check_float, check_int
 
 DENOMINATORS = ("rrome", "original")
 POSITIONS = {"subject": -2, "relation": -1}
 
 
 @dataclass(frozen=True, kw_only=True)
-class ROMEConfig:
+class ROMEConfig(ConfigDict):
     """ROME hyperparameters. Defaults: the synthetic model *(choice)*; see ``ROME_PRESETS``.
 
     ``position`` is where the key is read and the value written: ``"subject"`` (the entity token,
@@ -66,13 +65,6 @@ class ROMEConfig:
         check_choice("position", self.position, tuple(POSITIONS))
         check_float("ridge", self.ridge, 0.0)
         check_int("seed", self.seed, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ROMEConfig:
-        return config_from_dict(cls, data)
 
 
 ROME_PRESETS = {

@@ -5,17 +5,15 @@ Everything marked *(choice)* in the docstrings is not specified by the paper and
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from kgshatter.validation import check_fraction, check_int, config_from_dict
+from kgshatter.validation import ConfigDict, check_fraction, check_int
 
 STRUCTURES = ("cyclic",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class KGConfig:
+class KGConfig(ConfigDict):
     """A structured knowledge graph of entities on cyclic orders.
 
     Attributes:
@@ -71,10 +69,3 @@ class KGConfig:
     @property
     def n_relations(self) -> int:
         return 2 * self.max_hops * self.n_orders
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> KGConfig:
-        return config_from_dict(cls, data)

@@ -12,22 +12,20 @@ the same bytes whether a run was interrupted or not.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
 from kgshatter.kg.graph import KnowledgeGraph
-from kgshatter.validation import check_fraction, check_int, config_from_dict
+from kgshatter.validation import ConfigDict, check_fraction, check_int
 
 SPLITS = ("direct", "logical", "compositional")
 
 
 @dataclass(frozen=True, kw_only=True)
-class WalkConfig:
+class WalkConfig(ConfigDict):
     """How training sequences and evaluation contexts are written.
 
     Attributes:
@@ -46,13 +44,6 @@ class WalkConfig:
         check_fraction("composition_prob", self.composition_prob)
         if not isinstance(self.crop, bool):
             raise ValueError(f"crop must be a bool, got {self.crop!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WalkConfig:
-        return config_from_dict(cls, data)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
