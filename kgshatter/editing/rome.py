@@ -92,10 +92,11 @@ def synthetic_stats(
     cache: CovarianceCache | None,
     seed: int = 0,
     batch_size: int = 1000,
+    model_id: str | None = None,
 ) -> SecondMoment:
     """C at ``layer`` from ``n_samples`` validation walks (paper: 10^5), cached when possible."""
     key = StatsKey(
-        model_id=model_identity(model),
+        model_id=model_id or model_identity(model),
         layer=layer,
         hook=Site(layer, "mlp_post").hook_name,
         corpus=f"walks:{sampler.graph.fingerprint}:n_ctx{sampler.config.n_ctx}:seed{seed}",
@@ -133,6 +134,7 @@ def compute_rome(
     key_hook = Site(config.layer, "mlp_post").hook_name
     out_hook = Site(config.layer, "mlp_out").hook_name
     n = graph.n_entities
+    model_id = model_identity(model)
     prompts = request_prompts(
         sampler, request.subject, request.relation, config.n_prompts, config.seed
     )
@@ -160,11 +162,16 @@ def compute_rome(
     device = next(model.parameters()).device
     keys = _keys_at(model, key_hook, prompts.to(device), pos).double()  # [P, d_mlp]
     k_star = keys.mean(0)
-    w = model.blocks[config.layer].mlp.W_out.detach().double()  # [d_mlp, d_model]
     if config.mom2_adjustment:
         if stats is None:
             stats = synthetic_stats(
-                model, sampler, config.layer, config.n_samples, cache, config.seed
+                model,
+                sampler,
+                config.layer,
+                config.n_samples,
+                cache,
+                config.seed,
+                model_id=model_id,
             )
         u = stats.solve(k_star.cpu(), config.ridge).to(device)
     else:
@@ -174,6 +181,7 @@ def compute_rome(
         k_den, out_k = k_star, target.h0.double()
     else:  # the bare prompt "x r" (original ROME's plain template)
         bare = torch.tensor([[request.subject, n + request.relation]], device=device)
+        w = model.blocks[config.layer].mlp.W_out.detach().double()  # [d_mlp, d_model]
         k_den = _keys_at(model, key_hook, bare, pos).double()[0]
         out_k = k_den @ w + (v_star - target.delta.double() - k_star @ w)  # same bias term
     denom = float(u @ k_den)
@@ -186,7 +194,7 @@ def compute_rome(
         deltas=[LayerDelta(config.layer, a.cpu(), b.cpu())],
         requests=[request.to_dict()],
         config=config.to_dict(),
-        model_id=model_identity(model),
+        model_id=model_id,
         info={
             "losses": target.losses,
             "final_nll": target.nll,
