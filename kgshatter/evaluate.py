@@ -15,7 +15,7 @@ import torch
 
 from kgshatter.analysis.geometry import ring_metrics
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
-from kgshatter.kg.graph import KnowledgeGraph
+from kgshatter.kg.graph import KnowledgeGraph, relation_name
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
 from kgshatter.presets import EvalConfig, RunConfig
 from kgshatter.sites import Site, all_sites
@@ -94,11 +94,9 @@ class Evaluator:
     def ring_tokens(self, order: int) -> torch.Tensor:
         """Query tokens ``x o_C1`` for every entity x (cached per order)."""
         if order not in self._ring_tokens:
-            name = self.graph.relations[
-                next(r.index for r in self.graph.relations if r.order == order and r.shift == 1)
-            ].name
+            relation = relation_name(order, 1, 1)  # o_C1
             self._ring_tokens[order] = entity_query_tokens(
-                self.sampler, name, self.config.ring_prefixes, self.config.seed
+                self.sampler, relation, self.config.ring_prefixes, self.config.seed
             )
         return self._ring_tokens[order]
 
