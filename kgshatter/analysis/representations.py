@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 
@@ -24,13 +23,11 @@ def entity_query_tokens(
     sampler: WalkSampler, relation: str | int, n_prefixes: int, seed: int = 0
 ) -> Int[torch.Tensor, "entity prefix n_ctx"]:
     """For every entity x, ``n_prefixes`` sequences ending in ``x relation``."""
-    graph = sampler.graph
-    rel = graph.relation(relation)
-    n = graph.n_entities
-    ends = torch.arange(n).repeat_interleave(n_prefixes)
-    g = step_generator(seed, 1 << 21 | rel.index)
-    ctx = sampler.contexts(ends, sampler.config.n_ctx - 1, g)
-    tokens = torch.cat([ctx, torch.full((ctx.shape[0], 1), n + rel.index)], dim=1)
+    rel = sampler.graph.relation(relation)
+    n = sampler.graph.n_entities
+    subjects = torch.arange(n).repeat_interleave(n_prefixes)
+    relations = torch.full((n * n_prefixes, 1), rel.index)
+    tokens = sampler.query_tokens(subjects, relations, step_generator(seed, 1 << 21 | rel.index))
     return tokens.reshape(n, n_prefixes, -1)
 
 
@@ -65,11 +62,6 @@ def collect_representations(
             at = -2 if s.component == "embed" else pos
             out[s].append(cache[s.hook_name][:, at].float().cpu())
     return {s: torch.cat(v).reshape(items, k, -1).mean(1) for s, v in out.items()}
-
-
-def ring_positions(sampler: WalkSampler, order: int) -> np.ndarray:
-    """Ring position of every entity on ``order``'s ring."""
-    return np.asarray(sampler.graph.positions[order])
 
 
 def _device(model: Any) -> torch.device:

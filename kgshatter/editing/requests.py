@@ -62,8 +62,6 @@ def request_prompts(
     sampler: WalkSampler, subject: int, relation: int, n_prompts: int, seed: int = 0
 ) -> Int[torch.Tensor, "prompt n_ctx"]:
     """``n_prompts`` full-length prompts ``<context leading into subject> subject relation``."""
-    n = sampler.graph.n_entities
     g = step_generator(seed, 1 << 22 | subject * sampler.graph.n_relations + relation)
-    ends = torch.full((n_prompts,), subject, dtype=torch.long)
-    ctx = sampler.contexts(ends, sampler.config.n_ctx - 1, g)
-    return torch.cat([ctx, torch.full((n_prompts, 1), n + relation)], dim=1)
+    subjects = torch.full((n_prompts,), subject, dtype=torch.long)
+    return sampler.query_tokens(subjects, torch.full((n_prompts, 1), relation), g)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.validation import ConfigDict, check_fraction, check_int
@@ -147,6 +147,19 @@ class WalkSampler:
         """Random walk contexts of ``length`` tokens whose last token is ``ends`` (an entity)."""
         return self._walk(ends, length, generator, backward=True)
 
+    def query_tokens(
+        self,
+        subjects: Int[torch.Tensor, " n"],
+        relations: Int[torch.Tensor, "n hops"],
+        generator: torch.Generator,
+    ) -> Int[torch.Tensor, "n n_ctx"]:
+        """Full-length queries: a context leading into each subject, then its relation(s).
+
+        ``relations`` are relation indices (one column for ``x r``, two for ``x r1 r2``).
+        """
+        ctx = self.contexts(subjects, self.config.n_ctx - relations.shape[1], generator)
+        return torch.cat([ctx, relations + self.graph.n_entities], dim=1)
+
 
 def _cumulative(allowed: torch.Tensor) -> torch.Tensor:
     """Per row, the running count of allowed choices (float64; last column = row total)."""
@@ -196,7 +209,7 @@ class QuerySet:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
         check_int("n_prefixes", n_prefixes, 1)
-        graph, n = sampler.graph, sampler.graph.n_entities
+        graph = sampler.graph
         if rows is None:
             rows = graph.split_facts(split)
         rows = np.asarray(rows, dtype=np.int64)
@@ -207,11 +220,11 @@ class QuerySet:
                 pick = torch.randperm(rows.shape[0], generator=g)[:max_queries].sort().values
                 rows = rows[pick.numpy()]
         q = rows.shape[0]
-        rels = torch.from_numpy(rows[:, 1:-1]) + n  # [Q, 1 or 2]
-        ctx_len = sampler.config.n_ctx - rels.shape[1]
-        ends = torch.from_numpy(rows[:, 0]).repeat_interleave(n_prefixes)
-        ctx = sampler.contexts(ends, ctx_len, g) if q else torch.zeros(0, ctx_len, dtype=torch.long)
-        tokens = torch.cat([ctx, rels.repeat_interleave(n_prefixes, 0)], dim=1)
+        tokens = sampler.query_tokens(
+            torch.from_numpy(rows[:, 0]).repeat_interleave(n_prefixes),
+            torch.from_numpy(rows[:, 1:-1]).repeat_interleave(n_prefixes, 0),  # [Q*K, 1 or 2]
+            g,
+        )
         order = torch.tensor([graph.relations[int(r)].order for r in rows[:, 1]], dtype=torch.long)
         return cls(
             split=split,
@@ -220,10 +233,3 @@ class QuerySet:
             order=order,
             rows=rows,
         )
-
-
-def entity_targets(
-    tokens: Int[torch.Tensor, "batch seq"], n_entities: int
-) -> Bool[torch.Tensor, "batch seq"]:
-    """Mask of positions whose token is an entity."""
-    return tokens < n_entities
