@@ -76,16 +76,19 @@ def low_rank_delta(
     key_hook: str,
     out_hook: str,
     a: Float[torch.Tensor, "d_in rank"],
-    b: Float[torch.Tensor, "d_out rank"],
+    b: Float[torch.Tensor, "d_out rank"] | None,
 ) -> list[tuple[str, HookFn]]:
     """A weight delta ``W += a @ b.T`` applied as hooks, weights untouched.
 
     The activation at ``key_hook`` (the matrix's input, e.g. ``blocks.0.mlp.hook_post``) is read
     and ``(key @ a) @ b.T`` is added at ``out_hook`` (its output, e.g. ``blocks.0.hook_mlp_out``)
-    in the same forward pass. Returns the ``(name, fn)`` pairs for ``fwd_hooks``.
+    in the same forward pass. With ``b=None``, ``a`` is a dense ``[d_in, d_out]`` delta and
+    ``key @ a`` is added. Returns the ``(name, fn)`` pairs for ``fwd_hooks``. Gradients flow into
+    ``a`` and ``b`` (fine-tuning a delta uses this).
     """
-    if a.shape[1] != b.shape[1]:
+    if b is not None and a.shape[1] != b.shape[1]:
         raise ValueError(f"factors disagree on rank: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    d_out = a.shape[1] if b is None else b.shape[0]
     seen: dict[str, torch.Tensor] = {}
 
     def read_key(activation: torch.Tensor, hook: Any) -> None:
@@ -95,13 +98,16 @@ def low_rank_delta(
         key = seen.pop("key", None)
         if key is None:
             raise RuntimeError(f"low_rank_delta: {key_hook} did not fire before {out_hook}")
-        if key.shape[-1] != a.shape[0] or activation.shape[-1] != b.shape[0]:
+        if key.shape[-1] != a.shape[0] or activation.shape[-1] != d_out:
+            shapes = f"{tuple(a.shape)}" + ("" if b is None else f" x {tuple(b.shape)}")
             raise ValueError(
-                f"low_rank_delta: factors {tuple(a.shape)} x {tuple(b.shape)} do not fit "
+                f"low_rank_delta: factors {shapes} do not fit "
                 f"{key_hook} ({key.shape[-1]}) -> {out_hook} ({activation.shape[-1]})"
             )
-        aa, bb = a.to(key.dtype).to(key.device), b.to(key.dtype).to(key.device)
-        return activation + (key @ aa) @ bb.T
+        aa = a.to(key.dtype).to(key.device)
+        if b is None:
+            return activation + key @ aa
+        return activation + (key @ aa) @ b.to(key.dtype).to(key.device).T
 
     return [(key_hook, read_key), (out_hook, add_delta)]
 

@@ -51,11 +51,20 @@ class ConfigDict:
     """``to_dict`` / ``from_dict`` for frozen config dataclasses (JSON round-trip)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """Plain JSON types: tuples become lists (``from_dict`` turns them back)."""
+        return _listify(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[T], data: Any) -> T:
         return config_from_dict(cls, data)
+
+
+def _listify(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _listify(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_listify(v) for v in value]
+    return value
 
 
 def config_from_dict(cls: type[T], data: Any) -> T:

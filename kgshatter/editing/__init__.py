@@ -1,23 +1,73 @@
 """Knowledge edits as values: requests, the shared editing core, and the methods registry.
 
-Implemented so far: ROME (r-ROME denominator by default). MEMIT, AlphaEdit, PMET and FT-L are
-the rest of the editing issue and are not registered yet.
+Every method is ``compute(model, task, requests, config, *, model_id=None, state=None) -> Edit``
+and never modifies ``model``; apply the result with ``kgshatter.hooks.edited(model, edit)`` or
+``edit.apply_to_weights(model)``. ``get_method(name)`` lists the valid names on a typo.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from kgshatter.editing.core import SyntheticTask, TargetConfig
 from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey
 from kgshatter.editing.edit import Edit, LayerDelta, WeightPatch, model_identity
+from kgshatter.editing.ft import FT_PRESETS, FTConfig, compute_ft
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.rome import ROME_PRESETS, ROMEConfig, compute_rome
+from kgshatter.editing.spread import (
+    ALPHAEDIT_PRESETS,
+    MEMIT_PRESETS,
+    PMET_PRESETS,
+    AlphaEditConfig,
+    AlphaEditState,
+    MEMITConfig,
+    PMETConfig,
+    compute_alphaedit,
+    compute_memit,
+    compute_pmet,
+)
 
-METHODS: dict[str, tuple[type, Any]] = {"rome": (ROMEConfig, compute_rome)}
+
+@dataclass(frozen=True)
+class Method:
+    """One editing method: its config class, presets, compute function and capabilities."""
+
+    name: str
+    config_class: type
+    compute: Callable[..., Edit]
+    presets: dict[str, Any]
+    batch: bool  # edits several requests in one solve
+    stateful: bool = False  # sequential editing carries an explicit state object
+
+    def config(self, preset: str = "synthetic", **overrides: Any) -> Any:
+        """The preset's config with ``overrides`` (validated)."""
+        if preset not in self.presets:
+            raise ValueError(
+                f"{self.name} has no preset {preset!r}; available: {sorted(self.presets)}"
+            )
+        data = {**self.presets[preset].to_dict(), **overrides}
+        return self.config_class.from_dict(data)
+
+    def new_state(self) -> Any:
+        return AlphaEditState() if self.stateful else None
 
 
-def get_method(name: str) -> tuple[type, Any]:
-    """``(config class, compute function)`` of an editing method; typos list the valid names."""
+METHODS: dict[str, Method] = {
+    "rome": Method("rome", ROMEConfig, compute_rome, ROME_PRESETS, batch=False),
+    "memit": Method("memit", MEMITConfig, compute_memit, MEMIT_PRESETS, batch=True),
+    "alphaedit": Method(
+        "alphaedit", AlphaEditConfig, compute_alphaedit, ALPHAEDIT_PRESETS, True, True
+    ),
+    "pmet": Method("pmet", PMETConfig, compute_pmet, PMET_PRESETS, batch=True),
+    "ft": Method("ft", FTConfig, compute_ft, FT_PRESETS, batch=True),
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered :class:`Method` called ``name``; typos list the valid names."""
     try:
         return METHODS[name]
     except KeyError:
@@ -25,16 +75,32 @@ def get_method(name: str) -> tuple[type, Any]:
 
 
 __all__ = [
+    "ALPHAEDIT_PRESETS",
+    "FT_PRESETS",
+    "MEMIT_PRESETS",
     "METHODS",
+    "PMET_PRESETS",
     "ROME_PRESETS",
+    "AlphaEditConfig",
+    "AlphaEditState",
     "CovarianceCache",
     "Edit",
     "EditRequest",
+    "FTConfig",
     "LayerDelta",
+    "MEMITConfig",
+    "Method",
+    "PMETConfig",
     "ROMEConfig",
     "SecondMoment",
     "StatsKey",
+    "SyntheticTask",
+    "TargetConfig",
     "WeightPatch",
+    "compute_alphaedit",
+    "compute_ft",
+    "compute_memit",
+    "compute_pmet",
     "compute_rome",
     "get_method",
     "model_identity",

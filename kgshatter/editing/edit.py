@@ -44,15 +44,23 @@ def model_identity(model: Any) -> str:
 
 @dataclass
 class LayerDelta:
-    """``W_out[layer] += a @ b.T``; ``a`` [d_mlp, rank], ``b`` [d_model, rank]."""
+    """``W_out[layer] += a @ b.T``; ``a`` [d_mlp, rank], ``b`` [d_model, rank].
+
+    ``b=None`` marks a dense delta: ``a`` is the full ``[d_mlp, d_model]`` matrix (FT-L).
+    """
 
     layer: int
     a: Float[torch.Tensor, "d_mlp rank"]
-    b: Float[torch.Tensor, "d_model rank"]
+    b: Float[torch.Tensor, "d_model rank"] | None
 
     @property
     def dense(self) -> Float[torch.Tensor, "d_mlp d_model"]:
-        return self.a @ self.b.T
+        return self.a if self.b is None else self.a @ self.b.T
+
+    @property
+    def rank(self) -> int | None:
+        """The factor rank, ``None`` for a dense delta."""
+        return None if self.b is None else self.a.shape[1]
 
 
 @dataclass
@@ -89,7 +97,9 @@ class Edit:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, d in enumerate(self.deltas):
-            tensors[f"{i}.a"], tensors[f"{i}.b"] = d.a.contiguous().cpu(), d.b.contiguous().cpu()
+            tensors[f"{i}.a"] = d.a.contiguous().cpu()
+            if d.b is not None:
+                tensors[f"{i}.b"] = d.b.contiguous().cpu()
         write_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "format": EDIT_FORMAT,
@@ -113,7 +123,7 @@ class Edit:
             raise ValueError(f"{path.with_suffix('.json')} is not a kgshatter edit")
         tensors = load_file(str(path.with_suffix(".safetensors")))
         deltas = [
-            LayerDelta(layer, tensors[f"{i}.a"], tensors[f"{i}.b"])
+            LayerDelta(layer, tensors[f"{i}.a"], tensors.get(f"{i}.b"))
             for i, layer in enumerate(meta["layers"])
         ]
         return cls(

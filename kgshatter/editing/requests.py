@@ -35,13 +35,18 @@ class EditRequest:
         return cls(graph.entity(parts[0]), graph.relation(parts[1]).index, graph.entity(target))
 
     def validate(self, graph: KnowledgeGraph) -> EditRequest:
+        """Check that subject, relation and target exist and the fact is defined.
+
+        A target equal to the graph's answer is allowed (a corrective edit); editors refuse a
+        target the *model* already answers.
+        """
         graph.entity(self.subject)
         graph.relation(self.relation)
         graph.entity(self.target)
-        if graph.table[self.relation, self.subject] == self.target:
+        if graph.table[self.relation, self.subject] < 0:
             raise ValueError(
-                f"the edit {self.describe(graph)} asks for the answer the graph already gives; "
-                f"choose a different target"
+                f"{graph.relations[self.relation].name} is not defined for "
+                f"{graph.entity_name(self.subject)} in this graph; nothing to edit"
             )
         return self
 

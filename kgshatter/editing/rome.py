@@ -9,69 +9,52 @@ output, the mismatch r-ROME showed to cause model-disabling edits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey, second_moment
+from kgshatter.editing.core import (
+    POSITIONS,
+    SyntheticTask,
+    TargetConfig,
+    check_changes_answer,
+    mean_keys,
+)
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
-from kgshatter.editing.requests import EditRequest, request_prompts
-from kgshatter.editing.targets import optimize_delta
-from kgshatter.kg.walks import WalkSampler
+from kgshatter.editing.requests import EditRequest
+from kgshatter.editing.targets import optimize_targets
 from kgshatter.sites import Site
-from kgshatter.validation import ConfigDict, check_choice, check_float, check_int
+from kgshatter.validation import check_choice, check_int
 
 DENOMINATORS = ("rrome", "original")
-POSITIONS = {"subject": -2, "relation": -1}
 
 
 @dataclass(frozen=True, kw_only=True)
-class ROMEConfig(ConfigDict):
-    """ROME hyperparameters. Defaults: the synthetic model *(choice)*; see ``ROME_PRESETS``.
-
-    ``position`` is where the key is read and the value written: ``"subject"`` (the entity token,
-    the paper's and ROME's choice) or ``"relation"`` (the last token). Default ``"relation"``
-    (*choice*, measured): in the grokked ``cpu`` model the answer is computed at the relation
-    token, and no delta at the subject token moves it (NLL of the new target stayed at 9-17 with
-    a delta 100x the residual norm), while at the relation token ROME reaches efficacy 1.0 at
-    d = 1 and d = 4 on layers 0 and 1.
-    """
+class ROMEConfig(TargetConfig):
+    """ROME hyperparameters. Defaults: the synthetic model *(choice)*; see ``ROME_PRESETS``."""
 
     layer: int = 0
-    n_prompts: int = 10
-    steps: int = 40
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True
-    n_samples: int = 100_000
     denominator: str = "rrome"
-    position: str = "relation"
-    ridge: float = 1e-6
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int("layer", self.layer, 0)
-        check_int("n_prompts", self.n_prompts, 1)
-        check_int("steps", self.steps, 1)
-        check_float("lr", self.lr, 0.0, inclusive=False)
-        check_float("kl_factor", self.kl_factor, 0.0)
-        check_float("weight_decay", self.weight_decay, 0.0)
-        check_float("clamp_norm_factor", self.clamp_norm_factor, 0.0, inclusive=False)
-        check_int("n_samples", self.n_samples, 1)
         check_choice("denominator", self.denominator, DENOMINATORS)
-        check_choice("position", self.position, tuple(POSITIONS))
-        check_float("ridge", self.ridge, 0.0)
-        check_int("seed", self.seed, 0)
+
+    @property
+    def edit_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
 
 
 ROME_PRESETS = {
-    # The synthetic study edits the first block's W_out (science.md section 5).
+    # The synthetic study edits the first block's W_out (science.md section 5); 40 steps and
+    # the relation position are measured choices for the cpu model (README, "Editing").
     "synthetic": ROMEConfig(),
     # kmeng01/rome hparams/ROME/gpt2-xl.json: layer 17, 20 steps, lr 0.5, wd 0.5, clamp 4,
-    # KL 0.0625.
+    # KL 0.0625, 1 + 10 + 10 context templates, second moment on.
     "gpt2-xl": ROMEConfig(
         layer=17,
         n_prompts=21,
@@ -80,110 +63,59 @@ ROME_PRESETS = {
         weight_decay=0.5,
         clamp_norm_factor=4.0,
         kl_factor=0.0625,
+        position="subject",
     ),
 }
 
 
-def synthetic_stats(
-    model: Any,
-    sampler: WalkSampler,
-    layer: int,
-    n_samples: int,
-    cache: CovarianceCache | None,
-    seed: int = 0,
-    batch_size: int = 1000,
-    model_id: str | None = None,
-) -> SecondMoment:
-    """C at ``layer`` from ``n_samples`` validation walks (paper: 10^5), cached when possible."""
-    key = StatsKey(
-        model_id=model_id or model_identity(model),
-        layer=layer,
-        hook=Site(layer, "mlp_post").hook_name,
-        corpus=f"walks:{sampler.graph.fingerprint}:n_ctx{sampler.config.n_ctx}:seed{seed}",
-        n_samples=n_samples,
-    )
-
-    def compute() -> tuple[torch.Tensor, int]:
-        # validation walks: a seed stream disjoint from training batches (which use (seed, step))
-        batches = (
-            sampler.batch_for_step(1 << 40 | i, min(batch_size, n_samples - i * batch_size), seed)[
-                :, :-1
-            ]
-            for i in range((n_samples + batch_size - 1) // batch_size)
-        )
-        return second_moment(model, layer, batches)
-
-    if cache is None:
-        matrix, n = compute()
-        return SecondMoment.from_matrix(key, matrix, n)
-    return cache.get(key, compute)
-
-
 def compute_rome(
     model: Any,
-    sampler: WalkSampler,
-    request: EditRequest,
+    task: SyntheticTask,
+    requests: Sequence[EditRequest] | EditRequest,
     config: ROMEConfig = ROMEConfig(),
-    cache: CovarianceCache | None = None,
-    stats: SecondMoment | None = None,
+    *,
+    model_id: str | None = None,
+    state: Any = None,
 ) -> Edit:
-    """A rank-one :class:`Edit` making ``model`` answer ``request.target`` (model unchanged)."""
-    graph = sampler.graph
-    request.validate(graph)
-    Site(config.layer, "mlp_post").check(model.cfg.n_layers)
-    key_hook = Site(config.layer, "mlp_post").hook_name
-    out_hook = Site(config.layer, "mlp_out").hook_name
-    n = graph.n_entities
-    model_id = model_identity(model)
-    prompts = request_prompts(
-        sampler, request.subject, request.relation, config.n_prompts, config.seed
-    )
-    rel = graph.relations[request.relation]
-    essence = None
-    if graph.n_orders > 1:  # the subject's facts on another order should not move (choice)
-        other = next(r for r in graph.relations if r.order == (rel.order + 1) % graph.n_orders)
-        essence = request_prompts(
-            sampler, request.subject, other.index, config.n_prompts, config.seed + 1
+    """A rank-one :class:`Edit` making ``model`` answer the request's target (model unchanged).
+
+    ROME edits one fact; pass a batch to MEMIT or AlphaEdit.
+    """
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    if len(requests) != 1:
+        raise ValueError(
+            f"ROME edits one fact at a time, got {len(requests)} requests; use 'memit' or "
+            f"'alphaedit' for a batch, or the sequential protocol"
         )
+    if state is not None:
+        raise ValueError("ROME keeps no editing state; state is for 'alphaedit'")
+    (request,) = requests
+    Site(config.layer, "mlp_post").check(model.cfg.n_layers)
+    out_hook = Site(config.layer, "mlp_out").hook_name
+    model_id = model_id or model_identity(model)
+    prompts, essence = task.prompts(request, config.n_prompts, config.seed)
+    check_changes_answer(model, task, request, prompts)
     pos = POSITIONS[config.position]
-    target = optimize_delta(
-        model,
-        out_hook,
-        prompts,
-        request.target,
-        essence,
-        steps=config.steps,
-        lr=config.lr,
-        kl_factor=config.kl_factor,
-        weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor,
-        subject_position=pos,
+    target = optimize_targets(
+        model, [out_hook], prompts, request.target, essence, **config.optimisation()
     )
     device = next(model.parameters()).device
-    keys = _keys_at(model, key_hook, prompts.to(device), pos).double()  # [P, d_mlp]
-    k_star = keys.mean(0)
+    k_star = mean_keys(model, config.layer, [prompts], pos)[0]  # [d_mlp], float64
     if config.mom2_adjustment:
-        if stats is None:
-            stats = synthetic_stats(
-                model,
-                sampler,
-                config.layer,
-                config.n_samples,
-                cache,
-                config.seed,
-                model_id=model_id,
-            )
+        stats = task.stats(model, config.layer, config.n_samples, config.seed, model_id)
         u = stats.solve(k_star.cpu(), config.ridge).to(device)
     else:
         u = k_star.clone()
-    v_star = target.h0.double() + target.delta.double()
+    h0, delta = target.h0.double(), target.delta.double()
+    v_star = h0 + delta
     if config.denominator == "rrome":
-        k_den, out_k = k_star, target.h0.double()
+        k_den, out_k = k_star, h0
     else:  # the bare prompt "x r" (original ROME's plain template)
-        bare = torch.tensor([[request.subject, n + request.relation]], device=device)
+        bare = torch.tensor([[request.subject, task.graph.n_entities + request.relation]])
         w = model.blocks[config.layer].mlp.W_out.detach().double()  # [d_mlp, d_model]
-        k_den = _keys_at(model, key_hook, bare, pos).double()[0]
-        out_k = k_den @ w + (v_star - target.delta.double() - k_star @ w)  # same bias term
+        k_den = mean_keys(model, config.layer, [bare], pos)[0]
+        out_k = k_den @ w + (h0 - k_star @ w)  # the same bias term as at k*
     denom = float(u @ k_den)
     if abs(denom) < 1e-12:
         raise FloatingPointError("ROME denominator u . k is ~0; raise ridge or check the key")
@@ -198,15 +130,9 @@ def compute_rome(
         info={
             "losses": target.losses,
             "final_nll": target.nll,
-            "delta_norm": float(target.delta.norm()),
-            "h0_norm": float(target.h0.norm()),
+            "delta_norm": float(delta.norm()),
+            "h0_norm": float(h0.norm()),
             "k_star": k_star.float().cpu().tolist(),
             "v_star": v_star.float().cpu().tolist(),
         },
     )
-
-
-def _keys_at(model: Any, hook: str, prompts: torch.Tensor, position: int):
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(prompts, names_filter=lambda n: n == hook)
-    return cache[hook][:, position].clone()

@@ -1,14 +1,16 @@
-"""Target optimisation shared by the editors: find delta so that h0 + delta makes the edit true.
+"""Target optimisation shared by the editors: find deltas so that h0 + delta makes the edit true.
 
-editing-methods.md, "Target optimisation": a free vector added at the subject's last token of
+editing-methods.md, "Target optimisation": free vectors (one per hook: ROME's MLP output,
+MEMIT's residual stream, PMET's attention and MLP outputs jointly) are added at one position of
 every rewriting prompt; loss = NLL(target) + kl_factor * KL(current || initial) on "essence"
-prompts + weight_decay * ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05; after each step
-delta is projected to ||delta|| <= clamp_norm_factor * ||h0||. The model's weights are never
-written and receive no gradients.
+prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05; after each
+step every delta is projected to ||delta|| <= clamp_norm_factor * ||h0|| of its own hook. The
+model's weights are never written and receive no gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +21,25 @@ from jaxtyping import Float, Int
 
 @dataclass
 class TargetResult:
-    delta: Float[torch.Tensor, " d_model"]
-    h0: Float[torch.Tensor, " d_model"]
+    """Per hook: the optimised ``delta`` and the prompt-averaged initial activation ``h0``."""
+
+    deltas: list[Float[torch.Tensor, " d_model"]]
+    h0s: list[Float[torch.Tensor, " d_model"]]
     losses: list[float]
     nll: float
 
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.deltas[0]
 
-def optimize_delta(
+    @property
+    def h0(self) -> torch.Tensor:
+        return self.h0s[0]
+
+
+def optimize_targets(
     model: Any,
-    hook_name: str,
+    hooks: Sequence[str],
     prompts: Int[torch.Tensor, "prompt seq"],
     target: int,
     essence: Int[torch.Tensor, "essence seq"] | None,
@@ -37,31 +49,49 @@ def optimize_delta(
     kl_factor: float,
     weight_decay: float,
     clamp_norm_factor: float,
-    subject_position: int = -2,  # -1 edits at the last (relation) token
+    position: int = -1,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
 ) -> TargetResult:
-    """Optimise a delta added at ``hook_name``, position ``subject_position`` of every prompt."""
+    """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
+
+    ``fwd_hooks`` are extra hooks active throughout (e.g. earlier edits in a sequence).
+    """
+    if not hooks:
+        raise ValueError("optimize_targets needs at least one hook name")
+    missing = [h for h in hooks if h not in model.hook_dict]
+    if missing:
+        raise ValueError(f"the model has no hook points {missing}")
     device = next(model.parameters()).device
     prompts = prompts.to(device)
     batch = prompts if essence is None else torch.cat([prompts, essence.to(device)])
     n_rewrite = prompts.shape[0]
     store: dict[str, torch.Tensor] = {}
 
-    def read(activation: torch.Tensor, hook: Any) -> None:
-        store["h"] = activation[:, subject_position].detach()
+    def reader(name: str):
+        def read(activation: torch.Tensor, hook: Any) -> None:
+            store[name] = activation[:, position].detach()
+
+        return read
 
     with torch.no_grad():
-        logits0 = model.run_with_hooks(batch, fwd_hooks=[(hook_name, read)])[:, -1]
-    h0 = store["h"][:n_rewrite].mean(0)
+        logits0 = model.run_with_hooks(
+            batch, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
+        )[:, -1]
+    h0s = [store[h][:n_rewrite].float().mean(0) for h in hooks]
     init_logp = torch.log_softmax(logits0[n_rewrite:].float(), -1)
-    delta = torch.zeros_like(h0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
+    deltas = [torch.zeros_like(h0, requires_grad=True) for h0 in h0s]
+    opt = torch.optim.Adam(deltas, lr=lr)
     target_t = torch.full((n_rewrite,), target, device=device)
 
-    def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-        out = activation.clone()
-        out[:, subject_position] = out[:, subject_position] + delta.to(activation.dtype)
-        return out
+    def adder(delta: torch.Tensor):
+        def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            out = activation.clone()
+            out[:, position] = out[:, position] + delta.to(activation.dtype)
+            return out
 
+        return add
+
+    editing_hooks = [*fwd_hooks, *[(h, adder(d)) for h, d in zip(hooks, deltas, strict=True)]]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -69,9 +99,12 @@ def optimize_delta(
     nll_value = float("inf")
     try:
         for _ in range(steps):
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook_name, add)])[:, -1].float()
+            logits = model.run_with_hooks(batch, fwd_hooks=editing_hooks)[:, -1].float()
             nll = F.cross_entropy(logits[:n_rewrite], target_t)
-            loss = nll + weight_decay * delta.norm() / h0.norm() ** 2
+            loss = nll + weight_decay * sum(
+                d.norm() / h0.norm().clamp(min=1e-12) ** 2
+                for d, h0 in zip(deltas, h0s, strict=True)
+            )
             if essence is not None and kl_factor > 0:
                 logp = torch.log_softmax(logits[n_rewrite:], -1)
                 loss = loss + kl_factor * F.kl_div(
@@ -89,10 +122,11 @@ def optimize_delta(
             loss.backward()
             opt.step()
             with torch.no_grad():
-                limit = clamp_norm_factor * h0.norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+                for d, h0 in zip(deltas, h0s, strict=True):
+                    limit = clamp_norm_factor * h0.norm()
+                    if d.norm() > limit:
+                        d.mul_(limit / d.norm())
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return TargetResult(delta.detach(), h0, losses, nll_value)
+    return TargetResult([d.detach() for d in deltas], h0s, losses, nll_value)

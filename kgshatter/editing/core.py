@@ -1,0 +1,235 @@
+"""The shared editing core: configs' common fields, the task (prompts + statistics), keys.
+
+Every method is a small solve step over these pieces (editing-methods.md, "Shared machinery"):
+
+- :class:`TargetConfig`: the fields every optimisation-based editor shares;
+- :class:`SyntheticTask`: where prompts and second moments come from for a model trained on a
+  knowledge graph (prompts = random-walk contexts leading into the subject; C from validation
+  walks, cached on disk and in memory);
+- :func:`mean_keys` / :func:`mean_activations`: activations at one position, averaged over a
+  request's prompts, optionally with earlier edits applied as hooks;
+- :func:`check_changes_answer`: refuse a request the model already satisfies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey, second_moment
+from kgshatter.editing.requests import EditRequest, request_prompts
+from kgshatter.kg.walks import WalkSampler
+from kgshatter.sites import Site
+from kgshatter.validation import ConfigDict, check_choice, check_float, check_int
+
+# where keys are read and values written in a synthetic prompt "... x r"
+POSITIONS = {"subject": -2, "relation": -1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig(ConfigDict):
+    """Fields shared by the optimisation-based editors (target optimisation + statistics).
+
+    ``position`` is where keys are read and values written: ``"subject"`` (the entity token, the
+    paper's and ROME's choice) or ``"relation"`` (the last token). Default ``"relation"``
+    (*choice*, measured): in the grokked ``cpu`` model the answer is computed at the relation
+    token, and no delta at the subject token moves it (NLL of the new target stayed at 9-17 with
+    a delta 100x the residual norm), while at the relation token every method edits.
+    """
+
+    n_prompts: int = 10
+    steps: int = 40
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    position: str = "relation"
+    n_samples: int = 100_000
+    ridge: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("n_prompts", self.n_prompts, 1)
+        check_int("steps", self.steps, 1)
+        check_float("lr", self.lr, 0.0, inclusive=False)
+        check_float("kl_factor", self.kl_factor, 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("clamp_norm_factor", self.clamp_norm_factor, 0.0, inclusive=False)
+        check_choice("position", self.position, tuple(POSITIONS))
+        check_int("n_samples", self.n_samples, 1)
+        check_float("ridge", self.ridge, 0.0)
+        check_int("seed", self.seed, 0)
+
+    @property
+    def edit_layers(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def optimisation(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kgshatter.editing.targets.optimize_targets`."""
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "kl_factor": self.kl_factor,
+            "weight_decay": self.weight_decay,
+            "clamp_norm_factor": self.clamp_norm_factor,
+            "position": POSITIONS[self.position],
+        }
+
+
+def check_layers(name: str, layers: Sequence[int]) -> None:
+    """Layers: a non-empty, strictly ascending tuple of non-negative ints."""
+    if not isinstance(layers, tuple) or not layers:
+        raise ValueError(f"{name} must be a non-empty tuple of layer indices, got {layers!r}")
+    for layer in layers:
+        check_int(name, layer, 0)
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{name} must be strictly ascending without repeats, got {layers}")
+
+
+class SyntheticTask:
+    """Prompts and key statistics for a model trained on ``sampler.graph``.
+
+    ``cache`` (a :class:`CovarianceCache`) stores second moments on disk; they are also kept in
+    memory per (model identity, layer, sample count, seed), so a sequence of edits computes or
+    loads each statistic once. Statistics are always those of the model as passed (edits applied
+    as hooks do not change its identity; that is the references' behaviour in sequential
+    editing, which keeps the unedited model's C).
+    """
+
+    def __init__(self, sampler: WalkSampler, cache: CovarianceCache | None = None) -> None:
+        self.sampler = sampler
+        self.graph = sampler.graph
+        self.cache = cache
+        self._stats: dict[tuple[str, int, int, int], SecondMoment] = {}
+
+    def prompts(
+        self, request: EditRequest, n_prompts: int, seed: int
+    ) -> tuple[Int[torch.Tensor, "p seq"], Int[torch.Tensor, "p seq"] | None]:
+        """Rewriting prompts for ``request`` and "essence" prompts whose answers must not move.
+
+        The essence prompts ask the subject's fact on the next order (same direction and hops),
+        which the edit should leave alone (*choice*: the synthetic analogue of ROME's
+        "{subject} is a"); a one-order graph has none.
+        """
+        request.validate(self.graph)
+        prompts = request_prompts(self.sampler, request.subject, request.relation, n_prompts, seed)
+        rel = self.graph.relations[request.relation]
+        if self.graph.n_orders == 1:
+            return prompts, None
+        other = next(
+            r for r in self.graph.relations if r.order == (rel.order + 1) % self.graph.n_orders
+        )
+        essence = request_prompts(self.sampler, request.subject, other.index, n_prompts, seed + 1)
+        return prompts, essence
+
+    def stats(
+        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+    ) -> SecondMoment:
+        """``C = E[k k^T]`` at ``layer``'s MLP keys from ``n_samples`` validation walks."""
+        memo = (model_id, layer, n_samples, seed)
+        if memo not in self._stats:
+            self._stats[memo] = synthetic_stats(
+                model, self.sampler, layer, n_samples, self.cache, seed, model_id=model_id
+            )
+        return self._stats[memo]
+
+
+def synthetic_stats(
+    model: Any,
+    sampler: WalkSampler,
+    layer: int,
+    n_samples: int,
+    cache: CovarianceCache | None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    model_id: str | None = None,
+) -> SecondMoment:
+    """C at ``layer`` from ``n_samples`` validation walks (paper: 10^5), cached when possible."""
+    from kgshatter.editing.edit import model_identity
+
+    Site(layer, "mlp_post").check(model.cfg.n_layers)
+    key = StatsKey(
+        model_id=model_id or model_identity(model),
+        layer=layer,
+        hook=Site(layer, "mlp_post").hook_name,
+        corpus=f"walks:{sampler.graph.fingerprint}:n_ctx{sampler.config.n_ctx}:seed{seed}",
+        n_samples=n_samples,
+    )
+
+    def compute() -> tuple[torch.Tensor, int]:
+        # validation walks: a seed stream disjoint from training batches (which use (seed, step))
+        batches = (
+            sampler.batch_for_step(1 << 40 | i, min(batch_size, n_samples - i * batch_size), seed)[
+                :, :-1
+            ]
+            for i in range((n_samples + batch_size - 1) // batch_size)
+        )
+        return second_moment(model, layer, batches)
+
+    if cache is None:
+        matrix, n = compute()
+        return SecondMoment.from_matrix(key, matrix, n)
+    return cache.get(key, compute)
+
+
+def mean_activations(
+    model: Any,
+    hook_name: str,
+    prompts: Sequence[torch.Tensor],
+    position: int,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> Float[torch.Tensor, "request d"]:
+    """Activation at ``hook_name`` and ``position``, averaged over each request's prompts (float64).
+
+    ``prompts`` holds one ``[prompt, seq]`` tensor per request; all run in one batch.
+    """
+    device = next(model.parameters()).device
+    sizes = [p.shape[0] for p in prompts]
+    batch = torch.cat(list(prompts)).to(device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(activation: torch.Tensor, hook: Any) -> None:
+        seen["a"] = activation[:, position].detach()
+
+    with torch.inference_mode():
+        model.run_with_hooks(batch, fwd_hooks=[*fwd_hooks, (hook_name, read)])
+    return torch.stack([chunk.double().mean(0) for chunk in seen["a"].split(sizes)])
+
+
+def mean_keys(
+    model: Any,
+    layer: int,
+    prompts: Sequence[torch.Tensor],
+    position: int,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> Float[torch.Tensor, "request d_mlp"]:
+    """MLP keys (``blocks.L.mlp.hook_post``) averaged over each request's prompts."""
+    hook = Site(layer, "mlp_post").check(model.cfg.n_layers).hook_name
+    return mean_activations(model, hook, prompts, position, fwd_hooks)
+
+
+class AlreadyAnswered(ValueError):
+    """The model already gives the requested answer: the edit would be a no-op."""
+
+
+def check_changes_answer(
+    model: Any,
+    task: SyntheticTask,
+    request: EditRequest,
+    prompts: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> None:
+    """Refuse ``request`` if the model (with ``fwd_hooks``) already answers its target."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model.run_with_hooks(prompts.to(device), fwd_hooks=list(fwd_hooks))[:, -1]
+    answer = int(torch.softmax(logits.float(), -1).mean(0).argmax())
+    if answer == request.target:
+        raise AlreadyAnswered(
+            f"the model already answers {task.graph.entity_name(request.target)} to "
+            f"{request.describe(task.graph)}; nothing to edit (choose another target)"
+        )
