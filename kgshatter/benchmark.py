@@ -7,6 +7,7 @@ This is a benchmark, not a test: it prints numbers and writes a JSON file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -227,3 +228,107 @@ def edit_benchmark(
             "mean_accuracy_change": change,
         }
     return results
+
+
+GPT2_XL_SHAPE = ModelConfig(
+    n_layers=48, d_model=1600, n_heads=25, d_mlp=6400, n_ctx=1024, act_fn="gelu_new"
+)
+GPT2_XL_VOCAB = 50257
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def gpt2_xl_rome_benchmark(
+    n_edits: int = 2, stats_samples: int = 64, prompt_len: int = 10, cache_dir: str | None = None
+) -> dict[str, Any]:
+    """ROME on a model of GPT-2-XL's exact shape (random weights, built here) on this machine.
+
+    The same code path as the synthetic study: the prompts are walks over a small graph whose
+    tokens are ids in GPT-2's vocabulary, the edit is computed with the ``gpt2-xl`` ROME preset
+    (layer 17, 20 steps, 21 prompts) and applied as hooks. Statistics come from
+    ``stats_samples`` walks (a small sample: the timing, not the quality, is measured here), are
+    computed once and cached on disk; the timed edits load them from the cache. Peak memory is
+    the process's resident-set high-water mark during the edits (reset before them), divided by
+    the model's parameter bytes.
+    """
+    import tempfile
+
+    from kgshatter.editing import (
+        ROME_PRESETS,
+        CovarianceCache,
+        SyntheticTask,
+        compute_rome,
+        model_identity,
+    )
+    from kgshatter.editing.protocols import sample_requests
+    from kgshatter.hooks import edited
+    from kgshatter.kg.config import KGConfig
+    from kgshatter.kg.walks import WalkConfig
+
+    rss_start = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    model = build_model(GPT2_XL_SHAPE, GPT2_XL_VOCAB)
+    model.eval()
+    build_seconds = time.perf_counter() - start
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    graph = KnowledgeGraph.from_config(KGConfig(n_entities=32, n_orders=2, max_hops=2, seed=0))
+    sampler = WalkSampler(graph, WalkConfig(n_ctx=prompt_len))
+    config = dataclasses.replace(ROME_PRESETS["gpt2-xl"], n_samples=stats_samples)
+    start = time.perf_counter()
+    model_id = model_identity(model)
+    identity_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = CovarianceCache(cache_dir or tmp)
+        start = time.perf_counter()
+        SyntheticTask(sampler, cache).stats(model, config.layer, stats_samples, 0, model_id)
+        stats_seconds = time.perf_counter() - start
+        requests = sample_requests(graph, "counterfactual", n_edits, seed=0, distance=2)
+        rss_before = _rss_kib("VmRSS")
+        peak_reset = _reset_peak()
+        seconds, efficacy = [], []
+        for request in requests:
+            task = SyntheticTask(sampler, cache)  # fresh: statistics come from the disk cache
+            start = time.perf_counter()
+            edit = compute_rome(model, task, request, config, model_id=model_id)
+            seconds.append(time.perf_counter() - start)
+            tokens = task.prompts(request, 4, seed=99)[0]
+            with torch.inference_mode(), edited(model, edit):
+                efficacy.append(float((model(tokens)[:, -1].argmax(-1) == request.target).any()))
+        peak = _rss_kib("VmHWM")
+    seconds_sorted = sorted(seconds)
+    return {
+        "shape": GPT2_XL_SHAPE.to_dict() | {"d_vocab": GPT2_XL_VOCAB},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_bytes": model_bytes,
+        "threads": torch.get_num_threads(),
+        "build_seconds": build_seconds,
+        "identity_seconds": identity_seconds,
+        "stats_seconds": stats_seconds,
+        "stats_samples": stats_samples,
+        "prompt_len": prompt_len,
+        "config": config.to_dict(),
+        "seconds_per_edit": seconds,
+        "median_seconds_per_edit": seconds_sorted[len(seconds) // 2],
+        "cache_hits": cache.hits,
+        "efficacy_any_prompt": efficacy,
+        "peak_reset": peak_reset,
+        "rss_before_model_bytes": rss_start * 1024,
+        "rss_before_edits_bytes": rss_before * 1024,
+        "peak_bytes": peak * 1024,
+        "peak_over_model": peak * 1024 / model_bytes,
+        "peak_above_start_over_model": (peak - rss_start) * 1024 / model_bytes,
+    }

@@ -1,4 +1,4 @@
-"""The ``kgshatter`` command line: train, evaluate, benchmark.
+"""The ``kgshatter`` command line: train, evaluate, edit, benchmark, edit-benchmark.
 
 Errors in user input print one line naming the problem and exit with status 2; nothing on disk
 is overwritten.
@@ -142,6 +142,188 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_method_overrides(method: Any, preset: str, overrides: list[str]) -> Any:
+    """The method's preset config with ``--set FIELD=VALUE`` overrides (values are JSON)."""
+    values: dict[str, Any] = {}
+    for text in overrides:
+        key, eq, raw = text.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set takes FIELD=VALUE (e.g. layer=1), got {text!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return method.config(preset, **values)
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from kgshatter.editing import CovarianceCache, EditRequest, SyntheticTask, get_method
+    from kgshatter.editing.protocols import (
+        EditScorer,
+        describe_requests,
+        run_protocol,
+        sample_requests,
+    )
+    from kgshatter.evaluate import Evaluator
+    from kgshatter.io import write_json_atomic
+    from kgshatter.kg.walks import WalkSampler
+    from kgshatter.train import load_run
+
+    # everything the user typed is checked before the model is loaded
+    method = get_method(args.method)
+    config = parse_method_overrides(method, args.preset, args.set or [])
+    if (args.fact is None) == (args.sample is None):
+        raise ValueError("give either --fact 'SUBJECT RELATION' with --target, or --sample KIND")
+    if args.fact is not None and args.target is None:
+        raise ValueError("--fact needs --target (the new answer, e.g. e042)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run, graph, model, state = load_run(args.run_dir, device=args.device)
+    model.eval()
+    sampler = WalkSampler(graph, run.walks)
+    if args.fact is not None:
+        requests = [EditRequest.parse(graph, args.fact, args.target).validate(graph)]
+        name = f"{method.name}-{args.fact.replace(' ', '-')}-{args.target}"
+    else:
+        requests = sample_requests(
+            graph, args.sample, args.n, args.seed, distance=args.distance,
+            model=model, sampler=sampler,
+        )  # fmt: skip
+        if not requests:
+            raise ValueError(f"found no {args.sample} edits to make (the model makes no mistakes)")
+        kind = f"d{args.distance}" if args.sample == "counterfactual" else "corrective"
+        name = f"{method.name}-{kind}-n{len(requests)}-seed{args.seed}-{args.protocol}"
+    for config_layer in getattr(config, "edit_layers", ()):
+        from kgshatter.sites import Site
+
+        Site(config_layer, "mlp_out").check(model.cfg.n_layers)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "edits" / name
+    cache_dir = Path(args.cache) if args.cache else Path(args.run_dir) / "cache"
+    task = SyntheticTask(sampler, CovarianceCache(cache_dir))
+    scorer = EditScorer(model, Evaluator.for_run(run, graph, max_queries=args.max_queries))
+    result = run_protocol(
+        model, task, method, config, requests, args.protocol, scorer, progress=not args.quiet
+    )
+    for i, edit in enumerate(result.edits):
+        edit.save(out / f"edit_{i:03d}")
+    summary = summarise_records(result.records)
+    write_json_atomic(
+        out / "metrics.json",
+        {
+            "run_dir": str(args.run_dir),
+            "step": state.get("step"),
+            "method": method.name,
+            "protocol": args.protocol,
+            "requests": describe_requests(graph, requests),
+            "summary": summary,
+            "records": result.records,
+        },
+    )
+    print(format_edit_summary(method.name, args.protocol, summary))
+    print(f"wrote {len(result.edits)} edit(s) and metrics.json to {out}")
+    return 0
+
+
+def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean efficacy and accuracy change over scored records (the last one for sequential)."""
+    scored = [r for r in records if "efficacy" in r]
+    out: dict[str, Any] = {"n_records": len(records), "skipped": len(records) - len(scored)}
+    if not scored:
+        return out
+    out["efficacy"] = sum(r["efficacy"] for r in scored) / len(scored)
+    final = scored[-1] if records[0]["protocol"] == "sequential" else None
+    if final is not None and "retained" in final:
+        out["retained_at_end"] = final["retained"]
+    pool = [final] if final is not None else scored
+    out["accuracy_change"] = {
+        split: {
+            order: _mean([r["accuracy_change"][split][order] for r in pool])
+            for order in pool[0]["accuracy_change"][split]
+        }
+        for split in pool[0]["accuracy_change"]
+    }
+    out["median_seconds"] = sorted(r["seconds"] for r in scored)[len(scored) // 2]
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def format_edit_summary(method: str, protocol: str, summary: dict[str, Any]) -> str:
+    if "efficacy" not in summary:
+        return f"{method} {protocol}: every request was skipped ({summary['skipped']})"
+    lines = [
+        f"{method} {protocol}: efficacy {100 * summary['efficacy']:.1f}% over "
+        f"{summary['n_records'] - summary['skipped']} edit(s)"
+        + (f", {summary['skipped']} skipped" if summary["skipped"] else "")
+        + f"; median {summary['median_seconds']:.2f} s per edit"
+    ]
+    if "retained_at_end" in summary:
+        lines.append(
+            f"earlier edits still holding at the end: {100 * summary['retained_at_end']:.1f}%"
+        )
+    lines.append(
+        "accuracy change (points)" + (" after the last edit" if protocol == "sequential" else "")
+    )
+    lines.append(format_accuracy(summary["accuracy_change"]))
+    return "\n".join(lines)
+
+
+def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark
+    from kgshatter.editing import get_method
+    from kgshatter.io import write_json_atomic
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {}
+    if args.run_dir:
+        result["synthetic"] = edit_benchmark(
+            args.run_dir, methods, n_edits=args.n, seed=args.seed,
+            max_queries=args.max_queries, n_samples=args.samples, progress=not args.quiet,
+        )  # fmt: skip
+        print(format_edit_benchmark(result["synthetic"]))
+    if args.gpt2_xl:
+        result["gpt2_xl_shape"] = gpt2_xl_rome_benchmark(n_edits=args.gpt2_xl_edits)
+        g = result["gpt2_xl_shape"]
+        print(
+            f"GPT-2-XL shape ({g['parameters'] / 1e9:.2f}B parameters, random weights): ROME "
+            f"{g['median_seconds_per_edit']:.1f} s per edit (cached statistics), peak memory "
+            f"{g['peak_over_model']:.2f}x the model's size"
+        )
+    if not result:
+        raise ValueError("nothing to benchmark: give RUN_DIR and/or --gpt2-xl")
+    write_json_atomic(args.json, result)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def format_edit_benchmark(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['n_edits']} counterfactual edits (d = {result['distances']}), single-edit "
+        f"protocol, {result['threads']} threads; statistics from {result['stats_samples']} "
+        f"walks: " + ", ".join(f"layer {k} {v:.1f} s" for k, v in result["stats_seconds"].items()),
+        f"{'method':<10}{'efficacy':>9}{'median s':>10}{'direct':>9}{'logical':>9}{'compos.':>9}",
+    ]
+    for name, m in result["methods"].items():
+        ch = m["mean_accuracy_change"]
+        lines.append(
+            f"{name:<10}{100 * m['efficacy']:>8.1f}%{m['median_seconds']:>10.3f}"
+            + "".join(f"{100 * ch[split]:>9.1f}" for split in SPLITS)
+        )
+    lines.append("(accuracy columns: mean change in points over all orders)")
+    return "\n".join(lines)
+
+
 def format_accuracy(acc: dict[str, dict[str, float | None]]) -> str:
     """Accuracy table: tasks as rows, orders as columns."""
     if not acc:
@@ -234,6 +416,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser(
+        "edit",
+        help="edit a trained model's knowledge and measure efficacy and collateral damage",
+        description="Compute edits with one method, apply them as hooks (the weights on disk "
+        "are never changed) and write the Edit files and metrics.json.",
+    )
+    p.add_argument("run_dir", help="a run directory written by 'kgshatter train'")
+    p.add_argument("--method", required=True, help="rome, memit, alphaedit, pmet or ft")
+    p.add_argument("--preset", default="synthetic", help="the method's preset (default synthetic)")
+    p.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeat)"
+    )
+    p.add_argument(
+        "--fact", default=None, help="the fact to edit: 'SUBJECT RELATION', e.g. 'e003 I_C1'"
+    )
+    p.add_argument("--target", default=None, help="its new answer, e.g. e042")
+    p.add_argument(
+        "--sample", default=None, choices=["counterfactual", "corrective"], help="sample requests"
+    )
+    p.add_argument("--distance", type=int, default=1, help="counterfactual cyclic distance d")
+    p.add_argument("--n", type=int, default=10, help="number of sampled requests")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"])
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/edits/NAME)")
+    p.add_argument("--cache", default=None, help="statistics cache (default RUN_DIR/cache)")
+    p.add_argument(
+        "--max-queries", type=int, default=None, help="queries per split for collateral metrics"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser(
+        "edit-benchmark",
+        help="editing efficacy, latency and collateral per method; GPT-2-XL-shape ROME cost",
+    )
+    p.add_argument("run_dir", nargs="?", default=None, help="a trained run (e.g. the cpu preset)")
+    p.add_argument("--methods", default="rome,memit,alphaedit,pmet,ft")
+    p.add_argument("--n", type=int, default=50, help="counterfactual edits per method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=100_000, help="walks for the statistics")
+    p.add_argument("--max-queries", type=int, default=300, help="queries per split (collateral)")
+    p.add_argument(
+        "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
+    )
+    p.add_argument("--gpt2-xl-edits", type=int, default=2, help="edits timed on that model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default="edit_benchmark.json", help="where to write the numbers")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_edit_benchmark)
+
     p = sub.add_parser("benchmark", help="training throughput: bridge vs plain PyTorch decoder")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=60, help="timed steps per model")
@@ -251,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"kgshatter {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -97,3 +97,60 @@ def test_overrides():
         apply_overrides(get_preset("tiny"), ["train.lrate=1"])
     with pytest.raises(ValueError, match="PART.FIELD=VALUE"):
         apply_overrides(get_preset("tiny"), ["lr=1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    from kgshatter.train import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(get_preset("tiny"), out, progress=False)
+    return out
+
+
+def test_edit_a_fact_and_a_sampled_sequence(tiny_run_dir, tmp_path, capsys):
+    from kgshatter.editing import Edit
+
+    out = tmp_path / "e"
+    args = ["edit", str(tiny_run_dir), "--method", "rome", "--fact", "e003 I_C1"]
+    args += ["--target", "e007", "--out", str(out), "--quiet", "--max-queries", "32"]
+    args += ["--set", "n_samples=1000"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "rome single: efficacy 100.0%" in printed and "compositional" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == "single" and metrics["requests"][0]["fact"] == "e03 I_C1 -> e07"
+    assert metrics["summary"]["efficacy"] == 1.0
+    assert Edit.load(out / "edit_000").method == "rome"
+    assert any((tiny_run_dir / "cache").iterdir())  # statistics cached for the next edit
+    seq = ["edit", str(tiny_run_dir), "--method", "alphaedit", "--sample", "counterfactual"]
+    seq += ["--distance", "3", "--n", "2", "--protocol", "sequential", "--quiet"]
+    seq += ["--max-queries", "32", "--set", "n_samples=1000"]
+    assert main(seq) == 0
+    folder = tiny_run_dir / "edits" / "alphaedit-d3-n2-seed0-sequential"
+    records = json.loads((folder / "metrics.json").read_text())["records"]
+    assert [r["protocol"] for r in records] == ["sequential"] * 2
+    assert "earlier edits still holding" in capsys.readouterr().out
+
+
+def test_edit_bad_input_exits_2_before_loading(tiny_run_dir, capsys):
+    base = ["edit", str(tiny_run_dir), "--quiet"]
+    cases = [
+        (["--method", "rom", "--fact", "e003 I_C1", "--target", "e007"], "unknown editing method"),
+        (["--method", "rome", "--fact", "e003 I_C1"], "--fact needs --target"),
+        (["--method", "rome"], "either --fact"),
+        (["--method", "rome", "--fact", "e003 X_C1", "--target", "e1"], "unknown relation"),
+        (["--method", "rome", "--fact", "e003 I_C1", "--target", "e099"], "entity"),
+        (
+            ["--method", "rome", "--set", "layer=9", "--fact", "e003 I_C1", "--target", "e007"],
+            "model has layers 0..1",
+        ),  # fmt: skip
+        (
+            ["--method", "rome", "--set", "lyer=0", "--fact", "e003 I_C1", "--target", "e007"],
+            "unknown ROMEConfig fields",
+        ),  # fmt: skip
+        (["--method", "memit", "--sample", "counterfactual", "--distance", "9"], "distance"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err

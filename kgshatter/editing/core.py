@@ -182,10 +182,12 @@ def mean_activations(
     prompts: Sequence[torch.Tensor],
     position: int,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
+    stop_at_layer: int | None = None,
 ) -> Float[torch.Tensor, "request d"]:
     """Activation at ``hook_name`` and ``position``, averaged over each request's prompts (float64).
 
-    ``prompts`` holds one ``[prompt, seq]`` tensor per request; all run in one batch.
+    ``prompts`` holds one ``[prompt, seq]`` tensor per request; all run in one batch. With
+    ``stop_at_layer`` the forward pass ends before that block (it must lie above the hook).
     """
     device = next(model.parameters()).device
     sizes = [p.shape[0] for p in prompts]
@@ -196,7 +198,9 @@ def mean_activations(
         seen["a"] = activation[:, position].detach()
 
     with torch.inference_mode():
-        model.run_with_hooks(batch, fwd_hooks=[*fwd_hooks, (hook_name, read)])
+        model.run_with_hooks(
+            batch, fwd_hooks=[*fwd_hooks, (hook_name, read)], stop_at_layer=stop_at_layer
+        )
     return torch.stack([chunk.double().mean(0) for chunk in seen["a"].split(sizes)])
 
 
@@ -209,7 +213,7 @@ def mean_keys(
 ) -> Float[torch.Tensor, "request d_mlp"]:
     """MLP keys (``blocks.L.mlp.hook_post``) averaged over each request's prompts."""
     hook = Site(layer, "mlp_post").check(model.cfg.n_layers).hook_name
-    return mean_activations(model, hook, prompts, position, fwd_hooks)
+    return mean_activations(model, hook, prompts, position, fwd_hooks, stop_at_layer=layer + 1)
 
 
 class AlreadyAnswered(ValueError):

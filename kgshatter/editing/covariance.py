@@ -40,10 +40,14 @@ class StatsKey:
 
 @dataclass
 class SecondMoment:
-    """``C`` with its eigendecomposition ``C = V diag(w) V^T`` (w ascending)."""
+    """``C = V diag(w) V^T`` stored as its eigendecomposition (w ascending), computed once.
+
+    ROME's ``C^-1 k``, MEMIT's ``(lambda C + K K^T)^-1 K`` and AlphaEdit's null-space projector
+    all read ``w`` and ``V``; the matrix itself is rebuilt only on request (``.matrix``), so a
+    loaded statistic costs one ``d x d`` float64 array in memory.
+    """
 
     key: StatsKey
-    matrix: Float[torch.Tensor, "d d"]
     eigenvalues: Float[torch.Tensor, " d"]
     eigenvectors: Float[torch.Tensor, "d d"]
     n_keys: int
@@ -52,8 +56,13 @@ class SecondMoment:
     def from_matrix(cls, key: StatsKey, matrix: torch.Tensor, n_keys: int) -> SecondMoment:
         if not torch.isfinite(matrix).all():
             raise FloatingPointError(f"second moment for {key} has non-finite entries")
-        w, v = torch.linalg.eigh(matrix)
-        return cls(key, matrix, w, v, n_keys)
+        w, v = torch.linalg.eigh(matrix.to(getattr(torch, key.dtype)))
+        return cls(key, w.contiguous(), v.contiguous(), n_keys)
+
+    @property
+    def matrix(self) -> Float[torch.Tensor, "d d"]:
+        v = self.eigenvectors
+        return (v * self.eigenvalues) @ v.T
 
     def solve(self, k: Float[torch.Tensor, "d ..."], ridge: float = 1e-6) -> torch.Tensor:
         """``(C + ridge * mean(eig) * I)^-1 k``; the ridge keeps a singular C usable.
@@ -75,7 +84,9 @@ def second_moment(
     total, count = None, 0
     with torch.inference_mode():
         for tokens in batches:
-            _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n == name)
+            _, cache = model.run_with_cache(
+                tokens.to(device), names_filter=lambda n: n == name, stop_at_layer=layer + 1
+            )
             k = cache[name].reshape(-1, cache[name].shape[-1]).double()
             total = k.T @ k if total is None else total + k.T @ k
             count += k.shape[0]
@@ -105,17 +116,17 @@ class CovarianceCache:
                     raise ValueError(
                         f"cache file {path} holds statistics for {stored}, not for {asdict(key)}"
                     )
-                matrix = f.get_tensor("matrix")
+                if "eigenvectors" not in f.keys():
+                    raise ValueError(f"cache file {path} is not a kgshatter statistic; delete it")
+                w, v = f.get_tensor("eigenvalues"), f.get_tensor("eigenvectors")
                 n_keys = int(f.metadata()["n_keys"])
             self.hits += 1
-            return SecondMoment.from_matrix(key, matrix, n_keys)
+            return SecondMoment(key, w, v, n_keys)
         matrix, n_keys = compute()
-        stats = SecondMoment.from_matrix(key, matrix.to(getattr(torch, key.dtype)), n_keys)
+        stats = SecondMoment.from_matrix(key, matrix, n_keys)
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"key": json.dumps(asdict(key), sort_keys=True), "n_keys": str(n_keys)}
-        write_atomic(
-            path,
-            lambda tmp: save_file({"matrix": stats.matrix.contiguous()}, str(tmp), metadata=meta),
-        )
+        tensors = {"eigenvalues": stats.eigenvalues, "eigenvectors": stats.eigenvectors}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.misses += 1
         return stats

@@ -207,7 +207,9 @@ def _spread_edit(
     for i, layer in enumerate(config.layers):
         so_far = Edit(method, list(deltas), [], {}, model_id)
         keys = mean_keys(model, layer, prompt_sets, pos, so_far.hooks()).cpu()  # [n, d_mlp]
-        current = mean_activations(model, residual_hook, prompt_sets, pos, so_far.hooks()).cpu()
+        current = mean_activations(
+            model, residual_hook, prompt_sets, pos, so_far.hooks(), stop_at_layer=last + 1
+        ).cpu()
         residual = (z - current) / spread(len(config.layers) - i)  # [n, d_model]
         a = solve(layer, keys)  # [d_mlp, n]
         deltas.append(LayerDelta(layer, a.float(), residual.T.float().contiguous()))
