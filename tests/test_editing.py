@@ -296,3 +296,14 @@ def test_synthetic_stats_match_a_direct_computation(setup):
     k = cache["blocks.0.mlp.hook_post"].reshape(-1, stats.matrix.shape[0]).double()
     torch.testing.assert_close(stats.matrix, k.T @ k / k.shape[0])
     assert stats.n_keys == k.shape[0]
+
+
+def test_micro_batches_give_the_same_edit(setup):
+    model, _, task, req = setup
+    config = ROMEConfig(n_samples=N_SAMPLES, steps=5)
+    whole = compute_rome(model, task, req, config)
+    chunked = compute_rome(
+        model, task, req, ROMEConfig(n_samples=N_SAMPLES, steps=5, micro_batch=3)
+    )
+    torch.testing.assert_close(chunked.deltas[0].dense, whole.deltas[0].dense, atol=1e-4, rtol=1e-3)
+    assert chunked.info["losses"] == pytest.approx(whole.info["losses"], rel=1e-4)

@@ -39,6 +39,9 @@ class TargetConfig(ConfigDict):
     (*choice*, measured): in the grokked ``cpu`` model the answer is computed at the relation
     token, and no delta at the subject token moves it (NLL of the new target stayed at 9-17 with
     a delta 100x the residual norm), while at the relation token every method edits.
+
+    ``micro_batch`` is a memory knob, not a hyperparameter: at most that many prompts run
+    through the model at once during target optimisation (same gradients up to rounding).
     """
 
     n_prompts: int = 10
@@ -51,9 +54,12 @@ class TargetConfig(ConfigDict):
     n_samples: int = 100_000
     ridge: float = 1e-6
     seed: int = 0
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         check_int("n_prompts", self.n_prompts, 1)
+        if self.micro_batch is not None:
+            check_int("micro_batch", self.micro_batch, 1)
         check_int("steps", self.steps, 1)
         check_float("lr", self.lr, 0.0, inclusive=False)
         check_float("kl_factor", self.kl_factor, 0.0)
@@ -77,6 +83,7 @@ class TargetConfig(ConfigDict):
             "weight_decay": self.weight_decay,
             "clamp_norm_factor": self.clamp_norm_factor,
             "position": POSITIONS[self.position],
+            "micro_batch": self.micro_batch,
         }
 
 

@@ -64,6 +64,7 @@ ROME_PRESETS = {
         clamp_norm_factor=4.0,
         kl_factor=0.0625,
         position="subject",
+        micro_batch=7,  # memory knob (ours): 7 prompts at a time through a 1.6B model
     ),
 }
 

@@ -98,7 +98,7 @@ class PMETConfig(MEMITConfig):
 # layers and lambda (our derivation). Synthetic presets: measured on the cpu model (README).
 _GPT2_XL = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0.5,
             "weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
-            "position": "subject", "mom2_weight": 20000.0}  # fmt: skip
+            "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6}  # fmt: skip
 _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
 MEMIT_PRESETS = {

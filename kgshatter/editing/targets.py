@@ -51,10 +51,13 @@ def optimize_targets(
     clamp_norm_factor: float,
     position: int = -1,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
+    micro_batch: int | None = None,
 ) -> TargetResult:
     """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
 
     ``fwd_hooks`` are extra hooks active throughout (e.g. earlier edits in a sequence).
+    ``micro_batch`` bounds how many prompts run forward/backward at once (memory; the
+    gradients are the same up to rounding); ``None`` runs them all together.
     """
     if not hooks:
         raise ValueError("optimize_targets needs at least one hook name")
@@ -92,6 +95,9 @@ def optimize_targets(
         return add
 
     editing_hooks = [*fwd_hooks, *[(h, adder(d)) for h, d in zip(hooks, deltas, strict=True)]]
+    n_total = batch.shape[0]
+    n_essence = n_total - n_rewrite
+    step = micro_batch or n_total
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -99,27 +105,38 @@ def optimize_targets(
     nll_value = float("inf")
     try:
         for _ in range(steps):
-            logits = model.run_with_hooks(batch, fwd_hooks=editing_hooks)[:, -1].float()
-            nll = F.cross_entropy(logits[:n_rewrite], target_t)
-            loss = nll + weight_decay * sum(
+            opt.zero_grad()
+            # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
+            # holding the activations of one micro-batch at a time
+            decay = weight_decay * sum(
                 d.norm() / h0.norm().clamp(min=1e-12) ** 2
                 for d, h0 in zip(deltas, h0s, strict=True)
             )
-            if essence is not None and kl_factor > 0:
-                logp = torch.log_softmax(logits[n_rewrite:], -1)
-                loss = loss + kl_factor * F.kl_div(
-                    init_logp, logp, log_target=True, reduction="batchmean"
-                )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"target optimisation diverged (loss {loss.item()}); lower lr (now {lr})"
-                )
-            nll_value = nll.item()
-            losses.append(loss.item())
+            _check_finite(decay, lr)
+            decay.backward()
+            nll_sum, kl_sum = 0.0, 0.0
+            for start in range(0, n_total, step):
+                rows = slice(start, min(start + step, n_total))
+                logits = model.run_with_hooks(batch[rows], fwd_hooks=editing_hooks)[:, -1].float()
+                n_rw = max(0, min(rows.stop, n_rewrite) - start)
+                chunk = torch.zeros((), device=device)
+                if n_rw:
+                    nll = F.cross_entropy(logits[:n_rw], target_t[:n_rw], reduction="sum")
+                    chunk = chunk + nll / n_rewrite
+                    nll_sum += nll.item()
+                if n_essence and kl_factor > 0 and n_rw < logits.shape[0]:
+                    logp = torch.log_softmax(logits[n_rw:], -1)
+                    ess = slice(max(start, n_rewrite) - n_rewrite, rows.stop - n_rewrite)
+                    kl = F.kl_div(init_logp[ess], logp, log_target=True, reduction="sum")
+                    chunk = chunk + kl_factor * kl / n_essence
+                    kl_sum += kl.item()
+                _check_finite(chunk, lr)
+                chunk.backward()
+            nll_value = nll_sum / n_rewrite
+            loss = nll_value + decay.item() + (kl_factor * kl_sum / n_essence if n_essence else 0.0)
+            losses.append(loss)
             if nll_value < 0.05:
                 break
-            opt.zero_grad()
-            loss.backward()
             opt.step()
             with torch.no_grad():
                 for d, h0 in zip(deltas, h0s, strict=True):
@@ -130,3 +147,10 @@ def optimize_targets(
         for p in frozen:
             p.requires_grad_(True)
     return TargetResult([d.detach() for d in deltas], h0s, losses, nll_value)
+
+
+def _check_finite(loss: torch.Tensor, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"target optimisation diverged (loss {loss.item()}); lower lr (now {lr})"
+        )
