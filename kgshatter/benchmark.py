@@ -219,9 +219,21 @@ def edit_benchmark(
             )
             for d in distances
         }
+        change_by_d = {
+            str(d): {
+                split: statistics.fmean(
+                    r["accuracy_change"][split]["all"]
+                    for r in rows
+                    if r["requests"][0]["distance"] == d
+                )
+                for split in change
+            }
+            for d in distances
+        }
         results["methods"][spec.name] = {
             "efficacy": statistics.fmean(r["efficacy"] for r in rows),
             "efficacy_by_distance": by_d,
+            "accuracy_change_by_distance": change_by_d,
             "skipped": len(res.records) - len(rows),
             "median_seconds": seconds[len(seconds) // 2],
             "max_seconds": seconds[-1],
