@@ -15,7 +15,7 @@ Edits are applied as hooks throughout; the model's weights are never written.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -183,8 +183,13 @@ def run_protocol(
     *,
     model_id: str | None = None,
     progress: bool = False,
+    measure: Callable[[Any], dict[str, Any]] | None = None,
 ) -> ProtocolResult:
-    """Edit ``requests`` under ``protocol`` and score after every edit (see module doc)."""
+    """Edit ``requests`` under ``protocol`` and score after every edit (see module doc).
+
+    ``measure(model)``, if given, runs at every scoring point with the edits applied, and its
+    result is stored under ``"measures"`` (the shattering sweep reads representations here).
+    """
     method = get_method(method) if isinstance(method, str) else method
     check_choice("protocol", protocol, PROTOCOLS)
     if not requests:
@@ -224,6 +229,8 @@ def run_protocol(
             row["retained"] = sum(e["success"] for e in held) / len(held)
         row.update(scorer.collateral(model))
         row["n_edits_applied"] = len(edits)
+        if measure is not None:
+            row["measures"] = measure(model)
         records.append(row)
 
     steps = [list(requests)] if protocol == "batch" else [[r] for r in requests]
