@@ -132,6 +132,39 @@ def write_ring_figure(
     return save_figure(fig, path)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from kgshatter.reproduce import describe, reproduce
+    from kgshatter.sweep import SweepConfig
+
+    run = apply_overrides(get_preset(args.preset), args.set or [])
+    fields: dict[str, Any] = {}
+    if args.methods:
+        fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.distances:
+        fields["distances"] = tuple(int(d) for d in args.distances.split(","))
+    if args.n is not None:
+        fields["n_edits"] = args.n
+    if args.sequential is not None:
+        fields["sequential_edits"] = args.sequential
+    if args.seeds:
+        fields["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.site:
+        fields["site"] = args.site
+    if args.samples is not None:
+        fields["n_samples"] = args.samples
+    if args.max_queries is not None:
+        fields["max_queries"] = args.max_queries
+    sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result, report = reproduce(run, args.out, sweep, progress=not args.quiet, device=args.device)
+    print(describe(result))
+    print(f"wrote {report} and the table, figures and summary beside it")
+    return 0
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from kgshatter.benchmark import throughput_benchmark
 
@@ -415,6 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the main job: train (or reuse) a model, run the editing sweep, write the report",
+        description="Train the preset into OUT/run (resumed or reused), edit it with every "
+        "method at every distance, measure accuracy and shattering, and write OUT/report.md "
+        "with figures, table.csv and summary.json. An interrupted run resumes where it stopped.",
+    )
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="output folder (new, or an earlier reproduction)")
+    p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the run")
+    p.add_argument("--methods", default=None, help="comma-separated (default: all five)")
+    p.add_argument("--distances", default=None, help="comma-separated edit distances (1,2,3,4)")
+    p.add_argument("--n", type=int, default=None, help="edits per method, kind and seed (12)")
+    p.add_argument("--sequential", type=int, default=None, help="sequence length (12; 0: none)")
+    p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (0)")
+    p.add_argument("--site", default=None, help="representation site (default: last resid_post)")
+    p.add_argument("--samples", type=int, default=None, help="walks for the statistics (1e5)")
+    p.add_argument("--max-queries", type=int, default=None, help="queries per split (300)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser(
         "edit",

@@ -23,15 +23,19 @@ def ring_figure(
     method: str = "isomap",
     n_neighbors: int = ISOMAP_NEIGHBORS,
     title: str | None = None,
+    ncols: int | None = None,
 ) -> Any:
-    """One panel per entry ``label -> (representations [N, d], ring positions [N])``."""
-    import matplotlib
+    """One panel per entry ``label -> (representations [N, d], ring positions [N])``.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    for ax, (label, (reps, positions)) in zip(axes[0], panels.items(), strict=True):
+    Panels fill a grid of ``ncols`` columns (default: one row).
+    """
+    plt = pyplot()
+    ncols = ncols or len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (label, (reps, positions)) in zip(axes.flat, panels.items(), strict=False):
         xy = embed_2d(reps, method, n_neighbors)
         order = np.argsort(positions)
         loop = np.append(order, order[0])
@@ -55,6 +59,16 @@ def ring_figure(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (unless one is already set)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:

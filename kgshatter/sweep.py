@@ -97,7 +97,7 @@ class SweepResult:
 def run_sweep(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    config: SweepConfig = SweepConfig(),
+    config: SweepConfig | None = None,
     progress: bool = True,
     device: str | None = None,
 ) -> SweepResult:
@@ -106,6 +106,7 @@ def run_sweep(
     from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
     from kgshatter.train import load_run
 
+    config = config or SweepConfig()
     run, graph, model, state = load_run(run_dir, device=device)
     n_layers = model.cfg.n_layers
     site = config.representation_site(n_layers)

@@ -1,0 +1,316 @@
+"""The reproduction report: figures and ``report.md`` from a finished sweep.
+
+Paper numbers (science.md sections 3, 5, 6; arXiv 2410.17194) sit beside ours, and the report
+states for each of the paper's qualitative findings whether it holds here, without tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgshatter.io import write_atomic
+from kgshatter.kg.walks import SPLITS
+from kgshatter.plotting import pyplot, ring_figure, save_figure
+from kgshatter.sweep import SweepResult, accuracy_drop
+
+# ROME on the paper's synthetic model, change in accuracy in points (direct, logical, comp.)
+PAPER_ACCURACY_CHANGE = {
+    "corrective": (-22.0, -22.0, -30.0),
+    "d=1": (-1.5, -1.4, -5.3),
+    "d=4": (-78.0, -78.0, -81.0),
+}
+# ROME, counterfactual, R(D*) x100 for orders I / II / III
+PAPER_R_X100 = {
+    "d=1": (1.80, 1.80, 1.84),
+    "d=2": (21.9, 20.8, 21.9),
+    "d=3": (26.2, 25.3, 26.5),
+    "d=4": (27.9, 27.3, 28.7),
+}
+PAPER_R2 = 0.905
+PAPER_BASELINE = {  # accuracy before any edit, orders I / II / III
+    "direct": (98.3, 93.7, 99.4),
+    "logical": (98.2, 94.0, 99.4),
+    "compositional": (88.2, 79.3, 93.5),
+}
+KIND_ORDER = ["corrective", "d=1", "d=2", "d=3", "d=4", "d=5", "d=6", "d=7", "d=8"]
+
+
+def _kinds(by_kind: dict[str, Any]) -> list[str]:
+    return sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def findings(summary: dict[str, Any], method: str = "rome") -> list[tuple[str, bool | None, str]]:
+    """The paper's qualitative claims checked on our numbers: (claim, holds?, evidence)."""
+    out: list[tuple[str, bool | None, str]] = []
+    m = summary["methods"].get(method)
+    if m is None:
+        return [(f"{method} was not in the sweep", None, "")]
+    by = m["by_kind"]
+    ds = [k for k in _kinds(by) if k.startswith("d=")]
+    rs = [by[k]["R_x100"]["mean"] for k in ds]
+    if len(ds) >= 2 and all(r is not None for r in rs):
+        holds = all(a < b for a, b in zip(rs, rs[1:], strict=False))
+        out.append(
+            (f"mean R(D*) rises with d for {method}", holds,
+             ", ".join(f"{k}: {_fmt(r, 2)}" for k, r in zip(ds, rs, strict=True)))
+        )  # fmt: skip
+    if "d=1" in by and "d=4" in by:
+        drops = {
+            k: -statistics.fmean(by[k]["accuracy_change_points"][s]["all"] for s in SPLITS)
+            for k in ("d=1", "d=4")
+        }
+        gap = drops["d=4"] - drops["d=1"]
+        out.append(
+            ("the accuracy drop at d=4 exceeds d=1 by >= 30 points", gap >= 30,
+             f"drop d=1 {drops['d=1']:.1f}, d=4 {drops['d=4']:.1f} points (gap {gap:.1f})")
+        )  # fmt: skip
+    r2 = m["fit_drop_on_R"]["r2"]
+    out.append(
+        ("r^2 of accuracy drop on R(D*) across edits >= 0.8", None if math.isnan(r2) else r2 >= 0.8,
+         f"r^2 = {_fmt(r2, 3)} over {m['fit_drop_on_R']['n']} edits (paper {PAPER_R2})")
+    )  # fmt: skip
+    if ds:
+        last = by[ds[-1]]["R_x100"]
+        orders = [o for o in last if o != "mean"]
+        edited, others = last[orders[0]], [last[o] for o in orders[1:]]
+        if edited and others and all(o is not None for o in others):
+            holds = min(others) >= 0.5 * edited
+            out.append(
+                ("the retain and test orders shatter too (R >= half the edited order's)", holds,
+                 f"{ds[-1]}: " + ", ".join(f"{o} {_fmt(last[o], 2)}" for o in orders))
+            )  # fmt: skip
+    return out
+
+
+def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None) -> list[Path]:
+    """Write the report's PNG figures into ``result.out_dir``; returns their paths."""
+    plt = pyplot()
+    out, summary, rows = result.out_dir, result.summary, result.rows
+    methods = list(summary["methods"])
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    paths = []
+
+    kinds = _kinds({k: 0 for m in methods for k in summary["methods"][m]["by_kind"]})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, split in zip(axes, SPLITS, strict=True):
+        for m in methods:
+            by = summary["methods"][m]["by_kind"]
+            xs = [i for i, k in enumerate(kinds) if k in by]
+            ys = [by[kinds[i]]["accuracy_change_points"][split]["all"] for i in xs]
+            ax.plot(xs, ys, "o-", color=colours[m], label=m)
+        px = [kinds.index(k) for k in PAPER_ACCURACY_CHANGE if k in kinds]
+        py = [PAPER_ACCURACY_CHANGE[kinds[i]][SPLITS.index(split)] for i in px]
+        ax.plot(px, py, "k*--", label="paper (ROME)", ms=9)
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set_title(f"{split}: accuracy change (points, all orders)", fontsize=9)
+        ax.axhline(0, color="0.7", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(save_figure(fig, out / "accuracy_vs_distance.png"))
+
+    orders = [k for k in next(iter(summary["methods"].values()))["by_kind"][kinds[0]]["R_x100"]
+              if k != "mean"]  # fmt: skip
+    dkinds = [k for k in kinds if k.startswith("d=")]
+    fig, axes = plt.subplots(1, len(orders), figsize=(4.3 * len(orders), 3.8), sharey=True)
+    for ax, order in zip(np.atleast_1d(axes), orders, strict=True):
+        for m in methods:
+            by = summary["methods"][m]["by_kind"]
+            xs = [int(k[2:]) for k in dkinds if k in by]
+            ys = [by[f"d={x}"]["R_x100"][order] for x in xs]
+            ax.plot(xs, ys, "o-", color=colours[m], label=m)
+        paper = [(int(k[2:]), v[orders.index(order)]) for k, v in PAPER_R_X100.items()
+                 if orders.index(order) < len(v)]  # fmt: skip
+        ax.plot([p[0] for p in paper], [p[1] for p in paper], "k*--", label="paper (ROME)", ms=9)
+        ax.set_xlabel("edit distance d")
+        ax.set_title(f"order {order}: R(D*) x100", fontsize=9)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(save_figure(fig, out / "shattering_vs_distance.png"))
+
+    single = [r for r in rows if "efficacy" in r and r["protocol"] == "single"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in methods:
+        rs = [r for r in single if r["method"] == m]
+        if not rs:
+            continue
+        fit = summary["methods"][m]["fit_drop_on_R"]
+        x = np.array([100 * r["R.mean"] for r in rs])
+        y = np.array([accuracy_drop(r) for r in rs])
+        ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {_fmt(fit['r2'], 2)})")
+        if not math.isnan(fit["slope"]):
+            grid = np.linspace(x.min(), x.max(), 10)
+            ax.plot(grid, fit["slope"] * grid / 100 + fit["intercept"], color=colours[m], lw=1)
+    ax.set_xlabel("R(D*) x100 (mean over orders)")
+    ax.set_ylabel("accuracy drop (points, mean over tasks)")
+    ax.legend(fontsize=7)
+    ax.set_title("shattering vs accuracy drop, one point per edit", fontsize=9)
+    fig.tight_layout()
+    paths.append(save_figure(fig, out / "shattering_vs_accuracy.png"))
+
+    if any(summary["methods"][m]["sequential"] for m in methods):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for m in methods:
+            seq = summary["methods"][m]["sequential"]
+            if seq:
+                steps = [s["step"] + 1 for s in seq]
+                axes[0].plot(steps, [s["accuracy_drop_points"] for s in seq], "o-",
+                             color=colours[m], label=m, ms=3)  # fmt: skip
+                axes[1].plot(steps, [s["R_x100"] for s in seq], "o-", color=colours[m], ms=3)
+        axes[0].set_title("sequential edits: accuracy drop (points)", fontsize=9)
+        axes[1].set_title("sequential edits: R(D*) x100 (mean over orders)", fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("edits applied")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / "sequential.png"))
+
+    if ring_panels:
+        fig = ring_figure(ring_panels["panels"], ring_panels["n"], ncols=ring_panels["ncols"],
+                          title=ring_panels["title"])  # fmt: skip
+        paths.append(save_figure(fig, out / "rings_before_after.png"))
+    return paths
+
+
+def write_report(
+    result: SweepResult, figures: list[Path], settings: dict[str, Any], seconds: dict[str, float]
+) -> Path:
+    """``report.md``: our numbers beside the paper's, findings, settings, figures."""
+    s = result.summary
+    base = s["baseline"]["accuracy"]
+    orders = [o for o in base["direct"] if o != "all"]
+    lines = ["# Representation shattering: reproduction report", ""]
+    lines += [
+        f"Run `{s['run']['run_dir']}` (step {s['run']['step']}, graph "
+        f"{s['run']['graph_fingerprint']}), representations at `{s['site']}` "
+        "(relation token, mean over contexts).",
+        "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",
+        "",
+        "## Findings (ROME, the paper's main method)",
+        "",
+    ]
+    for claim, holds, evidence in findings(s):
+        verdict = {True: "**holds**", False: "**does not hold**", None: "not measurable"}[holds]
+        lines.append(f"- {claim}: {verdict} ({evidence}).")
+    lines += ["", "## Before any edit", "", "| task | " + " | ".join(
+        f"{o} ours / paper" for o in orders) + " |", "|---" * (len(orders) + 1) + "|"]  # fmt: skip
+    for split in SPLITS:
+        cells = [f"{_fmt(100 * base[split][o])} / {PAPER_BASELINE[split][i]}"
+                 for i, o in enumerate(orders[:3])]  # fmt: skip
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    rings = s["baseline"]["rings"]
+    lines += ["", "Ring structure before editing at the representation site: " + "; ".join(
+        f"order {o}: neighbours {_fmt(v['neighbours'], 2)}, Isomap alignment "
+        f"{_fmt(v['isomap'], 2)}" for o, v in rings.items()) + "."]  # fmt: skip
+
+    if "rome" in s["methods"]:
+        by = s["methods"]["rome"]["by_kind"]
+        lines += ["", "## ROME: accuracy change (points, all orders), ours / paper", "",
+                  "| edit | n | efficacy | direct | logical | compositional |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for k in _kinds(by):
+            paper = PAPER_ACCURACY_CHANGE.get(k)
+            cells = [
+                f"{_fmt(by[k]['accuracy_change_points'][sp]['all'])}"
+                + (f" / {paper[i]}" if paper else "")
+                for i, sp in enumerate(SPLITS)
+            ]
+            lines.append(f"| {k} | {by[k]['n']} | {_fmt(100 * by[k]['efficacy'], 0)}% | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+        header = "| edit | " + " | ".join(orders) + " |"
+        rule = "|---" * (len(orders) + 1) + "|"
+        lines += ["", "## ROME: R(D*) x100 per order, ours / paper", "", header, rule]
+        for k in _kinds(by):
+            paper = PAPER_R_X100.get(k)
+            cells = [f"{_fmt(by[k]['R_x100'][o], 2)}" + (f" / {paper[i]}" if paper and i < 3
+                     else "") for i, o in enumerate(orders)]  # fmt: skip
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Every method (single-edit protocol)", "",
+              "| method | edit | n | efficacy | accuracy change | R x100 | neighbours after |"
+              " r^2 (drop on R) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, v in s["methods"].items():
+        for k in _kinds(v["by_kind"]):
+            b = v["by_kind"][k]
+            change = statistics.fmean(b["accuracy_change_points"][sp]["all"] for sp in SPLITS)
+            nb = statistics.fmean(x for x in b["neighbours"].values() if x is not None)
+            lines.append(
+                f"| {m} | {k} | {b['n']} | {_fmt(100 * b['efficacy'], 0)}% | {change:.1f} | "
+                f"{_fmt(b['R_x100']['mean'], 2)} | {nb:.2f} | {_fmt(v['fit_drop_on_R']['r2'], 2)} |"
+            )
+        if v["skipped"]:
+            lines.append(f"| {m} | skipped | {v['skipped']} | (the model already gave the "
+                         "requested answer) | | | | |")  # fmt: skip
+    if any(v["sequential"] for v in s["methods"].values()):
+        lines += ["", "## Sequential editing (each edit on top of the earlier ones)", "",
+                  "| method | edits | efficacy of the last | earlier edits retained | "
+                  "accuracy drop | R x100 |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for m, v in s["methods"].items():
+            if v["sequential"]:
+                last = v["sequential"][-1]
+                lines.append(
+                    f"| {m} | {last['step'] + 1} | {_fmt(100 * last['efficacy'], 0)}% | "
+                    f"{_fmt(100 * last['retained'] if last['retained'] is not None else None, 0)}% "
+                    f"| {last['accuracy_drop_points']:.1f} | {last['R_x100']:.2f} |"
+                )
+    lines += ["", "## Settings: the paper's and ours", ""]
+    lines += [f"- {line}" for line in settings["lines"]]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in figures]
+    lines += ["", "Data: `table.csv` (one row per edit or sequence step), `summary.json`, "
+              "`rows.jsonl` (the resumable log)."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    path = result.out_dir / "report.md"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
+    """What is the paper's and what is our choice, in this run."""
+    return {
+        "lines": [
+            f"Paper: {run.kg.n_orders} cyclic orders, relations up to {run.kg.max_hops} hops both "
+            "ways, 2-layer decoder, context 16, softmax averaged over 5 context prefixes, "
+            "ROME on the first block's W_out, C from 10^5 validation walks, R(D*) on Euclidean "
+            "distance matrices, counterfactual distances d = 1..4.",
+            f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities (paper 2048), "
+            f"d_model {run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
+            f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
+            "steps, compositions within one order.",
+            "Ours (choice, measured): keys and values at the relation token (the grokked model "
+            "computes the answer there; edits at the subject token do not change it); editor "
+            "presets `synthetic` (kgshatter/editing); collateral scored on "
+            f"{sweep.max_queries or 'all'} queries per split; representations at the last "
+            "block's residual stream (R is also stored at every MLP and block output in "
+            "table.csv); Isomap with 3 neighbours.",
+            f"Sweep: methods {', '.join(sweep.methods)}; {sweep.n_edits} edits per kind and "
+            f"seed, seeds {list(sweep.seeds)}; sequences of {sweep.sequential_edits} edits "
+            "cycling through the distances (beyond the paper).",
+        ]
+    }
+
+
+def rings_before_after(model: Any, edit: Any, evaluator: Any, site: Any, label: str) -> dict:
+    """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
+    from kgshatter.analysis.representations import collect_representations
+    from kgshatter.hooks import edited
+
+    graph = evaluator.graph
+    panels = {}
+    for o in range(graph.n_orders):
+        tokens = evaluator.ring_tokens(o)
+        before = collect_representations(model, tokens, [site])[site]
+        with edited(model, edit):
+            after = collect_representations(model, tokens, [site])[site]
+        name = graph.order_name(o)
+        panels[f"order {name} before"] = (before, graph.positions[o])
+        panels[f"order {name} after"] = (after, graph.positions[o])
+    return {"panels": panels, "n": graph.n_entities, "ncols": 2,
+            "title": f"{label} @ {site}"}  # fmt: skip

@@ -1,0 +1,109 @@
+"""``kgshatter reproduce``: train (or reuse) a model, run the editing sweep, write the report.
+
+The project's main job. ``OUT/run/`` holds the trained run (resumed if interrupted, reused when
+finished); ``OUT/`` holds the sweep (``rows.jsonl``, ``table.csv``, ``summary.json``), the
+figures and ``report.md``. Everything is checked before the first long computation starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from kgshatter.presets import RunConfig
+from kgshatter.sweep import SweepConfig, SweepResult, run_sweep
+
+log = logging.getLogger("kgshatter")
+
+
+def reproduce(
+    run: RunConfig,
+    out_dir: str | os.PathLike[str],
+    sweep: SweepConfig | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> tuple[SweepResult, Path]:
+    """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report."""
+    from kgshatter.train import train
+
+    sweep = sweep or SweepConfig()
+    out = Path(out_dir)
+    half = run.kg.n_entities // 2
+    bad = [d for d in sweep.distances if d > half]
+    if bad:  # fail before training, not after
+        raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
+    sweep.representation_site(run.model.n_layers)
+    if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():
+        raise ValueError(f"{out} exists and holds no reproduction (no run/); use a new --out")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    train(run, out / "run", resume=True, progress=progress, device=device)
+    seconds["training (or reuse)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = run_sweep(out / "run", out, sweep, progress=progress, device=device)
+    seconds["sweep"] = time.perf_counter() - start
+    start = time.perf_counter()
+    panels = _example_rings(out / "run", result, sweep, device)
+    from kgshatter.report import make_figures, settings_lines, write_report
+
+    figures = make_figures(result, panels)
+    seconds["figures"] = time.perf_counter() - start
+    report = write_report(result, figures, settings_lines(run, sweep), seconds)
+    return result, report
+
+
+def _example_rings(
+    run_dir: Path, result: SweepResult, sweep: SweepConfig, device: str | None
+) -> dict[str, Any] | None:
+    """Before/after rings for the edit with the median R among the farthest ROME (or first
+    method's) single edits, recomputed from its row (deterministic; statistics are cached)."""
+    from kgshatter.editing import CovarianceCache, EditRequest, SyntheticTask, get_method
+    from kgshatter.evaluate import Evaluator
+    from kgshatter.kg.walks import WalkSampler
+    from kgshatter.report import rings_before_after
+    from kgshatter.train import load_run
+
+    method = "rome" if "rome" in sweep.methods else sweep.methods[0]
+    rows = [
+        r
+        for r in result.rows
+        if r["method"] == method and r["protocol"] == "single" and "efficacy" in r
+        and r["kind"] == "counterfactual"
+    ]  # fmt: skip
+    if not rows:
+        return None
+    far = max(r["sweep_distance"] for r in rows)
+    rows = sorted((r for r in rows if r["sweep_distance"] == far), key=lambda r: r["R.mean"])
+    row = rows[len(rows) // 2]
+    run, graph, model, _ = load_run(run_dir, device=device)
+    spec = get_method(method)
+    extra = {"n_samples": sweep.n_samples} if "n_samples" in spec.config().to_dict() else {}
+    task = SyntheticTask(WalkSampler(graph, run.walks), CovarianceCache(run_dir / "cache"))
+    request = EditRequest(row["subject"], row["relation"], row["target"])
+    edit = spec.compute(model, task, [request], spec.config("synthetic", **extra))
+    evaluator = Evaluator.for_run(run, graph)
+    site = sweep.representation_site(model.cfg.n_layers)
+    label = (
+        f"{method}: {row['fact']} (d={row['distance']}, R x100 = "
+        f"{100 * row['R.mean']:.1f}, median of the d={far} edits)"
+    )
+    return rings_before_after(model, edit, evaluator, site, label)
+
+
+def describe(result: SweepResult) -> str:
+    """A few lines for the terminal."""
+    from kgshatter.report import findings
+
+    lines = []
+    for claim, holds, evidence in findings(result.summary):
+        verdict = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[holds]
+        lines.append(f"{verdict:>14}: {claim} ({evidence})")
+    for m, v in result.summary["methods"].items():
+        eff = [b["efficacy"] for b in v["by_kind"].values() if b["efficacy"] is not None]
+        if eff:
+            lines.append(f"{m:>14}: mean efficacy {100 * statistics.fmean(eff):.0f}%")
+    return "\n".join(lines)
