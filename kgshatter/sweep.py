@@ -197,6 +197,8 @@ def run_sweep(
                 model_id=model_id, measure=measure,
             )  # fmt: skip
             for i, record in enumerate(res.records):
+                if job["keys"][i] in done:  # a sequence cut short: keep the rows already written
+                    continue
                 row = _flatten(record, job, index=i, step=i)
                 _append_row(rows_path, row)
                 rows.append(row)

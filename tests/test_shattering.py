@@ -1,0 +1,160 @@
+"""Shattering metrics, the line fit, the resumable sweep and the reproduce command (tiny)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kgshatter.analysis.geometry import neighbour_fraction
+from kgshatter.analysis.shattering import distance_matrix, fit_line, shattering
+from kgshatter.cli import main
+from kgshatter.sweep import SweepConfig, run_sweep
+
+
+def ring(n=24, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.arange(n) * 2 * torch.pi / n
+    x = torch.zeros(n, d)
+    x[:, 0], x[:, 1] = torch.cos(theta), torch.sin(theta)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (x.double() @ q), np.arange(n)
+
+
+def test_shattering_is_zero_on_identity_and_invariant_to_rotation_and_translation():
+    x, _ = ring()
+    assert shattering(x, x) == 0.0
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(3)).double())
+    assert shattering(x, x @ q + 7.5) < 1e-12
+    y = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).double()
+    assert shattering(x, y @ q - 2.0) == pytest.approx(shattering(x, y), abs=1e-12)
+    assert shattering(x, 2 * x) == pytest.approx(1.0)  # uniform scaling by 2 doubles D
+    torch.testing.assert_close(distance_matrix(x), distance_matrix(x @ q))
+
+
+def test_shattering_grows_with_noise():
+    x, _ = ring()
+    levels = [0.01, 0.1, 0.5, 2.0, 8.0]
+    values = []
+    for level in levels:
+        draws = [
+            shattering(
+                x,
+                x
+                + level * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)).double(),
+            )
+            for s in range(8)
+        ]
+        values.append(np.mean(draws))
+    assert all(a < b for a, b in zip(values, values[1:], strict=False)), values
+    assert values[0] < 0.05
+
+
+def test_ring_metric_sees_the_ring_break():
+    x, pos = ring()
+    assert neighbour_fraction(x, pos, 24) == 1.0
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(5)).double())
+    assert neighbour_fraction(x @ q + 1, pos, 24) == 1.0
+    shuffled = x[torch.randperm(24, generator=torch.Generator().manual_seed(0))]
+    assert neighbour_fraction(shuffled, pos, 24) < 0.3
+
+
+def test_shattering_rejects_bad_input():
+    with pytest.raises(ValueError, match="coincide"):
+        shattering(torch.zeros(4, 2), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="items"):
+        shattering(torch.zeros(4, 2) + torch.arange(4.0)[:, None], torch.zeros(5, 2))
+
+
+def test_fit_line_r2_matches_a_known_case():
+    x = np.arange(10.0)
+    fit = fit_line(x, 3 * x - 2)
+    assert (fit.slope, fit.intercept, fit.r2) == pytest.approx((3.0, -2.0, 1.0))
+    rng = np.random.default_rng(0)
+    y = x + rng.normal(0, 2, 10)
+    assert fit_line(x, y).r2 == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+    y = np.array([2.0, 1, 2, 1, 2, 1, 2, 1, 2, 1])  # known: r^2 = corr^2 by hand
+    xm, ym = x - x.mean(), y - y.mean()
+    assert fit_line(x, y).r2 == pytest.approx((xm @ ym) ** 2 / ((xm @ xm) * (ym @ ym)))
+    assert np.isnan(fit_line([1, 1], [2, 3]).r2)
+
+
+SMALL = SweepConfig(methods=("rome", "memit"), n_edits=1, distances=(1, 3), sequential_edits=2,
+                    n_samples=1000, max_queries=16, efficacy_prompts=4)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    from kgshatter.presets import get_preset
+    from kgshatter.train import train
+
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    train(get_preset("tiny"), out, progress=False)
+    return out
+
+
+def test_sweep_writes_a_tidy_table_and_resumes_without_duplicates(tiny_run_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = run_sweep(tiny_run_dir, out, SMALL, progress=False)
+    # 2 methods x (corrective <= 1 + 2 distances) single rows + 2 sequence steps each
+    rows = (out / "rows.jsonl").read_text().splitlines()
+    assert len(rows) == len(result.rows) >= 2 * (2 + 2)
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    single = [r for r in table if r["protocol"] == "single" and r["kind"] == "counterfactual"]
+    assert {r["distance"] for r in single} == {"1", "3"}
+    for r in single:
+        assert 0.0 <= float(r["R.I"]) and r["R.I"] == r["R.I@1.resid_post"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"rome", "memit"}
+    assert len(summary["methods"]["memit"]["sequential"]) == 2
+    # resume: nothing recomputed, nothing duplicated
+    again = run_sweep(tiny_run_dir, out, SMALL, progress=False)
+    assert (out / "rows.jsonl").read_text().splitlines() == rows
+    assert len(again.rows) == len(rows)
+    # a crash mid-write leaves a torn last line: it is dropped and its row recomputed
+    text = "\n".join(rows[:-1]) + "\n" + rows[-1][: len(rows[-1]) // 2]
+    (out / "rows.jsonl").write_text(text)
+    run_sweep(tiny_run_dir, out, SMALL, progress=False)
+    keys = [(json.loads(r)["method"], json.loads(r)["protocol"], json.loads(r)["kind"],
+             json.loads(r)["sweep_distance"], json.loads(r)["index"])
+            for r in (out / "rows.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(keys) == len(set(keys)) == len(rows)
+
+
+def test_sweep_refuses_bad_input_before_work(tiny_run_dir, tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match="outside the ring"):
+        run_sweep(tiny_run_dir, out, SweepConfig(distances=(9,)), progress=False)
+    with pytest.raises(ValueError, match="unknown editing method"):
+        SweepConfig(methods=("rom",))
+    with pytest.raises(ValueError, match="model has layers 0..1"):
+        run_sweep(tiny_run_dir, out, SweepConfig(site="4.resid_post"), progress=False)
+    assert not (out / "rows.jsonl").exists()
+    run_sweep(tiny_run_dir, out, SMALL, progress=False)
+    other = SweepConfig(**{**SMALL.to_dict(), "distances": (2,), "methods": ("rome",)})
+    with pytest.raises(ValueError, match="different sweep"):
+        run_sweep(tiny_run_dir, out, other, progress=False)
+
+
+def test_reproduce_smoke_on_tiny(tmp_path, capsys):
+    out = tmp_path / "repro"
+    args = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", "--n", "1",
+            "--methods", "rome,alphaedit", "--sequential", "2", "--samples", "1000",
+            "--max-queries", "16"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "r^2 of accuracy drop" in printed
+    report = (out / "report.md").read_text()
+    assert "## Findings" in report and "paper" in report
+    for name in ("accuracy_vs_distance", "shattering_vs_distance", "shattering_vs_accuracy",
+                 "sequential", "rings_before_after"):  # fmt: skip
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"({name}.png)" in report
+    json.loads((out / "summary.json").read_text())
+    assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--distances", "99"]) == 2
+    assert "outside the ring" in capsys.readouterr().err
