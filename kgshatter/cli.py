@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="edits per method, kind and seed (12)")
     p.add_argument("--sequential", type=int, default=None, help="sequence length (12; 0: none)")
     p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (0)")
-    p.add_argument("--site", default=None, help="representation site (default: last resid_post)")
+    p.add_argument("--site", default=None, help="representation site (default auto: clearest ring)")
     p.add_argument("--samples", type=int, default=None, help="walks for the statistics (1e5)")
     p.add_argument("--max-queries", type=int, default=None, help="queries per split (300)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")

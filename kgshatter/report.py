@@ -287,9 +287,9 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
             "Ours (choice, measured): keys and values at the relation token (the grokked model "
             "computes the answer there; edits at the subject token do not change it); editor "
             "presets `synthetic` (kgshatter/editing); collateral scored on "
-            f"{sweep.max_queries or 'all'} queries per split; representations at the last "
-            "block's residual stream (R is also stored at every MLP and block output in "
-            "table.csv); Isomap with 3 neighbours.",
+            f"{sweep.max_queries or 'all'} queries per split; representations at the "
+            "site where the unedited model's rings are clearest (neighbour agreement; R is also "
+            "stored at every MLP and block output in table.csv); Isomap with 3 neighbours.",
             f"Sweep: methods {', '.join(sweep.methods)}; {sweep.n_edits} edits per kind and "
             f"seed, seeds {list(sweep.seeds)}; sequences of {sweep.sequential_edits} edits "
             "cycling through the distances (beyond the paper).",

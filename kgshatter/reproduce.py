@@ -65,6 +65,7 @@ def _example_rings(
     from kgshatter.evaluate import Evaluator
     from kgshatter.kg.walks import WalkSampler
     from kgshatter.report import rings_before_after
+    from kgshatter.sites import Site
     from kgshatter.train import load_run
 
     method = "rome" if "rome" in sweep.methods else sweep.methods[0]
@@ -86,7 +87,7 @@ def _example_rings(
     request = EditRequest(row["subject"], row["relation"], row["target"])
     edit = spec.compute(model, task, [request], spec.config("synthetic", **extra))
     evaluator = Evaluator.for_run(run, graph)
-    site = sweep.representation_site(model.cfg.n_layers)
+    site = Site.parse(result.summary["site"])
     label = (
         f"{method}: {row['fact']} (d={row['distance']}, R x100 = "
         f"{100 * row['R.mean']:.1f}, median of the d={far} edits)"

@@ -45,9 +45,13 @@ class SweepConfig(ConfigDict):
     """What the sweep runs. Defaults: the ``cpu`` reproduction (sizes are *choices* that fit
     the 30-minute budget on 2 cores; the paper's protocol is the single-edit one).
 
-    ``site``: where representations are read for the ring metrics and the headline R
-    (default: the last block's residual stream at the relation token, science.md section 6);
-    R is also recorded at every ``mlp_post`` / ``resid_post`` site.
+    ``site``: where representations are read for the ring metrics and the headline R.
+    ``"auto"`` (default, *choice*): the ``mlp_post`` / ``resid_post`` site where the unedited
+    model's rings are clearest (mean neighbour agreement over orders; ties go to the later
+    layer), because shattering is only visible where a ring exists: in the ``cpu`` model that is
+    ``1.mlp_post`` (neighbours 0.99) while the last residual stream, the paper's default
+    (``"1.resid_post"`` here, science.md section 6), draws no ring (Isomap alignment 0.2-0.35).
+    R is recorded at every ``mlp_post`` / ``resid_post`` site in any case.
     """
 
     methods: tuple[str, ...] = ("rome", "memit", "alphaedit", "pmet", "ft")
@@ -56,7 +60,7 @@ class SweepConfig(ConfigDict):
     n_edits: int = 12
     seeds: tuple[int, ...] = (0,)
     sequential_edits: int = 12
-    site: str | None = None
+    site: str = "auto"
     max_queries: int | None = 300
     n_samples: int = 100_000
     efficacy_prompts: int = 10
@@ -81,9 +85,10 @@ class SweepConfig(ConfigDict):
         check_int("n_samples", self.n_samples, 1)
         check_int("efficacy_prompts", self.efficacy_prompts, 1)
 
-    def representation_site(self, n_layers: int) -> Site:
-        if self.site is None:
-            return Site(n_layers - 1, "resid_post")
+    def representation_site(self, n_layers: int) -> Site | None:
+        """The configured site (checked against the model), or ``None`` for ``"auto"``."""
+        if self.site == "auto":
+            return None
         return Site.parse(self.site).check(n_layers)
 
 
@@ -109,7 +114,7 @@ def run_sweep(
     config = config or SweepConfig()
     run, graph, model, state = load_run(run_dir, device=device)
     n_layers = model.cfg.n_layers
-    site = config.representation_site(n_layers)
+    chosen = config.representation_site(n_layers)
     half = graph.n_entities // 2
     bad = [d for d in config.distances if d > half]
     if bad:
@@ -135,8 +140,8 @@ def run_sweep(
     evaluator = Evaluator.for_run(run, graph, max_queries=config.max_queries)
     scorer = EditScorer(model, evaluator, n_prompts=config.efficacy_prompts)
     sites = [s for s in all_sites(n_layers, RING_COMPONENTS) if s.component != "embed"]
-    if site not in sites:
-        sites.append(site)
+    if chosen is not None and chosen not in sites:
+        sites.append(chosen)
     orders = [graph.order_name(o) for o in range(graph.n_orders)]
     tokens = {o: evaluator.ring_tokens(o) for o in range(graph.n_orders)}
 
@@ -145,6 +150,7 @@ def run_sweep(
 
     base = representations(model)
     n = graph.n_entities
+    site = chosen or best_ring_site(base, graph, sites)
 
     def measure(m: Any) -> dict[str, Any]:
         after = representations(m)
@@ -211,6 +217,17 @@ def run_sweep(
     summary["run"] = header
     write_json_atomic(out / "summary.json", summary)
     return SweepResult(out, rows, summary)
+
+
+def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites: list[Site]):
+    """The site with the highest mean neighbour agreement over orders (later layer on ties)."""
+    scores = {
+        s: statistics.fmean(
+            neighbour_fraction(base[o][s], graph.positions[o], graph.n_entities) for o in base
+        )
+        for s in sites
+    }
+    return max(reversed(sites), key=lambda s: scores[s])
 
 
 def _check_or_write_header(out: Path, header: dict[str, Any]) -> None:

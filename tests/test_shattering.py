@@ -108,7 +108,9 @@ def test_sweep_writes_a_tidy_table_and_resumes_without_duplicates(tiny_run_dir, 
     single = [r for r in table if r["protocol"] == "single" and r["kind"] == "counterfactual"]
     assert {r["distance"] for r in single} == {"1", "3"}
     for r in single:
-        assert 0.0 <= float(r["R.I"]) and r["R.I"] == r["R.I@1.resid_post"]
+        site = result.summary["site"]  # auto: the clearest ring of the unedited model
+        assert site in {"0.mlp_post", "0.resid_post", "1.mlp_post", "1.resid_post"}
+        assert 0.0 <= float(r["R.I"]) and r["R.I"] == r[f"R.I@{site}"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"rome", "memit"}
     assert len(summary["methods"]["memit"]["sequential"]) == 2
