@@ -15,6 +15,11 @@ number of requests). They differ only in where the target lives and in the solve
   :class:`AlphaEditState`, never in a global.
 - PMET (Li et al. 2024): targets for attention and MLP outputs of L optimised jointly, only the
   MLP target used; residual at L's MLP output; spread R / sqrt(layers left); MEMIT's solve.
+
+Keys are the mean over the request's prompts. The references weight the bare prompt by 0.5 and
+the context-prefixed ones by 0.5; every synthetic prompt carries a context, so ours are
+uniform (*choice*). The multi-layer solve uses Woodbury on C's stored eigendecomposition:
+``(lambda C + K K^T)^-1 K = (lambda C)^-1 K (I + K^T (lambda C)^-1 K)^-1``.
 """
 
 from __future__ import annotations
