@@ -166,7 +166,8 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
                              color=colours[m], label=m, ms=3)  # fmt: skip
                 axes[1].plot(steps, [s["R_x100"] for s in seq], "o-", color=colours[m], ms=3)
         axes[0].set_title("sequential edits: accuracy drop (points)", fontsize=9)
-        axes[1].set_title("sequential edits: R(D*) x100 (mean over orders)", fontsize=9)
+        axes[1].set_title("sequential edits: R(D*) x100 (mean over orders, log)", fontsize=9)
+        axes[1].set_yscale("log")
         for ax in axes:
             ax.set_xlabel("edits applied")
         axes[0].legend(fontsize=7)
