@@ -154,6 +154,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         fields["n_samples"] = args.samples
     if args.max_queries is not None:
         fields["max_queries"] = args.max_queries
+    if args.editor_preset is not None:
+        fields["editor_preset"] = args.editor_preset
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
     if args.threads is not None:
         import torch
@@ -467,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default=None, help="representation site (default auto: clearest ring)")
     p.add_argument("--samples", type=int, default=None, help="walks for the statistics (1e5)")
     p.add_argument("--max-queries", type=int, default=None, help="queries per split (300)")
+    p.add_argument(
+        "--editor-preset",
+        default=None,
+        help="the editors' preset (synthetic; synthetic-subject for --preset cpu-subject)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

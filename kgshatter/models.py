@@ -19,6 +19,7 @@ from kgshatter.validation import ConfigDict, check_choice, check_int
 
 ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
 NORMALIZATIONS = ("LN", "RMS")
+LAYER0_ATTENTION = ("causal", "self")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,13 @@ class ModelConfig(ConfigDict):
     """Shape of the decoder (paper: 2 layers, context 16; width and heads are *(choice)*).
 
     ``d_vocab`` is not here: it follows from the graph (entities + relations).
+
+    ``layer0_attention="self"`` (an experiment, not the paper's model) makes every token of the
+    first block attend only to itself, through a permanent hook on
+    ``blocks.0.attn.hook_pattern``. The subject's information then reaches the relation token
+    only through a later attention layer, after the first MLP has processed it at the subject
+    token: the routing the paper's subject-token edits assume. The standard model copies the
+    subject's embedding in layer 0 instead (README, "Representation shattering").
     """
 
     n_layers: int = 2
@@ -36,6 +44,7 @@ class ModelConfig(ConfigDict):
     n_ctx: int = 16
     act_fn: str = "gelu"
     normalization_type: str = "LN"
+    layer0_attention: str = "causal"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +63,7 @@ class ModelConfig(ConfigDict):
         check_int("n_ctx", self.n_ctx, 2)
         check_choice("act_fn", self.act_fn, ACT_FNS)
         check_choice("normalization_type", self.normalization_type, NORMALIZATIONS)
+        check_choice("layer0_attention", self.layer0_attention, LAYER0_ATTENTION)
         check_int("seed", self.seed, 0)
 
     @property
@@ -86,7 +96,16 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
         seed=config.seed,
         device=str(device) if device is not None else "cpu",
     )
-    return bridge.boot_native(cfg)
+    model = bridge.boot_native(cfg)
+    if config.layer0_attention == "self":
+        model.hook_dict["blocks.0.attn.hook_pattern"].add_perma_hook(attend_to_self)
+    return model
+
+
+def attend_to_self(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
+    """Replace an attention pattern [batch, head, query, key] by the identity."""
+    eye = torch.eye(pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+    return eye.expand_as(pattern).clone()
 
 
 def model_state(model: Any) -> dict[str, torch.Tensor]:

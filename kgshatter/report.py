@@ -285,10 +285,21 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
             f"d_model {run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
             f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
             "steps, compositions within one order.",
-            "Ours (choice, measured): keys and values at the relation token (the grokked model "
-            "computes the answer there; edits at the subject token do not change it); editor "
-            "presets `synthetic` (kgshatter/editing); collateral scored on "
-            f"{sweep.max_queries or 'all'} queries per split; representations at the "
+            (
+                "Ours (experiment): the first block's attention is restricted to each token "
+                "itself (`layer0_attention='self'`), so the subject is processed at its own "
+                "position as the paper's edits assume; "
+                if run.model.layer0_attention == "self"
+                else ""
+            )
+            + (
+                "keys and values at the subject token"
+                if sweep.editor_preset.endswith("subject")
+                else "keys and values at the relation token (the standard grokked model "
+                "computes the answer there; edits at the subject token do not change it)"
+            )
+            + f"; editor presets `{sweep.editor_preset}` (kgshatter/editing); collateral scored "
+            f"on {sweep.max_queries or 'all'} queries per split; representations at the "
             "site where the unedited model's rings are clearest (neighbour agreement; R is also "
             "stored at every MLP and block output in table.csv); Isomap with 3 neighbours.",
             f"Sweep: methods {', '.join(sweep.methods)}; {sweep.n_edits} edits per kind and "

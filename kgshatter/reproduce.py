@@ -85,7 +85,7 @@ def _example_rings(
     extra = {"n_samples": sweep.n_samples} if "n_samples" in spec.config().to_dict() else {}
     task = SyntheticTask(WalkSampler(graph, run.walks), CovarianceCache(run_dir / "cache"))
     request = EditRequest(row["subject"], row["relation"], row["target"])
-    edit = spec.compute(model, task, [request], spec.config("synthetic", **extra))
+    edit = spec.compute(model, task, [request], spec.config(sweep.editor_preset, **extra))
     evaluator = Evaluator.for_run(run, graph)
     site = Site.parse(result.summary["site"])
     label = (

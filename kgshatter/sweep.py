@@ -64,6 +64,7 @@ class SweepConfig(ConfigDict):
     max_queries: int | None = 300
     n_samples: int = 100_000
     efficacy_prompts: int = 10
+    editor_preset: str = "synthetic"
 
     def __post_init__(self) -> None:
         from kgshatter.editing import get_method
@@ -71,7 +72,7 @@ class SweepConfig(ConfigDict):
         if not self.methods:
             raise ValueError("methods must name at least one editing method")
         for m in self.methods:
-            get_method(m)
+            get_method(m).config(self.editor_preset)  # unknown preset names list the valid ones
         for k in self.kinds:
             check_choice("kinds", k, KIND_CHOICES)
         for d in self.distances:
@@ -121,7 +122,7 @@ def run_sweep(
         raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
     methods = [get_method(m) for m in config.methods]
     for m in methods:
-        for layer in getattr(m.config(), "edit_layers", ()):
+        for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
             Site(layer, "mlp_out").check(n_layers)
     out = Path(out_dir)
     model_id = model_identity(model)
@@ -150,7 +151,16 @@ def run_sweep(
 
     base = representations(model)
     n = graph.n_entities
-    site = chosen or best_ring_site(base, graph, sites)
+    # a site where every entity has the same representation (e.g. one that cannot see the
+    # subject) has no geometry: R is undefined there and recorded as NaN
+    flat = {(o, s) for o in base for s in sites if float(base[o][s].std(0).max()) < 1e-12}
+    live = [s for s in sites if not any((o, s) in flat for o in base)]
+    if chosen is not None and chosen not in live:
+        raise ValueError(f"every entity has the same representation at {chosen}; pick a site "
+                         f"among {[str(s) for s in live]}")  # fmt: skip
+    if not live:
+        raise ValueError("the model's entity representations coincide at every site")
+    site = chosen or best_ring_site(base, graph, live)
 
     def measure(m: Any) -> dict[str, Any]:
         after = representations(m)
@@ -158,7 +168,9 @@ def run_sweep(
         for o, name in enumerate(orders):
             pos = graph.positions[o]
             for s in sites:
-                out_m[f"R.{name}@{s}"] = shattering(base[o][s], after[o][s])
+                out_m[f"R.{name}@{s}"] = (
+                    math.nan if (o, s) in flat else shattering(base[o][s], after[o][s])
+                )
             out_m[f"R.{name}"] = out_m[f"R.{name}@{site}"]
             out_m[f"neighbours.{name}"] = neighbour_fraction(after[o][site], pos, n)
             out_m[f"isomap.{name}"] = isomap_alignment(after[o][site], pos, n)
@@ -186,7 +198,7 @@ def run_sweep(
             continue
         method = get_method(job["method"])
         extra = {"n_samples": config.n_samples} if "n_samples" in method.config().to_dict() else {}
-        method_config = method.config("synthetic", **extra)
+        method_config = method.config(config.editor_preset, **extra)
         if job["protocol"] == "single":
             for i in pending:
                 res = run_protocol(

@@ -112,7 +112,11 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
     record = out_dir / "run.json"
     if record.exists():
         existing = read_json(record, "run record")
-        if existing.get("config") != run.to_dict():
+        try:  # fields added since the record was written take their defaults
+            same = RunConfig.from_dict(existing.get("config")) == run
+        except (ValueError, TypeError):
+            same = False
+        if not same:
             other = existing.get("config", {}).get("name")
             raise ValueError(
                 f"{out_dir} already holds a different run (preset {other!r}"

@@ -160,3 +160,44 @@ def test_reproduce_smoke_on_tiny(tmp_path, capsys):
     json.loads((out / "summary.json").read_text())
     assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--distances", "99"]) == 2
     assert "outside the ring" in capsys.readouterr().err
+
+
+def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):
+    """cpu-subject's mechanism on a tiny model: layer 0 attends to itself only, so at the relation
+    token every entity looks the same there; the sweep records NaN for R at such sites."""
+    import dataclasses
+    import math
+
+    from kgshatter.presets import get_preset
+    from kgshatter.train import load_run, train
+
+    base = get_preset("tiny")
+    run = base.replace(model=dataclasses.replace(base.model, layer0_attention="self"))
+    train(run, tmp_path / "run", progress=False)
+    _, graph, model, _ = load_run(tmp_path / "run")  # the hook comes back with the model
+    tokens = torch.randint(0, graph.n_entities, (3, 8))
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    torch.testing.assert_close(pattern, torch.eye(8).expand_as(pattern))
+    config = SweepConfig(**{**SMALL.to_dict(), "methods": ("rome",), "sequential_edits": 0,
+                            "kinds": ("counterfactual",), "distances": (1,)})  # fmt: skip
+    result = run_sweep(tmp_path / "run", tmp_path / "sweep", config, progress=False)
+    row = next(r for r in result.rows if "efficacy" in r)
+    assert math.isnan(row["R.I@0.resid_post"]) and math.isnan(row["R.I@0.mlp_post"])
+    assert result.summary["site"].startswith("1.")
+    with pytest.raises(ValueError, match="no preset 'subjective'"):
+        SweepConfig(editor_preset="subjective")
+
+
+def test_older_run_records_without_new_model_fields_still_resume(tmp_path):
+    from kgshatter.presets import get_preset
+    from kgshatter.train import train
+
+    run = get_preset("tiny")
+    out = tmp_path / "run"
+    train(run, out, progress=False, max_steps=10)
+    record = json.loads((out / "run.json").read_text())
+    del record["config"]["model"]["layer0_attention"]  # as written before the field existed
+    (out / "run.json").write_text(json.dumps(record))
+    result = train(run, out, resume=True, progress=False, max_steps=20)
+    assert result.history[-1]["step"] == 20

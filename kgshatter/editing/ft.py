@@ -52,6 +52,8 @@ FT_PRESETS = {
     "gpt2-xl": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4, n_prompts=1),
     # the reference's step size and bound, with the synthetic prompts (10 contexts per fact)
     "synthetic": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
+    # FT-L has no key position: the loss is on the answer, so both synthetic models share it
+    "synthetic-subject": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
 }
 
 

@@ -106,18 +106,22 @@ _GPT2_XL = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0
             "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6}  # fmt: skip
 _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
+_SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5}  # as ROME's
 MEMIT_PRESETS = {
     "synthetic": MEMITConfig(),
+    "synthetic-subject": MEMITConfig(**_SUBJECT),
     "gpt2-xl": MEMITConfig(**_GPT2_XL),
     "llama3-8b": MEMITConfig(**_LLAMA3_8B),
 }
 ALPHAEDIT_PRESETS = {
     "synthetic": AlphaEditConfig(),
+    "synthetic-subject": AlphaEditConfig(**_SUBJECT),
     "gpt2-xl": AlphaEditConfig(**_GPT2_XL, l2=10.0),
     "llama3-8b": AlphaEditConfig(**_LLAMA3_8B, l2=10.0),
 }
 PMET_PRESETS = {
     "synthetic": PMETConfig(),
+    "synthetic-subject": PMETConfig(**_SUBJECT),
     "gpt2-xl": PMETConfig(**{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30}),
 }
 
