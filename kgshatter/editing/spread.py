@@ -187,7 +187,8 @@ def _spread_edit(
     spread: Callable[[int], float],
     solve: Callable[[int, torch.Tensor], torch.Tensor],
     model_id: str,
-) -> tuple[Edit, list[torch.Tensor]]:
+) -> Edit:
+    """Targets at the last layer, then one solve per layer in ascending order (module doc)."""
     if isinstance(requests, EditRequest):
         requests = [requests]
     if not requests:
@@ -212,7 +213,6 @@ def _spread_edit(
         losses.append(t.nll)
     z = torch.stack(targets).cpu()  # [n, d_model] at residual_hook
     deltas: list[LayerDelta] = []
-    all_keys: list[torch.Tensor] = []
     for i, layer in enumerate(config.layers):
         so_far = Edit(method, list(deltas), [], {}, model_id)
         keys = mean_keys(model, layer, prompt_sets, pos, so_far.hooks()).cpu()  # [n, d_mlp]
@@ -222,8 +222,7 @@ def _spread_edit(
         residual = (z - current) / spread(len(config.layers) - i)  # [n, d_model]
         a = solve(layer, keys)  # [d_mlp, n]
         deltas.append(LayerDelta(layer, a.float(), residual.T.float().contiguous()))
-        all_keys.append(keys)
-    edit = Edit(
+    return Edit(
         method=method,
         deltas=deltas,
         requests=[r.to_dict() for r in requests],
@@ -231,7 +230,6 @@ def _spread_edit(
         model_id=model_id,
         info={"final_nll": losses, "target_hook": residual_hook},
     )
-    return edit, all_keys
 
 
 def compute_memit(
@@ -253,7 +251,7 @@ def compute_memit(
         stats = task.stats(model, layer, config.n_samples, config.seed, model_id)
         return _memit_solve(stats, keys, config.mom2_weight, config.ridge)
 
-    edit, _ = _spread_edit(
+    return _spread_edit(
         "memit",
         model,
         task,
@@ -265,7 +263,6 @@ def compute_memit(
         solve=solve,
         model_id=model_id,
     )
-    return edit
 
 
 def compute_pmet(
@@ -289,7 +286,7 @@ def compute_pmet(
         stats = task.stats(model, layer, config.n_samples, config.seed, model_id)
         return _memit_solve(stats, keys, config.mom2_weight, config.ridge)
 
-    edit, _ = _spread_edit(
+    return _spread_edit(
         "pmet",
         model,
         task,
@@ -301,7 +298,6 @@ def compute_pmet(
         solve=solve,
         model_id=model_id,
     )
-    return edit
 
 
 def compute_alphaedit(
@@ -333,7 +329,7 @@ def compute_alphaedit(
         lhs = p @ (kp + keys.T @ keys) + config.l2 * torch.eye(d, dtype=torch.float64)
         return torch.linalg.solve(lhs, p @ keys.T)  # [d_mlp, n]
 
-    edit, _ = _spread_edit(
+    edit = _spread_edit(
         "alphaedit",
         model,
         task,
