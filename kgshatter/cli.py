@@ -156,6 +156,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         fields["max_queries"] = args.max_queries
     if args.editor_preset is not None:
         fields["editor_preset"] = args.editor_preset
+    if args.position is not None:
+        fields["position"] = args.position
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
     if args.threads is not None:
         import torch
@@ -473,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--editor-preset",
         default=None,
         help="the editors' preset (synthetic; synthetic-subject for --preset cpu-subject)",
+    )
+    p.add_argument(
+        "--position",
+        default=None,
+        choices=["relation", "entity"],
+        help="token whose state represents the entity (relation; entity for cpu-subject)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")

@@ -192,7 +192,7 @@ def write_report(
     lines += [
         f"Run `{s['run']['run_dir']}` (step {s['run']['step']}, graph "
         f"{s['run']['graph_fingerprint']}), representations at `{s['site']}` "
-        "(relation token, mean over contexts).",
+        f"({s.get('position', 'relation')} token of `x o_C1`, mean over contexts).",
         "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",
         "",
         "## Findings (ROME, the paper's main method)",
@@ -309,7 +309,9 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
     }
 
 
-def rings_before_after(model: Any, edit: Any, evaluator: Any, site: Any, label: str) -> dict:
+def rings_before_after(
+    model: Any, edit: Any, evaluator: Any, site: Any, label: str, position: str = "relation"
+) -> dict:
     """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
     from kgshatter.analysis.representations import collect_representations
     from kgshatter.hooks import edited
@@ -318,9 +320,9 @@ def rings_before_after(model: Any, edit: Any, evaluator: Any, site: Any, label: 
     panels = {}
     for o in range(graph.n_orders):
         tokens = evaluator.ring_tokens(o)
-        before = collect_representations(model, tokens, [site])[site]
+        before = collect_representations(model, tokens, [site], position=position)[site]
         with edited(model, edit):
-            after = collect_representations(model, tokens, [site])[site]
+            after = collect_representations(model, tokens, [site], position=position)[site]
         name = graph.order_name(o)
         panels[f"order {name} before"] = (before, graph.positions[o])
         panels[f"order {name} after"] = (after, graph.positions[o])

@@ -92,7 +92,7 @@ def _example_rings(
         f"{method}: {row['fact']} (d={row['distance']}, R x100 = "
         f"{100 * row['R.mean']:.1f}, median of the d={far} edits)"
     )
-    return rings_before_after(model, edit, evaluator, site, label)
+    return rings_before_after(model, edit, evaluator, site, label, sweep.position)
 
 
 def describe(result: SweepResult) -> str:

@@ -52,6 +52,10 @@ class SweepConfig(ConfigDict):
     ``1.mlp_post`` (neighbours 0.99) while the last residual stream, the paper's default
     (``"1.resid_post"`` here, science.md section 6), draws no ring (Isomap alignment 0.2-0.35).
     R is recorded at every ``mlp_post`` / ``resid_post`` site in any case.
+
+    ``position``: the token of the query ``x o_C1`` whose hidden state represents entity x:
+    ``"relation"`` (default, science.md) or ``"entity"`` (x's own token, where a model that
+    processes the subject at its position, like ``cpu-subject``, keeps its rings).
     """
 
     methods: tuple[str, ...] = ("rome", "memit", "alphaedit", "pmet", "ft")
@@ -65,6 +69,7 @@ class SweepConfig(ConfigDict):
     n_samples: int = 100_000
     efficacy_prompts: int = 10
     editor_preset: str = "synthetic"
+    position: str = "relation"
 
     def __post_init__(self) -> None:
         from kgshatter.editing import get_method
@@ -85,6 +90,7 @@ class SweepConfig(ConfigDict):
             check_int("max_queries", self.max_queries, 1)
         check_int("n_samples", self.n_samples, 1)
         check_int("efficacy_prompts", self.efficacy_prompts, 1)
+        check_choice("position", self.position, ("relation", "entity"))
 
     def representation_site(self, n_layers: int) -> Site | None:
         """The configured site (checked against the model), or ``None`` for ``"auto"``."""
@@ -147,7 +153,10 @@ def run_sweep(
     tokens = {o: evaluator.ring_tokens(o) for o in range(graph.n_orders)}
 
     def representations(m: Any) -> dict[int, dict[Site, torch.Tensor]]:
-        return {o: collect_representations(m, tokens[o], sites) for o in tokens}
+        return {
+            o: collect_representations(m, tokens[o], sites, position=config.position)
+            for o in tokens
+        }
 
     base = representations(model)
     n = graph.n_entities
@@ -226,6 +235,7 @@ def run_sweep(
     summary = summarise(rows, orders, config)
     summary["baseline"] = {"accuracy": scorer.baseline, "rings": baseline_rings}
     summary["site"] = str(site)
+    summary["position"] = config.position
     summary["run"] = header
     write_json_atomic(out / "summary.json", summary)
     return SweepResult(out, rows, summary)

@@ -134,6 +134,8 @@ def test_sweep_refuses_bad_input_before_work(tiny_run_dir, tmp_path):
         run_sweep(tiny_run_dir, out, SweepConfig(distances=(9,)), progress=False)
     with pytest.raises(ValueError, match="unknown editing method"):
         SweepConfig(methods=("rom",))
+    with pytest.raises(ValueError, match="position must be one of"):
+        SweepConfig(position="middle")
     with pytest.raises(ValueError, match="model has layers 0..1"):
         run_sweep(tiny_run_dir, out, SweepConfig(site="4.resid_post"), progress=False)
     assert not (out / "rows.jsonl").exists()

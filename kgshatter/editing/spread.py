@@ -106,7 +106,9 @@ _GPT2_XL = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0
             "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6}  # fmt: skip
 _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
-_SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5}  # as ROME's
+# subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
+# target sits on layer 0's output; steps and clamp as ROME's measured ones
+_SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5, "layers": (0,)}
 MEMIT_PRESETS = {
     "synthetic": MEMITConfig(),
     "synthetic-subject": MEMITConfig(**_SUBJECT),
