@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kgshatter",
         description="Representation shattering under knowledge edits (arXiv 2410.17194) on "
-        "TransformerLens: train a model on a structured knowledge graph and evaluate it.",
+        "TransformerLens: train a model on a structured knowledge graph, edit its knowledge "
+        "and measure what the edits do to its representations.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
