@@ -212,6 +212,14 @@ def write_report(
         f"order {o}: neighbours {_fmt(v['neighbours'], 2)}, Isomap alignment "
         f"{_fmt(v['isomap'], 2)}" for o, v in rings.items()) + "."]  # fmt: skip
 
+    wanted = s["run"]["sweep"]["kinds"]
+    got = {k for v in s["methods"].values() for k in v["by_kind"]}
+    if "corrective" in wanted and "corrective" not in got:
+        lines += [
+            "",
+            "No corrective edits were made: the model answers every order-I fact correctly "
+            "(softmax averaged over 5 contexts), so there is nothing to correct.",
+        ]
     if "rome" in s["methods"]:
         by = s["methods"]["rome"]["by_kind"]
         lines += ["", "## ROME: accuracy change (points, all orders), ours / paper", "",
@@ -290,7 +298,7 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
                 "itself (`layer0_attention='self'`), so the subject is processed at its own "
                 "position as the paper's edits assume; "
                 if run.model.layer0_attention == "self"
-                else ""
+                else "Ours (choice, measured): "
             )
             + (
                 "keys and values at the subject token"
