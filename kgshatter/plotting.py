@@ -62,10 +62,14 @@ def ring_figure(
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (unless one is already set)."""
+    """``matplotlib.pyplot``: on the non-interactive Agg backend in scripts, and on whatever
+    backend a Jupyter kernel chose (inline figures) in notebooks."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
