@@ -159,13 +159,7 @@ def edit_benchmark(
     sampler = WalkSampler(graph, run.walks)
     task = SyntheticTask(sampler, cache=None)
     model_id = model_identity(model)
-    configs = {
-        s.name: s.config(
-            "synthetic",
-            **({"n_samples": n_samples} if issubclass(s.config_class, TargetConfig) else {}),
-        )
-        for s in specs
-    }
+    configs = {s.name: s.config_with_samples("synthetic", n_samples) for s in specs}
     stats_seconds = {}
     layers = {
         layer

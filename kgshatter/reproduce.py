@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kgshatter.presets import RunConfig
-from kgshatter.sweep import SweepConfig, SweepResult, run_sweep
+from kgshatter.sweep import SweepConfig, SweepResult, check_distances, run_sweep
 
 log = logging.getLogger("kgshatter")
 
@@ -32,10 +32,7 @@ def reproduce(
 
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
-    half = run.kg.n_entities // 2
-    bad = [d for d in sweep.distances if d > half]
-    if bad:  # fail before training, not after
-        raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
+    check_distances(sweep.distances, run.kg.n_entities)  # fail before training, not after
     sweep.representation_site(run.model.n_layers)
     if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():
         raise ValueError(f"{out} exists and holds no reproduction (no run/); use a new --out")
@@ -82,10 +79,11 @@ def _example_rings(
     row = rows[len(rows) // 2]
     run, graph, model, _ = load_run(run_dir, device=device)
     spec = get_method(method)
-    extra = {"n_samples": sweep.n_samples} if "n_samples" in spec.config().to_dict() else {}
     task = SyntheticTask(WalkSampler(graph, run.walks), CovarianceCache(run_dir / "cache"))
     request = EditRequest(row["subject"], row["relation"], row["target"])
-    edit = spec.compute(model, task, [request], spec.config(sweep.editor_preset, **extra))
+    edit = spec.compute(
+        model, task, [request], spec.config_with_samples(sweep.editor_preset, sweep.n_samples)
+    )
     evaluator = Evaluator.for_run(run, graph)
     site = Site.parse(result.summary["site"])
     label = (

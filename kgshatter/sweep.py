@@ -99,6 +99,14 @@ class SweepConfig(ConfigDict):
         return Site.parse(self.site).check(n_layers)
 
 
+def check_distances(distances: tuple[int, ...], n_entities: int) -> None:
+    """Counterfactual distances must lie on the ring: 1 .. N // 2."""
+    half = n_entities // 2
+    bad = [d for d in distances if d > half]
+    if bad:
+        raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
+
+
 @dataclass
 class SweepResult:
     out_dir: Path
@@ -122,10 +130,7 @@ def run_sweep(
     run, graph, model, state = load_run(run_dir, device=device)
     n_layers = model.cfg.n_layers
     chosen = config.representation_site(n_layers)
-    half = graph.n_entities // 2
-    bad = [d for d in config.distances if d > half]
-    if bad:
-        raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
+    check_distances(config.distances, graph.n_entities)
     methods = [get_method(m) for m in config.methods]
     for m in methods:
         for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
@@ -206,8 +211,7 @@ def run_sweep(
         if not pending:
             continue
         method = get_method(job["method"])
-        extra = {"n_samples": config.n_samples} if "n_samples" in method.config().to_dict() else {}
-        method_config = method.config(config.editor_preset, **extra)
+        method_config = method.config_with_samples(config.editor_preset, config.n_samples)
         if job["protocol"] == "single":
             for i in pending:
                 res = run_protocol(

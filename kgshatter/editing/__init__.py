@@ -51,6 +51,12 @@ class Method:
         data = {**self.presets[preset].to_dict(), **overrides}
         return self.config_class.from_dict(data)
 
+    def config_with_samples(self, preset: str, n_samples: int) -> Any:
+        """The preset's config, with ``n_samples`` walks for C where the method uses C."""
+        if issubclass(self.config_class, TargetConfig):
+            return self.config(preset, n_samples=n_samples)
+        return self.config(preset)
+
     def new_state(self) -> Any:
         return AlphaEditState() if self.stateful else None
 

@@ -13,7 +13,8 @@ Every method is a small solve step over these pieces (editing-methods.md, "Share
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,33 @@ class TargetConfig(ConfigDict):
             "position": POSITIONS[self.position],
             "micro_batch": self.micro_batch,
         }
+
+
+def as_requests(requests: Sequence[EditRequest] | EditRequest, method: str) -> list[EditRequest]:
+    """One request or several, as a non-empty list."""
+    out = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not out:
+        raise ValueError(f"{method} needs at least one request")
+    return out
+
+
+def reject_state(method: str, state: Any) -> None:
+    """Only AlphaEdit carries sequential state; other methods refuse one rather than ignore it."""
+    if state is not None:
+        raise ValueError(f"{method} keeps no editing state; state is for 'alphaedit'")
+
+
+@contextmanager
+def frozen_weights(model: Any) -> Iterator[None]:
+    """No weight receives gradients inside the block (restored on exit, even on error)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def check_layers(name: str, layers: Sequence[int]) -> None:

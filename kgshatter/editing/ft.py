@@ -15,7 +15,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kgshatter.editing.core import SyntheticTask, check_changes_answer
+from kgshatter.editing.core import (
+    SyntheticTask,
+    as_requests,
+    check_changes_answer,
+    frozen_weights,
+    reject_state,
+)
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.hooks import low_rank_delta
@@ -67,12 +73,8 @@ def compute_ft(
     state: Any = None,
 ) -> Edit:
     """A dense delta on ``W_out[layer]`` fitted to all requests jointly."""
-    if isinstance(requests, EditRequest):
-        requests = [requests]
-    if not requests:
-        raise ValueError("ft needs at least one request")
-    if state is not None:
-        raise ValueError("FT-L keeps no editing state; state is for 'alphaedit'")
+    requests = as_requests(requests, "ft")
+    reject_state("ft", state)
     Site(config.layer, "mlp_out").check(model.cfg.n_layers)
     model_id = model_id or model_identity(model)
     device = next(model.parameters()).device
@@ -92,11 +94,8 @@ def compute_ft(
         delta,
         None,
     )
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses: list[float] = []
-    try:
+    with frozen_weights(model):
         for _ in range(config.steps):
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float()
             loss = F.cross_entropy(logits, target)
@@ -108,9 +107,6 @@ def compute_ft(
             opt.step()
             with torch.no_grad():
                 delta.clamp_(-config.norm_constraint, config.norm_constraint)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return Edit(
         method="ft",
         deltas=[LayerDelta(config.layer, delta.detach().cpu(), None)],

@@ -19,8 +19,10 @@ from kgshatter.editing.core import (
     POSITIONS,
     SyntheticTask,
     TargetConfig,
+    as_requests,
     check_changes_answer,
     mean_keys,
+    reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
@@ -86,15 +88,13 @@ def compute_rome(
 
     ROME edits one fact; pass a batch to MEMIT or AlphaEdit.
     """
-    if isinstance(requests, EditRequest):
-        requests = [requests]
+    requests = as_requests(requests, "rome")
     if len(requests) != 1:
         raise ValueError(
             f"ROME edits one fact at a time, got {len(requests)} requests; use 'memit' or "
             f"'alphaedit' for a batch, or the sequential protocol"
         )
-    if state is not None:
-        raise ValueError("ROME keeps no editing state; state is for 'alphaedit'")
+    reject_state("rome", state)
     (request,) = requests
     Site(config.layer, "mlp_post").check(model.cfg.n_layers)
     out_hook = Site(config.layer, "mlp_out").hook_name

@@ -35,10 +35,12 @@ from kgshatter.editing.core import (
     POSITIONS,
     SyntheticTask,
     TargetConfig,
+    as_requests,
     check_changes_answer,
     check_layers,
     mean_activations,
     mean_keys,
+    reject_state,
 )
 from kgshatter.editing.covariance import SecondMoment
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
@@ -169,12 +171,20 @@ def null_space_projector(stats: SecondMoment, threshold: float, kind: str) -> to
     return u0 @ u0.T
 
 
-def _memit_solve(stats: SecondMoment, keys: torch.Tensor, weight: float, ridge: float):
-    """``(weight C + K^T K)^-1 K^T`` (keys as rows) via Woodbury on C's eigendecomposition."""
-    kc = keys.T.cpu()  # [d_mlp, n]
-    cinv_k = stats.solve(kc, ridge) / weight  # (weight C)^-1 K
-    inner = torch.eye(kc.shape[1], dtype=torch.float64) + kc.T @ cinv_k
-    return cinv_k @ torch.linalg.inv(inner)  # [d_mlp, n]
+def _memit_solver(
+    model: Any, task: SyntheticTask, config: MEMITConfig, model_id: str
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """MEMIT's (and PMET's) per-layer solve ``(lambda C + K^T K)^-1 K^T`` (keys as rows),
+    via Woodbury on the layer's stored eigendecomposition of C."""
+
+    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
+        stats = task.stats(model, layer, config.n_samples, config.seed, model_id)
+        kc = keys.T.cpu()  # [d_mlp, n]
+        cinv_k = stats.solve(kc, config.ridge) / config.mom2_weight  # (lambda C)^-1 K
+        inner = torch.eye(kc.shape[1], dtype=torch.float64) + kc.T @ cinv_k
+        return cinv_k @ torch.linalg.inv(inner)  # [d_mlp, n]
+
+    return solve
 
 
 def _spread_edit(
@@ -184,17 +194,14 @@ def _spread_edit(
     requests: Sequence[EditRequest] | EditRequest,
     config: MEMITConfig,
     *,
-    target_hooks: Callable[[int], list[str]],
+    target_hooks: list[str],
     residual_hook: str,
     spread: Callable[[int], float],
     solve: Callable[[int, torch.Tensor], torch.Tensor],
     model_id: str,
 ) -> Edit:
     """Targets at the last layer, then one solve per layer in ascending order (module doc)."""
-    if isinstance(requests, EditRequest):
-        requests = [requests]
-    if not requests:
-        raise ValueError(f"{method} needs at least one request")
+    requests = as_requests(requests, method)
     n_layers = model.cfg.n_layers
     for layer in config.layers:
         Site(layer, "mlp_out").check(n_layers)
@@ -208,7 +215,7 @@ def _spread_edit(
         prompts, essence = task.prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
         t = optimize_targets(
-            model, target_hooks(last), prompts, r.target, essence, **config.optimisation()
+            model, target_hooks, prompts, r.target, essence, **config.optimisation()
         )
         prompt_sets.append(prompts)
         targets.append(t.h0s[-1].double() + t.deltas[-1].double())
@@ -244,25 +251,19 @@ def compute_memit(
     state: Any = None,
 ) -> Edit:
     """MEMIT: one :class:`Edit` for a batch of requests, spread over ``config.layers``."""
-    if state is not None:
-        raise ValueError("MEMIT keeps no editing state; state is for 'alphaedit'")
+    reject_state("memit", state)
     model_id = model_id or model_identity(model)
     resid = Site(config.layers[-1], "resid_post").check(model.cfg.n_layers).hook_name
-
-    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
-        stats = task.stats(model, layer, config.n_samples, config.seed, model_id)
-        return _memit_solve(stats, keys, config.mom2_weight, config.ridge)
-
     return _spread_edit(
         "memit",
         model,
         task,
         requests,
         config,
-        target_hooks=lambda last: [resid],
+        target_hooks=[resid],
         residual_hook=resid,
         spread=float,
-        solve=solve,
+        solve=_memit_solver(model, task, config, model_id),
         model_id=model_id,
     )
 
@@ -277,27 +278,21 @@ def compute_pmet(
     state: Any = None,
 ) -> Edit:
     """PMET: joint attention + MLP targets at the last layer; MLP updates spread by sqrt."""
-    if state is not None:
-        raise ValueError("PMET keeps no editing state; state is for 'alphaedit'")
+    reject_state("pmet", state)
     model_id = model_id or model_identity(model)
     last = config.layers[-1]
     attn = Site(last, "attn_out").check(model.cfg.n_layers).hook_name
     mlp = Site(last, "mlp_out").hook_name
-
-    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
-        stats = task.stats(model, layer, config.n_samples, config.seed, model_id)
-        return _memit_solve(stats, keys, config.mom2_weight, config.ridge)
-
     return _spread_edit(
         "pmet",
         model,
         task,
         requests,
         config,
-        target_hooks=lambda _: [attn, mlp],  # the MLP target (last) drives the update
+        target_hooks=[attn, mlp],  # the MLP target (last) drives the update
         residual_hook=mlp,
         spread=math.sqrt,
-        solve=solve,
+        solve=_memit_solver(model, task, config, model_id),
         model_id=model_id,
     )
 
@@ -337,7 +332,7 @@ def compute_alphaedit(
         task,
         requests,
         config,
-        target_hooks=lambda last: [resid],
+        target_hooks=[resid],
         residual_hook=resid,
         spread=float,
         solve=solve,

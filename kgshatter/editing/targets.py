@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
+from kgshatter.editing.core import frozen_weights
+
 
 @dataclass
 class TargetResult:
@@ -98,12 +100,9 @@ def optimize_targets(
     n_total = batch.shape[0]
     n_essence = n_total - n_rewrite
     step = micro_batch or n_total
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses: list[float] = []
     nll_value = float("inf")
-    try:
+    with frozen_weights(model):
         for _ in range(steps):
             opt.zero_grad()
             # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
@@ -143,9 +142,6 @@ def optimize_targets(
                     limit = clamp_norm_factor * h0.norm()
                     if d.norm() > limit:
                         d.mul_(limit / d.norm())
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return TargetResult([d.detach() for d in deltas], h0s, losses, nll_value)
 
 
