@@ -42,6 +42,14 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return part, field, value
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU thread count for this process (``None``: torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
     """A copy of ``run`` with ``--set`` overrides applied and validated."""
     data = run.to_dict()
@@ -60,10 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kgshatter.train import train
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = train(run, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
     last = result.history[-1] if result.history else {}
     print(format_accuracy(last.get("accuracy", {})))
@@ -159,10 +164,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.position is not None:
         fields["position"] = args.position
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result, report = reproduce(run, args.out, sweep, progress=not args.quiet, device=args.device)
     print(describe(result))
     print(f"wrote {report} and the table, figures and summary beside it")
@@ -194,7 +196,6 @@ def parse_method_overrides(method: Any, preset: str, overrides: list[str]) -> An
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    import torch
 
     from kgshatter.editing import CovarianceCache, EditRequest, SyntheticTask, get_method
     from kgshatter.editing.protocols import (
@@ -215,8 +216,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("give either --fact 'SUBJECT RELATION' with --target, or --sample KIND")
     if args.fact is not None and args.target is None:
         raise ValueError("--fact needs --target (the new answer, e.g. e042)")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run, graph, model, state = load_run(args.run_dir, device=args.device)
     model.eval()
     sampler = WalkSampler(graph, run.walks)
@@ -311,7 +311,6 @@ def format_edit_summary(method: str, protocol: str, summary: dict[str, Any]) -> 
 
 
 def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
-    import torch
 
     from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark
     from kgshatter.editing import get_method
@@ -320,8 +319,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         get_method(m)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result: dict[str, Any] = {}
     if args.run_dir:
         result["synthetic"] = edit_benchmark(
