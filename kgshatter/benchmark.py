@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import statistics
 import time
@@ -311,7 +312,7 @@ def gpt2_xl_rome_benchmark(
             start = time.perf_counter()
             edit = compute_rome(model, task, request, config, model_id=model_id)
             seconds.append(time.perf_counter() - start)
-            tokens = task.prompts(request, 4, seed=99)[0]
+            tokens = task.prompts(request, 4, seed=99)[0].tokens
             with torch.inference_mode(), edited(model, edit):
                 hit = model(tokens)[:, -1].argmax(-1) == request.target
                 efficacy.append(float(hit.float().mean()))
@@ -338,4 +339,93 @@ def gpt2_xl_rome_benchmark(
         "peak_bytes": peak * 1024,
         "peak_over_model": peak * 1024 / model_bytes,
         "peak_above_start_over_model": (peak - rss_start) * 1024 / model_bytes,
+    }
+
+
+def pretrained_benchmark(
+    checkpoint_dir: str | os.PathLike[str],
+    n_edits: int = 1,
+    stats_tokens: int = 2048,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Through the pretrained loader: a random checkpoint with GPT-2-XL's exact config, saved
+    to ``checkpoint_dir`` (once; ~6.5 GB), then
+
+    - loading overhead: seconds from the directory to a ready hookable model
+      (:func:`~kgshatter.pretrained.load_pretrained`) vs plain ``transformers``
+      ``from_pretrained`` of the same files (each measured once, plain first);
+    - ROME with the ``gpt2-xl`` preset on the months task (a :class:`~kgshatter.text.TextTask`
+      whose statistics come from ``stats_tokens`` corpus tokens, computed once and cached, so
+      the timed edits load them): seconds per edit and the resident-set peak during the edits
+      as a multiple of the model's parameter bytes.
+    """
+    import gc
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from kgshatter.editing import ROME_PRESETS, CovarianceCache, compute_rome
+    from kgshatter.hooks import edited
+    from kgshatter.naturalistic import cyclic_task
+    from kgshatter.pretrained import TINY_TEXT, _tiny_tokenizer, load_pretrained
+    from kgshatter.text import TextCorpus, TextTask
+
+    path = Path(checkpoint_dir)
+    result: dict[str, Any] = {"threads": torch.get_num_threads()}
+    if not (path / "config.json").is_file():
+        start = time.perf_counter()
+        config = GPT2Config(n_embd=1600, n_layer=48, n_head=25, n_positions=1024)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            hf = GPT2LMHeadModel(config)
+        hf.save_pretrained(path)
+        # an offline byte-level BPE (ids < 600 of GPT-2's 50257): real GPT-2's tokenizer files
+        # cannot be downloaded here, and the timing does not depend on which ids are used
+        _tiny_tokenizer("byte").save_pretrained(path)
+        del hf
+        gc.collect()
+        result["write_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    result["plain_load_seconds"] = time.perf_counter() - start
+    del plain
+    gc.collect()
+    start = time.perf_counter()
+    pm = load_pretrained(path)
+    result["load_seconds"] = time.perf_counter() - start
+    result["load_ratio"] = result["load_seconds"] / result["plain_load_seconds"]
+    model = pm.model
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    result |= {"parameters": pm.n_parameters, "model_bytes": model_bytes,
+               "estimated_bytes": pm.estimated_bytes}  # fmt: skip
+    task = cyclic_task("months", pm.tokenizer)
+    config = dataclasses.replace(ROME_PRESETS["gpt2-xl"], n_samples=stats_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = CovarianceCache(cache_dir or tmp)
+        corpus = TextCorpus(TINY_TEXT * 200, "tiny-text")
+        start = time.perf_counter()
+        TextTask(model, pm.tokenizer, corpus, cache, seq_len=64).stats(
+            model, config.layer, config.n_samples, config.seed, pm.model_id
+        )
+        result["stats_seconds"] = time.perf_counter() - start
+        requests = task.counterfactuals(n_edits, seed=0, distance=2)
+        rss_before = _rss_kib("VmRSS")
+        peak_reset = _reset_peak()
+        seconds, success = [], []
+        for request in requests:
+            text_task = TextTask(model, pm.tokenizer, corpus, cache, seq_len=64)
+            start = time.perf_counter()
+            edit = compute_rome(model, text_task, request, config, model_id=pm.model_id)
+            seconds.append(time.perf_counter() - start)
+            with edited(model, edit):
+                success.append(task.success(model, request))
+        peak = _rss_kib("VmHWM")
+    return result | {
+        "edit_seconds": seconds,
+        "median_edit_seconds": sorted(seconds)[len(seconds) // 2],
+        "success": success,
+        "rss_before_edits_bytes": rss_before * 1024,
+        "peak_rss_bytes": peak * 1024,
+        "peak_over_model": peak * 1024 / model_bytes,
+        "peak_reset": peak_reset,
     }

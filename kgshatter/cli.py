@@ -171,6 +171,71 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distances(text: str) -> tuple[int, ...]:
+    """``"1..3"`` or ``"1,2,3"``; ``""`` is no distance (the tree task)."""
+    try:
+        if ".." in text:
+            lo, hi = text.split("..")
+            return tuple(range(int(lo), int(hi) + 1))
+        return tuple(int(d) for d in text.split(",") if d.strip())
+    except ValueError:
+        raise ValueError(f"--distance must look like 1..3 or 1,2,3, got {text!r}") from None
+
+
+def _cmd_months(args: argparse.Namespace) -> int:
+    from kgshatter.months import MonthsConfig, run_months
+    from kgshatter.pretrained import TINY_TEXT, load_pretrained, tiny_checkpoint
+    from kgshatter.text import TextCorpus
+
+    distances = _distances(args.distance) if args.task != "cities" else ()
+    config = MonthsConfig(
+        task=args.task,
+        method=args.method,
+        preset=args.preset,
+        distances=distances,
+        n_edits=args.n,
+        seed=args.seed,
+        site=args.site,
+        n_samples=args.samples,
+        mmlu_every=args.mmlu_every,
+        mmlu_max_new_tokens=args.mmlu_tokens,
+    )
+    out = Path(args.out)
+    corpus = TextCorpus.from_files(args.corpus) if args.corpus else None
+    items = ()
+    if args.mmlu:
+        from kgshatter.mmlu import load_items
+
+        items = load_items(args.mmlu, limit=args.mmlu_limit)
+    set_threads(args.threads)
+    if args.model.startswith("tiny:"):
+        family = args.model.partition(":")[2]
+        path = tiny_checkpoint(family, out / f"tiny-{family}")
+        print(f"using a TINY RANDOM {family} checkpoint at {path}: the code path runs, the "
+              f"numbers mean nothing about real models")  # fmt: skip
+        corpus = corpus or TextCorpus(TINY_TEXT * 50, "tiny-text")
+        model_arg: str = str(path)
+    else:
+        model_arg = args.model
+    pretrained = load_pretrained(model_arg, dtype=args.dtype, device=args.device)
+    summary = run_months(
+        pretrained,
+        config,
+        out,
+        corpus=corpus,
+        cache_dir=args.cache or out / "cache",
+        mmlu_items=items,
+        progress=not args.quiet,
+    )
+    for d, e in summary["per_distance"].items():
+        print(
+            f"d={d}: success {100 * e['success']:.0f}%, accuracy change "
+            f"{100 * e['accuracy_change']:+.1f} points, R(D*) {e['R']:.4f}"
+        )
+    print(f"wrote {out / 'report.md'} and rows.jsonl, summary.json and figures beside it")
+    return 0
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from kgshatter.benchmark import throughput_benchmark
 
@@ -312,7 +377,7 @@ def format_edit_summary(method: str, protocol: str, summary: dict[str, Any]) -> 
 
 def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
 
-    from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark
+    from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark, pretrained_benchmark
     from kgshatter.editing import get_method
     from kgshatter.io import write_json_atomic
 
@@ -335,8 +400,19 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             f"{g['median_seconds_per_edit']:.1f} s per edit (cached statistics), peak memory "
             f"{g['peak_over_model']:.2f}x the model's size"
         )
+    if args.pretrained_dir:
+        result["pretrained_gpt2_xl"] = g = pretrained_benchmark(
+            args.pretrained_dir, n_edits=args.gpt2_xl_edits
+        )
+        print(
+            f"loader, GPT-2-XL config ({g['parameters'] / 1e9:.2f}B parameters): "
+            f"{g['load_seconds']:.1f} s to a hookable model vs {g['plain_load_seconds']:.1f} s "
+            f"plain transformers (ratio {g['load_ratio']:.2f}); ROME (gpt2-xl preset, months) "
+            f"{g['median_edit_seconds']:.1f} s per edit, peak {g['peak_over_model']:.2f}x the "
+            f"model's size"
+        )
     if not result:
-        raise ValueError("nothing to benchmark: give RUN_DIR and/or --gpt2-xl")
+        raise ValueError("nothing to benchmark: give RUN_DIR, --gpt2-xl or --pretrained-dir")
     write_json_atomic(args.json, result)
     print(f"wrote {args.json}")
     return 0
@@ -533,10 +609,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
     )
     p.add_argument("--gpt2-xl-edits", type=int, default=2, help="edits timed on that model")
+    p.add_argument(
+        "--pretrained-dir",
+        default=None,
+        help="also benchmark the pretrained loader and ROME through it on a GPT-2-XL-config "
+        "checkpoint in this folder (written there first if missing, ~6.5 GB)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default="edit_benchmark.json", help="where to write the numbers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_edit_benchmark)
+
+    p = sub.add_parser(
+        "months",
+        help="the naturalistic replication: edit a pretrained model's months (days, cities)",
+        description="Load a pretrained checkpoint (hub name or local directory; 'tiny:gpt2', "
+        "'tiny:llama' or 'tiny:mamba' for a random stand-in), edit counterfactual facts at "
+        "each distance, measure accuracy, the ring (R(D*), Isomap) and optionally MMLU-Redux, "
+        "and write OUT/report.md with figures, rows.jsonl and summary.json.",
+    )
+    p.add_argument("--model", required=True, help="gpt2-xl, llama3-8b-instruct, mamba-2.8b, a "
+                   "hub name, a local checkpoint directory, or tiny:FAMILY")  # fmt: skip
+    p.add_argument("--task", default="months", choices=["months", "days", "cities"])
+    p.add_argument("--method", default="rome", help="rome, memit, alphaedit, pmet or ft")
+    p.add_argument("--preset", default=None, help="editing preset (default: from the model)")
+    p.add_argument("--distance", default="1..3", help="edit distances, 1..3 or 1,2,3")
+    p.add_argument("--n", type=int, default=4, help="edits per distance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--site", default=None, help="representation site, e.g. 20.resid_post")
+    p.add_argument("--corpus", nargs="+", default=None, help="text files for the statistics C")
+    p.add_argument("--samples", type=int, default=None, help="corpus tokens for C")
+    p.add_argument("--cache", default=None, help="statistics cache (default OUT/cache)")
+    p.add_argument("--mmlu", default=None, help="MMLU-Redux items (.jsonl/.json, or hub:SUBJECT)")
+    p.add_argument("--mmlu-limit", type=int, default=None, help="first N items only")
+    p.add_argument("--mmlu-every", type=int, default=1, help="MMLU after every k-th edit")
+    p.add_argument("--mmlu-tokens", type=int, default=512, help="max new tokens per answer")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_months)
 
     p = sub.add_parser("benchmark", help="training throughput: bridge vs plain PyTorch decoder")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -555,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, ImportError) as e:
         print(f"kgshatter {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 COMPONENTS = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -12,6 +13,9 @@ COMPONENTS = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "resid_post": "blocks.{layer}.hook_resid_post",
+    # Mamba: the mixer's output projection, the matrix ROME edits on Mamba (its key and value)
+    "mixer_key": "blocks.{layer}.mixer.out_proj.hook_in",
+    "mixer_out": "blocks.{layer}.mixer.out_proj.hook_out",
 }
 GLOBAL_COMPONENTS = {"embed": "hook_embed", "ln_final": "ln_final.hook_normalized"}
 
@@ -72,6 +76,39 @@ class Site:
 
     def __str__(self) -> str:
         return self.component if self.layer is None else f"{self.layer}.{self.component}"
+
+
+# the matrix an editor rewrites, per kind of block: (key component, value component)
+EDIT_MODULES = {"mlp": ("mlp_post", "mlp_out"), "mixer": ("mixer_key", "mixer_out")}
+
+
+def edit_module(model: Any) -> str:
+    """``"mixer"`` for state-space (Mamba) blocks, whose ``out_proj`` is edited; else ``"mlp"``."""
+    return "mixer" if COMPONENTS["mixer_key"].format(layer=0) in model.hook_dict else "mlp"
+
+
+def edit_sites(module: str, layer: int) -> tuple[Site, Site]:
+    """The key (matrix input) and value (matrix output) sites of the edited matrix at ``layer``.
+
+    >>> [str(s) for s in edit_sites("mixer", 15)]
+    ['15.mixer_key', '15.mixer_out']
+    """
+    if module not in EDIT_MODULES:
+        raise ValueError(f"unknown edit module {module!r}; allowed: {sorted(EDIT_MODULES)}")
+    key, out = EDIT_MODULES[module]
+    return Site(layer, key), Site(layer, out)
+
+
+def edit_weight(model: Any, layer: int, module: str) -> Any:
+    """The edited matrix as a writable ``[d_in, d_out]`` view (``out = key @ W``).
+
+    MLP: ``blocks[layer].mlp.W_out``. Mamba: ``mixer.out_proj.weight`` is an ``nn.Linear``
+    weight ``[d_out, d_in]``, so its transpose (a view: in-place writes reach the weight).
+    """
+    edit_sites(module, layer)[1].check(model.cfg.n_layers)
+    if module == "mlp":
+        return model.blocks[layer].mlp.W_out
+    return model.blocks[layer].mixer.out_proj.weight.T
 
 
 def all_sites(n_layers: int, components: tuple[str, ...] = ("resid_post",)) -> list[Site]:

@@ -175,7 +175,7 @@ def test_alphaedit_sequential_state(setup):
     prompts = task.prompts(req, config.n_prompts, config.seed)[0]
     for d in second.deltas:
         with edited(model, first):
-            k = mean_keys(model, d.layer, [prompts], -1)[0].float()
+            k = mean_keys(model, d.layer, [prompts], "relation")[0].float()
         ratio = (k @ d.dense).norm() / d.b.norm()
         assert ratio < 0.2
     with pytest.raises(ValueError, match="belongs to model"):

@@ -47,7 +47,7 @@ def test_corrective_requests_are_the_models_mistakes(env):
     reqs = sample_requests(graph, "corrective", 5, seed=0, model=model, sampler=task.sampler)
     for r in reqs:
         assert r.target == r.old_target(graph)  # the graph's answer
-        prompts = task.prompts(r, 5, 0)[0]
+        prompts = task.prompts(r, 5, 0)[0].tokens
         with torch.no_grad():
             p = torch.softmax(model(prompts)[:, -1], -1).mean(0)
         # mostly wrong on other contexts too (the sampler used different ones)

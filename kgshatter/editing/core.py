@@ -3,9 +3,13 @@
 Every method is a small solve step over these pieces (editing-methods.md, "Shared machinery"):
 
 - :class:`TargetConfig`: the fields every optimisation-based editor shares;
-- :class:`SyntheticTask`: where prompts and second moments come from for a model trained on a
-  knowledge graph (prompts = random-walk contexts leading into the subject; C from validation
-  walks, cached on disk and in memory);
+- :class:`Prompts`: right-padded prompt tokens with, per row, the subject's last token and the
+  last token (where the answer is read); causal models never see the padding on the right;
+- a *task* supplies prompts, statistics and names for its requests. :class:`SyntheticTask` does
+  so for a model trained on a knowledge graph (prompts = random-walk contexts leading into the
+  subject; C from validation walks, cached on disk and in memory);
+  :class:`kgshatter.text.TextTask` for a pretrained model (prompts after prefixes sampled from
+  the model; C from a text corpus). Editors only call the methods :class:`SyntheticTask` has;
 - :func:`mean_keys` / :func:`mean_activations`: activations at one position, averaged over a
   request's prompts, optionally with earlier edits applied as hooks;
 - :func:`check_changes_answer`: refuse a request the model already satisfies.
@@ -24,11 +28,69 @@ from jaxtyping import Float, Int
 from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey, second_moment
 from kgshatter.editing.requests import EditRequest, request_prompts
 from kgshatter.kg.walks import WalkSampler
-from kgshatter.sites import Site
+from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_float, check_int
 
-# where keys are read and values written in a synthetic prompt "... x r"
-POSITIONS = {"subject": -2, "relation": -1}
+# where keys are read and values written: the subject's last token, or the prompt's last token
+# (in a synthetic prompt "... x r" the relation token)
+POSITIONS = ("subject", "relation")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompt tokens ``[p, seq]``, right-padded, with the positions that matter in each row.
+
+    ``last[i]`` is row i's last real token (the answer is read there) and ``subject[i]`` its
+    subject's last token. Padding sits after ``last``, so a causal model's activations up to
+    ``last`` do not depend on it and no attention mask is needed.
+    """
+
+    tokens: Int[torch.Tensor, "p seq"]
+    last: Int[torch.Tensor, " p"]
+    subject: Int[torch.Tensor, " p"]
+
+    def __post_init__(self) -> None:
+        n, seq = self.tokens.shape
+        for name in ("last", "subject"):
+            idx = getattr(self, name)
+            if idx.shape != (n,) or (n and (int(idx.min()) < 0 or int(idx.max()) >= seq)):
+                raise ValueError(f"Prompts.{name} must hold one index in [0, {seq}) per row")
+        if n and bool((self.subject > self.last).any()):
+            raise ValueError("Prompts: a subject token lies after the prompt's last token")
+
+    @classmethod
+    def aligned(cls, tokens: Int[torch.Tensor, "p seq"]) -> Prompts:
+        """Equal-length synthetic prompts ``... x r``: subject at -2, last at -1."""
+        n, seq = tokens.shape
+        return cls(tokens, torch.full((n,), seq - 1), torch.full((n,), max(seq - 2, 0)))
+
+    @classmethod
+    def cat(cls, parts: Sequence[Prompts]) -> Prompts:
+        """Rows of several prompt sets in one batch (shorter ones right-padded with their
+        last token, which no kept position can see)."""
+        seq = max(p.tokens.shape[1] for p in parts)
+        rows = []
+        for p in parts:
+            pad = seq - p.tokens.shape[1]
+            rows.append(
+                torch.cat([p.tokens, p.tokens[:, -1:].expand(-1, pad)], 1) if pad else p.tokens
+            )
+        return cls(
+            torch.cat(rows),
+            torch.cat([p.last for p in parts]),
+            torch.cat([p.subject for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, rows: slice) -> Prompts:
+        return Prompts(self.tokens[rows], self.last[rows], self.subject[rows])
+
+    def index(self, position: str) -> Int[torch.Tensor, " p"]:
+        """Per-row index of ``position`` (``"subject"`` or ``"relation"`` = the last token)."""
+        check_choice("position", position, POSITIONS)
+        return self.subject if position == "subject" else self.last
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,14 +145,14 @@ class TargetConfig(ConfigDict):
             "kl_factor": self.kl_factor,
             "weight_decay": self.weight_decay,
             "clamp_norm_factor": self.clamp_norm_factor,
-            "position": POSITIONS[self.position],
+            "position": self.position,
             "micro_batch": self.micro_batch,
         }
 
 
-def as_requests(requests: Sequence[EditRequest] | EditRequest, method: str) -> list[EditRequest]:
+def as_requests(requests: Sequence[Any] | Any, method: str) -> list[Any]:
     """One request or several, as a non-empty list."""
-    out = [requests] if isinstance(requests, EditRequest) else list(requests)
+    out = list(requests) if isinstance(requests, (list, tuple)) else [requests]
     if not out:
         raise ValueError(f"{method} needs at least one request")
     return out
@@ -143,7 +205,7 @@ class SyntheticTask:
 
     def prompts(
         self, request: EditRequest, n_prompts: int, seed: int
-    ) -> tuple[Int[torch.Tensor, "p seq"], Int[torch.Tensor, "p seq"] | None]:
+    ) -> tuple[Prompts, Prompts | None]:
         """Rewriting prompts for ``request`` and "essence" prompts whose answers must not move.
 
         The essence prompts ask the subject's fact on the next order (same direction and hops),
@@ -154,12 +216,30 @@ class SyntheticTask:
         prompts = request_prompts(self.sampler, request.subject, request.relation, n_prompts, seed)
         rel = self.graph.relations[request.relation]
         if self.graph.n_orders == 1:
-            return prompts, None
+            return Prompts.aligned(prompts), None
         other = next(
             r for r in self.graph.relations if r.order == (rel.order + 1) % self.graph.n_orders
         )
         essence = request_prompts(self.sampler, request.subject, other.index, n_prompts, seed + 1)
-        return prompts, essence
+        return Prompts.aligned(prompts), Prompts.aligned(essence)
+
+    def bare_prompt(self, request: EditRequest) -> Prompts:
+        """The request without context: ``x r`` (original ROME's plain template)."""
+        n_entities = self.graph.n_entities
+        return Prompts.aligned(torch.tensor([[request.subject, n_entities + request.relation]]))
+
+    def target_token(self, request: EditRequest) -> int:
+        return request.target
+
+    def fact(self, request: EditRequest) -> tuple[int, int]:
+        """What a request rewrites; a batch may not rewrite one fact twice."""
+        return (request.subject, request.relation)
+
+    def describe(self, request: EditRequest) -> str:
+        return request.describe(self.graph)
+
+    def request_from_dict(self, data: dict[str, Any]) -> EditRequest:
+        return EditRequest(**data)
 
     def stats(
         self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
@@ -214,27 +294,30 @@ def synthetic_stats(
 def mean_activations(
     model: Any,
     hook_name: str,
-    prompts: Sequence[torch.Tensor],
-    position: int,
+    prompts: Sequence[Prompts],
+    position: str,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
     stop_at_layer: int | None = None,
 ) -> Float[torch.Tensor, "request d"]:
     """Activation at ``hook_name`` and ``position``, averaged over each request's prompts (float64).
 
-    ``prompts`` holds one ``[prompt, seq]`` tensor per request; all run in one batch. With
+    ``prompts`` holds one :class:`Prompts` per request; all run in one batch. With
     ``stop_at_layer`` the forward pass ends before that block (it must lie above the hook).
     """
     device = next(model.parameters()).device
-    sizes = [p.shape[0] for p in prompts]
-    batch = torch.cat(list(prompts)).to(device)
+    sizes = [len(p) for p in prompts]
+    batch = Prompts.cat(prompts)
+    idx = batch.index(position).to(device)
     seen: dict[str, torch.Tensor] = {}
 
     def read(activation: torch.Tensor, hook: Any) -> None:
-        seen["a"] = activation[:, position].detach()
+        seen["a"] = activation[torch.arange(len(idx), device=device), idx].detach()
 
     with torch.inference_mode():
         model.run_with_hooks(
-            batch, fwd_hooks=[*fwd_hooks, (hook_name, read)], stop_at_layer=stop_at_layer
+            batch.tokens.to(device),
+            fwd_hooks=[*fwd_hooks, (hook_name, read)],
+            stop_at_layer=stop_at_layer,
         )
     return torch.stack([chunk.double().mean(0) for chunk in seen["a"].split(sizes)])
 
@@ -242,12 +325,13 @@ def mean_activations(
 def mean_keys(
     model: Any,
     layer: int,
-    prompts: Sequence[torch.Tensor],
-    position: int,
+    prompts: Sequence[Prompts],
+    position: str,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
-) -> Float[torch.Tensor, "request d_mlp"]:
-    """MLP keys (``blocks.L.mlp.hook_post``) averaged over each request's prompts."""
-    hook = Site(layer, "mlp_post").check(model.cfg.n_layers).hook_name
+) -> Float[torch.Tensor, "request d_key"]:
+    """Keys of the edited matrix (MLP ``hook_post``; Mamba ``out_proj`` input) per request."""
+    key, _ = edit_sites(edit_module(model), layer)
+    hook = key.check(model.cfg.n_layers).hook_name
     return mean_activations(model, hook, prompts, position, fwd_hooks, stop_at_layer=layer + 1)
 
 
@@ -255,20 +339,28 @@ class AlreadyAnswered(ValueError):
     """The model already gives the requested answer: the edit would be a no-op."""
 
 
+def last_logits(
+    model: Any, prompts: Prompts, fwd_hooks: Sequence[tuple[str, Any]] = ()
+) -> Float[torch.Tensor, "p vocab"]:
+    """Next-token logits at each row's last real token."""
+    device = next(model.parameters()).device
+    logits = model.run_with_hooks(prompts.tokens.to(device), fwd_hooks=list(fwd_hooks))
+    return logits[torch.arange(len(prompts), device=device), prompts.last.to(device)]
+
+
 def check_changes_answer(
     model: Any,
-    task: SyntheticTask,
-    request: EditRequest,
-    prompts: torch.Tensor,
+    task: Any,
+    request: Any,
+    prompts: Prompts,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """Refuse ``request`` if the model (with ``fwd_hooks``) already answers its target."""
-    device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model.run_with_hooks(prompts.to(device), fwd_hooks=list(fwd_hooks))[:, -1]
+        logits = last_logits(model, prompts, fwd_hooks)
     answer = int(torch.softmax(logits.float(), -1).mean(0).argmax())
-    if answer == request.target:
+    if answer == task.target_token(request):
         raise AlreadyAnswered(
-            f"the model already answers {task.graph.entity_name(request.target)} to "
-            f"{request.describe(task.graph)}; nothing to edit (choose another target)"
+            f"the model already answers the target of {task.describe(request)}; nothing to "
+            f"edit (choose another target)"
         )

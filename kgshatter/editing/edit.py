@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 
 from kgshatter.io import read_json, write_atomic, write_json_atomic
-from kgshatter.sites import Site
+from kgshatter.sites import edit_sites, edit_weight
 
 EDIT_FORMAT = "kgshatter.edit/1"
 
@@ -65,29 +65,33 @@ class LayerDelta:
 
 @dataclass
 class Edit:
-    """One edit (one method applied to one or more requests), as per-layer weight deltas."""
+    """One edit (one method applied to one or more requests), as per-layer weight deltas.
+
+    ``module`` names the edited matrix: ``"mlp"`` (``W_out``) or ``"mixer"`` (Mamba's
+    ``out_proj``); see :func:`kgshatter.sites.edit_sites`.
+    """
 
     method: str
     deltas: list[LayerDelta]
-    requests: list[dict[str, int]]
+    requests: list[dict[str, Any]]
     config: dict[str, Any]
     model_id: str
     info: dict[str, Any] = field(default_factory=dict)
+    module: str = "mlp"
 
     def hooks(self) -> list[tuple[str, Any]]:
-        """Forward hooks adding each layer's delta to the MLP output (weights untouched)."""
+        """Forward hooks adding each layer's delta to the matrix's output (weights untouched)."""
         from kgshatter.hooks import low_rank_delta
 
         pairs: list[tuple[str, Any]] = []
         for d in self.deltas:
-            pairs += low_rank_delta(
-                Site(d.layer, "mlp_post").hook_name, Site(d.layer, "mlp_out").hook_name, d.a, d.b
-            )
+            key, out = edit_sites(self.module, d.layer)
+            pairs += low_rank_delta(key.hook_name, out.hook_name, d.a, d.b)
         return pairs
 
     def apply_to_weights(self, model: Any) -> WeightPatch:
-        """Add the deltas to ``W_out`` in place; ``restore()`` on the handle undoes it exactly."""
-        return WeightPatch(model, self.deltas)
+        """Add the deltas to the weights in place; ``restore()`` on the handle undoes it exactly."""
+        return WeightPatch(model, self.deltas, self.module)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """``PATH.safetensors`` (factors) and ``PATH.json`` (everything else), atomically."""
@@ -108,6 +112,7 @@ class Edit:
             "requests": self.requests,
             "config": self.config,
             "model_id": self.model_id,
+            "module": self.module,
             "info": self.info,
         }
         write_json_atomic(path.with_suffix(".json"), meta)
@@ -133,20 +138,24 @@ class Edit:
             meta["config"],
             meta["model_id"],
             meta.get("info", {}),
+            meta.get("module", "mlp"),
         )
 
 
 class WeightPatch:
     """An edit written into the weights; ``restore()`` (or leaving ``with``) undoes it exactly."""
 
-    def __init__(self, model: Any, deltas: list[LayerDelta]) -> None:
+    def __init__(self, model: Any, deltas: list[LayerDelta], module: str = "mlp") -> None:
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        n_layers = model.cfg.n_layers
-        for d in deltas:
-            Site(d.layer, "mlp_out").check(n_layers)
+        weights = [edit_weight(model, d.layer, module) for d in deltas]  # all checked first
+        for d, w in zip(deltas, weights, strict=True):
+            if tuple(d.dense.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"edit delta {tuple(d.dense.shape)} does not fit layer {d.layer}'s "
+                    f"{module} matrix {tuple(w.shape)}; was it computed on another model?"
+                )
         with torch.no_grad():
-            for d in deltas:
-                w = model.blocks[d.layer].mlp.W_out  # [d_mlp, d_model], a view of the weight
+            for d, w in zip(deltas, weights, strict=True):  # w: [d_key, d_out], a view
                 self._saved.append((w, w.detach().clone()))
                 w += d.dense.to(w.dtype).to(w.device)
         self.active = True

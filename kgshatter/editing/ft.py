@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from kgshatter.editing.core import (
+    Prompts,
     SyntheticTask,
     as_requests,
     check_changes_answer,
     frozen_weights,
+    last_logits,
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.hooks import low_rank_delta
-from kgshatter.sites import Site
+from kgshatter.sites import edit_module, edit_sites, edit_weight
 from kgshatter.validation import ConfigDict, check_float, check_int
 
 
@@ -60,6 +62,7 @@ FT_PRESETS = {
     "synthetic": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     # FT-L has no key position: the loss is on the answer, so both synthetic models share it
     "synthetic-subject": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
+    "tiny-pretrained": FTConfig(layer=2, steps=25, lr=5e-3, norm_constraint=5e-2, n_prompts=5),
 }
 
 
@@ -75,7 +78,9 @@ def compute_ft(
     """A dense delta on ``W_out[layer]`` fitted to all requests jointly."""
     requests = as_requests(requests, "ft")
     reject_state("ft", state)
-    Site(config.layer, "mlp_out").check(model.cfg.n_layers)
+    module = edit_module(model)
+    key, out = edit_sites(module, config.layer)
+    w = edit_weight(model, config.layer, module)
     model_id = model_id or model_identity(model)
     device = next(model.parameters()).device
     batches, targets = [], []
@@ -83,21 +88,15 @@ def compute_ft(
         prompts, _ = task.prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
         batches.append(prompts)
-        targets.append(torch.full((prompts.shape[0],), r.target))
-    tokens, target = torch.cat(batches).to(device), torch.cat(targets).to(device)
-    w = model.blocks[config.layer].mlp.W_out
+        targets.append(torch.full((len(prompts),), task.target_token(r)))
+    batch, target = Prompts.cat(batches), torch.cat(targets).to(device)
     delta = torch.zeros(w.shape, dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
-    hooks = low_rank_delta(
-        Site(config.layer, "mlp_post").hook_name,
-        Site(config.layer, "mlp_out").hook_name,
-        delta,
-        None,
-    )
+    hooks = low_rank_delta(key.hook_name, out.hook_name, delta, None)
     losses: list[float] = []
     with frozen_weights(model):
         for _ in range(config.steps):
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float()
+            logits = last_logits(model, batch, hooks).float()
             loss = F.cross_entropy(logits, target)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"FT-L diverged (loss {loss.item()}); lower lr")
@@ -113,5 +112,6 @@ def compute_ft(
         requests=[r.to_dict() for r in requests],
         config=config.to_dict(),
         model_id=model_id,
+        module=module,
         info={"losses": losses},
     )

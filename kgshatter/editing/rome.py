@@ -13,10 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kgshatter.editing.core import (
-    POSITIONS,
     SyntheticTask,
     TargetConfig,
     as_requests,
@@ -27,7 +24,7 @@ from kgshatter.editing.core import (
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_targets
-from kgshatter.sites import Site
+from kgshatter.sites import edit_module, edit_sites, edit_weight
 from kgshatter.validation import check_choice, check_int
 
 DENOMINATORS = ("rrome", "original")
@@ -72,12 +69,31 @@ ROME_PRESETS = {
         position="subject",
         micro_batch=7,  # memory knob (ours): 7 prompts at a time through a 1.6B model
     ),
+    # Mamba 2.8B: the out_proj of layer 15's mixer (the layer the issue names, after Sen Sharma
+    # et al. 2024, "Locating and Editing Factual Associations in Mamba"); the optimisation
+    # settings are GPT-2-XL's (our derivation: no reference config exists in kgshatter's
+    # sources)
+    "mamba-2.8b": ROMEConfig(
+        layer=15,
+        n_prompts=21,
+        steps=20,
+        lr=0.5,
+        weight_decay=0.5,
+        clamp_norm_factor=4.0,
+        kl_factor=0.0625,
+        position="subject",
+        micro_batch=7,
+    ),
+    # tiny random checkpoints (kgshatter.pretrained.tiny_checkpoint): measured, see spread.py
+    "tiny-pretrained": ROMEConfig(
+        layer=2, position="relation", n_prompts=5, steps=30, n_samples=4096
+    ),
 }
 
 
 def compute_rome(
     model: Any,
-    task: SyntheticTask,
+    task: SyntheticTask,  # or any task with its methods, e.g. kgshatter.text.TextTask
     requests: Sequence[EditRequest] | EditRequest,
     config: ROMEConfig = ROMEConfig(),
     *,
@@ -96,14 +112,14 @@ def compute_rome(
         )
     reject_state("rome", state)
     (request,) = requests
-    Site(config.layer, "mlp_post").check(model.cfg.n_layers)
-    out_hook = Site(config.layer, "mlp_out").hook_name
+    module = edit_module(model)
+    out_hook = edit_sites(module, config.layer)[1].check(model.cfg.n_layers).hook_name
     model_id = model_id or model_identity(model)
     prompts, essence = task.prompts(request, config.n_prompts, config.seed)
     check_changes_answer(model, task, request, prompts)
-    pos = POSITIONS[config.position]
+    pos = config.position
     target = optimize_targets(
-        model, [out_hook], prompts, request.target, essence, **config.optimisation()
+        model, [out_hook], prompts, task.target_token(request), essence, **config.optimisation()
     )
     device = next(model.parameters()).device
     k_star = mean_keys(model, config.layer, [prompts], pos)[0]  # [d_mlp], float64
@@ -116,10 +132,9 @@ def compute_rome(
     v_star = h0 + delta
     if config.denominator == "rrome":
         k_den, out_k = k_star, h0
-    else:  # the bare prompt "x r" (original ROME's plain template)
-        bare = torch.tensor([[request.subject, task.graph.n_entities + request.relation]])
-        w = model.blocks[config.layer].mlp.W_out.detach().double()  # [d_mlp, d_model]
-        k_den = mean_keys(model, config.layer, [bare], pos)[0]
+    else:  # the bare prompt (original ROME's plain template)
+        w = edit_weight(model, config.layer, module).detach().double()  # [d_key, d_model]
+        k_den = mean_keys(model, config.layer, [task.bare_prompt(request)], pos)[0]
         out_k = k_den @ w + (h0 - k_star @ w)  # the same bias term as at k*
     denom = float(u @ k_den)
     if abs(denom) < 1e-12:
@@ -132,6 +147,7 @@ def compute_rome(
         requests=[request.to_dict()],
         config=config.to_dict(),
         model_id=model_id,
+        module=module,
         info={
             "losses": target.losses,
             "final_nll": target.nll,

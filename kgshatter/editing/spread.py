@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from kgshatter.editing.core import (
-    POSITIONS,
     SyntheticTask,
     TargetConfig,
     as_requests,
@@ -47,7 +46,7 @@ from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_targets
 from kgshatter.hooks import edited
-from kgshatter.sites import Site
+from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import check_choice, check_float
 
 THRESHOLD_KINDS = ("absolute", "relative")
@@ -111,8 +110,13 @@ _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
 # subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
 # target sits on layer 0's output; steps and clamp as ROME's measured ones
 _SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5, "layers": (0,)}
+# the tiny random checkpoints of kgshatter.pretrained.tiny_checkpoint (tests, tutorials):
+# measured, the relation (last) position edits them; at the subject token the random
+# attention carries too little to the last token for any delta to move the answer
+_TINY = {"layers": (1, 2), "position": "relation", "n_prompts": 5, "steps": 30, "n_samples": 4096}
 MEMIT_PRESETS = {
     "synthetic": MEMITConfig(),
+    "tiny-pretrained": MEMITConfig(**_TINY),
     "synthetic-subject": MEMITConfig(**_SUBJECT),
     "gpt2-xl": MEMITConfig(**_GPT2_XL),
     "llama3-8b": MEMITConfig(**_LLAMA3_8B),
@@ -120,12 +124,14 @@ MEMIT_PRESETS = {
 ALPHAEDIT_PRESETS = {
     "synthetic": AlphaEditConfig(),
     "synthetic-subject": AlphaEditConfig(**_SUBJECT),
+    "tiny-pretrained": AlphaEditConfig(**_TINY, threshold_kind="relative"),
     "gpt2-xl": AlphaEditConfig(**_GPT2_XL, l2=10.0),
     "llama3-8b": AlphaEditConfig(**_LLAMA3_8B, l2=10.0),
 }
 PMET_PRESETS = {
     "synthetic": PMETConfig(),
     "synthetic-subject": PMETConfig(**_SUBJECT),
+    "tiny-pretrained": PMETConfig(**_TINY),
     "gpt2-xl": PMETConfig(**{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30}),
 }
 
@@ -203,19 +209,20 @@ def _spread_edit(
     """Targets at the last layer, then one solve per layer in ascending order (module doc)."""
     requests = as_requests(requests, method)
     n_layers = model.cfg.n_layers
+    module = edit_module(model)
     for layer in config.layers:
-        Site(layer, "mlp_out").check(n_layers)
-    pairs = [(r.subject, r.relation) for r in requests]
-    if len(set(pairs)) != len(pairs):
-        raise ValueError(f"{method}: a batch may not edit the same fact twice, got {pairs}")
+        edit_sites(module, layer)[1].check(n_layers)
+    facts = [task.fact(r) for r in requests]
+    if len(set(facts)) != len(facts):
+        raise ValueError(f"{method}: a batch may not edit the same fact twice, got {facts}")
     last = config.layers[-1]
-    pos = POSITIONS[config.position]
+    pos = config.position
     prompt_sets, targets, losses = [], [], []
     for r in requests:
         prompts, essence = task.prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
         t = optimize_targets(
-            model, target_hooks, prompts, r.target, essence, **config.optimisation()
+            model, target_hooks, prompts, task.target_token(r), essence, **config.optimisation()
         )
         prompt_sets.append(prompts)
         targets.append(t.h0s[-1].double() + t.deltas[-1].double())
@@ -223,7 +230,7 @@ def _spread_edit(
     z = torch.stack(targets).cpu()  # [n, d_model] at residual_hook
     deltas: list[LayerDelta] = []
     for i, layer in enumerate(config.layers):
-        so_far = Edit(method, list(deltas), [], {}, model_id)
+        so_far = Edit(method, list(deltas), [], {}, model_id, module=module)
         keys = mean_keys(model, layer, prompt_sets, pos, so_far.hooks()).cpu()  # [n, d_mlp]
         current = mean_activations(
             model, residual_hook, prompt_sets, pos, so_far.hooks(), stop_at_layer=last + 1
@@ -237,6 +244,7 @@ def _spread_edit(
         requests=[r.to_dict() for r in requests],
         config=config.to_dict(),
         model_id=model_id,
+        module=module,
         info={"final_nll": losses, "target_hook": residual_hook},
     )
 
@@ -281,6 +289,8 @@ def compute_pmet(
     reject_state("pmet", state)
     model_id = model_id or model_identity(model)
     last = config.layers[-1]
+    if edit_module(model) != "mlp":
+        raise ValueError("PMET needs attention and MLP blocks; this model has neither (Mamba)")
     attn = Site(last, "attn_out").check(model.cfg.n_layers).hook_name
     mlp = Site(last, "mlp_out").hook_name
     return _spread_edit(
@@ -343,9 +353,10 @@ def compute_alphaedit(
     }
     if state is not None:
         prompt_sets = [
-            task.prompts(EditRequest(**r), config.n_prompts, config.seed)[0] for r in edit.requests
+            task.prompts(task.request_from_dict(r), config.n_prompts, config.seed)[0]
+            for r in edit.requests
         ]
-        pos = POSITIONS[config.position]
+        pos = config.position
         with edited(model, edit):
             for layer in config.layers:
                 k = mean_keys(model, layer, prompt_sets, pos).cpu()

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
-from kgshatter.editing.core import frozen_weights
+from kgshatter.editing.core import Prompts, frozen_weights
 
 
 @dataclass
@@ -42,20 +42,23 @@ class TargetResult:
 def optimize_targets(
     model: Any,
     hooks: Sequence[str],
-    prompts: Int[torch.Tensor, "prompt seq"],
+    prompts: Prompts,
     target: int,
-    essence: Int[torch.Tensor, "essence seq"] | None,
+    essence: Prompts | None,
     *,
     steps: int,
     lr: float,
     kl_factor: float,
     weight_decay: float,
     clamp_norm_factor: float,
-    position: int = -1,
+    position: str = "relation",
     fwd_hooks: Sequence[tuple[str, Any]] = (),
     micro_batch: int | None = None,
 ) -> TargetResult:
     """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
+
+    ``position`` is ``"subject"`` (each row's subject token) or ``"relation"`` (its last token);
+    the loss reads each row's next-token logits at its last token.
 
     ``fwd_hooks`` are extra hooks active throughout (e.g. earlier edits in a sequence).
     ``micro_batch`` bounds how many prompts run forward/backward at once (memory; the
@@ -67,21 +70,24 @@ def optimize_targets(
     if missing:
         raise ValueError(f"the model has no hook points {missing}")
     device = next(model.parameters()).device
-    prompts = prompts.to(device)
-    batch = prompts if essence is None else torch.cat([prompts, essence.to(device)])
-    n_rewrite = prompts.shape[0]
+    batch = prompts if essence is None else Prompts.cat([prompts, essence])
+    tokens = batch.tokens.to(device)
+    at = batch.index(position).to(device)  # where deltas are added, per row
+    last = batch.last.to(device)  # where the answer is read, per row
+    n_rewrite = len(prompts)
     store: dict[str, torch.Tensor] = {}
+    rows_now: dict[str, slice] = {"rows": slice(0, len(batch))}
 
     def reader(name: str):
         def read(activation: torch.Tensor, hook: Any) -> None:
-            store[name] = activation[:, position].detach()
+            store[name] = activation[torch.arange(len(at), device=device), at].detach()
 
         return read
 
     with torch.no_grad():
         logits0 = model.run_with_hooks(
-            batch, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
-        )[:, -1]
+            tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
+        )[torch.arange(len(last), device=device), last]
     h0s = [store[h][:n_rewrite].float().mean(0) for h in hooks]
     init_logp = torch.log_softmax(logits0[n_rewrite:].float(), -1)
     deltas = [torch.zeros_like(h0, requires_grad=True) for h0 in h0s]
@@ -91,13 +97,15 @@ def optimize_targets(
     def adder(delta: torch.Tensor):
         def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             out = activation.clone()
-            out[:, position] = out[:, position] + delta.to(activation.dtype)
+            idx = at[rows_now["rows"]]
+            rows = torch.arange(len(idx), device=device)
+            out[rows, idx] = out[rows, idx] + delta.to(activation.dtype)
             return out
 
         return add
 
     editing_hooks = [*fwd_hooks, *[(h, adder(d)) for h, d in zip(hooks, deltas, strict=True)]]
-    n_total = batch.shape[0]
+    n_total = len(batch)
     n_essence = n_total - n_rewrite
     step = micro_batch or n_total
     losses: list[float] = []
@@ -116,7 +124,10 @@ def optimize_targets(
             nll_sum, kl_sum = 0.0, 0.0
             for start in range(0, n_total, step):
                 rows = slice(start, min(start + step, n_total))
-                logits = model.run_with_hooks(batch[rows], fwd_hooks=editing_hooks)[:, -1].float()
+                rows_now["rows"] = rows
+                logits = model.run_with_hooks(tokens[rows], fwd_hooks=editing_hooks)
+                ends = last[rows]
+                logits = logits[torch.arange(len(ends), device=device), ends].float()
                 n_rw = max(0, min(rows.stop, n_rewrite) - start)
                 chunk = torch.zeros((), device=device)
                 if n_rw:

@@ -1,0 +1,320 @@
+"""The naturalistic replication (science.md section 7): edit a pretrained model's knowledge of
+the months (days, cities), measure the ring before and after, and reasoning (MMLU-Redux).
+
+``run_months(pretrained, config, out)`` writes, like the synthetic ``reproduce``:
+``rows.jsonl`` (one row per edit), ``summary.json`` (means per distance and the fit of
+accuracy drop on R(D*)), figures and ``report.md``. Edits are applied as hooks only; the model
+is unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgshatter.validation import ConfigDict, check_choice, check_int
+
+log = logging.getLogger(__name__)
+
+TASKS = ("months", "days", "cities")
+# which preset each known checkpoint uses (editing presets of kgshatter.editing)
+MODEL_PRESETS = {
+    "gpt2-xl": "gpt2-xl",
+    "llama-3-8b": "llama3-8b",
+    "llama3-8b": "llama3-8b",
+    "mamba-2.8b": "mamba-2.8b",
+}
+
+
+def preset_for(name: str) -> str:
+    """The editing preset for a checkpoint name; unknown names get ``"tiny-pretrained"``."""
+    low = name.lower()
+    for key, preset in MODEL_PRESETS.items():
+        if key in low:
+            return preset
+    return "tiny-pretrained"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonthsConfig(ConfigDict):
+    """What to run. ``site``: where representations are compared (``"L.resid_post"``);
+    ``None`` picks the unedited model's clearest ring (cyclic tasks) or the last layer (tree).
+    ``n_samples``: corpus tokens for C (``None``: the preset's). ``mmlu_every``: score
+    MMLU-Redux after every k-th edit of each distance (1 = all; costly with real weights)."""
+
+    task: str = "months"
+    method: str = "rome"
+    preset: str | None = None
+    distances: tuple[int, ...] = (1, 2, 3)
+    n_edits: int = 4
+    seed: int = 0
+    site: str | None = None
+    n_samples: int | None = None
+    mmlu_every: int = 1
+    mmlu_max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        check_choice("task", self.task, TASKS)
+        check_int("n_edits", self.n_edits, 1)
+        check_int("seed", self.seed, 0)
+        check_int("mmlu_every", self.mmlu_every, 1)
+        check_int("mmlu_max_new_tokens", self.mmlu_max_new_tokens, 1)
+        if self.n_samples is not None:
+            check_int("n_samples", self.n_samples, 1)
+        if self.task == "cities":
+            if self.distances:
+                raise ValueError("the cities task is a tree: it has no distances; pass ()")
+        elif not self.distances:
+            raise ValueError(f"the {self.task} task needs at least one distance")
+        from kgshatter.editing import get_method
+
+        get_method(self.method)
+
+
+def run_months(
+    pretrained: Any,
+    config: MonthsConfig,
+    out: str | os.PathLike[str],
+    *,
+    corpus: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mmlu_items: Any = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the replication on a :class:`~kgshatter.pretrained.PretrainedModel`; returns the
+    summary (also written to ``out/summary.json``)."""
+    from kgshatter.analysis.shattering import shattering
+    from kgshatter.editing import CovarianceCache, get_method
+    from kgshatter.hooks import edited
+    from kgshatter.io import write_json_atomic
+    from kgshatter.naturalistic import CyclicTask, natural_task
+    from kgshatter.sites import Site
+    from kgshatter.text import TextTask
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = pretrained.model, pretrained.tokenizer
+    task = natural_task(config.task, tokenizer)
+    method = get_method(config.method)
+    preset = config.preset or preset_for(pretrained.name)
+    overrides = {"n_samples": config.n_samples} if config.n_samples else {}
+    edit_config = method.config(preset, **overrides)
+    for layer in getattr(edit_config, "edit_layers", ()):
+        Site(layer, "resid_post").check(pretrained.n_layers)
+    cache = CovarianceCache(cache_dir) if cache_dir is not None else None
+    text_task = TextTask(model, tokenizer, corpus, cache)
+    cyclic = isinstance(task, CyclicTask)
+
+    sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
+    before = task.representations(model, sites)
+    rings = {str(s): _ring(before[s], task) for s in sites} if cyclic else {}
+    if config.site is not None:
+        site = Site.parse(config.site).check(pretrained.n_layers)
+        if site not in before:
+            before.update(task.representations(model, [site]))
+    else:
+        # representations below the edited layer cannot change: choose among the layers from
+        # the (last) edited one up, the clearest ring there (cyclic) or the last layer (tree)
+        lowest = max(getattr(edit_config, "edit_layers", (0,)))
+        above = [s for s in sites if s.layer >= lowest]
+        site = above[-1]
+        if cyclic:
+            site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
+    acc0 = task.accuracy(model)
+    mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
+    log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
+
+    rows: list[dict[str, Any]] = []
+    afters: list[Any] = []  # representations after each edit (small: subjects x d_model)
+    rows_path = out / "rows.jsonl"
+    rows_path.write_text("")
+    for distance in config.distances or (None,):
+        requests = task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance)
+        for i, request in enumerate(requests):
+            start = time.perf_counter()
+            edit = method.compute(
+                model, text_task, request, edit_config, model_id=pretrained.model_id
+            )
+            seconds = time.perf_counter() - start
+            with edited(model, edit):
+                after = task.representations(model, [site])[site]
+                row = {
+                    "distance": distance,
+                    "request": request.to_dict(),
+                    "success": task.success(model, request),
+                    "accuracy": task.accuracy(model, exclude=[request]),
+                    "accuracy_before": acc0,
+                    "R": shattering(before[site], after),
+                    "seconds": seconds,
+                }
+                if cyclic:
+                    row["ring_after"] = _ring(after, task)
+                if mmlu_items and i % config.mmlu_every == 0:
+                    row["mmlu"] = _mmlu(model, tokenizer, mmlu_items, config, progress)
+            row["accuracy_change"] = row["accuracy"] - acc0
+            rows.append(row)
+            afters.append(after)
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
+
+    summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
+    write_json_atomic(out / "summary.json", summary)
+    _figures(out, task, before[site], rows, afters, summary, pretrained.name)
+    _report(out, summary)
+    return summary
+
+
+def _ring(reps: Any, task: Any) -> dict[str, float]:
+    from kgshatter.analysis.geometry import ring_metrics
+
+    m = ring_metrics(reps, task.positions, task.n)
+    return {"neighbours": m["neighbours"], "isomap": m["isomap"], "probe_r2": m["probe_r2"]}
+
+
+def _mmlu(
+    model: Any, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
+) -> dict[str, Any]:
+    from kgshatter.mmlu import evaluate
+
+    result = evaluate(model, tokenizer, items, config.mmlu_max_new_tokens, progress=progress)
+    return {"accuracy": result.accuracy, "no_answer_rate": result.no_answer_rate, "n": result.n}
+
+
+def _summarise(
+    rows: list[dict[str, Any]],
+    pretrained: Any,
+    config: MonthsConfig,
+    preset: str,
+    site: Any,
+    acc0: float,
+    mmlu0: dict[str, Any] | None,
+    rings: dict[str, Any],
+) -> dict[str, Any]:
+    from kgshatter.analysis.shattering import fit_line
+
+    per: dict[str, dict[str, float]] = {}
+    for d in config.distances or (None,):
+        group = [r for r in rows if r["distance"] == d]
+        entry = {
+            "n": len(group),
+            "success": float(np.mean([r["success"] for r in group])),
+            "accuracy_change": float(np.mean([r["accuracy_change"] for r in group])),
+            "R": float(np.mean([r["R"] for r in group])),
+            "seconds": float(np.median([r["seconds"] for r in group])),
+        }
+        scored = [r["mmlu"]["accuracy"] for r in group if "mmlu" in r]
+        if scored:
+            entry["mmlu"] = float(np.mean(scored))
+        if group and "ring_after" in group[0]:
+            entry["isomap_after"] = float(np.nanmean([r["ring_after"]["isomap"] for r in group]))
+        per[str(d)] = entry
+    fit = (
+        fit_line([r["R"] for r in rows], [r["accuracy_change"] for r in rows])
+        if len(rows) > 2
+        else None
+    )
+    return {
+        "model": pretrained.name,
+        "random_weights": pretrained.random_weights,
+        "family": pretrained.family,
+        "model_id": pretrained.model_id,
+        "config": config.to_dict(),
+        "preset": preset,
+        "site": str(site),
+        "accuracy_before": acc0,
+        "mmlu_before": mmlu0,
+        "rings_before": rings,
+        "per_distance": per,
+        "fit_accuracy_on_R": None if fit is None else {"slope": fit.slope, "r2": fit.r2},
+    }
+
+
+def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afters: list[Any],
+             summary: dict[str, Any], model_name: str) -> None:  # fmt: skip
+    from kgshatter.plotting import pyplot, ring_figure, save_figure
+
+    site = summary["site"]
+    plt = pyplot()
+    per = summary["per_distance"]
+    keys = list(per)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    xs = [k if k != "None" else "tree" for k in keys]
+    axes[0].bar(xs, [100 * per[k]["accuracy_change"] for k in keys])
+    axes[0].set(title=f"{task.name}: accuracy change (points)", xlabel="edit distance")
+    axes[1].bar(xs, [per[k]["R"] for k in keys], color="tab:red")
+    axes[1].set(title=f"R(D*) at {site}", xlabel="edit distance")
+    if all("mmlu" in per[k] for k in keys) and summary["mmlu_before"]:
+        axes[2].plot(
+            ["before", *xs],
+            [summary["mmlu_before"]["accuracy"]] + [per[k]["mmlu"] for k in keys],
+            "o-",
+        )
+        axes[2].set(title="MMLU-Redux accuracy", xlabel="edit distance")
+    else:
+        axes[2].axis("off")
+        axes[2].text(0.5, 0.5, "MMLU-Redux not run\n(pass --mmlu FILE)", ha="center", va="center")
+    fig.tight_layout()
+    save_figure(fig, out / "distance.png")
+    if task.positions is None or not rows:
+        return
+    # the ring before and after the median-R edit at the largest distance
+    last = [i for i, r in enumerate(rows) if r["distance"] == rows[-1]["distance"]]
+    pick = sorted(last, key=lambda i: rows[i]["R"])[len(last) // 2]
+    req = rows[pick]["request"]
+    label = f"after {req['prompt'].format(req['subject'])} -> {req['target']}"
+    fig = ring_figure(
+        {"before": (before, task.positions), label: (afters[pick], task.positions)},
+        task.n,
+        n_neighbors=min(3, task.n - 2),
+        title=f"{model_name}: {task.name} at {site} (Isomap)",
+    )
+    save_figure(fig, out / "rings.png")
+
+
+def _report(out: Path, summary: dict[str, Any]) -> None:
+    per = summary["per_distance"]
+    lines = [
+        f"# {summary['config']['task']} on {summary['model']} ({summary['family']})",
+        "",
+        *(
+            [
+                "**A tiny random checkpoint, not a trained model: these numbers only show that the "
+                "code path runs.**",
+                "",
+            ]
+            if summary["random_weights"]
+            else []
+        ),
+        f"Method {summary['config']['method']} (preset {summary['preset']}); representations at "
+        f"{summary['site']}; accuracy before {100 * summary['accuracy_before']:.1f}% "
+        f"(the answer ranked first among the candidates).",
+        "",
+        "| distance | edits | success | accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d, e in per.items():
+        mmlu = f"{100 * e['mmlu']:.1f}%" if "mmlu" in e else "-"
+        lines.append(
+            f"| {d if d != 'None' else 'tree'} | {e['n']} | {100 * e['success']:.0f}% | "
+            f"{100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {mmlu} | {e['seconds']:.2f} |"
+        )
+    if summary["mmlu_before"]:
+        m = summary["mmlu_before"]
+        lines += ["", f"MMLU-Redux before: {100 * m['accuracy']:.1f}% ({m['n']} items, "
+                  f"no answer {100 * m['no_answer_rate']:.0f}%)."]  # fmt: skip
+    fit = summary["fit_accuracy_on_R"]
+    if fit and not math.isnan(fit["r2"]):
+        lines += ["", f"Accuracy change on R(D*): slope {fit['slope']:.3f}, r² {fit['r2']:.2f}."]
+    lines += ["", "![accuracy, R and MMLU by distance](distance.png)"]
+    if (out / "rings.png").exists():
+        lines += ["", "![rings before and after](rings.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

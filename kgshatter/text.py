@@ -1,0 +1,365 @@
+"""Editing pretrained models on text: requests, prompts after sampled prefixes, corpus statistics.
+
+:class:`TextTask` is the pretrained counterpart of
+:class:`~kgshatter.editing.core.SyntheticTask`: the editors (ROME, MEMIT, AlphaEdit, PMET, FT-L)
+call the same methods on it. Following the references (editing-methods.md, "Context
+templates"):
+
+- a request's rewriting prompts are the plain prompt plus prompts written after prefixes sampled
+  from the model itself (top-k 5, seeded; half of them ``prefix_lengths[0]`` tokens long, half
+  ``prefix_lengths[1]``), joined as ``"{prefix}. {prompt}"``; the essence prompts are
+  ``"{subject} is a"`` after the same prefixes;
+- the subject's last token is located from the tokenizer's character offsets, so it works for
+  byte-level BPE (GPT-2, Llama 3, GPT-NeoX/Mamba) and SentencePiece tokenizers alike;
+- the second moment C comes from a user-supplied :class:`TextCorpus`, tokenised, joined with
+  EOS and cut into windows of ``seq_len`` tokens (never the model's ``max_position_embeddings``:
+  256 by default, as long as the references' sampled windows and cheap on a CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+
+from kgshatter.editing.core import Prompts
+from kgshatter.editing.covariance import (
+    CovarianceCache,
+    SecondMoment,
+    StatsKey,
+    second_moment,
+)
+from kgshatter.sites import edit_module, edit_sites
+from kgshatter.validation import check_int
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """Make the model complete ``prompt.format(subject)`` with ``target``.
+
+    ``prompt`` holds ``{}`` where the subject goes (``"{} is followed 8 months later by"``);
+    ``target`` is the new completion without its leading space (``"September"``); ``old`` the
+    completion being replaced, when known.
+    """
+
+    prompt: str
+    subject: str
+    target: str
+    old: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt.count("{}") != 1:
+            raise ValueError(
+                f"a request prompt holds exactly one '{{}}' for the subject, got {self.prompt!r}"
+            )
+        if not self.subject.strip() or not self.target.strip():
+            raise ValueError(f"subject and target must be non-empty, got {self!r}")
+        if self.prompt.endswith(" "):
+            raise ValueError(f"a request prompt must not end in a space: {self.prompt!r}")
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def describe(self) -> str:
+        old = f" (was {self.old})" if self.old else ""
+        return f"{self.text} -> {self.target}{old}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target": self.target,
+            "old": self.old,
+        }
+
+
+def subject_last_token(tokenizer: Any, text: str, start: int, end: int) -> tuple[list[int], int]:
+    """Token ids of ``text`` and the index of the last token overlapping ``text[start:end]``.
+
+    Uses the fast tokenizer's character offsets (BPE and SentencePiece alike); without offsets,
+    the number of tokens of ``text[:end]``.
+    """
+    if not 0 <= start < end <= len(text):
+        raise ValueError(f"subject span {start}:{end} lies outside the text {text!r}")
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+        if not hits:
+            raise ValueError(f"no token of {text!r} covers the subject {text[start:end]!r}")
+        return list(ids), hits[-1]
+    ids = tokenizer(text)["input_ids"]
+    return list(ids), len(tokenizer(text[:end])["input_ids"]) - 1
+
+
+def continuation_tokens(tokenizer: Any, prompt: str, completion: str) -> list[int]:
+    """Token ids that ``" " + completion`` adds after ``prompt`` (tokenised in context)."""
+    base = tokenizer(prompt)["input_ids"]
+    full = tokenizer(f"{prompt} {completion}")["input_ids"]
+    if full[: len(base)] != base or len(full) == len(base):
+        # some tokenizers merge across the boundary; fall back to the completion alone
+        alone = tokenizer(f" {completion}", add_special_tokens=False)["input_ids"]
+        if not alone:
+            raise ValueError(f"{completion!r} tokenises to nothing")
+        return list(alone)
+    return list(full[len(base) :])
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Int[torch.Tensor, "n seq"]:
+    seq = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [pad_id] * (seq - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """Documents for key statistics (the references use Wikipedia; any text the model saw)."""
+
+    texts: tuple[str, ...]
+    name: str
+
+    def __post_init__(self) -> None:
+        if not self.texts or not any(t.strip() for t in self.texts):
+            raise ValueError(f"corpus {self.name!r} holds no text")
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(hashlib.sha256(t.encode()).digest())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> TextCorpus:
+        """``.txt`` files (one document each), ``.jsonl`` (a ``"text"`` field per line) or
+        ``.json`` (a list of strings or of objects with ``"text"``)."""
+        texts: list[str] = []
+        names = []
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise FileNotFoundError(f"corpus file {p} does not exist")
+            names.append(p.name)
+            if p.suffix == ".txt":
+                texts.append(p.read_text())
+            elif p.suffix == ".jsonl":
+                texts += [
+                    _text_field(json.loads(line), p)
+                    for line in p.read_text().splitlines()
+                    if line.strip()
+                ]
+            elif p.suffix == ".json":
+                data = json.loads(p.read_text())
+                if not isinstance(data, list):
+                    raise ValueError(f"{p}: a .json corpus is a list of documents")
+                texts += [d if isinstance(d, str) else _text_field(d, p) for d in data]
+            else:
+                raise ValueError(f"corpus file {p}: allowed suffixes are .txt, .jsonl, .json")
+        return cls(tuple(texts), "files:" + ",".join(names))
+
+    @classmethod
+    def from_hub(
+        cls, dataset: str, config: str | None = None, split: str = "train", n_docs: int = 10_000
+    ) -> TextCorpus:
+        """The first ``n_docs`` documents of a Hugging Face dataset (needs ``datasets`` and
+        network; e.g. ``"wikimedia/wikipedia", "20231101.en"``, the references' corpus)."""
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(
+                "loading a corpus from the hub needs `pip install datasets`; or pass local "
+                "files to TextCorpus.from_files"
+            ) from None
+        ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
+        texts = tuple(row["text"] for _, row in zip(range(n_docs), ds, strict=False))
+        return cls(texts, f"hub:{dataset}:{config}:{split}:{n_docs}")
+
+    def token_windows(
+        self, tokenizer: Any, seq_len: int, n_tokens: int
+    ) -> Int[torch.Tensor, "window seq_len"]:
+        """Up to ``n_tokens`` tokens as ``[window, seq_len]``: documents joined by EOS."""
+        check_int("seq_len", seq_len, 2)
+        check_int("n_tokens", n_tokens, 1)
+        eos = tokenizer.eos_token_id
+        stream: list[int] = []
+        for t in self.texts:
+            stream += tokenizer(t, add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                stream.append(eos)
+            if len(stream) >= n_tokens:
+                break
+        n = min(len(stream), n_tokens) // seq_len
+        if n == 0:
+            raise ValueError(
+                f"corpus {self.name!r} has {len(stream)} tokens, fewer than one window of "
+                f"{seq_len}; lower seq_len or add text"
+            )
+        return torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
+
+
+def _text_field(row: Any, path: Path) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{path}: every document needs a string 'text' field")
+    return row["text"]
+
+
+class TextTask:
+    """Prompts and key statistics for editing a pretrained model (module docstring).
+
+    ``model`` and ``tokenizer`` are the loaded checkpoint's (``PretrainedModel.model`` and
+    ``.tokenizer``); ``corpus`` and ``cache`` serve C (``mom2_adjustment=False`` in ROME, or
+    FT-L, need none).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        corpus: TextCorpus | None = None,
+        cache: CovarianceCache | None = None,
+        *,
+        prefix_lengths: tuple[int, int] = (5, 10),
+        seq_len: int = 256,
+        stats_batch: int = 8,
+    ) -> None:
+        check_int("seq_len", seq_len, 2)
+        check_int("stats_batch", stats_batch, 1)
+        for n in prefix_lengths:
+            check_int("prefix_lengths", n, 1)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.corpus = corpus
+        self.cache = cache
+        self.prefix_lengths = prefix_lengths
+        self.seq_len = min(seq_len, int(model.cfg.n_ctx))
+        self.stats_batch = stats_batch
+        self._prefixes: dict[tuple[int, int], list[str]] = {}
+        self._stats: dict[tuple[str, int, int, int], SecondMoment] = {}
+
+    # -- prompts ---------------------------------------------------------------------------
+    def prefixes(self, n: int, seed: int) -> list[str]:
+        """``n`` context prefixes sampled from the model (top-k 5), cached per (n, seed)."""
+        memo = (n, seed)
+        if memo not in self._prefixes:
+            half = n // 2
+            out = sample_text(self.model, self.tokenizer, half, self.prefix_lengths[0], seed)
+            out += sample_text(
+                self.model, self.tokenizer, n - half, self.prefix_lengths[1], seed + 1
+            )
+            self._prefixes[memo] = out
+        return self._prefixes[memo]
+
+    def encode(self, prompt: str, subject: str, prefixes: Sequence[str]) -> Prompts:
+        """``prompt.format(subject)`` after each prefix (``""``: the plain prompt)."""
+        rows, last, subj = [], [], []
+        at = prompt.index("{}")
+        for prefix in prefixes:
+            head = f"{prefix}. " if prefix else ""
+            text = head + prompt.format(subject)
+            start = len(head) + at
+            ids, s = subject_last_token(self.tokenizer, text, start, start + len(subject))
+            rows.append(ids)
+            last.append(len(ids) - 1)
+            subj.append(s)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        return Prompts(pad_right(rows, pad), torch.tensor(last), torch.tensor(subj))
+
+    def prompts(self, request: TextRequest, n_prompts: int, seed: int) -> tuple[Prompts, Prompts]:
+        """The plain prompt and ``n_prompts - 1`` prefixed ones; essence ``"{subject} is a"``."""
+        check_int("n_prompts", n_prompts, 1)
+        prefixes = [""] + self.prefixes(n_prompts - 1, seed)
+        return (
+            self.encode(request.prompt, request.subject, prefixes),
+            self.encode("{} is a", request.subject, prefixes),
+        )
+
+    def bare_prompt(self, request: TextRequest) -> Prompts:
+        return self.encode(request.prompt, request.subject, [""])
+
+    def target_token(self, request: TextRequest) -> int:
+        """The first token of the target after the prompt (the editors' objective)."""
+        return continuation_tokens(self.tokenizer, request.text, request.target)[0]
+
+    def fact(self, request: TextRequest) -> tuple[str, str]:
+        return (request.prompt, request.subject)
+
+    def describe(self, request: TextRequest) -> str:
+        return request.describe()
+
+    def request_from_dict(self, data: dict[str, Any]) -> TextRequest:
+        return TextRequest(**data)
+
+    # -- statistics ------------------------------------------------------------------------
+    def stats(
+        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+    ) -> SecondMoment:
+        """C at ``layer``'s edited-matrix keys over up to ``n_samples`` corpus tokens."""
+        memo = (model_id, layer, n_samples, seed)
+        if memo in self._stats:
+            return self._stats[memo]
+        if self.corpus is None:
+            raise ValueError(
+                "this edit needs key statistics C, and the task has no text corpus: pass "
+                "TextTask(..., corpus=TextCorpus.from_files([...])), or edit without C "
+                "(ROME: mom2_adjustment=False)"
+            )
+        module = edit_module(model)
+        key_site = edit_sites(module, layer)[0].check(model.cfg.n_layers)
+        key = StatsKey(
+            model_id=model_id,
+            layer=layer,
+            hook=key_site.hook_name,
+            corpus=f"text:{self.corpus.fingerprint}:len{self.seq_len}",
+            n_samples=n_samples,
+        )
+        corpus = self.corpus
+
+        def compute() -> tuple[torch.Tensor, int]:
+            windows = corpus.token_windows(self.tokenizer, self.seq_len, n_samples)
+            batches = windows.split(self.stats_batch)
+            return second_moment(model, layer, batches, site=key_site.component)
+
+        if self.cache is None:
+            matrix, n = compute()
+            stats = SecondMoment.from_matrix(key, matrix, n)
+        else:
+            stats = self.cache.get(key, compute)
+        self._stats[memo] = stats
+        return stats
+
+
+@torch.inference_mode()
+def sample_text(
+    model: Any, tokenizer: Any, n: int, length: int, seed: int, top_k: int = 5
+) -> list[str]:
+    """``n`` texts of ``length`` tokens sampled from the model (top-k), starting from BOS/EOS.
+
+    Seeded by ``seed`` through a local generator (no global RNG); same seed, same texts.
+    """
+    if n == 0:
+        return []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.full((n, 1), start, dtype=torch.long)
+    for _ in range(length):
+        logits = model(tokens.to(device))[:, -1].float().cpu()
+        top = logits.topk(top_k, dim=-1)
+        pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)
+        tokens = torch.cat([tokens, top.indices.gather(1, pick)], 1)
+    texts = tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True)
+    return [t.replace("{", "(").replace("}", ")").strip() or "." for t in texts]
+
+
+def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,309 @@
+"""Pretrained loaders, text editing, naturalistic tasks and MMLU-Redux on tiny random checkpoints.
+
+No network and no real weights: every checkpoint is written here by ``tiny_checkpoint`` (GPT-2
+and Mamba with a byte-level BPE tokenizer, Llama with a SentencePiece-style one). Real-weight
+runs are marked ``pretrained`` and skipped by default.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from kgshatter.hooks import edited
+
+from kgshatter.cli import main
+from kgshatter.editing import CovarianceCache, get_method
+from kgshatter.mmlu import MMLUItem, evaluate, load_items, parse_answer, score, zeroeval_prompt
+from kgshatter.naturalistic import city_country_task, cyclic_task
+from kgshatter.pretrained import (
+    TINY_TEXT,
+    PretrainedUnavailable,
+    load_pretrained,
+    tiny_checkpoint,
+)
+from kgshatter.sites import Site
+from kgshatter.text import TextCorpus, TextRequest, TextTask
+
+FAMILIES = ("gpt2", "llama", "mamba")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    return {f: load_pretrained(p) for f, p in checkpoints.items()}
+
+
+def corpus():
+    return TextCorpus(TINY_TEXT * 20, "tiny")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hugging_face(checkpoints, loaded, family):
+    from transformers import AutoModelForCausalLM
+
+    extra = {} if family == "mamba" else {"attn_implementation": "eager"}
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints[family], **extra)
+    pm = loaded[family]
+    tokens = pm.tokenizer("January is followed 8 months later by", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (pm.model(tokens) - hf(tokens).logits).abs().max()
+    assert diff < 1e-4
+    assert pm.family == family and pm.random_weights and pm.n_parameters > 0
+
+
+def test_same_seed_same_checkpoint_bytes(tmp_path):
+    a = tiny_checkpoint("gpt2", tmp_path / "a", seed=3)
+    b = tiny_checkpoint("gpt2", tmp_path / "b", seed=3)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_fire_at_every_advertised_site(loaded, family):
+    pm = loaded[family]
+    components = ["resid_pre", "resid_post"]
+    components += (
+        ["mixer_key", "mixer_out"] if family == "mamba" else ["attn_out", "mlp_post", "mlp_out"]
+    )
+    sites = [Site(layer, c) for layer in range(pm.n_layers) for c in components]
+    fired = set()
+
+    def seen(activation, hook):
+        fired.add(hook.name)
+
+    tokens = pm.tokenizer("Paris is a city", return_tensors="pt").input_ids
+    with torch.no_grad():
+        pm.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, seen) for s in sites])
+    expected = {pm.model.hook_dict[s.hook_name].name for s in sites}
+    assert fired == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_edits_succeed_and_undo_exactly(loaded, family, method):
+    pm = loaded[family]
+    task = cyclic_task("months", pm.tokenizer)
+    text_task = TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32)
+    request = task.counterfactuals(1, seed=0, distance=2)[0]
+    config = get_method(method).config("tiny-pretrained")
+    before = {k: v.clone() for k, v in pm.model.state_dict().items()}
+    edit = get_method(method).compute(pm.model, text_task, request, config, model_id=pm.model_id)
+    assert edit.module == ("mixer" if family == "mamba" else "mlp")
+    assert not task.success(pm.model, request)
+    with edited(pm.model, edit):
+        assert task.success(pm.model, request)
+    prompts = text_task.bare_prompt(request).tokens
+    with torch.no_grad():
+        with edited(pm.model, edit):
+            hooked = pm.model(prompts)
+        patch = edit.apply_to_weights(pm.model)
+        weights = pm.model(prompts)
+        patch.restore()
+    assert (hooked - weights).abs().max() < 1e-4
+    after = pm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.fwd_hooks for p in pm.model.hook_dict.values())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # byte-level BPE and SentencePiece
+def test_prompts_locate_the_subjects_last_token(loaded, family):
+    pm = loaded[family]
+    text_task = TextTask(pm.model, pm.tokenizer, seq_len=32)
+    for subject in ("September", "Barcelona", "Tuesdayfriday"):  # one token, or several
+        request = TextRequest("{} is followed 8 months later by", subject, "May")
+        prompts, essence = text_task.prompts(request, 5, seed=0)
+        assert len(prompts) == 5 and len(essence) == 5
+        for row, s, last in zip(prompts.tokens, prompts.subject, prompts.last, strict=True):
+            upto = pm.tokenizer.decode(row[: s + 1]).rstrip()
+            nxt = pm.tokenizer.decode(row[s + 1 : last + 1])
+            assert upto.endswith(subject)
+            assert nxt.strip().startswith("is followed")
+    # prefixes are sampled from the model with a seed: same seed, same prompts
+    again = TextTask(pm.model, pm.tokenizer, seq_len=32).prompts(request, 5, seed=0)[0]
+    assert torch.equal(again.tokens, prompts.tokens)
+
+
+def test_months_task_queries_and_requests(loaded):
+    task = cyclic_task("months", loaded["llama"].tokenizer)
+    assert len(task.queries) == 12 * 11
+    q = task.query("January", 8)
+    assert q.prompt.format(q.subject) == "January is followed 8 months later by"
+    assert q.answer == "September"
+    for d in (1, 2, 3):
+        for r in task.counterfactuals(6, seed=1, distance=d):
+            old, new = task.subjects.index(r.old), task.subjects.index(r.target)
+            assert (new - old) % 12 in (d, 12 - d)
+    with pytest.raises(ValueError, match="distance"):
+        task.counterfactuals(2, seed=0, distance=12)
+    days = cyclic_task("days", loaded["gpt2"].tokenizer)
+    assert days.query("Saturday", 2).answer == "Monday"
+
+
+def test_tokenizer_without_the_months_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["abc abd"], trainers.BpeTrainer(vocab_size=300))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="a")
+    with pytest.raises(ValueError, match="does not separate"):
+        cyclic_task("months", fast)
+
+
+def test_city_country_tree_edit(loaded):
+    pm = loaded["gpt2"]
+    task = city_country_task(pm.tokenizer)
+    request = task.counterfactuals(1, seed=0)[0]
+    assert request.target != request.old and request.target in task.candidates
+    text_task = TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32)
+    method = get_method("rome")
+    edit = method.compute(pm.model, text_task, request, method.config("tiny-pretrained"))
+    with edited(pm.model, edit):
+        assert task.success(pm.model, request)
+    reps = task.representations(pm.model, [Site(3, "resid_post")])[Site(3, "resid_post")]
+    assert reps.shape == (20, pm.model.cfg.d_model)
+
+
+def test_corpus_statistics_are_cached(loaded, tmp_path):
+    pm = loaded["llama"]
+    (tmp_path / "a.txt").write_text(" ".join(TINY_TEXT) * 5)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": TINY_TEXT[0]}) + "\n")
+    c = TextCorpus.from_files([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    assert len(c.texts) == 2
+    assert c.token_windows(pm.tokenizer, 16, 200).shape == (12, 16)
+    cache = CovarianceCache(tmp_path / "cache")
+    s1 = TextTask(pm.model, pm.tokenizer, c, cache, seq_len=16).stats(pm.model, 1, 200, 0, "id")
+    s2 = TextTask(pm.model, pm.tokenizer, c, cache, seq_len=16).stats(pm.model, 1, 200, 0, "id")
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(s1.eigenvalues, s2.eigenvalues)
+    with pytest.raises(ValueError, match="corpus"):
+        TextTask(pm.model, pm.tokenizer).stats(pm.model, 1, 200, 0, "id")
+    with pytest.raises(ValueError, match="suffixes"):
+        (tmp_path / "c.csv").write_text("x")
+        TextCorpus.from_files([tmp_path / "c.csv"])
+
+
+def test_bad_checkpoints_are_refused(tmp_path, checkpoints, monkeypatch):
+    import huggingface_hub.constants
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "bert" / "model.safetensors").write_text("")
+    (tmp_path / "bert" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="supports the families"):
+        load_pretrained(tmp_path / "bert")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedUnavailable, match="config.json"):
+        load_pretrained(tmp_path / "empty")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PretrainedUnavailable, match="hf download"):
+        load_pretrained("gpt2-xl")
+    with pytest.raises(ValueError, match="dtype"):
+        load_pretrained(checkpoints["gpt2"], dtype="int8")
+    monkeypatch.setattr("kgshatter.pretrained.available_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match="GiB"):
+        load_pretrained(checkpoints["gpt2"])
+
+
+def test_a_layer_the_model_lacks_is_refused(loaded):
+    pm = loaded["gpt2"]
+    task = cyclic_task("months", pm.tokenizer)
+    request = task.counterfactuals(1, seed=0, distance=1)[0]
+    method = get_method("rome")
+    with pytest.raises(ValueError, match="layer 17"):
+        method.compute(
+            pm.model, TextTask(pm.model, pm.tokenizer), request, method.config("gpt2-xl")
+        )
+    with pytest.raises(ValueError, match="Mamba"):
+        get_method("pmet").compute(
+            loaded["mamba"].model,
+            TextTask(loaded["mamba"].model, loaded["mamba"].tokenizer, corpus()),
+            request,
+            get_method("pmet").config("tiny-pretrained"),
+        )
+
+
+ITEMS = [
+    MMLUItem("2 + 2 = ?", ("3", "4", "5", "6"), 1),
+    MMLUItem("Capital of France?", ("Rome", "Paris", "Lyon", "Nice"), 1),
+    MMLUItem("Largest planet?", ("Mars", "Venus", "Jupiter", "Earth"), 2),
+]
+
+
+def test_mmlu_parser_and_scorer():
+    assert parse_answer('{"reasoning": "sum", "answer": "B"}') == "B"
+    assert parse_answer('```json\n{"reasoning": "x", "answer": "(C)"}\n```') == "C"
+    assert parse_answer('{"reasoning": "cut off... "answer": "D"') == "D"  # malformed JSON
+    assert parse_answer('{"reasoning": "x", "answer": "G"}') is None  # not a choice
+    assert parse_answer("The answer is probably B.") is None  # no JSON answer
+    assert parse_answer("") is None
+    gens = ['{"reasoning": "", "answer": "B"}', '{"answer": "A"}', "no idea"]
+    result = score(ITEMS, gens)
+    assert result.accuracy == pytest.approx(1 / 3)
+    assert result.no_answer_rate == pytest.approx(1 / 3)
+    assert result.answers == ["B", "A", None]
+    assert "(B) Paris" in zeroeval_prompt(ITEMS[1]) and '"answer"' in zeroeval_prompt(ITEMS[1])
+    with pytest.raises(ValueError, match="choice letter"):
+        MMLUItem.from_dict({"question": "q", "choices": ["a", "b"], "answer": "E"})
+
+
+def test_mmlu_items_and_generation_with_an_edit(loaded, tmp_path):
+    rows = [
+        {"question": i.question, "choices": list(i.choices), "answer": "ABCD"[i.answer]}
+        for i in ITEMS
+    ]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    items = load_items(path, limit=2)
+    assert [i.answer for i in items] == [1, 1]
+    pm = loaded["gpt2"]
+    plain = evaluate(pm.model, pm.tokenizer, items, max_new_tokens=4, batch_size=2, progress=False)
+    assert plain.n == 2 and len(plain.generations) == 2
+    task = cyclic_task("months", pm.tokenizer)
+    request = task.counterfactuals(1, seed=0, distance=3)[0]
+    method = get_method("rome")
+    edit = method.compute(
+        pm.model, TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32), request,
+        method.config("tiny-pretrained"),
+    )  # fmt: skip
+    with edited(pm.model, edit):
+        hooked = evaluate(
+            pm.model, pm.tokenizer, items, max_new_tokens=4, batch_size=2, progress=False
+        )
+    assert hooked.n == 2
+    assert not any(p.fwd_hooks for p in pm.model.hook_dict.values())
+    with pytest.raises(FileNotFoundError):
+        load_items(tmp_path / "missing.jsonl")
+
+
+def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+    items = tmp_path / "mmlu.jsonl"
+    items.write_text(json.dumps({"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 0}))
+    out = tmp_path / "months"
+    code = main(["months", "--model", "tiny:llama", "--out", str(out), "--distance", "1..2",
+                 "--n", "2", "--mmlu", str(items), "--mmlu-tokens", "3", "--quiet"])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_distance"]) == {"1", "2"}
+    assert summary["random_weights"] and summary["mmlu_before"]["n"] == 1
+    report = (out / "report.md").read_text()
+    assert "tiny random checkpoint" in report and (out / "rings.png").is_file()
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 4
+    assert main(["months", "--model", "tiny:llama", "--out", str(out), "--distance", "a..b"]) == 2
+    assert main(["months", "--model", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+@pytest.mark.pretrained
+def test_gpt2_xl_months_replication_real_weights(tmp_path):
+    """Needs GPT-2-XL in the local Hugging Face cache (or network) and a text corpus."""
+    pm = load_pretrained("gpt2-xl")
+    task = cyclic_task("months", pm.tokenizer)
+    assert task.accuracy(pm.model) > 0.3
