@@ -216,7 +216,6 @@ def generate(
     for Llama 3 Instruct). Hooks on ``model`` (edits) are active during generation.
     """
     import torch
-    from tqdm.auto import tqdm
 
     chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     texts = [
@@ -233,7 +232,12 @@ def generate(
     tokenizer.padding_side = "left"
     out: list[str] = []
     try:
-        for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="mmlu"):
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="mmlu")
+        for start in starts:
             enc = tokenizer(
                 texts[start : start + batch_size],
                 return_tensors="pt",
