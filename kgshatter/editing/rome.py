@@ -9,6 +9,7 @@ output, the mismatch r-ROME showed to cause model-disabling edits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,32 +59,24 @@ ROME_PRESETS = {
     "synthetic-subject": ROMEConfig(position="subject", steps=100, clamp_norm_factor=0.5),
     # kmeng01/rome hparams/ROME/gpt2-xl.json: layer 17, 20 steps, lr 0.5, wd 0.5, clamp 4,
     # KL 0.0625, 1 + 10 + 10 context templates, second moment on.
-    "gpt2-xl": ROMEConfig(
-        layer=17,
-        n_prompts=21,
-        steps=20,
-        lr=0.5,
-        weight_decay=0.5,
-        clamp_norm_factor=4.0,
-        kl_factor=0.0625,
-        position="subject",
-        micro_batch=7,  # memory knob (ours): 7 prompts at a time through a 1.6B model
+    "gpt2-xl": (
+        _GPT2_XL := ROMEConfig(
+            layer=17,
+            n_prompts=21,
+            steps=20,
+            lr=0.5,
+            weight_decay=0.5,
+            clamp_norm_factor=4.0,
+            kl_factor=0.0625,
+            position="subject",
+            micro_batch=7,  # memory knob (ours): 7 prompts at a time through a 1.6B model
+        )
     ),
     # Mamba 2.8B: the out_proj of layer 15's mixer (the layer the issue names, after Sen Sharma
     # et al. 2024, "Locating and Editing Factual Associations in Mamba"); the optimisation
     # settings are GPT-2-XL's (our derivation: no reference config exists in kgshatter's
     # sources)
-    "mamba-2.8b": ROMEConfig(
-        layer=15,
-        n_prompts=21,
-        steps=20,
-        lr=0.5,
-        weight_decay=0.5,
-        clamp_norm_factor=4.0,
-        kl_factor=0.0625,
-        position="subject",
-        micro_batch=7,
-    ),
+    "mamba-2.8b": dataclasses.replace(_GPT2_XL, layer=15),
     # tiny random checkpoints (kgshatter.pretrained.tiny_checkpoint): measured, see spread.py
     "tiny-pretrained": ROMEConfig(
         layer=2, position="relation", n_prompts=5, steps=30, n_samples=4096
