@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,8 +358,3 @@ def sample_text(
         tokens = torch.cat([tokens, top.indices.gather(1, pick)], 1)
     texts = tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True)
     return [t.replace("{", "(").replace("}", ")").strip() or "." for t in texts]
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

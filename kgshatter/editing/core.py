@@ -9,7 +9,8 @@ Every method is a small solve step over these pieces (editing-methods.md, "Share
   so for a model trained on a knowledge graph (prompts = random-walk contexts leading into the
   subject; C from validation walks, cached on disk and in memory);
   :class:`kgshatter.text.TextTask` for a pretrained model (prompts after prefixes sampled from
-  the model; C from a text corpus). Editors only call the methods :class:`SyntheticTask` has;
+  the model; C from a text corpus). Editors call only the methods both have (``prompts``,
+  ``stats``, ``bare_prompt``, ``target_token``, ``fact``, ``describe``, ``request_from_dict``);
 - :func:`mean_keys` / :func:`mean_activations`: activations at one position, averaged over a
   request's prompts, optionally with earlier edits applied as hooks;
 - :func:`check_changes_answer`: refuse a request the model already satisfies.
@@ -83,9 +84,6 @@ class Prompts:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
-
-    def rows(self, rows: slice) -> Prompts:
-        return Prompts(self.tokens[rows], self.last[rows], self.subject[rows])
 
     def index(self, position: str) -> Int[torch.Tensor, " p"]:
         """Per-row index of ``position`` (``"subject"`` or ``"relation"`` = the last token)."""
