@@ -294,7 +294,9 @@ def natural_task(name: str, tokenizer: Any) -> FactTask:
 
 
 def _hop_prompt(k: int, unit: str) -> str:
-    """>>> _hop_prompt(8, "month")
+    """The query template for ``k`` steps along the ring.
+
+    >>> _hop_prompt(8, "month")
     '{} is followed 8 months later by'
     """
     return f"{{}} is followed {k} {unit}{'' if k == 1 else 's'} later by"

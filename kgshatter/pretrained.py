@@ -46,9 +46,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-# loading holds the weights once (the bridge wraps the HF modules in place) plus buffers,
-# tokenizer and allocator slack: measured 1.02-1.08x on GPT-2 shapes (README), so 1.15x
-MEMORY_MARGIN = 1.15
+# the bridge wraps the HF modules in place, but for GPT-2 it also keeps split q/k/v copies of
+# every c_attn (GPT-2-XL: 1.93 B parameters held for 1.56 B in the checkpoint), and a ROME edit
+# adds activations: measured peak 7.96 GB for a 6.23 GB GPT-2-XL checkpoint (1.28x), so 1.35x
+MEMORY_MARGIN = 1.35
 
 
 class PretrainedUnavailable(FileNotFoundError):
