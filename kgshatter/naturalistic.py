@@ -26,7 +26,7 @@ from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, last_logits
 from kgshatter.sites import Site
-from kgshatter.text import TextRequest, continuation_tokens, pad_right, subject_last_token
+from kgshatter.text import TextRequest, continuation_tokens, encode_prompts
 from kgshatter.validation import check_int
 
 MONTHS = (
@@ -136,17 +136,7 @@ class FactTask:
 
     # -- measurements ----------------------------------------------------------------------
     def encode_queries(self, queries: Sequence[Query]) -> Prompts:
-        rows, last, subj = [], [], []
-        for q in queries:
-            text = q.prompt.format(q.subject)
-            start = q.prompt.index("{}")
-            ids, s = subject_last_token(self.tokenizer, text, start, start + len(q.subject))
-            rows.append(ids)
-            last.append(len(ids) - 1)
-            subj.append(s)
-        return Prompts(
-            pad_right(rows, _pad_id(self.tokenizer)), torch.tensor(last), torch.tensor(subj)
-        )
+        return encode_prompts(self.tokenizer, [("", q.prompt, q.subject) for q in queries])
 
     @torch.inference_mode()
     def predictions(
@@ -300,8 +290,3 @@ def _hop_prompt(k: int, unit: str) -> str:
     '{} is followed 8 months later by'
     """
     return f"{{}} is followed {k} {unit}{'' if k == 1 else 's'} later by"
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else tokenizer.eos_token_id

@@ -118,6 +118,25 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Int[torch.Tensor, "
     return torch.tensor([list(r) + [pad_id] * (seq - len(r)) for r in rows], dtype=torch.long)
 
 
+def encode_prompts(tokenizer: Any, rows: Sequence[tuple[str, str, str]]) -> Prompts:
+    """Each ``(head, prompt, subject)`` as the text ``head + prompt.format(subject)``.
+
+    Right-padded (with the pad token, else EOS), with each row's last token and the subject's
+    last token located from the tokenizer's offsets.
+    """
+    ids, last, subj = [], [], []
+    for head, prompt, subject in rows:
+        start = len(head) + prompt.index("{}")
+        row, s = subject_last_token(
+            tokenizer, head + prompt.format(subject), start, start + len(subject)
+        )
+        ids.append(row)
+        last.append(len(row) - 1)
+        subj.append(s)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prompts(pad_right(ids, pad), torch.tensor(last), torch.tensor(subj))
+
+
 @dataclass(frozen=True)
 class TextCorpus:
     """Documents for key statistics (the references use Wikipedia; any text the model saw)."""
@@ -257,19 +276,8 @@ class TextTask:
 
     def encode(self, prompt: str, subject: str, prefixes: Sequence[str]) -> Prompts:
         """``prompt.format(subject)`` after each prefix (``""``: the plain prompt)."""
-        rows, last, subj = [], [], []
-        at = prompt.index("{}")
-        for prefix in prefixes:
-            head = f"{prefix}. " if prefix else ""
-            text = head + prompt.format(subject)
-            start = len(head) + at
-            ids, s = subject_last_token(self.tokenizer, text, start, start + len(subject))
-            rows.append(ids)
-            last.append(len(ids) - 1)
-            subj.append(s)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
-        return Prompts(pad_right(rows, pad), torch.tensor(last), torch.tensor(subj))
+        heads = [f"{prefix}. " if prefix else "" for prefix in prefixes]
+        return encode_prompts(self.tokenizer, [(h, prompt, subject) for h in heads])
 
     def prompts(self, request: TextRequest, n_prompts: int, seed: int) -> tuple[Prompts, Prompts]:
         """The plain prompt and ``n_prompts - 1`` prefixed ones; essence ``"{subject} is a"``."""
