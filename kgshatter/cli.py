@@ -489,9 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PART.FIELD=VALUE",
         help="override a preset field, e.g. --set train.steps=2000 (repeatable)",
     )
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -557,9 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["relation", "entity"],
         help="token whose state represents the entity (relation; entity for cpu-subject)",
     )
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _runtime_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser(
@@ -590,9 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queries", type=int, default=None, help="queries per split for collateral metrics"
     )
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_options(p)
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser(
@@ -645,10 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-every", type=int, default=1, help="MMLU after every k-th edit")
     p.add_argument("--mmlu-tokens", type=int, default=512, help="max new tokens per answer")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _runtime_options(p)
     p.set_defaults(func=_cmd_months)
 
     p = sub.add_parser("benchmark", help="training throughput: bridge vs plain PyTorch decoder")
@@ -658,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="benchmark.json", help="where to write the numbers")
     p.set_defaults(func=_cmd_benchmark)
     return parser
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--threads`` and ``--quiet``, shared by the commands that run a model."""
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
