@@ -123,8 +123,8 @@ def run_months(
     else:
         # representations below the edited layer cannot change: choose among the layers from
         # the (last) edited one up, the clearest ring there (cyclic) or the last layer (tree)
-        lowest = max(getattr(edit_config, "edit_layers", (0,)))
-        above = [s for s in sites if s.layer >= lowest]
+        top_edited = max(getattr(edit_config, "edit_layers", (0,)))
+        above = [s for s in sites if s.layer >= top_edited]
         site = above[-1]
         if cyclic:
             site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
