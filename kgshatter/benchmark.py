@@ -42,18 +42,20 @@ class PlainDecoder(nn.Module):
                 nn.ModuleDict(
                     {
                         "ln1": nn.LayerNorm(d),
-                        "q": nn.Linear(d, h * dh),
-                        "k": nn.Linear(d, h * dh),
-                        "v": nn.Linear(d, h * dh),
-                        "o": nn.Linear(h * dh, d),
+                        "q": nn.Linear(d, h * dh, bias=cfg.bias),
+                        "k": nn.Linear(d, h * dh, bias=cfg.bias),
+                        "v": nn.Linear(d, h * dh, bias=cfg.bias),
+                        "o": nn.Linear(h * dh, d, bias=cfg.bias),
                         "ln2": nn.LayerNorm(d),
-                        "fc_in": nn.Linear(d, cfg.mlp_dim),
-                        "fc_out": nn.Linear(cfg.mlp_dim, d),
+                        "fc_in": nn.Linear(d, cfg.mlp_dim, bias=cfg.bias),
+                        "fc_out": nn.Linear(cfg.mlp_dim, d, bias=cfg.bias),
                     }
                 )
             )
         self.ln_f = nn.LayerNorm(d)
         self.unembed = nn.Linear(d, d_vocab, bias=False)
+        if cfg.tied_embeddings:
+            self.unembed.weight = self.embed.weight
         mask = torch.triu(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
         self.act = F.gelu if cfg.act_fn.startswith("gelu") else F.relu

@@ -16,30 +16,11 @@ from typing import Any
 
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
-from kgshatter.presets import PRESETS, RunConfig, get_preset
+from kgshatter.presets import PRESETS, apply_overrides, get_preset
 
 ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
 
 log = logging.getLogger("kgshatter")
-
-
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """``"train.lr=0.002"`` -> ``("train", "lr", 0.002)`` (values are JSON, else strings).
-
-    >>> parse_override("train.weight_decay=1.0")
-    ('train', 'weight_decay', 1.0)
-    >>> parse_override("model.act_fn=relu")
-    ('model', 'act_fn', 'relu')
-    """
-    key, eq, raw = text.partition("=")
-    part, dot, field = key.partition(".")
-    if not eq or not dot or not part or not field:
-        raise ValueError(f"--set takes PART.FIELD=VALUE (e.g. train.lr=0.002), got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return part, field, value
 
 
 def set_threads(threads: int | None) -> None:
@@ -48,20 +29,6 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
-    """A copy of ``run`` with ``--set`` overrides applied and validated."""
-    data = run.to_dict()
-    for text in overrides:
-        part, field, value = parse_override(text)
-        if part not in data or part == "name":
-            allowed = sorted(k for k in data if k != "name")
-            raise ValueError(f"--set part must be one of {allowed}, got {part!r}")
-        if field not in data[part]:
-            raise ValueError(f"--set: {part} has no field {field!r}; fields: {sorted(data[part])}")
-        data[part][field] = value
-    return RunConfig.from_dict(data)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -168,6 +135,35 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     result, report = reproduce(run, args.out, sweep, progress=not args.quiet, device=args.device)
     print(describe(result))
     print(f"wrote {report} and the table, figures and summary beside it")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from kgshatter.fidelity import run_study
+
+    base = apply_overrides(get_preset(args.preset), args.set or [])
+    variants: dict[str, list[str]] = {}
+    for text in args.variant or ["base="]:
+        name, eq, rest = text.partition("=")
+        if not eq or not name or "." in name:
+            raise ValueError(
+                f"--variant takes NAME=PART.FIELD=VALUE[;PART.FIELD=VALUE...] (NAME without "
+                f"dots; 'NAME=' is the base preset), got {text!r}"
+            )
+        if name in variants:
+            raise ValueError(f"--variant {name!r} is given twice; variant names must differ")
+        variants[name] = [o for o in rest.split(";") if o]
+    editors = tuple(e.strip() for e in args.editors.split(",") if e.strip())
+    distances = _distances(args.distances)
+    set_threads(args.threads)
+    rows = run_study(
+        base, variants, args.out, editors=editors, n_edits=args.n, distances=distances,
+        progress=not args.quiet, device=args.device,
+    )  # fmt: skip
+    for r in rows:
+        print(f"{r['variant']:>16} / {r['editor']:<18} targets met {r['n_holding']}/"
+              f"{r['n_checks']}")  # fmt: skip
+    print(f"wrote {Path(args.out) / 'study.md'} and study.json, study.png beside it")
     return 0
 
 
@@ -649,7 +645,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default="benchmark.json", help="where to write the numbers")
     p.set_defaults(func=_cmd_benchmark)
+    _add_study(sub)
     return parser
+
+
+def _add_study(sub: Any) -> None:
+    p = sub.add_parser(
+        "study",
+        help="the fidelity study: variants of a preset, each trained and edited with ROME",
+        description="Train variants of a preset (one lever at a time) and measure, per "
+        "variant and editor preset, ROME's accuracy drop, R(D*) per order and the edit's "
+        "spill against edit distance; writes OUT/study.md, study.json, study.png.",
+    )
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the base preset")
+    p.add_argument("--out", required=True, help="study folder (resumable)")
+    p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the base")
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=PART.FIELD=VALUE[;...]",
+        help="a variant and its overrides, e.g. d24='model.d_model=24;model.n_heads=12' "
+        "(repeatable; 'base=' is the base preset; default: the base alone)",
+    )
+    p.add_argument("--editors", default="synthetic,synthetic-subject",
+                   help="ROME editor presets, comma-separated")  # fmt: skip
+    p.add_argument("--distances", default="1..4", help="edit distances, 1..4 or 1,2,4")
+    p.add_argument("--n", type=int, default=8, help="edits per distance (8)")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_study)
 
 
 def _runtime_options(p: argparse.ArgumentParser) -> None:

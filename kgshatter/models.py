@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from kgshatter.validation import ConfigDict, check_choice, check_int
+from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int
 
 ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
 NORMALIZATIONS = ("LN", "RMS")
 LAYER0_ATTENTION = ("causal", "self")
+EMBED_KEY, UNEMBED_KEY = "embed.weight", "unembed.weight"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,13 @@ class ModelConfig(ConfigDict):
     only through a later attention layer, after the first MLP has processed it at the subject
     token: the routing the paper's subject-token edits assume. The standard model copies the
     subject's embedding in layer 0 instead (README, "Representation shattering").
+
+    ``tied_embeddings=True`` makes the unembedding the transpose of the token embedding, one
+    parameter (nanoGPT's default, so presumably the paper's; the ``cpu`` model is untied).
+    ``bias=False`` removes the biases of the attention and MLP projections (nanoGPT's
+    ``bias`` flag; LayerNorm keeps its bias). The bridge's native model has biases and an untied
+    head; :func:`build_model` changes its modules in place, so hooks, ``run_with_cache``,
+    checkpoints and every editing method see an ordinary ``TransformerBridge``.
     """
 
     n_layers: int = 2
@@ -45,6 +53,8 @@ class ModelConfig(ConfigDict):
     act_fn: str = "gelu"
     normalization_type: str = "LN"
     layer0_attention: str = "causal"
+    tied_embeddings: bool = False
+    bias: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +74,8 @@ class ModelConfig(ConfigDict):
         check_choice("act_fn", self.act_fn, ACT_FNS)
         check_choice("normalization_type", self.normalization_type, NORMALIZATIONS)
         check_choice("layer0_attention", self.layer0_attention, LAYER0_ATTENTION)
+        check_bool("tied_embeddings", self.tied_embeddings)
+        check_bool("bias", self.bias)
         check_int("seed", self.seed, 0)
 
     @property
@@ -97,9 +109,30 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
         device=str(device) if device is not None else "cpu",
     )
     model = bridge.boot_native(cfg)
+    native = model.original_model
+    if not config.bias:
+        for block in native.layers:
+            attn, mlp = _original(block).attn, _original(block).mlp
+            for linear in (attn.q, attn.k, attn.v, attn.o, mlp.fc_in, mlp.fc_out):
+                _original(linear).bias = None
+    if config.tied_embeddings:
+        # nn.Embedding.weight [vocab, d_model] and the head's nn.Linear.weight [vocab, d_model]
+        # have one orientation: the head reuses the embedding's Parameter
+        _original(native.head).weight = _original(native.tok_embed).weight
     if config.layer0_attention == "self":
         model.hook_dict["blocks.0.attn.hook_pattern"].add_perma_hook(attend_to_self)
     return model
+
+
+def _original(module: Any) -> Any:
+    """The wrapped torch module of a bridge component (or the module itself)."""
+    return getattr(module, "_original_component", module)
+
+
+def is_tied(model: Any) -> bool:
+    """Whether the model's unembedding shares its parameter with the token embedding."""
+    native = model.original_model
+    return _original(native.head).weight is _original(native.tok_embed).weight
 
 
 def attend_to_self(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -109,8 +142,20 @@ def attend_to_self(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
 
 
 def model_state(model: Any) -> dict[str, torch.Tensor]:
-    """The model's weights as a flat, contiguous state dict (what checkpoints store)."""
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The model's weights as a flat, contiguous state dict (what checkpoints store).
+
+    A tensor that shares storage with an earlier one (the tied unembedding) is copied, since
+    safetensors stores no aliases; :func:`load_weights` checks the copies still agree.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous()
+        if v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 def save_weights(model: Any, path: str | os.PathLike[str]) -> Path:
@@ -138,6 +183,11 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
         raise ValueError(
             f"weights at {path} do not fit this model: missing {missing[:3]}, unexpected "
             f"{extra[:3]}, shape mismatch {bad[:3]}"
+        )
+    if is_tied(model) and not torch.equal(state[EMBED_KEY], state[UNEMBED_KEY]):
+        raise ValueError(
+            f"weights at {path} have an unembedding different from the embedding (trained with "
+            f"tied_embeddings=False); load them into a model with tied_embeddings=False"
         )
     device = next(iter(own.values())).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()})

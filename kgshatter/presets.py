@@ -8,6 +8,7 @@ cores (its recipe and the evidence behind it are in the README's "Learning the r
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +216,39 @@ PRESETS["cpu-subject"] = PRESETS["cpu"].replace(
     name="cpu-subject",
     model=dataclasses.replace(PRESETS["cpu"].model, layer0_attention="self"),
 )
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=0.002"`` -> ``("train", "lr", 0.002)`` (values are JSON, else strings).
+
+    >>> parse_override("train.weight_decay=1.0")
+    ('train', 'weight_decay', 1.0)
+    >>> parse_override("model.act_fn=relu")
+    ('model', 'act_fn', 'relu')
+    """
+    key, eq, raw = text.partition("=")
+    part, dot, field = key.partition(".")
+    if not eq or not dot or not part or not field:
+        raise ValueError(f"--set takes PART.FIELD=VALUE (e.g. train.lr=0.002), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return part, field, value
+
+
+def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of ``run`` with ``--set`` overrides applied and validated."""
+    data = run.to_dict()
+    for text in overrides:
+        part, field, value = parse_override(text)
+        if part not in data or part == "name":
+            allowed = sorted(k for k in data if k != "name")
+            raise ValueError(f"--set part must be one of {allowed}, got {part!r}")
+        if field not in data[part]:
+            raise ValueError(f"--set: {part} has no field {field!r}; fields: {sorted(data[part])}")
+        data[part][field] = value
+    return RunConfig.from_dict(data)
 
 
 def get_preset(name: str) -> RunConfig:

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction
-from kgshatter.analysis.representations import collect_representations
+from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.analysis.shattering import fit_line, shattering
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import read_json, write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
-from kgshatter.sites import Site, all_sites
+from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
 SWEEP_FORMAT = "kgshatter.sweep/1"
@@ -174,7 +174,12 @@ def run_sweep(
                          f"among {[str(s) for s in live]}")  # fmt: skip
     if not live:
         raise ValueError("the model's entity representations coincide at every site")
-    site = chosen or best_ring_site(base, graph, live)
+    # a site the edits cannot reach (the key of the lowest edited W_out, or below it) shows
+    # R = 0 whatever the edit did: "auto" never picks one
+    edit_layers = [getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods]
+    lowest = min(min(layers) for layers in edit_layers)
+    reachable = [s for s in live if not (s.component == "mlp_post" and s.layer <= lowest)]
+    site = chosen or best_ring_site(base, graph, reachable or live)
 
     def measure(m: Any) -> dict[str, Any]:
         after = representations(m)
@@ -190,6 +195,31 @@ def run_sweep(
             out_m[f"isomap.{name}"] = isomap_alignment(after[o][site], pos, n)
         out_m["R.mean"] = statistics.fmean(out_m[f"R.{name}"] for name in orders)
         return out_m
+
+    entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def measure_edit(edit: Any) -> dict[str, float]:
+        """What the compression hypothesis predicts (README, "The fidelity study"): how far the
+        edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||)
+        and how much of that lands on every other entity whose key overlaps (``spill``)."""
+        delta, req = edit.deltas[0], edit.requests[0]
+        pos = "entity" if edit.config.get("position") == "subject" else "relation"
+        memo = (delta.layer, int(req["relation"]), pos)
+        if memo not in entity_keys:
+            key_site = edit_sites(edit.module, delta.layer)[0]
+            queries = entity_query_tokens(sampler, int(req["relation"]), 5, seed=1)
+            entity_keys[memo] = collect_representations(model, queries, [key_site], pos)[key_site]
+        keys = entity_keys[memo]  # [entity, d_key]
+        shift = (keys.double() @ delta.dense.double()).norm(dim=1)  # [entity]
+        x = int(req["subject"])
+        others = torch.cat([shift[:x], shift[x + 1 :]])
+        edited_shift = float(shift[x])
+        return {
+            "shift.edited": edited_shift,
+            "shift.others": float(others.mean()),
+            "spill": float(others.mean()) / edited_shift if edited_shift > 0 else math.nan,
+            "delta_norm": float(edit.info.get("delta_norm", math.nan)),
+        }
 
     baseline_rings = {
         name: {
@@ -216,7 +246,7 @@ def run_sweep(
             for i in pending:
                 res = run_protocol(
                     model, task, method, method_config, [job["requests"][i]], "single",
-                    scorer, model_id=model_id, measure=measure,
+                    scorer, model_id=model_id, measure=measure, measure_edit=measure_edit,
                 )  # fmt: skip
                 row = _flatten(res.records[0], job, index=i, step=0)
                 _append_row(rows_path, row)
@@ -436,6 +466,10 @@ def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig
                 "R_x100": {o: _mean([100 * r[f"R.{o}"] for r in rs]) for o in [*orders, "mean"]},
                 "neighbours": {o: _mean([r[f"neighbours.{o}"] for r in rs]) for o in orders},
                 "isomap": {o: _mean([r[f"isomap.{o}"] for r in rs]) for o in orders},
+                "mechanism": {
+                    k: _mean([r[k] for r in rs if k in r])
+                    for k in ("shift.edited", "shift.others", "spill", "delta_norm")
+                },
             }
         fit = fit_line([r["R.mean"] for r in single], [accuracy_drop(r) for r in single])
         skipped = sum(1 for r in rows if r["method"] == method and r.get("skipped"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kgshatter.benchmark import PlainDecoder
-from kgshatter.models import ModelConfig, build_model, load_weights, save_weights
+from kgshatter.models import ModelConfig, build_model, is_tied, load_weights, save_weights
 
 CFG = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=8)
 
@@ -57,3 +57,45 @@ def test_weights_round_trip_and_mismatch(tmp_path):
 def test_model_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tied, bias", [(True, True), (False, False), (True, False)])
+def test_tied_embeddings_and_no_bias(tied, bias, tmp_path):
+    """Tied: one parameter serves embedding and unembedding; bias=False drops the projection
+    biases; both survive a checkpoint and keep the plain decoder's parameter count."""
+    cfg = ModelConfig(**dict(CFG.to_dict(), tied_embeddings=tied, bias=bias))
+    model = build_model(cfg, 30)
+    assert is_tied(model) == tied
+    names = [n for n, _ in model.named_parameters()]
+    assert any("bias" in n and ".attn." in n for n in names) == bias
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) == count(PlainDecoder(cfg, 30))
+    untied = build_model(CFG, 30)
+    assert count(untied) - count(model) == (30 * 32 if tied else 0) + (0 if bias else 2 * (4 * 32 + 64 + 32))
+    tokens = torch.randint(0, 30, (3, 8))
+    if tied:  # a gradient step moves the shared matrix in both roles at once
+        model(tokens).sum().backward()
+        with torch.no_grad():
+            model.embed.W_E.add_(1.0)
+        assert torch.equal(model.unembed.W_U, model.embed.W_E.T)
+    save_weights(model, tmp_path / "w.safetensors")
+    other = build_model(ModelConfig(**dict(cfg.to_dict(), seed=5)), 30)
+    load_weights(other, tmp_path / "w.safetensors")
+    assert is_tied(other) == tied
+    with torch.no_grad():
+        assert torch.equal(model(tokens), other(tokens))
+        _, cache = other.run_with_cache(tokens)
+    assert cache["blocks.0.mlp.hook_post"].shape == (3, 8, 64)
+
+
+def test_untied_checkpoint_refused_by_a_tied_model(tmp_path):
+    save_weights(build_model(CFG, 30), tmp_path / "u.safetensors")
+    tied = build_model(ModelConfig(**dict(CFG.to_dict(), tied_embeddings=True)), 30)
+    with pytest.raises(ValueError, match="tied_embeddings=False"):
+        load_weights(tied, tmp_path / "u.safetensors")
+
+
+@pytest.mark.parametrize("field", ["tied_embeddings", "bias"])
+def test_boolean_model_fields_are_validated(field):
+    with pytest.raises(ValueError, match=f"{field} must be true or false"):
+        ModelConfig(**{field: "yes"})

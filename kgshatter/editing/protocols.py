@@ -184,11 +184,14 @@ def run_protocol(
     model_id: str | None = None,
     progress: bool = False,
     measure: Callable[[Any], dict[str, Any]] | None = None,
+    measure_edit: Callable[[Edit], dict[str, Any]] | None = None,
 ) -> ProtocolResult:
     """Edit ``requests`` under ``protocol`` and score after every edit (see module doc).
 
     ``measure(model)``, if given, runs at every scoring point with the edits applied, and its
     result is stored under ``"measures"`` (the shattering sweep reads representations here).
+    ``measure_edit(edit)`` adds measures of the new edit itself (e.g. the size of its update)
+    to the same dict.
     """
     method = get_method(method) if isinstance(method, str) else method
     check_choice("protocol", protocol, PROTOCOLS)
@@ -229,8 +232,12 @@ def run_protocol(
             row["retained"] = sum(e["success"] for e in held) / len(held)
         row.update(scorer.collateral(model))
         row["n_edits_applied"] = len(edits)
+        if measure is not None or measure_edit is not None:
+            row["measures"] = {}
         if measure is not None:
-            row["measures"] = measure(model)
+            row["measures"].update(measure(model))
+        if measure_edit is not None and edit is not None:
+            row["measures"].update(measure_edit(edit))
         records.append(row)
 
     steps = [list(requests)] if protocol == "batch" else [[r] for r in requests]

@@ -1,0 +1,321 @@
+"""The fidelity study: in which model does an edit shatter globally, and more with distance?
+
+The paper (arXiv 2410.17194, section 4) finds that a ROME edit's damage grows with the edit
+distance d and lands on every order alike. This module states that finding as measurable
+targets (:func:`fidelity_checks`, the thresholds of the README's "The fidelity study") and runs
+a controlled study (:func:`run_study`): variants of one base preset, each differing from it in
+the fields it names, each trained (resumably) and edited with ROME at d = 1..4 by the ordinary
+sweep (:func:`kgshatter.sweep.run_sweep`), at the relation token and at the subject token.
+
+Besides accuracy and R(D*), each edit records what the compression hypothesis predicts
+(``measure_edit`` in the sweep): ``shift.edited``, how far the edit moves the edited entity's MLP
+output (for ROME ``||v* - W k*||``), and ``spill``, the mean fraction of that shift landing on
+every other entity (``|k_x' . dW| / |k* . dW|``): private keys give ``spill`` ~ 0, shared keys
+spread the damage.
+
+Layout of a study folder: ``OUT/<variant>/run`` (the trained run), ``OUT/<variant>/<editor>``
+(its sweep), ``OUT/study.json``, ``OUT/study.md`` and ``OUT/study.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kgshatter.io import write_atomic, write_json_atomic
+from kgshatter.kg.walks import SPLITS
+from kgshatter.presets import RunConfig, apply_overrides
+
+log = logging.getLogger(__name__)
+
+# the issue's thresholds (README, "The fidelity study")
+MIN_BASELINE = {"direct": 0.95, "logical": 0.90, "compositional": 0.60}
+MIN_FAR_DROP = 20.0  # points of direct accuracy lost at the farthest distance
+MIN_FAR_OVER_NEAR = 3.0  # far drop / near drop
+MIN_R_RATIO = 2.0  # R on the edited order, far / near
+MIN_GLOBAL = 0.5  # R of the other orders / R of the edited order, at the farthest distance
+MIN_R2 = 0.6
+MIN_RING = 0.8  # Isomap alignment of every order before editing
+MAX_RING_AFTER = 0.5  # Isomap alignment of the edited order after a far edit: "broken"
+
+# where each editor preset reads its keys, as a sweep representation position
+EDITOR_POSITIONS = {"synthetic": "relation", "synthetic-subject": "entity"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target: what is claimed, whether it holds (``None``: not measurable), the numbers."""
+
+    claim: str
+    holds: bool | None
+    evidence: str
+
+
+def _by_distance(summary: dict[str, Any], method: str) -> dict[int, dict[str, Any]]:
+    by = summary["methods"][method]["by_kind"]
+    return {int(k[2:]): v for k, v in by.items() if k.startswith("d=")}
+
+
+def direct_drop(entry: dict[str, Any]) -> float | None:
+    """Points of direct accuracy lost (all orders) in one distance's summary entry."""
+    change = entry["accuracy_change_points"]["direct"]["all"]
+    return None if change is None else -change
+
+
+def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check]:
+    """The paper's phenomenon as targets, checked on a sweep summary (single edits)."""
+    checks: list[Check] = []
+    base = summary["baseline"]["accuracy"]
+    orders = [o for o in base["direct"] if o != "all"]
+    low = [
+        f"{split} {o} {100 * base[split][o]:.1f}"
+        for split, floor in MIN_BASELINE.items()
+        for o in orders
+        if base[split][o] < floor
+    ]
+    checks.append(
+        Check(
+            "pre-edit accuracy >= 95 / 90 / 60 on every order",
+            not low,
+            "below: " + ", ".join(low) if low else "all above",
+        )
+    )
+    if method not in summary["methods"]:
+        return [*checks, Check(f"{method} is in the sweep", False, "")]
+    by = _by_distance(summary, method)
+    if len(by) < 2:
+        return [*checks, Check("at least two distances were swept", False, str(sorted(by)))]
+    near, far = min(by), max(by)
+    drops = {d: direct_drop(by[d]) for d in sorted(by)}
+    dn, df = drops[near], drops[far]
+    ratio = df / dn if dn and dn > 0 else math.inf
+    checks.append(
+        Check(
+            f"direct drop at d={far} >= {MIN_FAR_DROP:.0f} points and >= "
+            f"{MIN_FAR_OVER_NEAR:.0f}x the drop at d={near}",
+            df >= MIN_FAR_DROP and ratio >= MIN_FAR_OVER_NEAR,
+            f"{dn:.1f} at d={near}, {df:.1f} at d={far} (x{ratio:.1f})",
+        )
+    )
+    seq = [drops[d] for d in sorted(drops)]
+    checks.append(
+        Check(
+            "the direct drop does not shrink as d grows",
+            all(b >= a for a, b in zip(seq, seq[1:], strict=False)),
+            ", ".join(f"d={d}: {v:.1f}" for d, v in drops.items()),
+        )
+    )
+    first, *rest = [o for o in by[far]["R_x100"] if o != "mean"]
+    rn, rf = by[near]["R_x100"][first], by[far]["R_x100"][first]
+    checks.append(
+        Check(
+            f"R x100 on order {first} at d={far} >= {MIN_R_RATIO:.0f}x its value at d={near}",
+            rf >= MIN_R_RATIO * rn,
+            f"{rn:.2f} -> {rf:.2f} (x{rf / rn if rn else math.inf:.2f})",
+        )
+    )
+    if rest:
+        others = {o: by[far]["R_x100"][o] for o in rest}
+        checks.append(
+            Check(
+                f"at d={far} the other orders shatter >= half as much as order {first}",
+                min(others.values()) >= MIN_GLOBAL * rf,
+                f"{first} {rf:.2f}, " + ", ".join(f"{o} {v:.2f}" for o, v in others.items()),
+            )
+        )
+    fit = summary["methods"][method]["fit_drop_on_R"]
+    r2 = fit["r2"]
+    checks.append(
+        Check(
+            f"r^2 of accuracy drop on R across single edits >= {MIN_R2}",
+            None if math.isnan(r2) else r2 >= MIN_R2,
+            f"r^2 {r2:.3f} over {fit['n']} edits",
+        )
+    )
+    rings = summary["baseline"]["rings"]
+    checks.append(
+        Check(
+            f"rings before the edit: Isomap alignment >= {MIN_RING} on every order",
+            all(v["isomap"] >= MIN_RING for v in rings.values()),
+            ", ".join(f"{o} {v['isomap']:.2f}" for o, v in rings.items()),
+        )
+    )
+    after = by[far]["isomap"][first]
+    checks.append(
+        Check(
+            f"order {first}'s ring broken after a d={far} edit (alignment <= {MAX_RING_AFTER})",
+            None if after is None else after <= MAX_RING_AFTER,
+            f"{rings[first]['isomap']:.2f} before, {_fmt(after)} after (mean over edits)",
+        )
+    )
+    return checks
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def study_row(name: str, overrides: list[str], editor: str, summary: dict[str, Any]) -> dict:
+    """One variant x editor of the study, flattened (what ``study.json`` lists)."""
+    by = _by_distance(summary, "rome")
+    base = summary["baseline"]["accuracy"]
+    checks = fidelity_checks(summary)
+    return {
+        "variant": name,
+        "overrides": overrides,
+        "editor": editor,
+        "site": summary["site"],
+        "baseline": {s: {o: v for o, v in base[s].items()} for s in SPLITS},
+        "rings": summary["baseline"]["rings"],
+        "by_distance": {
+            d: {
+                "n": v["n"],
+                "efficacy": v["efficacy"],
+                "direct_drop": direct_drop(v),
+                "drop_mean_tasks": -statistics.fmean(
+                    v["accuracy_change_points"][s]["all"] for s in SPLITS
+                ),
+                "R_x100": v["R_x100"],
+                "isomap_after": v["isomap"],
+                "mechanism": v.get("mechanism", {}),
+            }
+            for d, v in sorted(by.items())
+        },
+        "r2": summary["methods"]["rome"]["fit_drop_on_R"]["r2"],
+        "checks": [{"claim": c.claim, "holds": c.holds, "evidence": c.evidence} for c in checks],
+        "n_holding": sum(1 for c in checks if c.holds),
+        "n_checks": len(checks),
+    }
+
+
+def run_study(
+    base: RunConfig,
+    variants: dict[str, list[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    editors: tuple[str, ...] = ("synthetic", "synthetic-subject"),
+    n_edits: int = 8,
+    distances: tuple[int, ...] = (1, 2, 3, 4),
+    max_queries: int | None = 300,
+    progress: bool = True,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Train each variant of ``base`` (``--set``-style overrides; ``[]`` is the base itself)
+    and sweep ROME single edits with each editor preset; write and return the study rows.
+
+    Everything is resumable: a finished run is reused and a finished sweep re-read.
+    """
+    from kgshatter.sweep import SweepConfig, run_sweep
+    from kgshatter.train import train
+
+    for editor in editors:
+        if editor not in EDITOR_POSITIONS:
+            raise ValueError(f"editor preset {editor!r} unknown; choose from "
+                             f"{sorted(EDITOR_POSITIONS)}")  # fmt: skip
+    # every variant is validated before any training starts
+    runs = {name: apply_overrides(base, list(o)) for name, o in variants.items()}
+    out = Path(out_dir)
+    rows = []
+    for name, run in runs.items():
+        log.info("study variant %s: %s", name, variants[name] or "(base)")
+        train(run, out / name / "run", resume=True, progress=progress, device=device)
+        for editor in editors:
+            sweep = SweepConfig(
+                methods=("rome",),
+                kinds=("counterfactual",),
+                distances=distances,
+                n_edits=n_edits,
+                sequential_edits=0,
+                editor_preset=editor,
+                position=EDITOR_POSITIONS[editor],
+                max_queries=max_queries,
+            )
+            result = run_sweep(out / name / "run", out / name / editor, sweep, progress, device)
+            rows.append(study_row(name, list(variants[name]), editor, result.summary))
+    write_json_atomic(out / "study.json", rows)
+    write_study_report(rows, out)
+    return rows
+
+
+def write_study_report(rows: list[dict[str, Any]], out: Path) -> Path:
+    """``study.md`` (one table row per variant x editor) and ``study.png`` (curves vs d)."""
+    lines = [
+        "# The fidelity study (ROME, single counterfactual edits from order I)",
+        "",
+        "| variant | editor | site | pre-edit direct / logical / comp. (all) | direct drop by d "
+        "| R x100 order I by d | R x100 II, III at far d | spill by d | shift by d | r^2 "
+        "| targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["baseline"]
+        byd = r["by_distance"]
+        ds = sorted(byd, key=int)
+        far = byd[ds[-1]]["R_x100"]
+        orders = [o for o in far if o != "mean"]
+        lines.append(
+            f"| {r['variant']} | {r['editor']} | {r['site']} | "
+            + " / ".join(f"{100 * base[s]['all']:.1f}" for s in SPLITS)
+            + " | "
+            + ", ".join(_fmt(byd[d]["direct_drop"], 1) for d in ds)
+            + " | "
+            + ", ".join(_fmt(byd[d]["R_x100"][orders[0]], 1) for d in ds)
+            + " | "
+            + ", ".join(_fmt(far[o], 1) for o in orders[1:])
+            + " | "
+            + ", ".join(_fmt(byd[d]["mechanism"].get("spill"), 3) for d in ds)
+            + " | "
+            + ", ".join(_fmt(byd[d]["mechanism"].get("shift.edited"), 2) for d in ds)
+            + f" | {_fmt(r['r2'])} | {r['n_holding']} / {r['n_checks']} |"
+        )
+    lines += ["", "Overrides of each variant:", ""]
+    seen = set()
+    for r in rows:
+        if r["variant"] not in seen:
+            seen.add(r["variant"])
+            lines.append(f"- `{r['variant']}`: {', '.join(r['overrides']) or '(the base preset)'}")
+    lines += ["", "![study](study.png)", ""]
+    text = "\n".join(lines) + "\n"
+    _study_figure(rows, out / "study.png")
+    return write_atomic(out / "study.md", lambda tmp: Path(tmp).write_text(text, "utf-8"))
+
+
+def _study_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    from kgshatter.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    panels = [
+        ("direct accuracy drop (points)", lambda v: v["direct_drop"]),
+        ("R(D*) x100, edited order I", lambda v: _first_order(v["R_x100"])),
+        ("R(D*) x100, mean of orders II, III", lambda v: _other_orders(v["R_x100"])),
+        ("shift of the edited entity's MLP output", lambda v: v["mechanism"].get("shift.edited")),
+        ("spill onto other entities (fraction)", lambda v: v["mechanism"].get("spill")),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    for ax, (title, get) in zip(axes, panels, strict=True):
+        for r in rows:
+            ds = sorted(r["by_distance"], key=int)
+            ys = [get(r["by_distance"][d]) for d in ds]
+            ax.plot([int(d) for d in ds], [math.nan if y is None else y for y in ys], "o-",
+                    ms=3, label=f"{r['variant']} / {r['editor']}")  # fmt: skip
+        ax.set_xlabel("edit distance d")
+        ax.set_xticks(sorted({int(d) for r in rows for d in r["by_distance"]}))
+        ax.set_ylabel(title, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _first_order(r: dict[str, Any]) -> float | None:
+    return next(v for o, v in r.items() if o != "mean")
+
+
+def _other_orders(r: dict[str, Any]) -> float | None:
+    vals = [v for o, v in list(r.items())[1:] if o != "mean" and v is not None]
+    return statistics.fmean(vals) if vals else None
