@@ -307,3 +307,21 @@ def test_micro_batches_give_the_same_edit(setup):
     )
     torch.testing.assert_close(chunked.deltas[0].dense, whole.deltas[0].dense, atol=1e-4, rtol=1e-3)
     assert chunked.info["losses"] == pytest.approx(whole.info["losses"], rel=1e-4)
+
+
+def test_relative_optimisation_is_the_reference_one_in_units_of_h0(setup):
+    """relative=True with (lr, wd) is the references' optimisation with (lr, wd) x ||h0||:
+    the same delta, step for step (so a layer c times larger gets a delta c times larger)."""
+    model, _, task, req = setup
+    rel = compute_rome(model, task, req, ROMEConfig(n_samples=N_SAMPLES, steps=6, relative=True))
+    h0 = rel.info["h0_norm"]
+    ref = compute_rome(
+        model,
+        task,
+        req,
+        ROMEConfig(n_samples=N_SAMPLES, steps=6, lr=0.5 * h0, weight_decay=0.5 * h0),
+    )
+    torch.testing.assert_close(rel.deltas[0].dense, ref.deltas[0].dense, atol=1e-5, rtol=1e-4)
+    assert rel.info["delta_norm"] == pytest.approx(ref.info["delta_norm"], rel=1e-4)
+    with pytest.raises(ValueError, match="relative must be true or false"):
+        ROMEConfig(relative=1)

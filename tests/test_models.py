@@ -71,7 +71,9 @@ def test_tied_embeddings_and_no_bias(tied, bias, tmp_path):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model) == count(PlainDecoder(cfg, 30))
     untied = build_model(CFG, 30)
-    assert count(untied) - count(model) == (30 * 32 if tied else 0) + (0 if bias else 2 * (4 * 32 + 64 + 32))
+    assert count(untied) - count(model) == (30 * 32 if tied else 0) + (
+        0 if bias else 2 * (4 * 32 + 64 + 32)
+    )
     tokens = torch.randint(0, 30, (3, 8))
     if tied:  # a gradient step moves the shared matrix in both roles at once
         model(tokens).sum().backward()

@@ -54,6 +54,7 @@ def optimize_targets(
     position: str = "relation",
     fwd_hooks: Sequence[tuple[str, Any]] = (),
     micro_batch: int | None = None,
+    relative: bool = False,
 ) -> TargetResult:
     """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
 
@@ -63,6 +64,7 @@ def optimize_targets(
     ``fwd_hooks`` are extra hooks active throughout (e.g. earlier edits in a sequence).
     ``micro_batch`` bounds how many prompts run forward/backward at once (memory; the
     gradients are the same up to rounding); ``None`` runs them all together.
+    ``relative=True``: ``lr`` and the decay are in units of ``||h0||`` (see ``TargetConfig``).
     """
     if not hooks:
         raise ValueError("optimize_targets needs at least one hook name")
@@ -91,7 +93,12 @@ def optimize_targets(
     h0s = [store[h][:n_rewrite].float().mean(0) for h in hooks]
     init_logp = torch.log_softmax(logits0[n_rewrite:].float(), -1)
     deltas = [torch.zeros_like(h0, requires_grad=True) for h0 in h0s]
-    opt = torch.optim.Adam(deltas, lr=lr)
+    # Adam's steps have the size of lr whatever the gradient's scale: relative mode scales
+    # them, and the decay, by each hook's ||h0||
+    scales = [float(h0.norm().clamp(min=1e-12)) if relative else 1.0 for h0 in h0s]
+    opt = torch.optim.Adam(
+        [{"params": [d], "lr": lr * s} for d, s in zip(deltas, scales, strict=True)]
+    )
     target_t = torch.full((n_rewrite,), target, device=device)
 
     def adder(delta: torch.Tensor):
@@ -116,7 +123,7 @@ def optimize_targets(
             # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
             # holding the activations of one micro-batch at a time
             decay = weight_decay * sum(
-                d.norm() / h0.norm().clamp(min=1e-12) ** 2
+                d.norm() / (h0.norm().clamp(min=1e-12) ** (1 if relative else 2))
                 for d, h0 in zip(deltas, h0s, strict=True)
             )
             _check_finite(decay, lr)

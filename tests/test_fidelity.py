@@ -1,0 +1,98 @@
+"""The fidelity study: its targets on hand-made summaries, and one tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kgshatter.cli import main
+from kgshatter.fidelity import fidelity_checks
+
+ORDERS = ("I", "II", "III")
+
+
+def _summary(drops, r_first, r_others, r2=0.9, isomap=0.9, after=0.2, base=1.0):
+    """A sweep summary in the shape ``summarise`` writes, with chosen numbers."""
+    by_kind = {}
+    for d, (drop, rf, ro) in enumerate(zip(drops, r_first, r_others, strict=True), start=1):
+        change = {o: -drop for o in (*ORDERS, "all")}
+        by_kind[f"d={d}"] = {
+            "n": 8,
+            "efficacy": 1.0,
+            "accuracy_change_points": {s: change for s in ("direct", "logical", "compositional")},
+            "R_x100": {"I": rf, "II": ro, "III": ro, "mean": (rf + 2 * ro) / 3},
+            "isomap": {"I": after, "II": after, "III": after},
+            "neighbours": {o: 0.5 for o in ORDERS},
+        }
+    acc = {o: base for o in (*ORDERS, "all")}
+    return {
+        "methods": {"rome": {"by_kind": by_kind, "fit_drop_on_R": {"r2": r2, "n": 32}}},
+        "baseline": {
+            "accuracy": {s: acc for s in ("direct", "logical", "compositional")},
+            "rings": {o: {"isomap": isomap, "neighbours": 1.0} for o in ORDERS},
+        },
+        "site": "0.resid_post",
+    }
+
+
+def test_the_papers_pattern_meets_every_target():
+    paper = _summary([1.5, 40, 60, 78], [1.8, 21.9, 26.2, 27.9], [1.8, 20.8, 25.3, 27.3])
+    checks = fidelity_checks(paper)
+    assert all(c.holds for c in checks), [c for c in checks if not c.holds]
+
+
+@pytest.mark.parametrize(
+    "summary, failing",
+    [  # the landed cpu model: flat damage confined to order I
+        (_summary([2.7, 2, 2, 1.8], [22, 22, 22, 22], [3, 3, 3, 3], r2=0.0), 5),
+        # damage grows, but only in the edited order
+        (_summary([1, 10, 20, 30], [2, 10, 20, 30], [1, 1, 1, 1]), 1),
+        # a rise and fall with d: not monotone
+        (_summary([1, 40, 10, 30], [2, 10, 20, 30], [2, 10, 20, 30]), 1),
+        # a model that never learned inference, and shows no ring
+        (
+            _summary([1.5, 40, 60, 78], [1.8, 21, 26, 28], [1.8, 21, 26, 28], base=0.5, isomap=0.3),
+            2,
+        ),
+    ],
+)
+def test_each_departure_fails_its_target(summary, failing):
+    checks = fidelity_checks(summary)
+    assert sum(1 for c in checks if c.holds is False) == failing, checks
+
+
+def test_a_tiny_study_end_to_end_and_resumed(tmp_path, capsys):
+    args = ["study", "--preset", "tiny", "--set", "train.steps=150", "--out",
+            str(tmp_path / "s"), "--variant", "tied=model.tied_embeddings=true;model.bias=false",
+            "--n", "2", "--distances", "1,2", "--editors", "synthetic", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert [(r["variant"], r["editor"]) for r in rows] == [("tied", "synthetic")]
+    for r in rows:
+        assert sorted(r["by_distance"], key=int) == ["1", "2"]
+        mech = r["by_distance"]["1"]["mechanism"]
+        assert mech["shift.edited"] > 0 and 0 <= mech["spill"] < 10
+        assert r["n_checks"] == len(r["checks"]) >= 7
+    run = json.loads((tmp_path / "s" / "tied" / "run" / "run.json").read_text())
+    assert run["config"]["model"]["tied_embeddings"] is True
+    assert (tmp_path / "s" / "study.png").stat().st_size > 0
+    before = (tmp_path / "s" / "study.json").read_bytes()
+    assert main(args) == 0  # reuses the runs and the finished sweeps
+    assert (tmp_path / "s" / "study.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ("nameonly", "--variant takes NAME="),
+        ("a.b=model.d_model=8", "NAME without dots"),
+        ("x=model.tied_embeddings=maybe", "tied_embeddings must be true or false"),
+        ("x=model.widht=8", "model has no field 'widht'"),
+    ],
+)
+def test_study_bad_variants_fail_before_work(tmp_path, capsys, variant, message):
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "tiny", "--out", str(out), "--variant", variant]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
