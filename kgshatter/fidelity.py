@@ -7,7 +7,9 @@ a controlled study (:func:`run_study`): variants of one base preset, each differ
 the fields it names, each trained (resumably) and edited with ROME at d = 1..4 by the ordinary
 sweep (:func:`kgshatter.sweep.run_sweep`), at the relation token and at the subject token.
 
-Besides accuracy and R(D*), each edit records what the compression hypothesis predicts
+Besides accuracy and R(D*), each variant records its answer margins along order I
+(:func:`kgshatter.analysis.margins.ring_margins`: what an edit at distance d must overcome) and
+each edit records what the compression hypothesis predicts
 (``measure_edit`` in the sweep): ``shift.edited``, how far the edit moves the edited entity's MLP
 output (for ROME ``||v* - W k*||``), and ``spill``, the mean fraction of that shift landing on
 every other entity (``|k_x' . dW| / |k* . dW|``): private keys give ``spill`` ~ 0, shared keys
@@ -44,7 +46,12 @@ MIN_RING = 0.8  # Isomap alignment of every order before editing
 MAX_RING_AFTER = 0.5  # Isomap alignment of the edited order after a far edit: "broken"
 
 # where each editor preset reads its keys, as a sweep representation position
-EDITOR_POSITIONS = {"synthetic": "relation", "synthetic-subject": "entity"}
+EDITOR_POSITIONS = {
+    "synthetic": "relation",
+    "synthetic-subject": "entity",
+    "synthetic-relative": "relation",
+    "synthetic-subject-relative": "entity",
+}
 
 
 @dataclass(frozen=True)
@@ -160,8 +167,17 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def study_row(name: str, overrides: list[str], editor: str, summary: dict[str, Any]) -> dict:
-    """One variant x editor of the study, flattened (what ``study.json`` lists)."""
+def study_row(
+    name: str,
+    overrides: list[str],
+    editor: str,
+    summary: dict[str, Any],
+    margins: dict[int, float] | None = None,
+) -> dict:
+    """One variant x editor of the study, flattened (what ``study.json`` lists).
+
+    ``margins``: the unedited model's answer margins along order I by distance
+    (:func:`kgshatter.analysis.margins.ring_margins`)."""
     by = _by_distance(summary, "rome")
     base = summary["baseline"]["accuracy"]
     checks = fidelity_checks(summary)
@@ -186,6 +202,7 @@ def study_row(name: str, overrides: list[str], editor: str, summary: dict[str, A
             }
             for d, v in sorted(by.items())
         },
+        "margins": {str(d): v for d, v in (margins or {}).items()},
         "r2": summary["methods"]["rome"]["fit_drop_on_R"]["r2"],
         "checks": [{"claim": c.claim, "holds": c.holds, "evidence": c.evidence} for c in checks],
         "n_holding": sum(1 for c in checks if c.holds),
@@ -210,8 +227,10 @@ def run_study(
 
     Everything is resumable: a finished run is reused and a finished sweep re-read.
     """
+    from kgshatter.analysis.margins import ring_margins
+    from kgshatter.evaluate import Evaluator
     from kgshatter.sweep import SweepConfig, run_sweep
-    from kgshatter.train import train
+    from kgshatter.train import load_run, train
 
     for editor in editors:
         if editor not in EDITOR_POSITIONS:
@@ -224,6 +243,8 @@ def run_study(
     for name, run in runs.items():
         log.info("study variant %s: %s", name, variants[name] or "(base)")
         train(run, out / name / "run", resume=True, progress=progress, device=device)
+        _, graph, model, _ = load_run(out / name / "run", device=device)
+        margins = ring_margins(model, Evaluator.for_run(run, graph), 0, distances)
         for editor in editors:
             sweep = SweepConfig(
                 methods=("rome",),
@@ -236,7 +257,7 @@ def run_study(
                 max_queries=max_queries,
             )
             result = run_sweep(out / name / "run", out / name / editor, sweep, progress, device)
-            rows.append(study_row(name, list(variants[name]), editor, result.summary))
+            rows.append(study_row(name, list(variants[name]), editor, result.summary, margins))
     write_json_atomic(out / "study.json", rows)
     write_study_report(rows, out)
     return rows
@@ -248,9 +269,9 @@ def write_study_report(rows: list[dict[str, Any]], out: Path) -> Path:
         "# The fidelity study (ROME, single counterfactual edits from order I)",
         "",
         "| variant | editor | site | pre-edit direct / logical / comp. (all) | direct drop by d "
-        "| R x100 order I by d | R x100 II, III at far d | spill by d | shift by d | r^2 "
-        "| targets met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| answer margin by d | R x100 order I by d | R x100 II, III at far d | spill by d "
+        "| shift by d | r^2 | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["baseline"]
@@ -263,6 +284,8 @@ def write_study_report(rows: list[dict[str, Any]], out: Path) -> Path:
             + " / ".join(f"{100 * base[s]['all']:.1f}" for s in SPLITS)
             + " | "
             + ", ".join(_fmt(byd[d]["direct_drop"], 1) for d in ds)
+            + " | "
+            + ", ".join(_fmt(r["margins"].get(d), 1) for d in ds)
             + " | "
             + ", ".join(_fmt(byd[d]["R_x100"][orders[0]], 1) for d in ds)
             + " | "

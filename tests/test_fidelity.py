@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kgshatter.cli import main
 from kgshatter.fidelity import fidelity_checks
@@ -74,6 +75,7 @@ def test_a_tiny_study_end_to_end_and_resumed(tmp_path, capsys):
         mech = r["by_distance"]["1"]["mechanism"]
         assert mech["shift.edited"] > 0 and 0 <= mech["spill"] < 10
         assert r["n_checks"] == len(r["checks"]) >= 7
+        assert sorted(r["margins"]) == ["1", "2"]
     run = json.loads((tmp_path / "s" / "tied" / "run" / "run.json").read_text())
     assert run["config"]["model"]["tied_embeddings"] is True
     assert (tmp_path / "s" / "study.png").stat().st_size > 0
@@ -96,3 +98,33 @@ def test_study_bad_variants_fail_before_work(tmp_path, capsys, variant, message)
     assert main(["study", "--preset", "tiny", "--out", str(out), "--variant", variant]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+class _RingModel(torch.nn.Module):
+    """Scores each entity by minus its ring distance from the true answer of ``x o_C1``."""
+
+    def __init__(self, graph, order=0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        n, rel = graph.n_entities, graph.relation(f"{('I', 'II', 'III')[order]}_C1").index
+        pos = torch.as_tensor(graph.positions[order])
+        answer = torch.as_tensor([graph.apply(rel, x) for x in range(n)])
+        diff = (pos[None, :] - pos[answer][:, None]).abs()
+        self.table = -torch.minimum(diff, n - diff).float()  # [x, candidate]
+        self.vocab = graph.n_entities + graph.n_relations
+
+    def forward(self, tokens):
+        out = torch.zeros(*tokens.shape, self.vocab)
+        out[:, -1, : self.table.shape[0]] = self.table[tokens[:, -2]]
+        return out
+
+
+def test_ring_margins_read_the_distance_off_a_ring_shaped_output(tiny_run, tiny_graph):
+    from kgshatter.analysis.margins import ring_margins
+    from kgshatter.evaluate import Evaluator
+
+    evaluator = Evaluator.for_run(tiny_run, tiny_graph)
+    margins = ring_margins(_RingModel(tiny_graph), evaluator, 0, (1, 2, 5, 8))
+    assert margins == pytest.approx({1: 1.0, 2: 2.0, 5: 5.0, 8: 8.0})
+    with pytest.raises(ValueError, match="d must be in 1..8"):
+        ring_margins(_RingModel(tiny_graph), evaluator, 0, (9,))
