@@ -106,10 +106,10 @@ def write_ring_figure(
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from kgshatter.reproduce import describe, reproduce
-    from kgshatter.sweep import SweepConfig
+    from kgshatter.sweep import SweepConfig, editor_defaults
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = editor_defaults(args.preset)
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.distances:
@@ -132,7 +132,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         fields["position"] = args.position
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
     set_threads(args.threads)
-    result, report = reproduce(run, args.out, sweep, progress=not args.quiet, device=args.device)
+    result, report = reproduce(
+        run, args.out, sweep, progress=not args.quiet, device=args.device,
+        from_scratch=args.from_scratch,
+    )  # fmt: skip
     print(describe(result))
     print(f"wrote {report} and the table, figures and summary beside it")
     return 0
@@ -543,13 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--editor-preset",
         default=None,
-        help="the editors' preset (synthetic; synthetic-subject for --preset cpu-subject)",
+        help="the editors' preset (default: the model preset's, e.g. synthetic for cpu, "
+        "synthetic-subject for cpu-subject, synthetic-subject-relative for compressed)",
     )
     p.add_argument(
         "--position",
         default=None,
         choices=["relation", "entity"],
-        help="token whose state represents the entity (relation; entity for cpu-subject)",
+        help="token whose state represents the entity (default: the model preset's; relation "
+        "for cpu, entity for cpu-subject and compressed)",
+    )
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train the preset even when kgshatter ships its trained checkpoint",
     )
     _runtime_options(p)
     p.set_defaults(func=_cmd_reproduce)

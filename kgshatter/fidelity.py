@@ -189,7 +189,7 @@ def study_row(
         "baseline": {s: {o: v for o, v in base[s].items()} for s in SPLITS},
         "rings": summary["baseline"]["rings"],
         "by_distance": {
-            d: {
+            str(d): {
                 "n": v["n"],
                 "efficacy": v["efficacy"],
                 "direct_drop": direct_drop(v),

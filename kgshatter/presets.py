@@ -218,6 +218,22 @@ PRESETS["cpu-subject"] = PRESETS["cpu"].replace(
 )
 
 
+# The fidelity study's best model (README, "The fidelity study"): the paper's reported width
+# (d_model 24, 12 heads of 2) with nanoGPT's tied embeddings, the subject processed at its own
+# token (first block attends to itself, as cpu-subject), 20k steps. Its answers live on the
+# rings (logit margins grow with the distance along the ring), so subject-token edits damage
+# every order and more with distance. Trained once and shipped (kgshatter/bundled/compressed).
+PRESETS["compressed"] = PRESETS["cpu-subject"].replace(
+    name="compressed",
+    model=dataclasses.replace(
+        PRESETS["cpu-subject"].model, d_model=24, n_heads=12, d_mlp=96, tied_embeddings=True
+    ),
+    train=dataclasses.replace(
+        PRESETS["cpu-subject"].train, steps=20_000, eval_every=2000, checkpoint_every=2000
+    ),
+)
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``"train.lr=0.002"`` -> ``("train", "lr", 0.002)`` (values are JSON, else strings).
 

@@ -26,8 +26,14 @@ def reproduce(
     sweep: SweepConfig | None = None,
     progress: bool = True,
     device: str | None = None,
+    from_scratch: bool = False,
 ) -> tuple[SweepResult, Path]:
-    """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report."""
+    """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report.
+
+    A preset whose trained run ships with kgshatter (:mod:`kgshatter.bundled`) starts from that
+    checkpoint unless ``from_scratch``.
+    """
+    from kgshatter.bundled import install_bundled
     from kgshatter.train import train
 
     sweep = sweep or SweepConfig()
@@ -38,6 +44,9 @@ def reproduce(
         raise ValueError(f"{out} exists and holds no reproduction (no run/); use a new --out")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    if not from_scratch:
+        out.mkdir(parents=True, exist_ok=True)
+        install_bundled(run, out / "run")
     train(run, out / "run", resume=True, progress=progress, device=device)
     seconds["training (or reuse)"] = time.perf_counter() - start
     start = time.perf_counter()

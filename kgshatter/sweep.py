@@ -99,6 +99,27 @@ class SweepConfig(ConfigDict):
         return Site.parse(self.site).check(n_layers)
 
 
+# the editor preset and representation position each model preset is edited with by default:
+# models that process the subject at its own token are edited there (README, "The fidelity
+# study"); the others at the relation token
+PRESET_EDITORS = {
+    "cpu-subject": ("synthetic-subject", "entity"),
+    "compressed": ("synthetic-subject-relative", "entity"),
+}
+
+
+def editor_defaults(preset: str) -> dict[str, str]:
+    """``SweepConfig`` fields ``editor_preset`` and ``position`` for a model preset.
+
+    >>> editor_defaults("compressed")
+    {'editor_preset': 'synthetic-subject-relative', 'position': 'entity'}
+    >>> editor_defaults("cpu")
+    {'editor_preset': 'synthetic', 'position': 'relation'}
+    """
+    editor, position = PRESET_EDITORS.get(preset, ("synthetic", "relation"))
+    return {"editor_preset": editor, "position": position}
+
+
 def check_distances(distances: tuple[int, ...], n_entities: int) -> None:
     """Counterfactual distances must lie on the ring: 1 .. N // 2."""
     half = n_entities // 2

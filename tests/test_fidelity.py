@@ -107,7 +107,7 @@ class _RingModel(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         n, rel = graph.n_entities, graph.relation(f"{('I', 'II', 'III')[order]}_C1").index
-        pos = torch.as_tensor(graph.positions[order])
+        pos = torch.tensor(graph.positions[order])
         answer = torch.as_tensor([graph.apply(rel, x) for x in range(n)])
         diff = (pos[None, :] - pos[answer][:, None]).abs()
         self.table = -torch.minimum(diff, n - diff).float()  # [x, candidate]

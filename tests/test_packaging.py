@@ -53,3 +53,10 @@ def test_wheel_top_level_is_only_kgshatter(tmp_path):
     assert top == {"kgshatter"}
     assert "kgshatter/hooks/__init__.py" in names
     assert "kgshatter/kg/graph.py" in names
+    for part in (
+        "run.json",
+        "graph.json",
+        "COMMAND.md",
+        "checkpoints/step_0020000/model.safetensors",
+    ):
+        assert f"kgshatter/bundled/compressed/{part}" in names

@@ -45,8 +45,8 @@ def ring_margins(
     logits = torch.cat(chunks).reshape(n, tokens.shape[1], n).mean(1)  # [entity, entity]
     rel = graph.relation(relation_name(order, 1, 1)).index
     answers = torch.as_tensor([graph.apply(rel, x) for x in range(n)])
-    ring = torch.as_tensor(graph.rings[order])
-    pos = torch.as_tensor(graph.positions[order])[answers]
+    ring = torch.tensor(graph.rings[order])
+    pos = torch.tensor(graph.positions[order])[answers]
     rows = torch.arange(n)
     own = logits[rows, answers]
     out = {}

@@ -62,6 +62,9 @@ FT_PRESETS = {
     "synthetic": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     # FT-L has no key position: the loss is on the answer, so both synthetic models share it
     "synthetic-subject": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
+    # ... and so do the fidelity study's editor presets (FT-L has no target optimisation)
+    "synthetic-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
+    "synthetic-subject-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     "tiny-pretrained": FTConfig(layer=2, steps=25, lr=5e-3, norm_constraint=5e-2, n_prompts=5),
 }
 

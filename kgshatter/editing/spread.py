@@ -110,6 +110,9 @@ _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
 # subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
 # target sits on layer 0's output; steps and clamp as ROME's measured ones
 _SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5, "layers": (0,)}
+# the fidelity study's editors (README, "The fidelity study"): the target optimisation in
+# units of ||h0|| like ROME's synthetic-relative presets
+_RELATIVE = {"relative": True, "lr": 0.05, "steps": 200}
 # the tiny random checkpoints of kgshatter.pretrained.tiny_checkpoint (tests, tutorials):
 # measured, the relation (last) position edits them; at the subject token the random
 # attention carries too little to the last token for any delta to move the answer
@@ -118,12 +121,16 @@ MEMIT_PRESETS = {
     "synthetic": MEMITConfig(),
     "tiny-pretrained": MEMITConfig(**_TINY),
     "synthetic-subject": MEMITConfig(**_SUBJECT),
+    "synthetic-relative": MEMITConfig(**_RELATIVE),
+    "synthetic-subject-relative": MEMITConfig(**{**_SUBJECT, **_RELATIVE}),
     "gpt2-xl": MEMITConfig(**_GPT2_XL),
     "llama3-8b": MEMITConfig(**_LLAMA3_8B),
 }
 ALPHAEDIT_PRESETS = {
     "synthetic": AlphaEditConfig(),
     "synthetic-subject": AlphaEditConfig(**_SUBJECT),
+    "synthetic-relative": AlphaEditConfig(**_RELATIVE),
+    "synthetic-subject-relative": AlphaEditConfig(**{**_SUBJECT, **_RELATIVE}),
     "tiny-pretrained": AlphaEditConfig(**_TINY, threshold_kind="relative"),
     "gpt2-xl": AlphaEditConfig(**_GPT2_XL, l2=10.0),
     "llama3-8b": AlphaEditConfig(**_LLAMA3_8B, l2=10.0),
@@ -131,6 +138,8 @@ ALPHAEDIT_PRESETS = {
 PMET_PRESETS = {
     "synthetic": PMETConfig(),
     "synthetic-subject": PMETConfig(**_SUBJECT),
+    "synthetic-relative": PMETConfig(**_RELATIVE),
+    "synthetic-subject-relative": PMETConfig(**{**_SUBJECT, **_RELATIVE}),
     "tiny-pretrained": PMETConfig(**_TINY),
     "gpt2-xl": PMETConfig(**{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30}),
 }

@@ -1,0 +1,51 @@
+"""The trained run shipped in the package: it is the preset's run, it works, and it is used."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from kgshatter.bundled import BUNDLED_DIR, bundled_run, install_bundled
+from kgshatter.cli import build_parser
+from kgshatter.evaluate import Evaluator
+from kgshatter.presets import get_preset
+from kgshatter.sweep import editor_defaults
+from kgshatter.train import load_run, train
+
+
+def test_the_shipped_run_is_the_compressed_preset_and_knows_the_graph(tmp_path):
+    run = get_preset("compressed")
+    folder = bundled_run(run)
+    assert folder == BUNDLED_DIR / "compressed"
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 20e6
+    assert (folder / "COMMAND.md").is_file()
+    loaded, graph, model, state = load_run(folder)
+    assert loaded == run and state["step"] == run.train.steps
+    torch.manual_seed(0)
+    acc = Evaluator.for_run(run, graph, max_queries=200)(model)["accuracy"]
+    assert acc["direct"]["all"] >= 0.95, acc
+    # installed into a reproduction's run/ folder, training finds it finished
+    dest = tmp_path / "repro" / "run"
+    dest.parent.mkdir()
+    assert install_bundled(run, dest)
+    assert not install_bundled(run, dest)  # never over an existing folder
+    before = (dest / "history.json").read_bytes()
+    result = train(run, dest, resume=True, progress=False)
+    assert len(result.history) == len(json.loads(before))
+    assert (dest / "history.json").read_bytes() == before
+
+
+def test_a_changed_config_gets_no_shipped_run():
+    run = get_preset("compressed")
+    other = run.replace(train=dataclasses.replace(run.train, steps=100))
+    assert bundled_run(other) is None
+    assert bundled_run(get_preset("tiny")) is None
+
+
+def test_reproduce_defaults_to_each_presets_editor():
+    assert editor_defaults("compressed")["position"] == "entity"
+    args = build_parser().parse_args(["reproduce", "--preset", "compressed", "--out", "x",
+                                      "--from-scratch"])  # fmt: skip
+    assert args.from_scratch and args.editor_preset is None
