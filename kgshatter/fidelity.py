@@ -313,24 +313,36 @@ def _study_figure(rows: list[dict[str, Any]], path: Path) -> Path:
 
     plt = pyplot()
     panels = [
-        ("direct accuracy drop (points)", lambda v: v["direct_drop"]),
-        ("R(D*) x100, edited order I", lambda v: _first_order(v["R_x100"])),
-        ("R(D*) x100, mean of orders II, III", lambda v: _other_orders(v["R_x100"])),
-        ("shift of the edited entity's MLP output", lambda v: v["mechanism"].get("shift.edited")),
-        ("spill onto other entities (fraction)", lambda v: v["mechanism"].get("spill")),
+        ("answer margin, logits (unedited)", lambda r, d: r["margins"].get(d)),
+        ("direct accuracy drop (points)", lambda r, d: r["by_distance"][d]["direct_drop"]),
+        ("R(D*) x100, edited order I", lambda r, d: _first_order(r["by_distance"][d]["R_x100"])),
+        (
+            "R(D*) x100, mean of orders II, III",
+            lambda r, d: _other_orders(r["by_distance"][d]["R_x100"]),
+        ),  # fmt: skip
+        (
+            "shift of the edited entity's MLP output",
+            lambda r, d: r["by_distance"][d]["mechanism"].get("shift.edited"),
+        ),  # fmt: skip
+        (
+            "spill onto other entities (fraction)",
+            lambda r, d: r["by_distance"][d]["mechanism"].get("spill"),
+        ),  # fmt: skip
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
-    for ax, (title, get) in zip(axes, panels, strict=True):
-        for r in rows:
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8))
+    colours = plt.cm.tab20.colors
+    for ax, (label, get) in zip(axes, panels, strict=True):
+        for i, r in enumerate(rows):
             ds = sorted(r["by_distance"], key=int)
-            ys = [get(r["by_distance"][d]) for d in ds]
-            ax.plot([int(d) for d in ds], [math.nan if y is None else y for y in ys], "o-",
-                    ms=3, label=f"{r['variant']} / {r['editor']}")  # fmt: skip
+            ys = [get(r, d) for d in ds]
+            ax.plot([int(d) for d in ds], [math.nan if y is None else y for y in ys],
+                    ("o-", "s--", "^:")[i % 3], color=colours[i % len(colours)], ms=3,
+                    label=f"{r['variant']} / {r['editor']}")  # fmt: skip
         ax.set_xlabel("edit distance d")
         ax.set_xticks(sorted({int(d) for r in rows for d in r["by_distance"]}))
-        ax.set_ylabel(title, fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(label, fontsize=8)
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("ROME single counterfactual edits from order I, mean per distance", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -201,6 +201,13 @@ def write_report(
     for claim, holds, evidence in findings(s):
         verdict = {True: "**holds**", False: "**does not hold**", None: "not measurable"}[holds]
         lines.append(f"- {claim}: {verdict} ({evidence}).")
+    if "rome" in s["methods"]:
+        from kgshatter.fidelity import fidelity_checks
+
+        lines += ["", '## The fidelity targets (README, "The fidelity study")', ""]
+        for check in fidelity_checks(s):
+            verdict = {True: "met", False: "**not met**", None: "not measurable"}[check.holds]
+            lines.append(f"- {check.claim}: {verdict} ({check.evidence}).")
     lines += ["", "## Before any edit", "", "| task | " + " | ".join(
         f"{o} ours / paper" for o in orders) + " |", "|---" * (len(orders) + 1) + "|"]  # fmt: skip
     for split in SPLITS:

@@ -155,6 +155,7 @@ def test_reproduce_smoke_on_tiny(tmp_path, capsys):
     assert "r^2 of accuracy drop" in printed
     report = (out / "report.md").read_text()
     assert "## Findings" in report and "paper" in report
+    assert "## The fidelity targets" in report and "pre-edit accuracy" in report
     for name in ("accuracy_vs_distance", "shattering_vs_distance", "shattering_vs_accuracy",
                  "sequential", "rings_before_after"):  # fmt: skip
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
