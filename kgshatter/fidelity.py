@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # the thresholds (README, "The fidelity study")
 MIN_BASELINE = {"direct": 0.95, "logical": 0.90, "compositional": 0.60}
+MIN_EFFICACY = 0.9  # ours: the targets presume edits that succeed
 MIN_FAR_DROP = 20.0  # points of direct accuracy lost at the farthest distance
 MIN_FAR_OVER_NEAR = 3.0  # far drop / near drop
 MIN_R_RATIO = 2.0  # R on the edited order, far / near
@@ -98,6 +99,15 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
     if len(by) < 2:
         return [*checks, Check("at least two distances were swept", False, str(sorted(by)))]
     near, far = min(by), max(by)
+    efficacy = statistics.fmean(v["efficacy"] for v in by.values())
+    checks.append(
+        Check(
+            f"the edits take (mean efficacy >= {MIN_EFFICACY:.0%}; damage from edits that did "
+            "not happen means little)",
+            efficacy >= MIN_EFFICACY,
+            ", ".join(f"d={d}: {by[d]['efficacy']:.0%}" for d in sorted(by)),
+        )
+    )
     drops = {d: direct_drop(by[d]) for d in sorted(by)}
     dn, df = drops[near], drops[far]
     ratio = df / dn if dn and dn > 0 else math.inf
@@ -160,6 +170,12 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
             f"{rings[first]['isomap']:.2f} before, {_fmt(after)} after (mean over edits)",
         )
     )
+    if efficacy < 0.5:  # most edits did not take: what they did is no evidence either way
+        checks[2:] = [  # the baseline and efficacy checks stay, and so does the unedited ring
+            c if c.claim.startswith("rings before")
+            else Check(c.claim, None, f"not measured, most edits did not take: {c.evidence}")
+            for c in checks[2:]
+        ]  # fmt: skip
     return checks
 
 
