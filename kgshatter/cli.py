@@ -677,7 +677,7 @@ def _add_study(sub: Any) -> None:
         help="a variant and its overrides, e.g. d24='model.d_model=24;model.n_heads=12' "
         "(repeatable; 'base=' is the base preset; default: the base alone)",
     )
-    p.add_argument("--editors", default="synthetic,synthetic-subject",
+    p.add_argument("--editors", default="synthetic-relative,synthetic-subject-relative",
                    help="ROME editor presets, comma-separated")  # fmt: skip
     p.add_argument("--distances", default="1..4", help="edit distances, 1..4 or 1,2,4")
     p.add_argument("--n", type=int, default=8, help="edits per distance (8)")

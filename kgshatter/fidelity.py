@@ -231,7 +231,7 @@ def run_study(
     variants: dict[str, list[str]],
     out_dir: str | os.PathLike[str],
     *,
-    editors: tuple[str, ...] = ("synthetic", "synthetic-subject"),
+    editors: tuple[str, ...] = ("synthetic-relative", "synthetic-subject-relative"),
     n_edits: int = 8,
     distances: tuple[int, ...] = (1, 2, 3, 4),
     max_queries: int | None = 300,
@@ -245,7 +245,7 @@ def run_study(
     """
     from kgshatter.analysis.margins import ring_margins
     from kgshatter.evaluate import Evaluator
-    from kgshatter.sweep import SweepConfig, run_sweep
+    from kgshatter.sweep import SweepConfig, check_distances, run_sweep
     from kgshatter.train import load_run, train
 
     for editor in editors:
@@ -254,6 +254,8 @@ def run_study(
                              f"{sorted(EDITOR_POSITIONS)}")  # fmt: skip
     # every variant is validated before any training starts
     runs = {name: apply_overrides(base, list(o)) for name, o in variants.items()}
+    for run in runs.values():
+        check_distances(tuple(distances), run.kg.n_entities)
     out = Path(out_dir)
     rows = []
     for name, run in runs.items():

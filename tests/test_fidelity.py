@@ -109,6 +109,13 @@ def test_study_bad_variants_fail_before_work(tmp_path, capsys, variant, message)
     assert not out.exists()
 
 
+def test_study_distances_off_the_ring_fail_before_training(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "tiny", "--out", str(out), "--distances", "1,9"]) == 2
+    assert "outside the ring" in capsys.readouterr().err
+    assert not out.exists()
+
+
 class _RingModel(torch.nn.Module):
     """Scores each entity by minus its ring distance from the true answer of ``x o_C1``."""
 
