@@ -46,13 +46,13 @@ MIN_R2 = 0.6
 MIN_RING = 0.8  # Isomap alignment of every order before editing
 MAX_RING_AFTER = 0.5  # Isomap alignment of the edited order after a far edit: "broken"
 
-# where each editor preset reads its keys, as a sweep representation position
-EDITOR_POSITIONS = {
-    "synthetic": "relation",
-    "synthetic-subject": "entity",
-    "synthetic-relative": "relation",
-    "synthetic-subject-relative": "entity",
-}
+# the ROME editor presets made for the synthetic models
+STUDY_EDITORS = (
+    "synthetic",
+    "synthetic-subject",
+    "synthetic-relative",
+    "synthetic-subject-relative",
+)
 
 
 @dataclass(frozen=True)
@@ -244,14 +244,15 @@ def run_study(
     Everything is resumable: a finished run is reused and a finished sweep re-read.
     """
     from kgshatter.analysis.margins import ring_margins
+    from kgshatter.editing import get_method
     from kgshatter.evaluate import Evaluator
-    from kgshatter.sweep import SweepConfig, check_distances, run_sweep
+    from kgshatter.sweep import SweepConfig, check_distances, representation_position, run_sweep
     from kgshatter.train import load_run, train
 
     for editor in editors:
-        if editor not in EDITOR_POSITIONS:
+        if editor not in STUDY_EDITORS:
             raise ValueError(f"editor preset {editor!r} unknown; choose from "
-                             f"{sorted(EDITOR_POSITIONS)}")  # fmt: skip
+                             f"{sorted(STUDY_EDITORS)}")  # fmt: skip
     # every variant is validated before any training starts
     runs = {name: apply_overrides(base, list(o)) for name, o in variants.items()}
     for run in runs.values():
@@ -271,7 +272,7 @@ def run_study(
                 n_edits=n_edits,
                 sequential_edits=0,
                 editor_preset=editor,
-                position=EDITOR_POSITIONS[editor],
+                position=representation_position(get_method("rome").config(editor).position),
                 max_queries=max_queries,
             )
             result = run_sweep(out / name / "run", out / name / editor, sweep, progress, device)

@@ -102,21 +102,31 @@ class SweepConfig(ConfigDict):
 # the editor preset and representation position each model preset is edited with by default:
 # models that process the subject at its own token are edited there (README, "The fidelity
 # study"); the others at the relation token
-PRESET_EDITORS = {
-    "cpu-subject": ("synthetic-subject", "entity"),
-    "compressed": ("synthetic-subject-relative", "entity"),
-}
+PRESET_EDITORS = {"cpu-subject": "synthetic-subject", "compressed": "synthetic-subject-relative"}
+
+
+def representation_position(key_position: str | None) -> str:
+    """The sweep's representation position for an editor's key position.
+
+    >>> representation_position("subject"), representation_position("relation")
+    ('entity', 'relation')
+    """
+    return "entity" if key_position == "subject" else "relation"
 
 
 def editor_defaults(preset: str) -> dict[str, str]:
-    """``SweepConfig`` fields ``editor_preset`` and ``position`` for a model preset.
+    """``SweepConfig`` fields ``editor_preset`` and ``position`` for a model preset: entities
+    are represented at the token where the preset's ROME editor reads its keys.
 
     >>> editor_defaults("compressed")
     {'editor_preset': 'synthetic-subject-relative', 'position': 'entity'}
     >>> editor_defaults("cpu")
     {'editor_preset': 'synthetic', 'position': 'relation'}
     """
-    editor, position = PRESET_EDITORS.get(preset, ("synthetic", "relation"))
+    from kgshatter.editing import get_method
+
+    editor = PRESET_EDITORS.get(preset, "synthetic")
+    position = representation_position(get_method("rome").config(editor).position)
     return {"editor_preset": editor, "position": position}
 
 
@@ -224,7 +234,7 @@ def run_sweep(
         edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||)
         and how much of that lands on every other entity whose key overlaps (``spill``)."""
         delta, req = edit.deltas[0], edit.requests[0]
-        pos = "entity" if edit.config.get("position") == "subject" else "relation"
+        pos = representation_position(edit.config.get("position"))
         memo = (delta.layer, int(req["relation"]), pos)
         if memo not in entity_keys:
             key_site = edit_sites(edit.module, delta.layer)[0]
