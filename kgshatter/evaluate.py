@@ -1,9 +1,9 @@
 """Accuracy per task (direct recall, logical and compositional inference) per order, plus rings.
 
-science.md section 4: a query ``x r`` is answered by the argmax of the next-token softmax,
-averaged over K random context prefixes (paper: K = 5; K = 1 allowed). The argmax runs over the
-whole vocabulary (a relation token counts as wrong). Results are plain dicts of floats, ready
-for JSON.
+The paper's evaluation (arXiv 2410.17194): a query ``x r`` is answered by the argmax of the
+next-token softmax, averaged over K random context prefixes (paper: K = 5; K = 1 allowed). The
+argmax runs over the whole vocabulary (a relation token counts as wrong). Results are plain dicts
+of floats, ready for JSON.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MMLU-Redux in the ZeroEval style: zero-shot chain of thought, a JSON answer, accuracy.
 
-science.md section 7: the paper measures reasoning before and after an edit with MMLU-Redux
+The paper (arXiv 2410.17194) measures reasoning before and after an edit with MMLU-Redux
 (Gema et al. 2024) as ZeroEval (WildEval/ZeroEval) runs it: the model is asked to reason step
 by step and to end with ``{"reasoning": ..., "answer": "C"}``; the answer letter is parsed from
 the generation, and a generation with no parsable letter counts as wrong and as "no answer".

@@ -1,4 +1,4 @@
-"""The naturalistic replication (science.md section 7): edit a pretrained model's knowledge of
+"""The paper's naturalistic replication (arXiv 2410.17194): edit a pretrained model's knowledge of
 the months (days, cities), measure the ring before and after, and reasoning (MMLU-Redux).
 
 ``run_months(pretrained, config, out)`` writes, like the synthetic ``reproduce``:

@@ -1,5 +1,5 @@
 """Naturalistic knowledge in pretrained models: cyclic orders (months, days) and a tree
-(city -> country), with the synthetic study's measurements (science.md section 7).
+(city -> country), with the synthetic study's measurements (the paper's naturalistic study).
 
 A :class:`FactTask` holds queries ``prompt.format(subject) -> answer`` over a fixed set of
 candidate answers. It builds counterfactual :class:`~kgshatter.text.TextRequest`\\ s, scores

@@ -1,11 +1,11 @@
 """Pretrained checkpoints (GPT-2, Llama, Mamba) as hookable TransformerLens models.
 
-science.md section 7: the naturalistic replication edits GPT-2-XL, Llama 3 8B (Instruct) and
+The paper's naturalistic replication (arXiv 2410.17194) edits GPT-2-XL, Llama 3 8B (Instruct) and
 Mamba 2.8B. :func:`load_pretrained` takes a hub name (online, or already in the local Hugging
 Face cache) or a local ``save_pretrained`` directory (offline) and returns a
 ``TransformerBridge`` over the Hugging Face model with **raw weights**: no folding or centring,
 because the reference ROME/MEMIT hyperparameters assume the original weight space
-(toolkit-notes.md, "Weights"). Memory is estimated from the config (on the meta device) before
+(README, "Pretrained models"). Memory is estimated from the config (on the meta device) before
 any weight is read, and a load that would not fit is refused.
 
 :func:`tiny_checkpoint` writes a small random checkpoint of each family, with a tokenizer built

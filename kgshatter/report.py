@@ -1,6 +1,6 @@
 """The reproduction report: figures and ``report.md`` from a finished sweep.
 
-Paper numbers (science.md sections 3, 5, 6; arXiv 2410.17194) sit beside ours, and the report
+Paper numbers (arXiv 2410.17194) sit beside ours, and the report
 states for each of the paper's qualitative findings whether it holds here, without tuning.
 """
 

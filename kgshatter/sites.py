@@ -1,4 +1,4 @@
-"""``Site(layer, component)``: the one place hook names are spelled (design.md, style rule 2)."""
+"""``Site(layer, component)``: the one place hook names are spelled."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's editing experiments as one resumable sweep (science.md sections 5-6).
+"""The paper's editing experiments as one resumable sweep (arXiv 2410.17194).
 
 For every method x edit kind (corrective; counterfactual at each distance d) x seed, ``n_edits``
 requests are sampled from order I and each is edited into the pristine model (single-edit
@@ -50,11 +50,11 @@ class SweepConfig(ConfigDict):
     model's rings are clearest (mean neighbour agreement over orders; ties go to the later
     layer), because shattering is only visible where a ring exists: in the ``cpu`` model that is
     ``1.mlp_post`` (neighbours 0.99) while the last residual stream, the paper's default
-    (``"1.resid_post"`` here, science.md section 6), draws no ring (Isomap alignment 0.2-0.35).
+    (``"1.resid_post"`` here), draws no ring (Isomap alignment 0.2-0.35).
     R is recorded at every ``mlp_post`` / ``resid_post`` site in any case.
 
     ``position``: the token of the query ``x o_C1`` whose hidden state represents entity x:
-    ``"relation"`` (default, science.md) or ``"entity"`` (x's own token, where a model that
+    ``"relation"`` (default, our choice) or ``"entity"`` (x's own token, where a model that
     processes the subject at its position, like ``cpu-subject``, keeps its rings).
     """
 

@@ -2,8 +2,7 @@
 
 :class:`TextTask` is the pretrained counterpart of
 :class:`~kgshatter.editing.core.SyntheticTask`: the editors (ROME, MEMIT, AlphaEdit, PMET, FT-L)
-call the same methods on it. Following the references (editing-methods.md, "Context
-templates"):
+call the same methods on it. Following the references (ROME's and MEMIT's context templates):
 
 - a request's rewriting prompts are the plain prompt plus prompts written after prefixes sampled
   from the model itself (top-k 5, seeded; half of them ``prefix_lengths[0]`` tokens long, half

@@ -1,4 +1,4 @@
-"""Every version-sensitive TransformerLens import lives here (design.md, style rule 2).
+"""Every version-sensitive TransformerLens import lives here.
 
 TransformerLens 4 removed ``HookedTransformer``; its successor is ``TransformerBridge``, built
 from scratch with ``TransformerBridge.boot_native(TransformerBridgeConfig(...))``.

@@ -1,6 +1,7 @@
 """Ring-structure metrics: is an order's cyclic structure present in a set of representations?
 
-Three views, because a ring can be encoded without being visible (shared/docs/learning-notes.md):
+Three views, because a ring can be encoded without being visible (README, "Learning the rings
+on a CPU"):
 - ``probe_r2``: cross-validated ridge probe from the representation to (cos, sin) of ring
   position; 1 = ring position linearly decodable.
 - ``neighbour_fraction``: fraction of entities whose two nearest neighbours (Euclidean) lie

@@ -1,4 +1,4 @@
-"""Entity representations read through TransformerLens hooks (science.md section 6).
+"""Entity representations read through TransformerLens hooks (the paper's shattering measurements).
 
 Default *(choice)*: the representation of entity x for order o is the hidden state at the last
 position of the query ``x o_C1`` written after random-walk contexts, averaged over contexts.

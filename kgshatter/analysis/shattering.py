@@ -1,6 +1,6 @@
 """Representation shattering: how far an edit moves the geometry of entity representations.
 
-science.md section 6. The paper's metric is R(D*) = ||D* - D0||_F / ||D0||_F with D0, D* the
+The paper's metric (arXiv 2410.17194) is R(D*) = ||D* - D0||_F / ||D0||_F with D0, D* the
 pairwise Euclidean distance matrices of one order's entity representations before and after an
 edit: 0 for identical representations, unchanged by rotating or translating either set, and
 growing as the geometry is distorted. It says that distances changed; the ring metrics of

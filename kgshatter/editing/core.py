@@ -1,6 +1,6 @@
 """The shared editing core: configs' common fields, the task (prompts + statistics), keys.
 
-Every method is a small solve step over these pieces (editing-methods.md, "Shared machinery"):
+Every method is a small solve step over these pieces (README, "Editing"):
 
 - :class:`TargetConfig`: the fields every optimisation-based editor shares;
 - :class:`Prompts`: right-padded prompt tokens with, per row, the subject's last token and the

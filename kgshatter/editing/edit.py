@@ -3,7 +3,7 @@
 An edit never changes a model by itself. ``kgshatter.hooks.edited(model, edit)`` applies it as
 hooks for the duration of a ``with`` block; ``edit.apply_to_weights(model)`` writes it into the
 weights and returns a handle whose ``restore()`` puts the exact original bytes back
-(editing-methods.md, "Edits are values").
+(README, "Editing").
 """
 
 from __future__ import annotations

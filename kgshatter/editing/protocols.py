@@ -1,7 +1,7 @@
 """Edit experiments: sampled requests, efficacy and collateral metrics, and the three protocols.
 
 - :func:`sample_requests`: counterfactual edits at cyclic distance d and corrective edits (facts
-  the model gets wrong), seeded, from the edit sub-graph (order I by default; science.md s. 5).
+  the model gets wrong), seeded, from the edit sub-graph (order I by default; the paper's protocol).
 - :class:`EditScorer`: efficacy (the edited query answers y' after unseen context prefixes,
   softmax averaged over prefixes as in evaluation) and the change in direct / logical /
   compositional accuracy of every order, scored against the original graph.

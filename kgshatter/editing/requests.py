@@ -1,7 +1,8 @@
 """Edit requests on the synthetic graph: "x r -> y'" and the prompts that express them.
 
 A request's prompt is ``... x r`` written after random-walk contexts that lead into ``x``
-(science.md section 5); the subject's last (only) token is ``x``, one position before the end.
+(the paper's editing protocol); the subject's last (only) token is ``x``, one position before
+the end.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class ROMEConfig(TargetConfig):
 
 
 ROME_PRESETS = {
-    # The synthetic study edits the first block's W_out (science.md section 5); 40 steps and
+    # The synthetic study edits the first block's W_out (the paper's editing protocol); 40 steps and
     # the relation position are measured choices for the cpu model (README, "Editing").
     "synthetic": ROMEConfig(),
     # for models whose subject token carries the subject (the cpu-subject preset): measured on

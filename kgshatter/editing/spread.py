@@ -5,7 +5,7 @@ in ascending order: keys K at layer l (averaged over each request's prompts), th
 R = target - current value at L with the lower layers' updates already in place, spread over the
 remaining layers, and a least-squares solve for the layer's update ``dW_l = A_l R_l`` (rank <=
 number of requests). They differ only in where the target lives and in the solve
-(editing-methods.md):
+(README, "Editing"):
 
 - MEMIT (Meng et al. 2023): target on ``hook_resid_post`` of L; spread R / (layers left);
   ``A = (lambda C + K K^T)^-1 K``.
@@ -98,7 +98,7 @@ class PMETConfig(MEMITConfig):
     """PMET: joint attention + MLP targets at the last layer, MLP-only update."""
 
 
-# kmeng01/memit hparams/MEMIT/gpt2-xl.json and Llama3-8B as quoted in editing-methods.md;
+# kmeng01/memit hparams/MEMIT/gpt2-xl.json and Llama3-8B as the references give them;
 # AlphaEdit: jianghoucheng/AlphaEdit hparams/AlphaEdit/{gpt2-xl,Llama3-8B}.json; PMET: no public
 # GPT-2-XL config exists, derived from PMET's GPT-J one (lr, clamp, KL 1.0) with MEMIT's GPT-2-XL
 # layers and lambda (our derivation). Synthetic presets: measured on the cpu model (README).

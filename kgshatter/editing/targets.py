@@ -1,6 +1,6 @@
 """Target optimisation shared by the editors: find deltas so that h0 + delta makes the edit true.
 
-editing-methods.md, "Target optimisation": free vectors (one per hook: ROME's MLP output,
+The target optimisation of ROME and MEMIT: free vectors (one per hook: ROME's MLP output,
 MEMIT's residual stream, PMET's attention and MLP outputs jointly) are added at one position of
 every rewriting prompt; loss = NLL(target) + kl_factor * KL(current || initial) on "essence"
 prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05; after each

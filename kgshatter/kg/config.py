@@ -1,4 +1,4 @@
-"""The knowledge-graph configuration (science.md section 1-2).
+"""The knowledge-graph configuration (the paper's synthetic setup).
 
 Everything marked *(choice)* in the docstrings is not specified by the paper and is ours.
 """

@@ -1,4 +1,4 @@
-"""One token per entity and per relation (science.md section 1).
+"""One token per entity and per relation (the paper's synthetic setup).
 
 Token ids: entities ``0 .. N-1`` (so ``id < N`` is "is an entity"), then relations ``N .. N+R-1``.
 No special tokens are needed: every training sequence has exactly the model's context length.

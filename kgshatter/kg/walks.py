@@ -2,9 +2,9 @@
 
 A training sequence is a random walk ``x0 r1 x1 r2 x2 ...`` with ``x_{t+1} = r_{t+1}(x_t)``;
 relations from every order mix in one walk. With probability ``composition_prob`` a step is
-written as a two-hop composition ``x r1 r2 z`` with the middle entity dropped (science.md
-section 2). Held-out facts and held-out two-hop queries are never emitted: every step is drawn
-only from the graph's trained masks.
+written as a two-hop composition ``x r1 r2 z`` with the middle entity dropped (our reading of
+the paper's "max composition length 2"). Held-out facts and held-out two-hop queries are never
+emitted: every step is drawn only from the graph's trained masks.
 
 Sequences are sampled on the fly from a generator seeded by ``(seed, step)``, so batch ``s`` is
 the same bytes whether a run was interrupted or not.
