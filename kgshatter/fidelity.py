@@ -247,7 +247,7 @@ def run_study(
     from kgshatter.editing import get_method
     from kgshatter.evaluate import Evaluator
     from kgshatter.sweep import SweepConfig, check_distances, representation_position, run_sweep
-    from kgshatter.train import load_run, train
+    from kgshatter.train import train
 
     for editor in editors:
         if editor not in STUDY_EDITORS:
@@ -261,9 +261,9 @@ def run_study(
     rows = []
     for name, run in runs.items():
         log.info("study variant %s: %s", name, variants[name] or "(base)")
-        train(run, out / name / "run", resume=True, progress=progress, device=device)
-        _, graph, model, _ = load_run(out / name / "run", device=device)
-        margins = ring_margins(model, Evaluator.for_run(run, graph), 0, distances)
+        trained = train(run, out / name / "run", resume=True, progress=progress, device=device)
+        evaluator = Evaluator.for_run(run, trained.graph)
+        margins = ring_margins(trained.model, evaluator, 0, distances)
         for editor in editors:
             sweep = SweepConfig(
                 methods=("rome",),
