@@ -60,7 +60,8 @@ class PlainDecoder(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
         self.act = F.gelu if cfg.act_fn.startswith("gelu") else F.relu
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]``, or ``[len(rows), vocab]`` at flattened ``rows``."""
         b, t = tokens.shape
         x = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
         for blk in self.blocks:
@@ -74,7 +75,25 @@ class PlainDecoder(nn.Module):
             z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
             x = x + blk["o"](z)
             x = x + blk["fc_out"](self.act(blk["fc_in"](blk["ln2"](x))))
-        return self.unembed(self.ln_f(x))
+        x = self.ln_f(x)
+        if rows is not None:
+            return self.unembed(x.reshape(-1, x.shape[-1])[rows])
+        return self.unembed(x)
+
+
+def all_positions_loss(model: Any, tokens: torch.Tensor, n_entities: int) -> torch.Tensor:
+    """The entity-target loss with logits computed at every position, then masked.
+
+    How :func:`kgshatter.train.loss_fn` worked before it computed logits only where the loss
+    is: kept as the benchmark's baseline (same value; gradients equal to rounding).
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    mask = targets < n_entities
+    return F.cross_entropy(logits[mask], targets[mask])
+
+
+THROUGHPUT_VARIANTS = ("bridge", "plain", "bridge-all-logits", "bridge-bf16")
 
 
 def throughput_benchmark(
@@ -83,24 +102,49 @@ def throughput_benchmark(
     blocks: int = 6,
     threads: int | None = None,
     out: str | Path | None = None,
+    variants: tuple[str, ...] = THROUGHPUT_VARIANTS,
 ) -> dict[str, Any]:
-    """Tokens per second of one training step for both models; writes ``out`` as JSON."""
+    """Tokens and steps per second of one training step, for each variant, side by side.
+
+    ``bridge``: the training loop's step (:func:`kgshatter.train.loss_fn` at the run's
+    precision); ``plain``: the same step on :class:`PlainDecoder`; ``bridge-all-logits``: the
+    bridge with logits at every position (:func:`all_positions_loss`, the loss before logits
+    were restricted to the loss positions); ``bridge-bf16``: the bridge under bfloat16
+    autocast. Timed in interleaved blocks so machine noise hits all alike; ``out``: JSON.
+    """
     from kgshatter.train import loss_fn
 
+    unknown = sorted(set(variants) - set(THROUGHPUT_VARIANTS))
+    if unknown or not variants:
+        raise ValueError(f"unknown benchmark variants {unknown}; allowed: {THROUGHPUT_VARIANTS}")
     if threads is not None:
         torch.set_num_threads(threads)
     graph = KnowledgeGraph.from_config(run.kg)
     sampler = WalkSampler(graph, run.walks)
     d_vocab = graph.n_entities + graph.n_relations
-    models = {"bridge": build_model(run.model, d_vocab), "plain": PlainDecoder(run.model, d_vocab)}
+    n_ent = graph.n_entities
+    positions = run.train.loss_positions
+
+    def build(name: str) -> nn.Module:
+        if name == "plain":
+            return PlainDecoder(run.model, d_vocab)
+        return build_model(run.model, d_vocab)
+
+    models = {name: build(name) for name in variants}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=run.train.lr) for k, m in models.items()}
     batches = [sampler.batch_for_step(i, run.train.batch_size, run.train.seed) for i in range(8)]
     tokens_per_step = run.train.batch_size * run.walks.n_ctx
 
+    def compute_loss(name: str, batch: torch.Tensor) -> torch.Tensor:
+        model = models[name]
+        if name == "bridge-all-logits" and positions == "entities":
+            return all_positions_loss(model, batch, n_ent)
+        bf16 = name == "bridge-bf16" or (name != "plain" and run.train.precision == "bfloat16")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return loss_fn(model, batch, n_ent, positions)
+
     def step(name: str, i: int) -> None:
-        loss = loss_fn(
-            models[name], batches[i % len(batches)], graph.n_entities, run.train.loss_positions
-        )
+        loss = compute_loss(name, batches[i % len(batches)])
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models[name].parameters(), run.train.grad_clip)
@@ -116,23 +160,56 @@ def throughput_benchmark(
             start = time.perf_counter()
             for i in range(per_block):
                 step(name, i)
-            rates[name].append(per_block * tokens_per_step / (time.perf_counter() - start))
+            rates[name].append(per_block / (time.perf_counter() - start))
     med = {name: statistics.median(r) for name, r in rates.items()}
-    result = {
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(med[a] / med[b], 3) if a in med and b in med else None
+
+    result: dict[str, Any] = {
         "preset": run.name,
+        "shape": {
+            "n_entities": graph.n_entities,
+            "d_vocab": d_vocab,
+            "d_model": run.model.d_model,
+            "n_heads": run.model.n_heads,
+            "d_mlp": run.model.mlp_dim,
+            "n_layers": run.model.n_layers,
+            "batch_size": run.train.batch_size,
+            "n_ctx": run.walks.n_ctx,
+        },
         "tokens_per_step": tokens_per_step,
         "steps_per_model": per_block * blocks,
         "threads": torch.get_num_threads(),
-        "tokens_per_second": {k: round(v, 1) for k, v in med.items()},
-        "tokens_per_second_blocks": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-        "bridge_over_plain": round(med["bridge"] / med["plain"], 3),
-        "hook_overhead": round(1 - med["bridge"] / med["plain"], 3),
+        "steps_per_second": {k: round(v, 3) for k, v in med.items()},
+        "tokens_per_second": {k: round(v * tokens_per_step, 1) for k, v in med.items()},
+        "steps_per_second_blocks": {k: [round(x, 3) for x in v] for k, v in rates.items()},
+        "bridge_over_plain": ratio("bridge", "plain"),
+        "hook_overhead": None
+        if ratio("bridge", "plain") is None
+        else round(1 - med["bridge"] / med["plain"], 3),
+        "loss_positions_speedup": ratio("bridge", "bridge-all-logits"),
+        "bf16_speedup": ratio("bridge-bf16", "bridge"),
+        "hours_for_run_steps": {k: round(run.train.steps / v / 3600, 2) for k, v in med.items()},
+        "run_steps": run.train.steps,
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "cpu": _cpu_name(),
     }
     if out is not None:
         write_json_atomic(out, result)
     return result
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def edit_benchmark(

@@ -236,10 +236,16 @@ def _cmd_months(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from kgshatter.benchmark import throughput_benchmark
+    from kgshatter.benchmark import THROUGHPUT_VARIANTS, throughput_benchmark
 
+    run = apply_overrides(get_preset(args.preset), args.set)
+    variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
     result = throughput_benchmark(
-        get_preset(args.preset), steps=args.steps, threads=args.threads, out=args.json
+        run,
+        steps=args.steps,
+        threads=args.threads,
+        out=args.json,
+        variants=variants or THROUGHPUT_VARIANTS,
     )
     print(json.dumps(result, indent=1))
     return 0
@@ -653,6 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=60, help="timed steps per model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PART.FIELD=VALUE",
+        help="override a preset field, e.g. --set model.d_model=24 (repeatable)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of bridge,plain,bridge-all-logits,bridge-bf16 (default: all)",
+    )
     p.add_argument("--json", default="benchmark.json", help="where to write the numbers")
     p.set_defaults(func=_cmd_benchmark)
     _add_study(sub)

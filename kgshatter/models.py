@@ -109,6 +109,7 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
         device=str(device) if device is not None else "cpu",
     )
     model = bridge.boot_native(cfg)
+    use_native_layernorm(model)
     native = model.original_model
     if not config.bias:
         for block in native.layers:
@@ -122,6 +123,50 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
     if config.layer0_attention == "self":
         model.hook_dict["blocks.0.attn.hook_pattern"].add_perma_hook(attend_to_self)
     return model
+
+
+def use_native_layernorm(model: Any) -> Any:
+    """Run every LayerNorm through its torch module instead of the bridge's Python re-derivation.
+
+    TransformerLens's ``use_native_layernorm_autograd`` mode (the one it uses for vision
+    encoders): ``hook_scale`` and ``hook_normalized`` still fire with the same values (to
+    rounding) and a hook that edits them still takes effect; without hooks, the normalisation is
+    one fused kernel and the statistics are computed without a graph. Training steps of the
+    small models are otherwise spent largely in the Python LayerNorm's dozen elementwise ops
+    (README, "Speed").
+    """
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
+
+    for module in model.modules():
+        if isinstance(module, NormalizationBridge):
+            module.use_native_layernorm_autograd = True
+    return model
+
+
+def logits_at(model: Any, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[len(rows), d_vocab]`` at the flattened positions ``rows`` of ``tokens`` only.
+
+    The unembedding is the largest matrix of a narrow model with a large vocabulary (the paper's
+    2072 tokens), and a loss on entity targets needs it at under half of the positions. A scoped
+    hook on ``unembed.hook_in`` hands the head only those rows, so the rest of the forward pass
+    (and every other hook) is unchanged. ``rows=None``: every position, ``[batch * pos, vocab]``.
+    A model without TransformerLens hooks (the benchmark's plain decoder) takes ``rows`` itself.
+    """
+    if not hasattr(model, "hooks"):
+        return model(tokens, rows=rows)
+    if rows is None:
+        logits = model(tokens)
+        return logits.reshape(-1, logits.shape[-1])
+
+    def keep_rows(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        # index_select: its backward (index_add_) is cheaper than advanced indexing's
+        return resid.reshape(-1, resid.shape[-1]).index_select(0, rows).unsqueeze(0)
+
+    with model.hooks(fwd_hooks=[("unembed.hook_in", keep_rows)]):
+        logits = model(tokens)
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _original(module: Any) -> Any:

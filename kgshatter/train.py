@@ -31,7 +31,7 @@ from kgshatter.evaluate import Evaluator
 from kgshatter.io import read_json, write_json_atomic
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
-from kgshatter.models import build_model, load_weights, save_weights
+from kgshatter.models import build_model, load_weights, logits_at, save_weights
 from kgshatter.presets import RunConfig
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,20 @@ def make_optimizer(model: Any, run: RunConfig) -> torch.optim.AdamW:
 def loss_fn(model: Any, tokens: torch.Tensor, n_entities: int, positions: str) -> torch.Tensor:
     """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]``.
 
-    ``positions="entities"``: only where the target is an entity; ``"all"``: every position.
+    ``positions="entities"``: only where the target is an entity, and the logits are computed
+    only there (:func:`kgshatter.models.logits_at`); ``"all"``: every position.
     """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
-    if positions == "entities":
-        mask = targets < n_entities
-        return F.cross_entropy(logits[mask], targets[mask])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    rows = (targets < n_entities).nonzero().squeeze(1) if positions == "entities" else None
+    logits = logits_at(model, inputs, rows).float()
+    return F.cross_entropy(logits, targets if rows is None else targets[rows])
+
+
+def autocast(run: RunConfig, device: torch.device) -> Any:
+    """The autocast context of ``run.train.precision`` on ``device`` (off for float32)."""
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=run.train.precision == "bfloat16"
+    )
 
 
 # ---------------------------------------------------------------------- run directories
@@ -266,7 +272,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, run)
         tokens = sampler.batch_for_step(step, t.batch_size, t.seed).to(dev)
-        loss = loss_fn(model, tokens, graph.n_entities, t.loss_positions)
+        with autocast(run, dev):
+            loss = loss_fn(model, tokens, graph.n_entities, t.loss_positions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

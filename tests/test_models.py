@@ -101,3 +101,27 @@ def test_untied_checkpoint_refused_by_a_tied_model(tmp_path):
 def test_boolean_model_fields_are_validated(field):
     with pytest.raises(ValueError, match=f"{field} must be true or false"):
         ModelConfig(**{field: "yes"})
+
+
+def test_native_layernorm_keeps_its_hooks():
+    """LayerNorms run through torch's module, yet hook_normalized fires with the normalised
+    values, and a hook that changes it changes the output."""
+    model = build_model(CFG, 30)
+    tokens = torch.randint(0, 30, (3, 8))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        resid = cache["blocks.1.hook_resid_post"]
+        centred = resid - resid.mean(-1, keepdim=True)
+        expected = centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        assert torch.allclose(cache["ln_final.hook_normalized"], expected, atol=1e-5)
+        plain_logits = model(tokens)
+        zeroed = model.run_with_hooks(
+            tokens, fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: x * 0)]
+        )
+        bias = model.original_model.head._original_component.bias
+        bias = torch.zeros(30) if bias is None else bias
+        assert not torch.allclose(plain_logits, zeroed)
+        # a zeroed normalised residual leaves the LayerNorm's bias through the head
+        ln = model.original_model.ln_out._original_component
+        head = model.original_model.head._original_component
+        assert torch.allclose(zeroed, head(ln.bias.expand(3, 8, -1)), atol=1e-5)

@@ -157,3 +157,51 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="nothing was saved"):
         train(run, tmp_path / "r", progress=False)
     assert checkpoints(tmp_path / "r") == []
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_loss_at_entity_positions_equals_the_all_positions_loss(plain):
+    """Logits computed only where the loss is give the same loss and gradients as logits at
+    every position, masked afterwards (the loss before the restriction)."""
+    from kgshatter.benchmark import PlainDecoder, all_positions_loss
+    from kgshatter.kg.graph import KnowledgeGraph
+    from kgshatter.kg.walks import WalkSampler
+    from kgshatter.models import build_model
+    from kgshatter.train import loss_fn
+
+    run = get_preset("tiny")
+    graph = KnowledgeGraph.from_config(run.kg)
+    batch = WalkSampler(graph, run.walks).batch_for_step(0, 32, 0)
+    vocab = graph.n_entities + graph.n_relations
+    model = PlainDecoder(run.model, vocab) if plain else build_model(run.model, vocab)
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, batch, graph.n_entities)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    new, new_grads = loss_and_grads(lambda m, b, n: loss_fn(m, b, n, "entities"))
+    old, old_grads = loss_and_grads(all_positions_loss)
+    assert torch.allclose(new, old, rtol=0, atol=1e-6)
+    for a, b in zip(new_grads, old_grads, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    if not plain:  # the scoped row hook is gone afterwards
+        assert not model.hook_dict["unembed.hook_in"].fwd_hooks
+
+
+def test_bfloat16_precision_trains_and_is_validated():
+    """bfloat16 autocast follows the float32 loss curve closely, keeps float32 weights, and is
+    deterministic."""
+    run = short_run(40)
+    bf16 = run.replace(train=TrainConfig.from_dict(dict(run.train.to_dict(), precision="bfloat16")))
+    a, f32 = train(bf16, None, progress=False), train(run, None, progress=False)
+    losses = [h["loss"] for h in a.history]
+    assert losses[-1] < losses[0]
+    assert losses == pytest.approx([h["loss"] for h in f32.history], abs=0.05)
+    assert all(p.dtype == torch.float32 for p in a.model.parameters())
+    assert not torch.equal(a.model.W_E, f32.model.W_E)
+    b = train(bf16, None, progress=False)
+    assert_same_weights(weights(a.model), weights(b.model))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="float16")
