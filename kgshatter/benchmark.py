@@ -93,7 +93,7 @@ def all_positions_loss(model: Any, tokens: torch.Tensor, n_entities: int) -> tor
     return F.cross_entropy(logits[mask], targets[mask])
 
 
-THROUGHPUT_VARIANTS = ("bridge", "plain", "bridge-all-logits", "bridge-bf16")
+THROUGHPUT_VARIANTS = ("bridge", "plain", "bridge-all-logits", "bridge-bf16", "bridge-previous")
 
 
 def throughput_benchmark(
@@ -110,7 +110,9 @@ def throughput_benchmark(
     precision); ``plain``: the same step on :class:`PlainDecoder`; ``bridge-all-logits``: the
     bridge with logits at every position (:func:`all_positions_loss`, the loss before logits
     were restricted to the loss positions); ``bridge-bf16``: the bridge under bfloat16
-    autocast. Timed in interleaved blocks so machine noise hits all alike; ``out``: JSON.
+    autocast; ``bridge-previous``: the step before this benchmark's levers (all-position logits
+    and TransformerLens's Python LayerNorm), the baseline of ``speedup_over_previous``.
+    Timed in interleaved blocks so machine noise hits all alike; ``out``: JSON.
     """
     from kgshatter.train import loss_fn
 
@@ -128,7 +130,12 @@ def throughput_benchmark(
     def build(name: str) -> nn.Module:
         if name == "plain":
             return PlainDecoder(run.model, d_vocab)
-        return build_model(run.model, d_vocab)
+        model = build_model(run.model, d_vocab)
+        if name == "bridge-previous":
+            for module in model.modules():
+                if hasattr(module, "use_native_layernorm_autograd"):
+                    module.use_native_layernorm_autograd = False
+        return model
 
     models = {name: build(name) for name in variants}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=run.train.lr) for k, m in models.items()}
@@ -137,7 +144,7 @@ def throughput_benchmark(
 
     def compute_loss(name: str, batch: torch.Tensor) -> torch.Tensor:
         model = models[name]
-        if name == "bridge-all-logits" and positions == "entities":
+        if name in ("bridge-all-logits", "bridge-previous") and positions == "entities":
             return all_positions_loss(model, batch, n_ent)
         bf16 = name == "bridge-bf16" or (name != "plain" and run.train.precision == "bfloat16")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -190,6 +197,8 @@ def throughput_benchmark(
         else round(1 - med["bridge"] / med["plain"], 3),
         "loss_positions_speedup": ratio("bridge", "bridge-all-logits"),
         "bf16_speedup": ratio("bridge-bf16", "bridge"),
+        "speedup_over_previous": ratio("bridge", "bridge-previous"),
+        "bf16_speedup_over_previous": ratio("bridge-bf16", "bridge-previous"),
         "hours_for_run_steps": {k: round(run.train.steps / v / 3600, 2) for k, v in med.items()},
         "run_steps": run.train.steps,
         "torch": torch.__version__,

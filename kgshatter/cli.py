@@ -669,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         default=None,
-        help="comma-separated subset of bridge,plain,bridge-all-logits,bridge-bf16 (default: all)",
+        help="comma-separated subset of bridge,plain,bridge-all-logits,bridge-bf16,bridge-previous "
+        "(default: all)",
     )
     p.add_argument("--json", default="benchmark.json", help="where to write the numbers")
     p.set_defaults(func=_cmd_benchmark)
