@@ -35,18 +35,19 @@ def ring_figure(
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
+    points = None
     for ax, (label, (reps, positions)) in zip(axes.flat, panels.items(), strict=False):
         xy = embed_2d(reps, method, n_neighbors)
         order = np.argsort(positions)
         loop = np.append(order, order[0])
         ax.plot(xy[loop, 0], xy[loop, 1], color="0.8", lw=0.6, zorder=1)
-        ax.scatter(
+        points = ax.scatter(
             xy[:, 0],
             xy[:, 1],
-            c=np.asarray(positions) / n_entities,
+            c=np.asarray(positions),
             cmap="twilight",
             vmin=0,
-            vmax=1,
+            vmax=n_entities,
             s=14,
             zorder=2,
         )
@@ -58,6 +59,9 @@ def ring_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if points is not None:  # the colour key: where each entity sits on its order's ring
+        bar = fig.colorbar(points, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+        bar.set_label(f"ring position (0..{n_entities - 1}; grey line joins ring neighbours)")
     return fig
 
 

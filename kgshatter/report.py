@@ -111,10 +111,11 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
         py = [PAPER_ACCURACY_CHANGE[kinds[i]][SPLITS.index(split)] for i in px]
         ax.plot(px, py, "k*--", label="paper (ROME)", ms=9)
         ax.set_xticks(range(len(kinds)), kinds)
-        ax.set_title(f"{split}: accuracy change (points, all orders)", fontsize=9)
+        ax.set_xlabel("edit kind (counterfactual at distance d, or corrective)")
+        ax.set_title(f"{split}", fontsize=9)
         ax.axhline(0, color="0.7", lw=0.8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    axes[0].set_ylabel("accuracy change (points, all orders)")
+    _legend_below(fig, axes[0])
     paths.append(save_figure(fig, out / "accuracy_vs_distance.png"))
 
     orders = [k for k in next(iter(summary["methods"].values()))["by_kind"][kinds[0]]["R_x100"]
@@ -131,9 +132,11 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
                  if orders.index(order) < len(v)]  # fmt: skip
         ax.plot([p[0] for p in paper], [p[1] for p in paper], "k*--", label="paper (ROME)", ms=9)
         ax.set_xlabel("edit distance d")
-        ax.set_title(f"order {order}: R(D*) x100", fontsize=9)
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xticks(sorted({int(k[2:]) for k in dkinds} | {p[0] for p in paper}))
+        ax.set_title(f"order {order}" + (" (edited)" if order == orders[0] else ""), fontsize=9)
+    first = np.atleast_1d(axes)[0]
+    first.set_ylabel("R(D*) x100 (distance-matrix distortion)")
+    _legend_below(fig, first)
     paths.append(save_figure(fig, out / "shattering_vs_distance.png"))
 
     single = [r for r in rows if "efficacy" in r and r["protocol"] == "single"]
@@ -151,9 +154,8 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
             ax.plot(grid, fit["slope"] * grid / 100 + fit["intercept"], color=colours[m], lw=1)
     ax.set_xlabel("R(D*) x100 (mean over orders)")
     ax.set_ylabel("accuracy drop (points, mean over tasks)")
-    ax.legend(fontsize=7)
     ax.set_title("shattering vs accuracy drop, one point per edit", fontsize=9)
-    fig.tight_layout()
+    _legend_below(fig, ax)
     paths.append(save_figure(fig, out / "shattering_vs_accuracy.png"))
 
     if any(summary["methods"][m]["sequential"] for m in methods):
@@ -165,13 +167,15 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
                 axes[0].plot(steps, [s["accuracy_drop_points"] for s in seq], "o-",
                              color=colours[m], label=m, ms=3)  # fmt: skip
                 axes[1].plot(steps, [s["R_x100"] for s in seq], "o-", color=colours[m], ms=3)
-        axes[0].set_title("sequential edits: accuracy drop (points)", fontsize=9)
-        axes[1].set_title("sequential edits: R(D*) x100 (mean over orders, log)", fontsize=9)
+        axes[0].set_title("sequential edits: accuracy", fontsize=9)
+        axes[0].set_ylabel("accuracy drop (points, mean over tasks)")
+        axes[1].set_title("sequential edits: shattering", fontsize=9)
+        axes[1].set_ylabel("R(D*) x100 (mean over orders, log scale)")
         axes[1].set_yscale("log")
         for ax in axes:
             ax.set_xlabel("edits applied")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        _legend_below(fig, axes[0])
         paths.append(save_figure(fig, out / "sequential.png"))
 
     if ring_panels:
@@ -181,10 +185,51 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
     return paths
 
 
+def _legend_below(fig: Any, ax: Any) -> None:
+    """One legend under the panels, where it covers no data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+               frameon=False)  # fmt: skip
+
+
+# what each column of table.csv holds (the report prints this guide)
+TABLE_COLUMNS = [
+    ("method, protocol, kind, sweep_distance, seed, index, step",
+     "which edit: the method, single or sequential protocol, counterfactual or corrective, the "
+     "distance asked for (0: corrective, -1: a sequence), the sampling seed, the edit's index "
+     "and its step in a sequence"),
+    ("fact, subject, relation, target, old_target, distance",
+     "the request: the edited query, its new and old answers (entity ids) and their distance "
+     "on the relation's ring"),
+    ("seconds", "time to compute the edit (not its scoring)"),
+    ("skipped", "why no edit was made (the model already gave the requested answer)"),
+    ("efficacy, target_prob, retained",
+     "1 if the edit took (averaged softmax over unseen contexts picks the target), the "
+     "target's probability, and in a sequence the fraction of earlier edits still holding"),
+    ("acc.SPLIT.ORDER",
+     "the CHANGE in accuracy (edited minus unedited, a fraction: -0.25 is 25 points lost) on "
+     "direct / logical / compositional queries of order I, II, III or all"),
+    ("R.ORDER@SITE, R.ORDER, R.mean",
+     "R(D*), the distortion of the entities' distance matrix, per order at every site; "
+     "without @SITE at the report's representation site; mean over orders"),
+    ("neighbours.ORDER, isomap.ORDER",
+     "after the edit, at the representation site: fraction of entities whose two nearest "
+     "neighbours are within 2 ring steps, and Isomap's circular alignment with the ring"),
+    ("shift.edited, shift.others, spill, delta_norm",
+     "how far the edit moves the edited entity's MLP output, the mean move of the others, "
+     "their ratio, and the norm of the optimised target delta"),
+]  # fmt: skip
+
+
 def write_report(
-    result: SweepResult, figures: list[Path], settings: dict[str, Any], seconds: dict[str, float]
+    result: SweepResult, figures: list[Path], settings: dict[str, Any], seconds: dict[str, Any]
 ) -> Path:
-    """``report.md``: our numbers beside the paper's, findings, settings, figures."""
+    """``report.md``: our numbers beside the paper's, findings, settings, figures.
+
+    ``seconds``: phase -> seconds of this invocation, or ``{"this invocation": ...,
+    "all invocations": ..., "invocations": n}`` (what ``kgshatter reproduce`` records).
+    """
     s = result.summary
     base = s["baseline"]["accuracy"]
     orders = [o for o in base["direct"] if o != "all"]
@@ -193,7 +238,7 @@ def write_report(
         f"Run `{s['run']['run_dir']}` (step {s['run']['step']}, graph "
         f"{s['run']['graph_fingerprint']}), representations at `{s['site']}` "
         f"({s.get('position', 'relation')} token of `x o_C1`, mean over contexts).",
-        "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",
+        _times_line(seconds),
         "",
         "## Findings (ROME, the paper's main method)",
         "",
@@ -208,6 +253,18 @@ def write_report(
         for check in fidelity_checks(s):
             verdict = {True: "met", False: "**not met**", None: "not measurable"}[check.holds]
             lines.append(f"- {check.claim}: {verdict} ({check.evidence}).")
+    weak = [sp for sp in SPLITS if base[sp]["all"] is not None and base[sp]["all"] < 0.8]
+    if weak:
+        skills = " and ".join(
+            f"{sp} inference" if sp != "direct" else "direct recall" for sp in weak
+        )
+        levels = ", ".join(f"{sp} {100 * base[sp]['all']:.0f}%" for sp in weak)
+        lines += [
+            "",
+            f"**Caution: this model has not learned {skills} ({levels} before any edit; the "
+            "paper's model: 79-99%).** Damage to knowledge the model never had says little "
+            "about the paper's question; read these numbers as a test of the pipeline.",
+        ]
     lines += ["", "## Before any edit", "", "| task | " + " | ".join(
         f"{o} ours / paper" for o in orders) + " |", "|---" * (len(orders) + 1) + "|"]  # fmt: skip
     for split in SPLITS:
@@ -280,24 +337,59 @@ def write_report(
     lines += ["", "## Settings: the paper's and ours", ""]
     lines += [f"- {line}" for line in settings["lines"]]
     lines += ["", "## Figures", ""]
-    lines += [f"![{p.stem}]({p.name})" for p in figures]
-    lines += ["", "Data: `table.csv` (one row per edit or sequence step), `summary.json`, "
-              "`rows.jsonl` (the resumable log)."]  # fmt: skip
+    for p in figures:
+        lines += [f"![{p.stem}]({p.name})", ""]
+        if p.stem == "rings_before_after" and "rings" in s.get("example", {}):
+            lines += [_ring_paragraph(s["example"]), ""]
+    lines += ["## Data", "", "`table.csv` (one row per edit or sequence step), `summary.json`, "
+              "`rows.jsonl` (the resumable log). The columns of `table.csv`:", ""]  # fmt: skip
+    lines += [f"- `{cols}`: {what}." for cols, what in TABLE_COLUMNS]
     text = "\n".join(lines) + "\n"
     path = result.out_dir / "report.md"
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _times_line(seconds: dict[str, Any]) -> str:
+    """This invocation's times, and the totals over every invocation that built this folder."""
+    now = seconds.get("this invocation", seconds)
+    text = "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in now.items())
+    total, n = seconds.get("all invocations"), seconds.get("invocations", 1)
+    if total and n > 1:
+        text += f" (this invocation); over all {n} invocations: " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in total.items()
+        )
+    return text + "."
+
+
+def _ring_paragraph(example: dict[str, Any]) -> str:
+    """What ``rings_before_after.png`` shows, with the numbers of the edit drawn."""
+    rings = example["rings"]
+    parts = "; ".join(
+        f"order {o}: neighbours {_fmt(v['before']['neighbours'], 2)} -> "
+        f"{_fmt(v['after']['neighbours'], 2)}, alignment {_fmt(v['before']['isomap'], 2)} -> "
+        f"{_fmt(v['after']['isomap'], 2)}"
+        for o, v in rings.items()
+    )
+    return (
+        f"`rings_before_after.png` draws {example['label']}: each row is one order, before "
+        "(left) and after (right) the edit, in a 2-D Isomap of the entities' representations. "
+        "Colour is each entity's position on that order's ring and the grey line joins ring "
+        "neighbours, so an intact ring is a closed loop whose colours run once around; "
+        f"shattering tangles it. Measured on these panels: {parts}."
+    )
 
 
 def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
     """What is the paper's and what is our choice, in this run."""
     return {
         "lines": [
-            f"Paper: {run.kg.n_orders} cyclic orders, relations up to {run.kg.max_hops} hops both "
+            "Paper: 2048 entities on 3 cyclic orders, relations up to 4 hops both "
             "ways, 2-layer decoder, context 16, softmax averaged over 5 context prefixes, "
             "ROME on the first block's W_out, C from 10^5 validation walks, R(D*) on Euclidean "
             "distance matrices, counterfactual distances d = 1..4.",
-            f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities (paper 2048), "
-            f"d_model {run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
+            f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities on "
+            f"{run.kg.n_orders} orders, hops up to {run.kg.max_hops}, d_model "
+            f"{run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
             f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
             "steps, compositions within one order.",
             (
@@ -328,11 +420,13 @@ def rings_before_after(
     model: Any, edit: Any, evaluator: Any, site: Any, label: str, position: str = "relation"
 ) -> dict:
     """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
+    from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction
     from kgshatter.analysis.representations import collect_representations
     from kgshatter.hooks import edited
 
     graph = evaluator.graph
     panels = {}
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
     for o in range(graph.n_orders):
         tokens = evaluator.ring_tokens(o)
         before = collect_representations(model, tokens, [site], position=position)[site]
@@ -341,5 +435,13 @@ def rings_before_after(
         name = graph.order_name(o)
         panels[f"order {name} before"] = (before, graph.positions[o])
         panels[f"order {name} after"] = (after, graph.positions[o])
-    return {"panels": panels, "n": graph.n_entities, "ncols": 2,
-            "title": f"{label} @ {site}"}  # fmt: skip
+        pos, n = graph.positions[o], graph.n_entities
+        metrics[name] = {
+            when: {
+                "neighbours": neighbour_fraction(r, pos, n),
+                "isomap": isomap_alignment(r, pos, n),
+            }
+            for when, r in (("before", before), ("after", after))
+        }
+    return {"panels": panels, "n": graph.n_entities, "ncols": 2, "label": label,
+            "title": f"{label} @ {site}", "rings": metrics}  # fmt: skip

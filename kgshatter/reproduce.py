@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
 from kgshatter.sweep import SweepConfig, SweepResult, check_distances, run_sweep
 
@@ -27,6 +28,7 @@ def reproduce(
     progress: bool = True,
     device: str | None = None,
     from_scratch: bool = False,
+    checkpoint_seconds: float | None = 300.0,
 ) -> tuple[SweepResult, Path]:
     """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report.
 
@@ -47,19 +49,45 @@ def reproduce(
     if not from_scratch:
         out.mkdir(parents=True, exist_ok=True)
         install_bundled(run, out / "run")
-    train(run, out / "run", resume=True, progress=progress, device=device)
+    train(
+        run, out / "run", resume=True, progress=progress, device=device,
+        checkpoint_seconds=checkpoint_seconds,
+    )  # fmt: skip
     seconds["training (or reuse)"] = time.perf_counter() - start
     start = time.perf_counter()
     result = run_sweep(out / "run", out, sweep, progress=progress, device=device)
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
+    log.info("drawing the figures and writing %s", out / "report.md")
     panels = _example_rings(out / "run", result, sweep, device)
     from kgshatter.report import make_figures, settings_lines, write_report
 
     figures = make_figures(result, panels)
+    if panels:
+        result.summary["example"] = {"label": panels["label"], "rings": panels["rings"]}
+        write_json_atomic(out / "summary.json", result.summary)
     seconds["figures"] = time.perf_counter() - start
-    report = write_report(result, figures, settings_lines(run, sweep), seconds)
+    times = _record_times(out / "times.json", seconds)
+    report = write_report(result, figures, settings_lines(run, sweep), times)
     return result, report
+
+
+def _record_times(path: Path, seconds: dict[str, float]) -> dict[str, Any]:
+    """Append this invocation's phase times to ``path``; return them with the totals over all
+    invocations (a reproduction interrupted and resumed spends its time in several)."""
+    from kgshatter.io import read_json
+
+    history: list[dict[str, float]] = []
+    if path.is_file():
+        try:
+            loaded = read_json(path, "reproduction times")
+            history = [h for h in loaded.get("invocations", []) if isinstance(h, dict)]
+        except (ValueError, AttributeError):
+            log.warning("%s is unreadable; starting the time record afresh", path)
+    history.append({k: round(v, 2) for k, v in seconds.items()})
+    total = {k: round(sum(float(h.get(k, 0.0)) for h in history), 2) for k in seconds}
+    write_json_atomic(path, {"invocations": history, "total": total})
+    return {"this invocation": seconds, "all invocations": total, "invocations": len(history)}
 
 
 def _example_rings(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import statistics
@@ -35,6 +36,8 @@ from kgshatter.io import read_json, write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
 from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
+
+log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "kgshatter.sweep/1"
 KIND_CHOICES = ("corrective", "counterfactual")
@@ -194,6 +197,7 @@ def run_sweep(
             for o in tokens
         }
 
+    log.info("measuring the unedited model: accuracy and representations at %d sites", len(sites))
     base = representations(model)
     n = graph.n_entities
     # a site where every entity has the same representation (e.g. one that cannot see the
@@ -264,6 +268,10 @@ def run_sweep(
     done = {_row_key(r) for r in rows}
     jobs = list(_jobs(config, graph, model, sampler, sample_requests))
     todo = sum(1 for j in jobs for k in j["keys"] if k not in done)
+    log.info(
+        "sweep: %d edits to run%s; rows go to %s as they finish", todo,
+        f" ({len(done)} already done)" if done else "", rows_path,
+    )  # fmt: skip
     from tqdm.auto import tqdm
 
     bar = tqdm(total=todo, desc="sweep", disable=not progress)
@@ -322,11 +330,23 @@ def _check_or_write_header(out: Path, header: dict[str, Any]) -> None:
     if path.is_file():
         old = read_json(path, "sweep record")
         for key in ("format", "graph_fingerprint", "model_id", "sweep"):
-            if old.get(key) != header[key]:
-                raise ValueError(
-                    f"{out} holds a sweep with a different {key} ({old.get(key)!r} != "
-                    f"{header[key]!r}); resume only the same run and sweep, or use a new --out"
+            if old.get(key) == header[key]:
+                continue
+            what = f"{key} ({old.get(key)!r} there, {header[key]!r} now)"
+            if key == "sweep" and isinstance(old.get(key), dict):
+                fields = sorted(
+                    f for f in set(old[key]) | set(header[key])
+                    if old[key].get(f) != header[key].get(f)
+                )  # fmt: skip
+                what = "sweep setting " + ", ".join(
+                    f"{f} ({old[key].get(f)!r} there, {header[key].get(f)!r} now)" for f in fields
                 )
+            elif key == "model_id":
+                what = "model (its weights changed since the sweep began)"
+            raise ValueError(
+                f"{out} holds a sweep with a different {what}; resume it with the same "
+                f"settings, or use a new --out"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, header)

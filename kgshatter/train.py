@@ -209,12 +209,19 @@ def train(
     progress: bool = True,
     device: str | torch.device | None = None,
     max_steps: int | None = None,
+    checkpoint_seconds: float | None = 300.0,
 ) -> TrainResult:
     """Train ``run`` from scratch (or resume it) and return the model, graph and history.
 
     ``out_dir=None`` trains in memory without checkpoints. ``max_steps`` stops early (the
     schedule still follows ``run.train.steps``), which is how tests interrupt a run.
+    Checkpoints are written every ``run.train.checkpoint_every`` steps and, in between, once
+    ``checkpoint_seconds`` have passed since the last one (``None``: by steps only), so a slow
+    machine never leaves more than a few minutes of work unsaved. Where checkpoints fall does
+    not change the trained weights: a resumed run equals an uninterrupted one.
     """
+    if checkpoint_seconds is not None and not checkpoint_seconds > 0:
+        raise ValueError(f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds}")
     from tqdm.auto import tqdm
 
     graph = KnowledgeGraph.from_config(run.kg)
@@ -237,13 +244,19 @@ def train(
         load_weights(model, ckpt / "model.safetensors")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         state = read_json(ckpt / "state.json", "checkpoint state")
-        log.info("resuming %s from step %d", out, state["step"])
+        if state["step"] >= t.steps:
+            log.info("%s holds the finished run (step %d); reusing it", out, state["step"])
+        else:
+            log.info("resuming %s from step %d of %d", out, state["step"], t.steps)
+    elif out is not None and state["step"] < t.steps:
+        log.info("training %s for %d steps into %s", run.name, t.steps, out)
 
     dev = next(model.parameters()).device
     end = t.steps if max_steps is None else min(t.steps, max_steps)
     model.train()
     bar = tqdm(total=t.steps, initial=state["step"], disable=not progress, desc=f"train {run.name}")
     window_start, window_tokens = time.perf_counter(), 0
+    last_save = time.perf_counter()
     running_loss = torch.zeros((), device=dev)  # summed on the device: no sync per step
 
     def flush_loss() -> None:
@@ -309,10 +322,15 @@ def train(
             )
             log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
             window_start = time.perf_counter()  # evaluation time is not training time
-        if out is not None and (state["step"] % t.checkpoint_every == 0 or last):
+        overdue = (
+            checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
+        )
+        if out is not None and (state["step"] % t.checkpoint_every == 0 or last or overdue):
             flush_loss()
             bank_time()
-            save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
+            path = save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
+            last_save = time.perf_counter()
+            log.debug("checkpoint %s", path)
     bar.close()
     if out is not None and state["step"] == t.steps:
         write_json_atomic(out / "history.json", state["history"])

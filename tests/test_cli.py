@@ -154,3 +154,35 @@ def test_edit_bad_input_exits_2_before_loading(tiny_run_dir, capsys):
     for extra, message in cases:
         assert main(base + extra) == 2, extra
         assert message in capsys.readouterr().err
+
+
+def test_phase_messages_threads_and_interrupts(tmp_path, capsys, monkeypatch):
+    """Phases are announced at the default level; --threads 0 is one line; Ctrl-C (or SIGTERM)
+    says how to resume instead of printing a traceback."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--quiet", "--set", "train.steps=20",
+            "--set", "train.eval_every=20"]  # fmt: skip
+    assert main(args) == 0
+    assert f"training tiny for 20 steps into {out}" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "holds the finished run (step 20); reusing it" in capsys.readouterr().err
+    assert main([*args[:-4], "--threads", "0", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "--threads must be a whole number >= 1, got 0" in err and "Traceback" not in err
+    assert main([*args[:-4], "--checkpoint-minutes", "-1", "--out", str(tmp_path / "t")]) == 2
+    assert "--checkpoint-minutes must be >= 0" in capsys.readouterr().err
+
+    import kgshatter.train as train_module
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main([*args, "--out", str(tmp_path / "k")]) == 130
+    assert "interrupted; what was finished is saved" in capsys.readouterr().err
+
+
+def test_default_threads_leave_room_for_another_process():
+    from kgshatter.cli import default_threads
+
+    assert 1 <= default_threads() <= max(1, (__import__("os").cpu_count() or 1) // 2)

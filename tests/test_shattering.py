@@ -140,9 +140,12 @@ def test_sweep_refuses_bad_input_before_work(tiny_run_dir, tmp_path):
         run_sweep(tiny_run_dir, out, SweepConfig(site="4.resid_post"), progress=False)
     assert not (out / "rows.jsonl").exists()
     run_sweep(tiny_run_dir, out, SMALL, progress=False)
-    other = SweepConfig(**{**SMALL.to_dict(), "distances": (2,), "methods": ("rome",)})
-    with pytest.raises(ValueError, match="different sweep"):
+    other = SweepConfig(**{**SMALL.to_dict(), "distances": (2,)})
+    with pytest.raises(
+        ValueError, match=r"different sweep setting distances \(\[1, 3\] there, \[2\] now\)"
+    ) as e:
         run_sweep(tiny_run_dir, out, other, progress=False)
+    assert "methods" not in str(e.value) and "{" not in str(e.value)  # names the field only
 
 
 def test_reproduce_smoke_on_tiny(tmp_path, capsys):
@@ -160,9 +163,23 @@ def test_reproduce_smoke_on_tiny(tmp_path, capsys):
                  "sequential", "rings_before_after"):  # fmt: skip
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"({name}.png)" in report
-    json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["example"]["rings"]["I"]) == {"before", "after"}
+    assert "`rings_before_after.png` draws rome" in report
+    # tiny never learns inference, and the report says so; table.csv's columns are explained
+    assert "Caution: this model has not learned" in report
+    assert "`acc.SPLIT.ORDER`: the CHANGE in accuracy" in report
+    assert "Paper: 2048 entities on 3 cyclic orders, relations up to 4 hops" in report
+    # a second invocation reuses everything and the report's times cover both
+    assert main(args) == 0
+    capsys.readouterr()
+    times = json.loads((out / "times.json").read_text())
+    assert len(times["invocations"]) == 2
+    assert "over all 2 invocations" in (out / "report.md").read_text()
     assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--distances", "99"]) == 2
     assert "outside the ring" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--distances", "1..x"]) == 2
+    assert "--distances must look like 1..4 or 1,2,3,4" in capsys.readouterr().err
 
 
 def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):

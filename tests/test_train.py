@@ -205,3 +205,19 @@ def test_bfloat16_precision_trains_and_is_validated():
     assert_same_weights(weights(a.model), weights(b.model))
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="float16")
+
+
+def test_checkpoints_by_time_do_not_change_the_run(tmp_path):
+    """A checkpoint whenever the clock says so (here: after every step) leaves the weights of an
+    uninterrupted in-memory run, and a run killed between step checkpoints resumes from the
+    newest timed one."""
+    run = short_run(30)
+    timed = train(run, tmp_path / "a", progress=False, checkpoint_seconds=1e-9, max_steps=23)
+    steps = [int(p.name.split("_")[1]) for p in checkpoints(tmp_path / "a")]
+    assert steps == [22, 23]  # every step was saved; keep_checkpoints prunes to the newest two
+    resumed = train(run, tmp_path / "a", resume=True, progress=False, checkpoint_seconds=1e-9)
+    plain = train(run, None, progress=False)
+    assert_same_weights(weights(resumed.model), weights(plain.model))
+    assert [h["step"] for h in timed.history] == [20, 23]  # evaluated where it stopped
+    with pytest.raises(ValueError, match="checkpoint_seconds must be > 0"):
+        train(run, tmp_path / "b", progress=False, checkpoint_seconds=0)

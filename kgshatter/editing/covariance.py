@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from jaxtyping import Float
 
 from kgshatter.io import write_atomic
 from kgshatter.sites import Site
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,14 @@ class CovarianceCache:
                 n_keys = int(f.metadata()["n_keys"])
             self.hits += 1
             return SecondMoment(key, w, v, n_keys)
+        log.info(
+            "computing the second moment of %s (%d samples, once; cached in %s)",
+            key.hook, key.n_samples, self.directory,
+        )  # fmt: skip
+        start = time.perf_counter()
         matrix, n_keys = compute()
         stats = SecondMoment.from_matrix(key, matrix, n_keys)
+        log.info("second moment of %s done in %.0f s", key.hook, time.perf_counter() - start)
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"key": json.dumps(asdict(key), sort_keys=True), "n_keys": str(n_keys)}
         tensors = {"eigenvalues": stats.eigenvalues, "eigenvectors": stats.eigenvectors}
