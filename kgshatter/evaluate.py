@@ -17,6 +17,7 @@ from kgshatter.analysis.geometry import ring_metrics
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.kg.graph import KnowledgeGraph, relation_name
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
+from kgshatter.models import last_position_logits
 from kgshatter.presets import EvalConfig, RunConfig
 from kgshatter.sites import Site, all_sites
 
@@ -32,7 +33,7 @@ def query_probs(model: Any, queries: QuerySet, batch_size: int = 1024) -> torch.
     device = next(model.parameters()).device
     out = []
     for start in range(0, flat.shape[0], batch_size):
-        logits = model(flat[start : start + batch_size].to(device))[:, -1].float()
+        logits = last_position_logits(model, flat[start : start + batch_size].to(device)).float()
         out.append(torch.softmax(logits, -1).cpu())
     if not out:
         return torch.zeros(0, model.cfg.d_vocab)

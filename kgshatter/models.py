@@ -169,6 +169,14 @@ def logits_at(model: Any, tokens: torch.Tensor, rows: torch.Tensor | None = None
     return logits.reshape(-1, logits.shape[-1])
 
 
+def last_position_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[batch, vocab]`` at the last position of each row of ``tokens``,
+    with the unembedding computed there only (what every evaluation query reads)."""
+    batch, seq = tokens.shape
+    rows = torch.arange(batch, device=tokens.device) * seq + (seq - 1)
+    return logits_at(model, tokens, rows)
+
+
 def _original(module: Any) -> Any:
     """The wrapped torch module of a bridge component (or the module itself)."""
     return getattr(module, "_original_component", module)

@@ -30,6 +30,7 @@ from kgshatter.evaluate import Evaluator, query_probs
 from kgshatter.hooks import edited
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import QuerySet, WalkSampler, step_generator
+from kgshatter.models import last_position_logits
 from kgshatter.validation import check_choice, check_int
 
 KINDS = ("counterfactual", "corrective")
@@ -120,7 +121,8 @@ class EditScorer:
             for r in requests
         ]
         device = next(model.parameters()).device
-        probs = torch.softmax(model(torch.cat(prompts).to(device))[:, -1].float(), -1).cpu()
+        logits = last_position_logits(model, torch.cat(prompts).to(device))
+        probs = torch.softmax(logits.float(), -1).cpu()
         out = []
         for r, p in zip(requests, probs.split(self.n_prompts), strict=True):
             mean = p.mean(0)
