@@ -117,8 +117,9 @@ def edited(model: Any, *edits: Any) -> Iterator[Any]:
     """``with edited(model, edit1, edit2): ...`` runs the model with the edits as hooks.
 
     Each edit is an object with ``hooks() -> list[(name, fn)]`` (a kgshatter ``Edit``) or such a
-    list itself. Hooks are added in order on enter and removed in ``finally``, so no hook is
-    left behind even when the body raises. The weights are never touched.
+    list itself. The hooks go through TransformerLens's own scoped API (``model.hooks(...)``),
+    which adds them in order and removes exactly these on exit, even when the body raises:
+    hooks the user attached, before or inside the block, stay. The weights are never touched.
     """
     pairs: list[tuple[str, HookFn]] = []
     for e in edits:
@@ -126,18 +127,8 @@ def edited(model: Any, *edits: Any) -> Iterator[Any]:
     missing = sorted({name for name, _ in pairs if name not in model.hook_dict})
     if missing:
         raise ValueError(f"edited(): the model has no hook points {missing}")
-    added: list[tuple[Any, Any]] = []
-    try:
-        for name, fn in pairs:
-            point = model.hook_dict[name]
-            point.add_hook(fn)
-            added.append((point, point.fwd_hooks[-1]))
+    with model.hooks(fwd_hooks=pairs):
         yield model
-    finally:
-        # remove exactly the hooks added here; hooks the user attached stay
-        for point, handle in reversed(added):
-            handle.hook.remove()
-            point.fwd_hooks = [h for h in point.fwd_hooks if h is not handle]
 
 
 def _check_last_dim(activation: torch.Tensor, vector: torch.Tensor, hook: Any) -> None:

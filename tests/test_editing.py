@@ -201,9 +201,11 @@ def test_no_hook_left_behind_even_on_error(setup, edits):
         with pytest.raises(RuntimeError, match="inside"):
             with edited(model, *edits.values()):
                 assert model.hook_dict["blocks.0.hook_mlp_out"].fwd_hooks
+                # a hook the user attaches inside the block is theirs too
+                model.hook_dict["blocks.0.hook_mlp_out"].add_hook(capture(mine, "y"))
                 raise RuntimeError("inside")
-        # only the user's own hook remains
-        assert len(model.hook_dict["blocks.0.hook_mlp_out"].fwd_hooks) == 1
+        # only the user's own hooks remain
+        assert len(model.hook_dict["blocks.0.hook_mlp_out"].fwd_hooks) == 2
         assert not model.hook_dict["blocks.0.mlp.hook_post"].fwd_hooks
     finally:
         model.reset_hooks()
@@ -325,3 +327,64 @@ def test_relative_optimisation_is_the_reference_one_in_units_of_h0(setup):
     assert rel.info["delta_norm"] == pytest.approx(ref.info["delta_norm"], rel=1e-4)
     with pytest.raises(ValueError, match="relative must be true or false"):
         ROMEConfig(relative=1)
+
+
+@pytest.mark.parametrize("order", ["applied", "reversed"])
+def test_weight_patches_restore_exactly_in_any_order(setup, edits, order):
+    """Two patches on one matrix, restored first-in-first-out or last-in-first-out: after the
+    first restore the weights hold exactly the other edit alone; after both, the original
+    bytes. Hook-form edits mixed in change nothing about that."""
+    model, _, task, _ = setup
+    before = snapshot(model)
+    a, b = edits["rome"], edits["alphaedit"]  # both write layer 0's W_out
+    tokens = task.sampler.batch_for_step(6, 8, seed=5)[:, :-1]
+    with torch.no_grad():
+        only = {}
+        for name, e in (("rome", a), ("alphaedit", b)):
+            with e.apply_to_weights(model):
+                only[name] = snapshot(model)
+        pa = a.apply_to_weights(model)
+        with edited(model, edits["memit"]):  # a hook-form edit in between
+            pb = b.apply_to_weights(model)
+        first, second, left = (pa, pb, "alphaedit") if order == "applied" else (pb, pa, "rome")
+        first.restore()
+        assert_same_weights(model, only[left])
+        with edited(model, edits["pmet"]):
+            hooked = model(tokens)
+        second.restore()
+        second.restore()  # a second restore does nothing
+    assert_same_weights(model, before)
+    assert not torch.allclose(hooked, model(tokens))  # the hook edit was live, and is gone
+    assert all(not point.fwd_hooks for point in model.hook_dict.values() if "mlp" in point.name)
+
+
+def test_restore_refuses_to_overwrite_a_foreign_change(setup, edits):
+    model, _, _, _ = setup
+    before = snapshot(model)
+    patch = edits["rome"].apply_to_weights(model)
+    w = model.blocks[0].mlp.W_out
+    with torch.no_grad():
+        kept = w[0, 0].clone()
+        w[0, 0] = kept + 1.0  # something else writes the matrix
+        try:
+            with pytest.raises(ValueError, match="changed by something other than kgshatter"):
+                patch.restore()
+        finally:
+            w[0, 0] = kept  # put the patched value back: now the restore may go ahead
+    patch.restore()
+    assert_same_weights(model, before)
+
+
+def test_edits_are_values(edits):
+    import dataclasses
+
+    edit = edits["alphaedit"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        edit.method = "rome"
+    with pytest.raises(TypeError):
+        edit.info["protocol"] = "single"
+    with pytest.raises(TypeError):
+        edit.config["layers"] = [1]
+    assert isinstance(edit.deltas, tuple) and "null_space_dims" in edit.info
+    changed = dataclasses.replace(edit, info={**edit.info, "note": 1})
+    assert changed.info["note"] == 1 and "note" not in edit.info

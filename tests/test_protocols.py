@@ -89,7 +89,7 @@ def test_batch_and_sequential_protocols(env):
     )
     assert [r["n_edits_applied"] for r in seq.records] == [1, 2, 3]
     assert all("retained" in r for r in seq.records)
-    assert [e.info["edits_before"] for e in seq.edits] == [0, 1, 2]
+    assert [r["edits_before"] for r in seq.records] == [0, 1, 2]
     with pytest.raises(ValueError, match="one fact at a time"):
         rome = get_method("rome")
         run_protocol(model, task, rome, rome.config(), reqs, "batch", scorer)

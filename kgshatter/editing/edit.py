@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ def model_identity(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerDelta:
     """``W_out[layer] += a @ b.T``; ``a`` [d_mlp, rank], ``b`` [d_model, rank].
 
@@ -63,21 +66,46 @@ class LayerDelta:
         return None if self.b is None else self.a.shape[1]
 
 
-@dataclass
+def _read_only(value: Any) -> Any:
+    """A read-only view of nested JSON-like data (mappings and lists)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _read_only(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_read_only(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """The JSON-ready form of :func:`_read_only` data."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
 class Edit:
     """One edit (one method applied to one or more requests), as per-layer weight deltas.
 
-    ``module`` names the edited matrix: ``"mlp"`` (``W_out``) or ``"mixer"`` (Mamba's
-    ``out_proj``); see :func:`kgshatter.sites.edit_sites`.
+    A value: frozen, its ``requests``, ``config`` and ``info`` read-only (a protocol's run
+    metadata lives in its records, not in the edit). ``dataclasses.replace(edit, info=...)``
+    makes a changed copy. ``module`` names the edited matrix: ``"mlp"`` (``W_out``) or
+    ``"mixer"`` (Mamba's ``out_proj``); see :func:`kgshatter.sites.edit_sites`.
     """
 
     method: str
-    deltas: list[LayerDelta]
-    requests: list[dict[str, Any]]
-    config: dict[str, Any]
+    deltas: tuple[LayerDelta, ...]
+    requests: tuple[Mapping[str, Any], ...]
+    config: Mapping[str, Any]
     model_id: str
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
     module: str = "mlp"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "deltas", tuple(self.deltas))
+        for name in ("requests", "config", "info"):
+            object.__setattr__(self, name, _read_only(getattr(self, name)))
 
     def hooks(self) -> list[tuple[str, Any]]:
         """Forward hooks adding each layer's delta to the matrix's output (weights untouched)."""
@@ -109,11 +137,11 @@ class Edit:
             "format": EDIT_FORMAT,
             "method": self.method,
             "layers": [d.layer for d in self.deltas],
-            "requests": self.requests,
-            "config": self.config,
+            "requests": _plain(self.requests),
+            "config": _plain(self.config),
             "model_id": self.model_id,
             "module": self.module,
-            "info": self.info,
+            "info": _plain(self.info),
         }
         write_json_atomic(path.with_suffix(".json"), meta)
         return path.with_suffix(".json")
@@ -142,11 +170,45 @@ class Edit:
         )
 
 
+# model -> {weight key -> _PatchedWeight}: every patch written into one of the model's matrices
+_PATCHED: weakref.WeakKeyDictionary[Any, dict[tuple, _PatchedWeight]] = weakref.WeakKeyDictionary()
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    """Identity of a weight view: the same matrix gives the same key however it was reached."""
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+
+
+class _PatchedWeight:
+    """One matrix under patches: its bytes before the first, and the active deltas in order.
+
+    The matrix always holds ``original + d1 + d2 + ...`` summed in application order, rewritten
+    from ``original`` whenever a patch comes or goes, so restoring any patch leaves exactly the
+    bytes that applying only the others would have given, and restoring all gives back the
+    original bytes, whatever the order.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.original = weight.detach().clone()
+        self.active: list[tuple[WeightPatch, torch.Tensor]] = []
+
+    def expected(self) -> torch.Tensor:
+        out = self.original.clone()
+        for _, dense in self.active:
+            out += dense
+        return out
+
+
 class WeightPatch:
-    """An edit written into the weights; ``restore()`` (or leaving ``with``) undoes it exactly."""
+    """An edit written into the weights; ``restore()`` (or leaving ``with``) undoes it exactly.
+
+    Patches may be restored in any order (README, "Editing"). A restore that finds the matrix
+    changed by something else since the patches were written (an optimiser step, a manual
+    write) is refused with an error instead of overwriting that change.
+    """
 
     def __init__(self, model: Any, deltas: list[LayerDelta], module: str = "mlp") -> None:
-        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         weights = [edit_weight(model, d.layer, module) for d in deltas]  # all checked first
         for d, w in zip(deltas, weights, strict=True):
             if tuple(d.dense.shape) != tuple(w.shape):
@@ -154,18 +216,35 @@ class WeightPatch:
                     f"edit delta {tuple(d.dense.shape)} does not fit layer {d.layer}'s "
                     f"{module} matrix {tuple(w.shape)}; was it computed on another model?"
                 )
+        registry = _PATCHED.setdefault(model, {})
+        self._model = weakref.ref(model)
+        self._entries: list[_PatchedWeight] = []
         with torch.no_grad():
             for d, w in zip(deltas, weights, strict=True):  # w: [d_key, d_out], a view
-                self._saved.append((w, w.detach().clone()))
-                w += d.dense.to(w.dtype).to(w.device)
+                entry = registry.get(_weight_key(w))
+                if entry is None:
+                    entry = registry[_weight_key(w)] = _PatchedWeight(w)
+                else:
+                    _check_untouched(entry)
+                entry.active.append((self, d.dense.to(w.dtype).to(w.device)))
+                entry.weight.add_(entry.active[-1][1])
+                self._entries.append(entry)
         self.active = True
 
     def restore(self) -> None:
+        """Take this patch's deltas out of the weights (a second call does nothing)."""
         if not self.active:
             return
+        for entry in self._entries:
+            _check_untouched(entry)
+        model = self._model()
+        registry = _PATCHED.get(model, {}) if model is not None else {}
         with torch.no_grad():
-            for w, original in reversed(self._saved):
-                w.copy_(original)
+            for entry in self._entries:
+                entry.active = [(p, d) for p, d in entry.active if p is not self]
+                entry.weight.copy_(entry.expected())
+                if not entry.active:
+                    registry.pop(_weight_key(entry.weight), None)
         self.active = False
 
     def __enter__(self) -> WeightPatch:
@@ -173,3 +252,11 @@ class WeightPatch:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _check_untouched(entry: _PatchedWeight) -> None:
+    if not torch.equal(entry.weight, entry.expected()):
+        raise ValueError(
+            "the edited matrix was changed by something other than kgshatter's patches since "
+            "they were written; refusing to restore over that change (reload the model)"
+        )

@@ -234,6 +234,7 @@ def run_protocol(
             row["retained"] = sum(e["success"] for e in held) / len(held)
         row.update(scorer.collateral(model))
         row["n_edits_applied"] = len(edits)
+        row["edits_before"] = len(edits) - 1 if protocol == "sequential" else 0
         if measure is not None or measure_edit is not None:
             row["measures"] = {}
         if measure is not None:
@@ -253,8 +254,6 @@ def run_protocol(
                 record(step, batch, None, seconds, skipped, batch)
                 bar.update()
                 continue
-            edit.info["protocol"] = protocol
-            edit.info["edits_before"] = len(applied) if protocol == "sequential" else 0
             edits.append(edit)
             if protocol == "sequential":
                 stack.enter_context(edited(model, edit))

@@ -24,6 +24,7 @@ uniform (*choice*). The multi-layer solve uses Woodbury on C's stored eigendecom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -357,9 +358,8 @@ def compute_alphaedit(
         solve=solve,
         model_id=model_id,
     )
-    edit.info["null_space_dims"] = {
-        str(layer): int(round(float(torch.trace(p)))) for layer, p in projectors.items()
-    }
+    dims = {str(layer): int(round(float(torch.trace(p)))) for layer, p in projectors.items()}
+    edit = dataclasses.replace(edit, info={**edit.info, "null_space_dims": dims})
     if state is not None:
         prompt_sets = [
             task.prompts(task.request_from_dict(r), config.n_prompts, config.seed)[0]
