@@ -287,6 +287,14 @@ class TextTask:
             self.encode("{} is a", request.subject, prefixes),
         )
 
+    def reference_prompts(
+        self, request: TextRequest, n_prompts: int, seed: int
+    ) -> tuple[Prompts, Prompts]:
+        """The references' layout: the plain prompt and ``n_prompts - 1`` prefixed ones, and one
+        bare essence prompt ``"{subject} is a"`` (kmeng01/rome ``compute_v``)."""
+        prompts, _ = self.prompts(request, n_prompts, seed)
+        return prompts, self.encode("{} is a", request.subject, [""])
+
     def bare_prompt(self, request: TextRequest) -> Prompts:
         return self.encode(request.prompt, request.subject, [""])
 

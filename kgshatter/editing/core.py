@@ -85,6 +85,11 @@ class Prompts:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def rows(self, start: int, stop: int | None = None) -> Prompts:
+        """The prompts ``start:stop`` (e.g. the bare first prompt, or the prefixed rest)."""
+        sl = slice(start, stop)
+        return Prompts(self.tokens[sl], self.last[sl], self.subject[sl])
+
     def index(self, position: str) -> Int[torch.Tensor, " p"]:
         """Per-row index of ``position`` (``"subject"`` or ``"relation"`` = the last token)."""
         check_choice("position", position, POSITIONS)
@@ -111,6 +116,14 @@ class TargetConfig(ConfigDict):
 
     ``micro_batch`` is a memory knob, not a hyperparameter: at most that many prompts run
     through the model at once during target optimisation (same gradients up to rounding).
+
+    ``reference=True`` follows the reference implementations step for step (kmeng01/rome's
+    ``compute_v``, kmeng01/memit's ``compute_z`` and ``compute_ks``), where kgshatter's defaults
+    depart from them (README, "Editing: reference mode"): the prompts are the bare one plus
+    ``n_prompts - 1`` prefixed ones and one bare essence prompt (``task.reference_prompts``);
+    ``h0`` is the bare prompt's activation; the KL is read at the essence prompt's subject; the
+    optimisation stops on the total loss and makes ``steps - 1`` updates. The presets named after
+    a reference (``gpt2-xl``, ``llama3-8b``) use it.
     """
 
     n_prompts: int = 10
@@ -125,9 +138,13 @@ class TargetConfig(ConfigDict):
     seed: int = 0
     micro_batch: int | None = None
     relative: bool = False
+    reference: bool = False
 
     def __post_init__(self) -> None:
         check_bool("relative", self.relative)
+        check_bool("reference", self.reference)
+        if self.reference and self.relative:
+            raise ValueError("reference=True follows the references, which have no relative mode")
         check_int("n_prompts", self.n_prompts, 1)
         if self.micro_batch is not None:
             check_int("micro_batch", self.micro_batch, 1)
@@ -156,6 +173,7 @@ class TargetConfig(ConfigDict):
             "position": self.position,
             "micro_batch": self.micro_batch,
             "relative": self.relative,
+            "reference": self.reference,
         }
 
 
@@ -231,6 +249,18 @@ class SyntheticTask:
         )
         essence = request_prompts(self.sampler, request.subject, other.index, n_prompts, seed + 1)
         return Prompts.aligned(prompts), Prompts.aligned(essence)
+
+    def reference_prompts(
+        self, request: EditRequest, n_prompts: int, seed: int
+    ) -> tuple[Prompts, Prompts | None]:
+        """The references' prompt layout: the bare prompt ``x r`` first, then ``n_prompts - 1``
+        prefixed ones; one bare essence prompt (``x r'``, r' the next order's relation)."""
+        prompts, essence = self.prompts(request, max(1, n_prompts - 1), seed)
+        rows = [self.bare_prompt(request)] + ([prompts] if n_prompts > 1 else [])
+        if essence is None:
+            return Prompts.cat(rows), None
+        bare_essence = Prompts.aligned(essence.tokens[:1, -2:])
+        return Prompts.cat(rows), bare_essence
 
     def bare_prompt(self, request: EditRequest) -> Prompts:
         """The request without context: ``x r`` (original ROME's plain template)."""

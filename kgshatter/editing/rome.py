@@ -1,10 +1,17 @@
 """ROME: a rank-one update of one layer's MLP output matrix (Meng et al. 2022; r-ROME 2024).
 
 Over the shared core: k* = the subject's key averaged over context prompts; u = C^-1 k*;
-v* = h0 + delta from target optimisation at the layer's MLP output;
-dW = u (v* - out(k)) / (u . k). r-ROME (Gupta et al., arXiv 2403.07175, default) uses the
-template-averaged k* and its output in both places; the original uses the bare prompt's key and
-output, the mismatch r-ROME showed to cause model-disabling edits.
+delta from target optimisation at the layer's MLP output; dW = u (v* - out(k)) / (u . k).
+
+- ``denominator="original"`` (kmeng01/rome): k = the bare prompt's key k0 and v* = out(k0) +
+  delta, so the numerator is delta and the update maps k0 to its own output plus delta; the
+  mismatch between k0 here and k* in u is what r-ROME showed to cause model-disabling edits.
+- ``denominator="rrome"`` (Gupta et al., arXiv 2403.07175, the default): k = k*. In reference
+  mode (scalable-model-editing/rebuilding-rome ``compute_v``), v* = out(bare) + delta and
+  out(k) = the MLP output averaged over the prompts, so the numerator is
+  out(bare) + delta - mean out. kgshatter's default (a departure, kept for the synthetic study
+  whose prompts have no bare one) takes h0 = the prompt-averaged output for the decay, the
+  clamp and v*, so the numerator is delta.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from kgshatter.editing.core import (
     TargetConfig,
     as_requests,
     check_changes_answer,
+    mean_activations,
     mean_keys,
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_targets
-from kgshatter.sites import edit_module, edit_sites, edit_weight
+from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_choice, check_int
 
 DENOMINATORS = ("rrome", "original")
@@ -75,6 +83,7 @@ ROME_PRESETS = {
             kl_factor=0.0625,
             position="subject",
             micro_batch=7,  # memory knob (ours): 7 prompts at a time through a 1.6B model
+            reference=True,  # compute_v step for step: 19 updates, total-loss stop, "{} is a"
         )
     ),
     # Mamba 2.8B: the out_proj of layer 15's mixer (the layer the issue names, after Sen Sharma
@@ -113,7 +122,10 @@ def compute_rome(
     module = edit_module(model)
     out_hook = edit_sites(module, config.layer)[1].check(model.cfg.n_layers).hook_name
     model_id = model_id or model_identity(model)
-    prompts, essence = task.prompts(request, config.n_prompts, config.seed)
+    if config.reference:  # the bare prompt first, one bare essence prompt
+        prompts, essence = task.reference_prompts(request, config.n_prompts, config.seed)
+    else:
+        prompts, essence = task.prompts(request, config.n_prompts, config.seed)
     check_changes_answer(model, task, request, prompts)
     pos = config.position
     target = optimize_targets(
@@ -126,14 +138,17 @@ def compute_rome(
         u = stats.solve(k_star.cpu(), config.ridge).to(device)
     else:
         u = k_star.clone()
+    # h0: the prompt-averaged output, or in reference mode the bare prompt's (module doc)
     h0, delta = target.h0.double(), target.delta.double()
-    v_star = h0 + delta
     if config.denominator == "rrome":
-        k_den, out_k = k_star, h0
+        k_den = k_star
+        # the output at k*: linear in the key, so the prompt average of the outputs
+        out_k = mean_activations(model, out_hook, [prompts], pos)[0].double()
+        v_star = h0 + delta if config.reference else out_k + delta
     else:  # the bare prompt (original ROME's plain template)
-        w = edit_weight(model, config.layer, module).detach().double()  # [d_key, d_model]
         k_den = mean_keys(model, config.layer, [task.bare_prompt(request)], pos)[0]
-        out_k = k_den @ w + (h0 - k_star @ w)  # the same bias term as at k*
+        out_k = mean_activations(model, out_hook, [task.bare_prompt(request)], pos)[0].double()
+        v_star = out_k + delta
     denom = float(u @ k_den)
     if abs(denom) < 1e-12:
         raise FloatingPointError("ROME denominator u . k is ~0; raise ridge or check the key")

@@ -105,7 +105,8 @@ class PMETConfig(MEMITConfig):
 # layers and lambda (our derivation). Synthetic presets: measured on the cpu model (README).
 _GPT2_XL = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0.5,
             "weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
-            "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6}  # fmt: skip
+            "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6,
+            "reference": True}  # fmt: skip
 _LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
 # subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
@@ -142,7 +143,10 @@ PMET_PRESETS = {
     "synthetic-relative": PMETConfig(**_RELATIVE),
     "synthetic-subject-relative": PMETConfig(**{**_SUBJECT, **_RELATIVE}),
     "tiny-pretrained": PMETConfig(**_TINY),
-    "gpt2-xl": PMETConfig(**{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30}),
+    # derived, not a reference config: kgshatter's own optimisation (reference=False)
+    "gpt2-xl": PMETConfig(
+        **{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30, "reference": False}
+    ),
 }
 
 
@@ -229,7 +233,10 @@ def _spread_edit(
     pos = config.position
     prompt_sets, targets, losses = [], [], []
     for r in requests:
-        prompts, essence = task.prompts(r, config.n_prompts, config.seed)
+        if config.reference:  # the bare prompt first, one bare essence prompt
+            prompts, essence = task.reference_prompts(r, config.n_prompts, config.seed)
+        else:
+            prompts, essence = task.prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
         t = optimize_targets(
             model, target_hooks, prompts, task.target_token(r), essence, **config.optimisation()
@@ -239,11 +246,26 @@ def _spread_edit(
         losses.append(t.nll)
     z = torch.stack(targets).cpu()  # [n, d_model] at residual_hook
     deltas: list[LayerDelta] = []
+    bare = [p.rows(0, 1) for p in prompt_sets]
+    prefixed = [p.rows(1) for p in prompt_sets]
     for i, layer in enumerate(config.layers):
         so_far = Edit(method, list(deltas), [], {}, model_id, module=module)
-        keys = mean_keys(model, layer, prompt_sets, pos, so_far.hooks()).cpu()  # [n, d_mlp]
+        if config.reference and all(len(p) for p in prefixed):
+            # kmeng01/memit compute_ks: the mean over each context type (bare; prefixed), then
+            # the mean of the two; the current value at the bare prompt (compute_z's target)
+            keys = (
+                0.5
+                * (
+                    mean_keys(model, layer, bare, pos, so_far.hooks())
+                    + mean_keys(model, layer, prefixed, pos, so_far.hooks())
+                ).cpu()
+            )
+            sets = bare
+        else:
+            keys = mean_keys(model, layer, prompt_sets, pos, so_far.hooks()).cpu()  # [n, d_mlp]
+            sets = bare if config.reference else prompt_sets
         current = mean_activations(
-            model, residual_hook, prompt_sets, pos, so_far.hooks(), stop_at_layer=last + 1
+            model, residual_hook, sets, pos, so_far.hooks(), stop_at_layer=last + 1
         ).cpu()
         residual = (z - current) / spread(len(config.layers) - i)  # [n, d_model]
         a = solve(layer, keys)  # [d_mlp, n]

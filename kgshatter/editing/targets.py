@@ -3,7 +3,8 @@
 The target optimisation of ROME and MEMIT: free vectors (one per hook: ROME's MLP output,
 MEMIT's residual stream, PMET's attention and MLP outputs jointly) are added at one position of
 every rewriting prompt; loss = NLL(target) + kl_factor * KL(current || initial) on "essence"
-prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05; after each
+prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05 (in
+``reference`` mode: the total loss, as the references do); after each
 step every delta is projected to ||delta|| <= clamp_norm_factor * ||h0|| of its own hook. The
 model's weights are never written and receive no gradients.
 """
@@ -55,6 +56,7 @@ def optimize_targets(
     fwd_hooks: Sequence[tuple[str, Any]] = (),
     micro_batch: int | None = None,
     relative: bool = False,
+    reference: bool = False,
 ) -> TargetResult:
     """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
 
@@ -65,6 +67,13 @@ def optimize_targets(
     ``micro_batch`` bounds how many prompts run forward/backward at once (memory; the
     gradients are the same up to rounding); ``None`` runs them all together.
     ``relative=True``: ``lr`` and the decay are in units of ``||h0||`` (see ``TargetConfig``).
+
+    ``reference=True`` follows kmeng01/rome's ``compute_v`` (and MEMIT's ``compute_z``) step for
+    step: ``h0`` is the activation of the first prompt (the bare one, which the caller puts
+    first) instead of the prompt average, so the decay and the clamp are relative to it; the KL
+    is read at each essence row's delta position (the subject token of ``"{} is a"``) instead of
+    its last token; the optimisation stops when the *total* loss (NLL + KL + decay) falls below
+    0.05, and the last of ``steps`` iterations only evaluates (``steps - 1`` Adam updates).
     """
     if not hooks:
         raise ValueError("optimize_targets needs at least one hook name")
@@ -86,11 +95,18 @@ def optimize_targets(
 
         return read
 
+    # where each row's next-token distribution is read: its last token, except the essence
+    # rows in reference mode, which are read where the delta goes in
+    read = last.clone()
+    if reference:
+        read[n_rewrite:] = at[n_rewrite:]
     with torch.no_grad():
         logits0 = model.run_with_hooks(
             tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
-        )[torch.arange(len(last), device=device), last]
-    h0s = [store[h][:n_rewrite].float().mean(0) for h in hooks]
+        )[torch.arange(len(read), device=device), read]
+    h0s = [
+        store[h][0].float() if reference else store[h][:n_rewrite].float().mean(0) for h in hooks
+    ]
     init_logp = torch.log_softmax(logits0[n_rewrite:].float(), -1)
     deltas = [torch.zeros_like(h0, requires_grad=True) for h0 in h0s]
     # Adam's steps have the size of lr whatever the gradient's scale: relative mode scales
@@ -133,7 +149,7 @@ def optimize_targets(
                 rows = slice(start, min(start + step, n_total))
                 rows_now["rows"] = rows
                 logits = model.run_with_hooks(tokens[rows], fwd_hooks=editing_hooks)
-                ends = last[rows]
+                ends = read[rows]
                 logits = logits[torch.arange(len(ends), device=device), ends].float()
                 n_rw = max(0, min(rows.stop, n_rewrite) - start)
                 chunk = torch.zeros((), device=device)
@@ -152,7 +168,9 @@ def optimize_targets(
             nll_value = nll_sum / n_rewrite
             loss = nll_value + decay.item() + (kl_factor * kl_sum / n_essence if n_essence else 0.0)
             losses.append(loss)
-            if nll_value < 0.05:
+            if (loss if reference else nll_value) < 0.05:
+                break
+            if reference and len(losses) == steps:  # the reference's last pass only evaluates
                 break
             opt.step()
             with torch.no_grad():
