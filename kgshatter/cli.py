@@ -207,7 +207,7 @@ def _distances(text: str, flag: str = "--distance") -> tuple[int, ...]:
 
 
 def _cmd_months(args: argparse.Namespace) -> int:
-    from kgshatter.months import MonthsConfig, run_months
+    from kgshatter.months import MonthsConfig, resolve_preset, run_months
     from kgshatter.pretrained import TINY_TEXT, load_pretrained, tiny_checkpoint
     from kgshatter.text import TextCorpus
 
@@ -215,7 +215,8 @@ def _cmd_months(args: argparse.Namespace) -> int:
     config = MonthsConfig(
         task=args.task,
         method=args.method,
-        preset=args.preset,
+        # which (model, method) pairs have a preset is known before any weight is loaded
+        preset=resolve_preset(args.model, args.method, args.preset),
         distances=distances,
         n_edits=args.n,
         seed=args.seed,

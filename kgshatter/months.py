@@ -34,13 +34,49 @@ MODEL_PRESETS = {
 }
 
 
-def preset_for(name: str) -> str:
-    """The editing preset for a checkpoint name; unknown names get ``"tiny-pretrained"``."""
+def preset_for(name: str) -> str | None:
+    """The editing preset for a checkpoint name or path (``None`` if none is known).
+
+    A local directory written by :func:`kgshatter.pretrained.tiny_checkpoint` (it holds the
+    tiny-random marker) gets ``"tiny-pretrained"``.
+    """
+    from kgshatter.pretrained import TINY_MARKER
+
+    if name.startswith("tiny:") or (Path(name) / TINY_MARKER).is_file():
+        return "tiny-pretrained"
     low = name.lower()
     for key, preset in MODEL_PRESETS.items():
         if key in low:
             return preset
-    return "tiny-pretrained"
+    return None
+
+
+def resolve_preset(model: str, method: str, preset: str | None = None) -> str:
+    """The editing preset ``method`` uses on ``model`` (a hub name, a directory or
+    ``tiny:FAMILY``), checked before any weight is loaded: an explicit ``preset`` must exist
+    for the method; otherwise the model must be one with a preset, and the method must have it.
+    """
+    from kgshatter.editing import METHODS, get_method
+
+    spec = get_method(method)
+    if preset is not None:
+        spec.config(preset)  # an unknown name lists the method's presets
+        return preset
+    found = preset_for(model)
+    if found is None:
+        raise ValueError(
+            f"no editing preset is known for model {model!r} (known: "
+            f"{', '.join(sorted(set(MODEL_PRESETS.values())))}, and tiny:FAMILY checkpoints); "
+            f"pass --preset with one of {method}'s presets {sorted(spec.presets)}"
+        )
+    if found not in spec.presets:
+        others = sorted(m for m, s in METHODS.items() if found in s.presets)
+        raise ValueError(
+            f"{method} has no {found!r} preset (a reference gives none in kgshatter's "
+            f"sources); methods with one: {others}, or pass --preset with one of "
+            f"{sorted(spec.presets)}"
+        )
+    return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +140,12 @@ def run_months(
     model, tokenizer = pretrained.model, pretrained.tokenizer
     task = natural_task(config.task, tokenizer)
     method = get_method(config.method)
-    preset = config.preset or preset_for(pretrained.name)
+    if config.preset is not None:
+        preset = resolve_preset(pretrained.name, config.method, config.preset)
+    elif getattr(pretrained, "random_weights", False):
+        preset = resolve_preset("tiny:", config.method)
+    else:
+        preset = resolve_preset(pretrained.name, config.method)
     overrides = {"n_samples": config.n_samples} if config.n_samples else {}
     edit_config = method.config(preset, **overrides)
     for layer in getattr(edit_config, "edit_layers", ()):

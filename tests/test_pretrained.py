@@ -301,6 +301,30 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert main(["months", "--model", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
+def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypatch):
+    """Which (model, method) pairs have a preset is known from the name: no weight is loaded
+    (loading would need the hub here) before the one-line error."""
+    import kgshatter.pretrained as pretrained_module
+
+    def no_loading(*a, **k):
+        raise AssertionError("load_pretrained was called")
+
+    monkeypatch.setattr(pretrained_module, "load_pretrained", no_loading)
+    out = str(tmp_path / "m")
+    assert main(["months", "--model", "llama3-8b", "--method", "pmet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "pmet has no 'llama3-8b' preset" in err
+    assert "methods with one: ['alphaedit', 'memit', 'rome']" in err
+    assert main(["months", "--model", "gpt2", "--out", out]) == 2
+    assert "no editing preset is known for model 'gpt2'" in capsys.readouterr().err
+    assert main(["months", "--model", "gpt2-xl", "--preset", "nope", "--out", out]) == 2
+    assert "nope" in capsys.readouterr().err
+    from kgshatter.months import resolve_preset
+
+    assert resolve_preset("meta-llama/Meta-Llama-3-8B", "rome") == "llama3-8b"  # EasyEdit's
+    assert resolve_preset("tiny:gpt2", "memit") == "tiny-pretrained"
+
+
 @pytest.mark.pretrained
 def test_gpt2_xl_months_replication_real_weights(tmp_path):
     """Needs GPT-2-XL in the local Hugging Face cache (or network) and a text corpus."""

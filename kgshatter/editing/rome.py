@@ -86,6 +86,21 @@ ROME_PRESETS = {
             reference=True,  # compute_v step for step: 19 updates, total-loss stop, "{} is a"
         )
     ),
+    # zjunlp/EasyEdit hparams/ROME/llama3-8b.yaml: layer 5 (down_proj), 25 steps, lr 0.5, weight
+    # decay 1e-3, clamp 4, KL 0.0625, 1 + 10 + 10 context templates, mom2_adjustment off
+    "llama3-8b": ROMEConfig(
+        layer=5,
+        n_prompts=21,
+        steps=25,
+        lr=0.5,
+        weight_decay=1e-3,
+        clamp_norm_factor=4.0,
+        kl_factor=0.0625,
+        position="subject",
+        mom2_adjustment=False,
+        micro_batch=7,
+        reference=True,
+    ),
     # Mamba 2.8B: the out_proj of layer 15's mixer (the layer the issue names, after Sen Sharma
     # et al. 2024, "Locating and Editing Factual Associations in Mamba"); the optimisation
     # settings are GPT-2-XL's (our derivation: no reference config exists in kgshatter's
