@@ -325,6 +325,64 @@ def edit_benchmark(
     return results
 
 
+def sweep_benchmark(
+    run_dir: str | Path,
+    config: Any = None,
+    batches: tuple[int, ...] = (1, 12),
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """The editing sweep's edits per second at each ``edit_batch``, side by side on the same
+    rows, and how far their ``table.csv`` values differ (``seconds`` excluded). Statistics are
+    computed once beforehand (cached in the run directory), so neither pays for them."""
+    import csv
+    import shutil
+    import tempfile
+
+    from kgshatter.sweep import SweepConfig, run_sweep
+
+    config = config or SweepConfig(kinds=("counterfactual",), sequential_edits=0)
+    results: dict[str, Any] = {"run_dir": str(run_dir), "sweep": config.to_dict(), "batches": {}}
+    tables = {}
+    work = Path(tempfile.mkdtemp(prefix="kgshatter-sweep-bench-"))
+    try:
+        warm = SweepConfig.from_dict({**config.to_dict(), "n_edits": 1, "distances": [1]})
+        run_sweep(run_dir, work / "warm", warm, progress=False)  # statistics into the cache
+        for b in batches:
+            start = time.perf_counter()
+            res = run_sweep(run_dir, work / f"b{b}", config, progress=False, edit_batch=b)
+            seconds = time.perf_counter() - start
+            n = sum(1 for r in res.rows if "efficacy" in r)
+            results["batches"][str(b)] = {
+                "seconds": round(seconds, 2),
+                "edits": n,
+                "edits_per_second": round(n / seconds, 3),
+            }
+            with open(work / f"b{b}" / "table.csv", newline="") as f:
+                tables[b] = list(csv.DictReader(f))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base, *others = batches
+    diffs = {}
+    for b in others:
+        worst = 0.0
+        for r0, r1 in zip(tables[base], tables[b], strict=True):
+            for k, v in r0.items():
+                if k == "seconds" or v == r1[k]:
+                    continue
+                try:
+                    worst = max(worst, abs(float(v) - float(r1[k])))
+                except ValueError:
+                    worst = math.inf  # a non-numeric cell differs
+        diffs[str(b)] = worst
+    rates = {b: results["batches"][str(b)]["edits_per_second"] for b in batches}
+    results["speedup"] = {str(b): round(rates[b] / rates[base], 3) for b in others}
+    results["max_abs_table_difference"] = diffs
+    results["threads"] = torch.get_num_threads()
+    if out is not None:
+        write_json_atomic(out, results)
+    return results
+
+
 GPT2_XL_SHAPE = ModelConfig(
     n_layers=48, d_model=1600, n_heads=25, d_mlp=6400, n_ctx=1024, act_fn="gelu_new"
 )

@@ -417,7 +417,26 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
         get_method(m)
     set_threads(args.threads)
     result: dict[str, Any] = {}
-    if args.run_dir:
+    if args.sweep:
+        if not args.run_dir:
+            raise ValueError("--sweep needs RUN_DIR, the trained run to sweep")
+        from kgshatter.benchmark import sweep_benchmark
+        from kgshatter.sweep import SweepConfig, editor_defaults
+        from kgshatter.train import load_run
+
+        preset = load_run(args.run_dir)[0].name
+        config = SweepConfig(
+            methods=tuple(methods), kinds=("counterfactual",), sequential_edits=0,
+            n_edits=args.sweep_edits, n_samples=args.samples, max_queries=args.max_queries,
+            **editor_defaults(preset),
+        )  # fmt: skip
+        result["sweep"] = s = sweep_benchmark(args.run_dir, config)
+        for b, v in s["batches"].items():
+            print(f"sweep, edit_batch {b}: {v['edits']} edits in {v['seconds']:.1f} s "
+                  f"({v['edits_per_second']:.2f} edits/s)")  # fmt: skip
+        print(f"speed-up {s['speedup']}; largest table.csv difference "
+              f"{s['max_abs_table_difference']}")  # fmt: skip
+    elif args.run_dir:
         result["synthetic"] = edit_benchmark(
             args.run_dir, methods, n_edits=args.n, seed=args.seed,
             max_queries=args.max_queries, n_samples=args.samples, progress=not args.quiet,
@@ -645,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
     )
     p.add_argument("--gpt2-xl-edits", type=int, default=2, help="edits timed on that model")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: the sweep's edits per second one edit at a time vs in groups of 12, "
+        "same rows, with the largest table.csv difference",
+    )
+    p.add_argument("--sweep-edits", type=int, default=12, help="--sweep: edits per distance")
     p.add_argument(
         "--pretrained-dir",
         default=None,

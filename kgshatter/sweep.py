@@ -154,8 +154,16 @@ def run_sweep(
     config: SweepConfig | None = None,
     progress: bool = True,
     device: str | None = None,
+    edit_batch: int = 12,
 ) -> SweepResult:
-    """Run (or resume) the sweep on the trained run in ``run_dir``; results in ``out_dir``."""
+    """Run (or resume) the sweep on the trained run in ``run_dir``; results in ``out_dir``.
+
+    ``edit_batch``: single edits are computed in fixed groups of this many requests of a job,
+    their target optimisations sharing forward passes (1: one at a time). Each edit equals the
+    one computed alone up to float rounding, and a group is always computed whole, so a
+    resumed sweep gives the rows an uninterrupted one gives.
+    """
+    check_int("edit_batch", edit_batch, 1)
     from kgshatter.editing import CovarianceCache, SyntheticTask, get_method, model_identity
     from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
     from kgshatter.train import load_run
@@ -282,15 +290,22 @@ def run_sweep(
         method = get_method(job["method"])
         method_config = method.config_with_samples(config.editor_preset, config.n_samples)
         if job["protocol"] == "single":
-            for i in pending:
+            n = len(job["requests"])
+            for lo in range(0, n, edit_batch):
+                group = list(range(lo, min(lo + edit_batch, n)))
+                todo_here = [i for i in group if i in pending]
+                if not todo_here:
+                    continue
                 res = run_protocol(
-                    model, task, method, method_config, [job["requests"][i]], "single",
-                    scorer, model_id=model_id, measure=measure, measure_edit=measure_edit,
+                    model, task, method, method_config, [job["requests"][i] for i in group],
+                    "single", scorer, model_id=model_id, measure=measure,
+                    measure_edit=measure_edit, only=[i - lo for i in todo_here],
                 )  # fmt: skip
-                row = _flatten(res.records[0], job, index=i, step=0)
-                _append_row(rows_path, row)
-                rows.append(row)
-                bar.update()
+                for i, record in zip(todo_here, res.records, strict=True):
+                    row = _flatten(record, job, index=i, step=0)
+                    _append_row(rows_path, row)
+                    rows.append(row)
+                    bar.update()
         else:  # a sequence is all-or-nothing: its later steps need the earlier edits
             res = run_protocol(
                 model, task, method, method_config, job["requests"], "sequential", scorer,

@@ -16,7 +16,7 @@ from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey
 from kgshatter.editing.edit import Edit, LayerDelta, WeightPatch, model_identity
 from kgshatter.editing.ft import FT_PRESETS, FTConfig, compute_ft
 from kgshatter.editing.requests import EditRequest
-from kgshatter.editing.rome import ROME_PRESETS, ROMEConfig, compute_rome
+from kgshatter.editing.rome import ROME_PRESETS, ROMEConfig, compute_rome, compute_rome_many
 from kgshatter.editing.spread import (
     ALPHAEDIT_PRESETS,
     MEMIT_PRESETS,
@@ -26,8 +26,11 @@ from kgshatter.editing.spread import (
     MEMITConfig,
     PMETConfig,
     compute_alphaedit,
+    compute_alphaedit_many,
     compute_memit,
+    compute_memit_many,
     compute_pmet,
+    compute_pmet_many,
 )
 
 
@@ -41,6 +44,9 @@ class Method:
     presets: dict[str, Any]
     batch: bool  # edits several requests in one solve
     stateful: bool = False  # sequential editing carries an explicit state object
+    # independent single-request edits computed together (shared forward passes), each the
+    # edit ``compute`` gives for its request alone up to float rounding; None: one at a time
+    compute_many: Callable[..., list[Any]] | None = None
 
     def config(self, preset: str = "synthetic", **overrides: Any) -> Any:
         """The preset's config with ``overrides`` (validated)."""
@@ -62,12 +68,29 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "rome": Method("rome", ROMEConfig, compute_rome, ROME_PRESETS, batch=False),
-    "memit": Method("memit", MEMITConfig, compute_memit, MEMIT_PRESETS, batch=True),
-    "alphaedit": Method(
-        "alphaedit", AlphaEditConfig, compute_alphaedit, ALPHAEDIT_PRESETS, True, True
+    "rome": Method(
+        "rome", ROMEConfig, compute_rome, ROME_PRESETS, batch=False, compute_many=compute_rome_many
     ),
-    "pmet": Method("pmet", PMETConfig, compute_pmet, PMET_PRESETS, batch=True),
+    "memit": Method(
+        "memit",
+        MEMITConfig,
+        compute_memit,
+        MEMIT_PRESETS,
+        batch=True,
+        compute_many=compute_memit_many,
+    ),  # fmt: skip
+    "alphaedit": Method(
+        "alphaedit",
+        AlphaEditConfig,
+        compute_alphaedit,
+        ALPHAEDIT_PRESETS,
+        True,
+        True,
+        compute_many=compute_alphaedit_many,
+    ),  # fmt: skip
+    "pmet": Method(
+        "pmet", PMETConfig, compute_pmet, PMET_PRESETS, batch=True, compute_many=compute_pmet_many
+    ),
     "ft": Method("ft", FTConfig, compute_ft, FT_PRESETS, batch=True),
 }
 

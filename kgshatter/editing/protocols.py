@@ -187,6 +187,7 @@ def run_protocol(
     progress: bool = False,
     measure: Callable[[Any], dict[str, Any]] | None = None,
     measure_edit: Callable[[Edit], dict[str, Any]] | None = None,
+    only: Sequence[int] | None = None,
 ) -> ProtocolResult:
     """Edit ``requests`` under ``protocol`` and score after every edit (see module doc).
 
@@ -194,6 +195,11 @@ def run_protocol(
     result is stored under ``"measures"`` (the shattering sweep reads representations here).
     ``measure_edit(edit)`` adds measures of the new edit itself (e.g. the size of its update)
     to the same dict.
+
+    Under ``single``, a method with ``compute_many`` computes all the requests' edits together
+    (their target optimisations share forward passes). ``only`` (``single`` only) scores just
+    those request indices; the others are still computed with them, so that an edit does not
+    depend on which of its neighbours were already scored (a resumed sweep).
     """
     method = get_method(method) if isinstance(method, str) else method
     check_choice("protocol", protocol, PROTOCOLS)
@@ -204,6 +210,8 @@ def run_protocol(
             f"{method.name} edits one fact at a time; a batch needs one of "
             f"{sorted(m for m, spec in _methods().items() if spec.batch)}"
         )
+    if only is not None and protocol != "single":
+        raise ValueError("run_protocol(only=...) applies to the single protocol")
     for r in requests:
         r.validate(task.graph)
     model_id = model_id or model_identity(model)
@@ -245,11 +253,26 @@ def run_protocol(
 
     steps = [list(requests)] if protocol == "batch" else [[r] for r in requests]
     bar = _progress(len(steps), f"{method.name} {protocol}", progress)
+    ready: dict[int, tuple[Edit | None, float, str | None]] = {}
+    if protocol == "single" and method.compute_many is not None and len(requests) > 1:
+        # independent edits: their target optimisations share forward passes; each record's
+        # seconds are its share of the whole computation
+        start = time.perf_counter()
+        many = method.compute_many(model, task, list(requests), config, model_id=model_id)
+        share = (time.perf_counter() - start) / len(requests)
+        for i, result in enumerate(many):
+            failed = isinstance(result, AlreadyAnswered)
+            ready[i] = (None if failed else result, share, str(result) if failed else None)
     with ExitStack() as stack:
         state = method.new_state()
         applied: list[EditRequest] = []
         for step, batch in enumerate(steps):
-            edit, seconds, skipped = compute(batch, state if protocol != "single" else None)
+            if only is not None and step not in only:
+                continue
+            if step in ready:
+                edit, seconds, skipped = ready[step]
+            else:
+                edit, seconds, skipped = compute(batch, state if protocol != "single" else None)
             if edit is None:
                 record(step, batch, None, seconds, skipped, batch)
                 bar.update()

@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kgshatter.editing.core import (
+    AlreadyAnswered,
     SyntheticTask,
     TargetConfig,
     as_requests,
@@ -32,7 +35,7 @@ from kgshatter.editing.core import (
 )
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
-from kgshatter.editing.targets import optimize_targets
+from kgshatter.editing.targets import TargetProblem, optimize_many
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_choice, check_int
 
@@ -124,7 +127,8 @@ def compute_rome(
 ) -> Edit:
     """A rank-one :class:`Edit` making ``model`` answer the request's target (model unchanged).
 
-    ROME edits one fact; pass a batch to MEMIT or AlphaEdit.
+    ROME edits one fact; pass a batch to MEMIT or AlphaEdit, or several independent single
+    edits to :func:`compute_rome_many`.
     """
     requests = as_requests(requests, "rome")
     if len(requests) != 1:
@@ -133,21 +137,70 @@ def compute_rome(
             f"'alphaedit' for a batch, or the sequential protocol"
         )
     reject_state("rome", state)
-    (request,) = requests
+    (result,) = compute_rome_many(model, task, requests, config, model_id=model_id)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def compute_rome_many(
+    model: Any,
+    task: SyntheticTask,
+    requests: Sequence[EditRequest],
+    config: ROMEConfig = ROMEConfig(),
+    *,
+    model_id: str | None = None,
+) -> list[Edit | AlreadyAnswered]:
+    """One independent single-fact edit per request, each into the unedited model, with their
+    target optimisations sharing forward passes (:func:`optimize_many`). A request the model
+    already answers gets its :class:`AlreadyAnswered` in its place."""
     module = edit_module(model)
     out_hook = edit_sites(module, config.layer)[1].check(model.cfg.n_layers).hook_name
     model_id = model_id or model_identity(model)
-    if config.reference:  # the bare prompt first, one bare essence prompt
-        prompts, essence = task.reference_prompts(request, config.n_prompts, config.seed)
-    else:
-        prompts, essence = task.prompts(request, config.n_prompts, config.seed)
-    check_changes_answer(model, task, request, prompts)
     pos = config.position
-    target = optimize_targets(
-        model, [out_hook], prompts, task.target_token(request), essence, **config.optimisation()
-    )
+    out: list[Edit | AlreadyAnswered | None] = []
+    problems, todo = [], []
+    for request in requests:
+        if config.reference:  # the bare prompt first, one bare essence prompt
+            prompts, essence = task.reference_prompts(request, config.n_prompts, config.seed)
+        else:
+            prompts, essence = task.prompts(request, config.n_prompts, config.seed)
+        try:
+            check_changes_answer(model, task, request, prompts)
+        except AlreadyAnswered as e:
+            out.append(e)
+            continue
+        out.append(None)
+        todo.append((len(out) - 1, request, prompts))
+        problems.append(TargetProblem(prompts, task.target_token(request), essence))
+    if not problems:
+        return out  # type: ignore[return-value]
+    results = optimize_many(model, [out_hook], problems, **config.optimisation())
     device = next(model.parameters()).device
-    k_star = mean_keys(model, config.layer, [prompts], pos)[0]  # [d_mlp], float64
+    k_stars = mean_keys(model, config.layer, [p for _, _, p in todo], pos)  # [n, d_mlp] float64
+    for (slot, request, prompts), target, k_star in zip(todo, results, k_stars, strict=True):
+        out[slot] = _rome_edit(
+            model, task, request, config, prompts, target, k_star, module, out_hook, model_id,
+            device,
+        )  # fmt: skip
+    return out  # type: ignore[return-value]
+
+
+def _rome_edit(
+    model: Any,
+    task: Any,
+    request: Any,
+    config: ROMEConfig,
+    prompts: Any,
+    target: Any,
+    k_star: torch.Tensor,
+    module: str,
+    out_hook: str,
+    model_id: str,
+    device: torch.device,
+) -> Edit:
+    """The rank-one update from one request's optimised target (module doc)."""
+    pos = config.position
     if config.mom2_adjustment:
         stats = task.stats(model, config.layer, config.n_samples, config.seed, model_id)
         u = stats.solve(k_star.cpu(), config.ridge).to(device)

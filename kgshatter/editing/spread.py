@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from kgshatter.editing.core import (
+    AlreadyAnswered,
+    Prompts,
     SyntheticTask,
     TargetConfig,
     as_requests,
@@ -45,7 +47,7 @@ from kgshatter.editing.core import (
 from kgshatter.editing.covariance import SecondMoment
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
-from kgshatter.editing.targets import optimize_targets
+from kgshatter.editing.targets import TargetProblem, TargetResult, optimize_many
 from kgshatter.hooks import edited
 from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import check_choice, check_float
@@ -207,6 +209,61 @@ def _memit_solver(
     return solve
 
 
+def _spread_targets(
+    model: Any,
+    task: Any,
+    requests: Sequence[Any],
+    config: MEMITConfig,
+    target_hooks: list[str],
+    skip_answered: bool = False,
+) -> list[Any]:
+    """Each request's prompts and optimised targets, optimised together (each independently,
+    :func:`optimize_many`). A request the model already answers raises
+    :class:`AlreadyAnswered`, or with ``skip_answered`` takes its place in the list."""
+    out: list[Any] = []
+    problems, slots = [], []
+    for r in requests:
+        if config.reference:  # the bare prompt first, one bare essence prompt
+            prompts, essence = task.reference_prompts(r, config.n_prompts, config.seed)
+        else:
+            prompts, essence = task.prompts(r, config.n_prompts, config.seed)
+        try:
+            check_changes_answer(model, task, r, prompts)
+        except AlreadyAnswered as e:
+            if not skip_answered:
+                raise
+            out.append(e)
+            continue
+        slots.append(len(out))
+        out.append(prompts)
+        problems.append(TargetProblem(prompts, task.target_token(r), essence))
+    if problems:
+        results = optimize_many(model, target_hooks, problems, **config.optimisation())
+        for slot, result in zip(slots, results, strict=True):
+            out[slot] = (out[slot], result)
+    return out
+
+
+def _spread_many(compute: Callable[..., Edit], hooks: Callable[[Any, Any], list[str]]):
+    """``compute_many`` of a spread method: independent single-request edits whose target
+    optimisations share forward passes."""
+
+    def many(
+        model: Any, task: Any, requests: Sequence[Any], config: Any, *, model_id: str | None = None
+    ) -> list[Edit | AlreadyAnswered]:
+        model_id = model_id or model_identity(model)
+        prepared = _spread_targets(
+            model, task, requests, config, hooks(model, config), skip_answered=True
+        )
+        return [
+            p if isinstance(p, AlreadyAnswered)
+            else compute(model, task, [r], config, model_id=model_id, targets=[p])
+            for r, p in zip(requests, prepared, strict=True)
+        ]  # fmt: skip
+
+    return many
+
+
 def _spread_edit(
     method: str,
     model: Any,
@@ -219,8 +276,12 @@ def _spread_edit(
     spread: Callable[[int], float],
     solve: Callable[[int, torch.Tensor], torch.Tensor],
     model_id: str,
+    targets: Sequence[tuple[Prompts, TargetResult]] | None = None,
 ) -> Edit:
-    """Targets at the last layer, then one solve per layer in ascending order (module doc)."""
+    """Targets at the last layer, then one solve per layer in ascending order (module doc).
+
+    ``targets``: the requests' target optimisations, already done (:func:`_spread_targets`).
+    """
     requests = as_requests(requests, method)
     n_layers = model.cfg.n_layers
     module = edit_module(model)
@@ -231,20 +292,12 @@ def _spread_edit(
         raise ValueError(f"{method}: a batch may not edit the same fact twice, got {facts}")
     last = config.layers[-1]
     pos = config.position
-    prompt_sets, targets, losses = [], [], []
-    for r in requests:
-        if config.reference:  # the bare prompt first, one bare essence prompt
-            prompts, essence = task.reference_prompts(r, config.n_prompts, config.seed)
-        else:
-            prompts, essence = task.prompts(r, config.n_prompts, config.seed)
-        check_changes_answer(model, task, r, prompts)
-        t = optimize_targets(
-            model, target_hooks, prompts, task.target_token(r), essence, **config.optimisation()
-        )
-        prompt_sets.append(prompts)
-        targets.append(t.h0s[-1].double() + t.deltas[-1].double())
-        losses.append(t.nll)
-    z = torch.stack(targets).cpu()  # [n, d_model] at residual_hook
+    if targets is None:
+        targets = _spread_targets(model, task, requests, config, target_hooks)  # type: ignore[assignment]
+    prompt_sets = [p for p, _ in targets]
+    losses = [t.nll for _, t in targets]
+    z = torch.stack([t.h0s[-1].double() + t.deltas[-1].double() for _, t in targets]).cpu()
+    # z: [n, d_model] at residual_hook
     deltas: list[LayerDelta] = []
     bare = [p.rows(0, 1) for p in prompt_sets]
     prefixed = [p.rows(1) for p in prompt_sets]
@@ -289,11 +342,14 @@ def compute_memit(
     *,
     model_id: str | None = None,
     state: Any = None,
+    targets: Sequence[tuple[Prompts, TargetResult]] | None = None,
 ) -> Edit:
-    """MEMIT: one :class:`Edit` for a batch of requests, spread over ``config.layers``."""
+    """MEMIT: one :class:`Edit` for a batch of requests, spread over ``config.layers``.
+
+    ``targets``: the requests' target optimisations when already done (``compute_many``)."""
     reject_state("memit", state)
     model_id = model_id or model_identity(model)
-    resid = Site(config.layers[-1], "resid_post").check(model.cfg.n_layers).hook_name
+    (resid,) = _memit_hooks(model, config)
     return _spread_edit(
         "memit",
         model,
@@ -305,7 +361,24 @@ def compute_memit(
         spread=float,
         solve=_memit_solver(model, task, config, model_id),
         model_id=model_id,
+        targets=targets,
     )
+
+
+def _memit_hooks(model: Any, config: MEMITConfig) -> list[str]:
+    """Where MEMIT's and AlphaEdit's targets live: the residual stream after the last layer."""
+    return [Site(config.layers[-1], "resid_post").check(model.cfg.n_layers).hook_name]
+
+
+def _pmet_hooks(model: Any, config: MEMITConfig) -> list[str]:
+    """PMET's joint targets at the last layer: attention output, then the MLP output."""
+    if edit_module(model) != "mlp":
+        raise ValueError("PMET needs attention and MLP blocks; this model has neither (Mamba)")
+    last = config.layers[-1]
+    return [
+        Site(last, "attn_out").check(model.cfg.n_layers).hook_name,
+        Site(last, "mlp_out").hook_name,
+    ]
 
 
 def compute_pmet(
@@ -316,15 +389,12 @@ def compute_pmet(
     *,
     model_id: str | None = None,
     state: Any = None,
+    targets: Sequence[tuple[Prompts, TargetResult]] | None = None,
 ) -> Edit:
     """PMET: joint attention + MLP targets at the last layer; MLP updates spread by sqrt."""
     reject_state("pmet", state)
     model_id = model_id or model_identity(model)
-    last = config.layers[-1]
-    if edit_module(model) != "mlp":
-        raise ValueError("PMET needs attention and MLP blocks; this model has neither (Mamba)")
-    attn = Site(last, "attn_out").check(model.cfg.n_layers).hook_name
-    mlp = Site(last, "mlp_out").hook_name
+    attn, mlp = _pmet_hooks(model, config)
     return _spread_edit(
         "pmet",
         model,
@@ -336,6 +406,7 @@ def compute_pmet(
         spread=math.sqrt,
         solve=_memit_solver(model, task, config, model_id),
         model_id=model_id,
+        targets=targets,
     )
 
 
@@ -347,6 +418,7 @@ def compute_alphaedit(
     *,
     model_id: str | None = None,
     state: AlphaEditState | None = None,
+    targets: Sequence[tuple[Prompts, TargetResult]] | None = None,
 ) -> Edit:
     """AlphaEdit: MEMIT with the update projected onto C's null space.
 
@@ -356,7 +428,7 @@ def compute_alphaedit(
     model_id = model_id or model_identity(model)
     if state is not None:
         state.bind(model_id, config.layers)
-    resid = Site(config.layers[-1], "resid_post").check(model.cfg.n_layers).hook_name
+    (resid,) = _memit_hooks(model, config)
     projectors: dict[int, torch.Tensor] = {}
 
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
@@ -379,6 +451,7 @@ def compute_alphaedit(
         spread=float,
         solve=solve,
         model_id=model_id,
+        targets=targets,
     )
     dims = {str(layer): int(round(float(torch.trace(p)))) for layer, p in projectors.items()}
     edit = dataclasses.replace(edit, info={**edit.info, "null_space_dims": dims})
@@ -394,3 +467,8 @@ def compute_alphaedit(
                 state.kkt[layer] = state.previous(layer, k.shape[1]) + k.T @ k
         state.n_requests += len(edit.requests)
     return edit
+
+
+compute_memit_many = _spread_many(compute_memit, _memit_hooks)
+compute_alphaedit_many = _spread_many(compute_alphaedit, _memit_hooks)
+compute_pmet_many = _spread_many(compute_pmet, _pmet_hooks)

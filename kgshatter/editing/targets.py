@@ -40,23 +40,22 @@ class TargetResult:
         return self.h0s[0]
 
 
+@dataclass(frozen=True)
+class TargetProblem:
+    """One request's target optimisation: its rewriting prompts, target token and essence."""
+
+    prompts: Prompts
+    target: int
+    essence: Prompts | None = None
+
+
 def optimize_targets(
     model: Any,
     hooks: Sequence[str],
     prompts: Prompts,
     target: int,
     essence: Prompts | None,
-    *,
-    steps: int,
-    lr: float,
-    kl_factor: float,
-    weight_decay: float,
-    clamp_norm_factor: float,
-    position: str = "relation",
-    fwd_hooks: Sequence[tuple[str, Any]] = (),
-    micro_batch: int | None = None,
-    relative: bool = False,
-    reference: bool = False,
+    **options: Any,
 ) -> TargetResult:
     """Optimise one delta per hook in ``hooks``, added at ``position`` of every prompt.
 
@@ -74,111 +73,190 @@ def optimize_targets(
     is read at each essence row's delta position (the subject token of ``"{} is a"``) instead of
     its last token; the optimisation stops when the *total* loss (NLL + KL + decay) falls below
     0.05, and the last of ``steps`` iterations only evaluates (``steps - 1`` Adam updates).
+
+    The keyword options are :func:`optimize_many`'s.
+    """
+    return optimize_many(model, hooks, [TargetProblem(prompts, target, essence)], **options)[0]
+
+
+def optimize_many(
+    model: Any,
+    hooks: Sequence[str],
+    problems: Sequence[TargetProblem],
+    *,
+    steps: int,
+    lr: float,
+    kl_factor: float,
+    weight_decay: float,
+    clamp_norm_factor: float,
+    position: str = "relation",
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    micro_batch: int | None = None,
+    relative: bool = False,
+    reference: bool = False,
+) -> list[TargetResult]:
+    """:func:`optimize_targets` for several independent requests at once, one result each.
+
+    Every request keeps its own deltas, Adam state, loss, early stop and clamp (Adam is
+    elementwise and the loss a sum of per-request terms, so each result is what optimising its
+    request alone gives, up to float rounding); their prompts share each forward pass, which on
+    a small model costs little more than one request's. A request that has stopped keeps its
+    deltas, and its prompts leave the forward passes, while the others go on.
     """
     if not hooks:
         raise ValueError("optimize_targets needs at least one hook name")
+    if not problems:
+        raise ValueError("optimize_many needs at least one problem")
     missing = [h for h in hooks if h not in model.hook_dict]
     if missing:
         raise ValueError(f"the model has no hook points {missing}")
     device = next(model.parameters()).device
-    batch = prompts if essence is None else Prompts.cat([prompts, essence])
+    n_groups = len(problems)
+    # rows: every problem's rewriting prompts, then every problem's essence prompts
+    parts = [p.prompts for p in problems] + [p.essence for p in problems if p.essence is not None]
+    batch = Prompts.cat(parts)
     tokens = batch.tokens.to(device)
     at = batch.index(position).to(device)  # where deltas are added, per row
-    last = batch.last.to(device)  # where the answer is read, per row
-    n_rewrite = len(prompts)
-    store: dict[str, torch.Tensor] = {}
-    rows_now: dict[str, slice] = {"rows": slice(0, len(batch))}
-
-    def reader(name: str):
-        def read(activation: torch.Tensor, hook: Any) -> None:
-            store[name] = activation[torch.arange(len(at), device=device), at].detach()
-
-        return read
-
+    n_rw = [len(p.prompts) for p in problems]
+    n_es = [len(p.essence) if p.essence is not None else 0 for p in problems]
+    group = torch.cat(
+        [torch.full((n,), g) for g, n in enumerate(n_rw)]
+        + [torch.full((n,), g) for g, n in enumerate(n_es)]
+    ).to(device)  # the problem each row belongs to
+    rewrite = torch.zeros(len(batch), dtype=torch.bool, device=device)
+    rewrite[: sum(n_rw)] = True
+    first_row = torch.tensor([sum(n_rw[:g]) for g in range(n_groups)], device=device)
     # where each row's next-token distribution is read: its last token, except the essence
     # rows in reference mode, which are read where the delta goes in
-    read = last.clone()
+    read = batch.last.to(device).clone()
     if reference:
-        read[n_rewrite:] = at[n_rewrite:]
+        read[~rewrite] = at[~rewrite]
+    targets = torch.tensor([p.target for p in problems], device=device)[group]
+    rw_count = torch.tensor(n_rw, dtype=torch.float32, device=device)
+    es_count = torch.tensor(n_es, dtype=torch.float32, device=device).clamp(min=1)
+    store: dict[str, torch.Tensor] = {}
+    rows_now: dict[str, torch.Tensor] = {"rows": torch.arange(len(batch), device=device)}
+
+    def reader(name: str):
+        def read_at(activation: torch.Tensor, hook: Any) -> None:
+            store[name] = activation[torch.arange(len(at), device=device), at].detach()
+
+        return read_at
+
     with torch.no_grad():
         logits0 = model.run_with_hooks(
             tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
         )[torch.arange(len(read), device=device), read]
-    h0s = [
-        store[h][0].float() if reference else store[h][:n_rewrite].float().mean(0) for h in hooks
-    ]
-    init_logp = torch.log_softmax(logits0[n_rewrite:].float(), -1)
-    deltas = [torch.zeros_like(h0, requires_grad=True) for h0 in h0s]
+    # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
+    h0s = []
+    for h in hooks:
+        acts = store[h].float()
+        if reference:
+            h0s.append(acts[first_row])
+        else:
+            summed = torch.zeros(n_groups, acts.shape[1], device=device)
+            summed.index_add_(0, group[rewrite], acts[rewrite])
+            h0s.append(summed / rw_count[:, None])
+    init_logp = torch.log_softmax(logits0[~rewrite].float(), -1)
+    # one delta tensor per (problem, hook), each its own Adam parameter group
+    deltas = [[torch.zeros_like(h0[g], requires_grad=True) for h0 in h0s] for g in range(n_groups)]
     # Adam's steps have the size of lr whatever the gradient's scale: relative mode scales
     # them, and the decay, by each hook's ||h0||
-    scales = [float(h0.norm().clamp(min=1e-12)) if relative else 1.0 for h0 in h0s]
-    opt = torch.optim.Adam(
-        [{"params": [d], "lr": lr * s} for d, s in zip(deltas, scales, strict=True)]
-    )
-    target_t = torch.full((n_rewrite,), target, device=device)
+    groups = []
+    for g in range(n_groups):
+        for d, h0 in zip(deltas[g], h0s, strict=True):
+            scale = float(h0[g].norm().clamp(min=1e-12)) if relative else 1.0
+            groups.append({"params": [d], "lr": lr * scale, "problem": g})
+    opt = torch.optim.Adam(groups)
 
-    def adder(delta: torch.Tensor):
+    def adder(k: int):
         def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             out = activation.clone()
-            idx = at[rows_now["rows"]]
+            sel = rows_now["rows"]
+            idx, owners = at[sel], group[sel]
+            stacked = torch.stack([deltas[g][k] for g in range(n_groups)])  # [G, d]
             rows = torch.arange(len(idx), device=device)
-            out[rows, idx] = out[rows, idx] + delta.to(activation.dtype)
+            out[rows, idx] = out[rows, idx] + stacked[owners].to(activation.dtype)
             return out
 
         return add
 
-    editing_hooks = [*fwd_hooks, *[(h, adder(d)) for h, d in zip(hooks, deltas, strict=True)]]
-    n_total = len(batch)
-    n_essence = n_total - n_rewrite
-    step = micro_batch or n_total
-    losses: list[float] = []
-    nll_value = float("inf")
+    editing_hooks = [*fwd_hooks, *[(h, adder(k)) for k, h in enumerate(hooks)]]
+    chunk_rows = micro_batch or len(batch)
+    losses: list[list[float]] = [[] for _ in range(n_groups)]
+    nll_values = [float("inf")] * n_groups
+    active = [True] * n_groups
+    power = 1 if relative else 2
     with frozen_weights(model):
         for _ in range(steps):
             opt.zero_grad()
             # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
             # holding the activations of one micro-batch at a time
-            decay = weight_decay * sum(
-                d.norm() / (h0.norm().clamp(min=1e-12) ** (1 if relative else 2))
-                for d, h0 in zip(deltas, h0s, strict=True)
-            )
+            decays = [
+                weight_decay
+                * sum(
+                    d.norm() / (h0[g].norm().clamp(min=1e-12) ** power)
+                    for d, h0 in zip(deltas[g], h0s, strict=True)
+                )
+                for g in range(n_groups)
+            ]
+            decay = sum(decays)
             _check_finite(decay, lr)
             decay.backward()
-            nll_sum, kl_sum = 0.0, 0.0
-            for start in range(0, n_total, step):
-                rows = slice(start, min(start + step, n_total))
-                rows_now["rows"] = rows
-                logits = model.run_with_hooks(tokens[rows], fwd_hooks=editing_hooks)
-                ends = read[rows]
-                logits = logits[torch.arange(len(ends), device=device), ends].float()
-                n_rw = max(0, min(rows.stop, n_rewrite) - start)
+            nll_sum = torch.zeros(n_groups, device=device)
+            kl_sum = torch.zeros(n_groups, device=device)
+            # the rows of the problems still optimising (a stopped one's rows are not run)
+            live = torch.tensor(active, device=device)[group].nonzero().squeeze(1)
+            for start in range(0, len(live), chunk_rows):
+                sel = live[start : start + chunk_rows]
+                rows_now["rows"] = sel
+                logits = model.run_with_hooks(tokens[sel], fwd_hooks=editing_hooks)
+                logits = logits[torch.arange(len(sel), device=device), read[sel]].float()
+                owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
-                if n_rw:
-                    nll = F.cross_entropy(logits[:n_rw], target_t[:n_rw], reduction="sum")
-                    chunk = chunk + nll / n_rewrite
-                    nll_sum += nll.item()
-                if n_essence and kl_factor > 0 and n_rw < logits.shape[0]:
-                    logp = torch.log_softmax(logits[n_rw:], -1)
-                    ess = slice(max(start, n_rewrite) - n_rewrite, rows.stop - n_rewrite)
-                    kl = F.kl_div(init_logp[ess], logp, log_target=True, reduction="sum")
-                    chunk = chunk + kl_factor * kl / n_essence
-                    kl_sum += kl.item()
+                if is_rw.any():
+                    nll = F.cross_entropy(logits[is_rw], targets[sel][is_rw], reduction="none")
+                    chunk = chunk + (nll / rw_count[owners[is_rw]]).sum()
+                    nll_sum.index_add_(0, owners[is_rw], nll.detach())
+                if kl_factor > 0 and (~is_rw).any():
+                    logp = torch.log_softmax(logits[~is_rw], -1)
+                    ess = sel[~is_rw] - sum(n_rw)
+                    kl = F.kl_div(init_logp[ess], logp, log_target=True, reduction="none").sum(-1)
+                    chunk = chunk + kl_factor * (kl / es_count[owners[~is_rw]]).sum()
+                    kl_sum.index_add_(0, owners[~is_rw], kl.detach())
                 _check_finite(chunk, lr)
                 chunk.backward()
-            nll_value = nll_sum / n_rewrite
-            loss = nll_value + decay.item() + (kl_factor * kl_sum / n_essence if n_essence else 0.0)
-            losses.append(loss)
-            if (loss if reference else nll_value) < 0.05:
+            for g in range(n_groups):
+                if not active[g]:
+                    continue
+                nll_values[g] = float(nll_sum[g]) / n_rw[g]
+                kl_value = kl_factor * float(kl_sum[g]) / n_es[g] if n_es[g] else 0.0
+                loss = nll_values[g] + float(decays[g].detach()) + kl_value
+                losses[g].append(loss)
+                if (loss if reference else nll_values[g]) < 0.05:
+                    active[g] = False
+                elif reference and len(losses[g]) == steps:  # the last pass only evaluates
+                    active[g] = False
+            if not any(active):
                 break
-            if reference and len(losses) == steps:  # the reference's last pass only evaluates
-                break
+            for pg in opt.param_groups:  # a stopped problem keeps its deltas
+                if not active[pg["problem"]]:
+                    pg["params"][0].grad = None
             opt.step()
             with torch.no_grad():
-                for d, h0 in zip(deltas, h0s, strict=True):
-                    limit = clamp_norm_factor * h0.norm()
-                    if d.norm() > limit:
-                        d.mul_(limit / d.norm())
-    return TargetResult([d.detach() for d in deltas], h0s, losses, nll_value)
+                for g in range(n_groups):
+                    if not active[g]:
+                        continue
+                    for d, h0 in zip(deltas[g], h0s, strict=True):
+                        limit = clamp_norm_factor * h0[g].norm()
+                        if d.norm() > limit:
+                            d.mul_(limit / d.norm())
+    return [
+        TargetResult(
+            [d.detach() for d in deltas[g]], [h0[g] for h0 in h0s], losses[g], nll_values[g]
+        )
+        for g in range(n_groups)
+    ]
 
 
 def _check_finite(loss: torch.Tensor, lr: float) -> None:
