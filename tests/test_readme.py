@@ -16,6 +16,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     edit, request = namespace["edit"], namespace["request"]
-    assert edit.requests == [request.to_dict()]
+    assert [dict(r) for r in edit.requests] == [request.to_dict()]  # read-only views
     assert (tmp_path / "edits" / "e03.json").is_file()
     assert any((tmp_path / "stats").iterdir())
