@@ -320,7 +320,10 @@ def train(
                 logical=acc["logical"]["all"],
                 comp=acc["compositional"]["all"],
             )
-            log.info("step %d: %s", state["step"], {k: v["all"] for k, v in acc.items()})
+            log.info(
+                "step %d: %s", state["step"],
+                ", ".join(f"{k} {100 * v['all']:.1f}%" for k, v in acc.items()),
+            )  # fmt: skip
             window_start = time.perf_counter()  # evaluation time is not training time
         overdue = (
             checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
