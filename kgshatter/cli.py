@@ -816,6 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     if in_main_thread:
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        if getattr(args, "device", None) is not None:  # refused before any work
+            from kgshatter.validation import resolve_device
+
+            resolve_device(args.device)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, ImportError) as e:
         print(f"kgshatter {args.command}: error: {e}", file=sys.stderr)

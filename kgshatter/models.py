@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int
+from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int, resolve_device
 
 ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
 NORMALIZATIONS = ("LN", "RMS")
@@ -88,11 +88,14 @@ class ModelConfig(ConfigDict):
 
 
 def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | None = None) -> Any:
-    """A freshly initialised ``TransformerBridge``, seeded by ``config.seed``.
+    """A freshly initialised ``TransformerBridge``, seeded by ``config.seed``, on ``device``.
 
-    The global RNG is left untouched (``boot_native`` forks it).
+    The global RNG is left untouched (``boot_native`` forks it). The weights are initialised
+    on the CPU (the same bytes on every device) and then moved: ``boot_native`` alone leaves
+    them on the CPU whatever its config says. A malformed or unavailable device is refused.
     """
     check_int("d_vocab", d_vocab, 2)
+    dev = resolve_device(device)
     bridge, bridge_config = _bridge()
     cfg = bridge_config(
         n_layers=config.n_layers,
@@ -106,7 +109,7 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
         normalization_type=config.normalization_type,
         positional_embedding_type="standard",
         seed=config.seed,
-        device=str(device) if device is not None else "cpu",
+        device="cpu",
     )
     model = bridge.boot_native(cfg)
     use_native_layernorm(model)
@@ -122,6 +125,11 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
         _original(native.head).weight = _original(native.tok_embed).weight
     if config.layer0_attention == "self":
         model.hook_dict["blocks.0.attn.hook_pattern"].add_perma_hook(attend_to_self)
+    if dev.type != "cpu":
+        model.to(dev)
+        model.cfg.device = str(dev)
+        if config.tied_embeddings:  # a move may make new Parameters (meta does): tie again
+            _original(native.head).weight = _original(native.tok_embed).weight
     return model
 
 

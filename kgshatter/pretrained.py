@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from kgshatter.validation import resolve_device
+
 log = logging.getLogger(__name__)
 
 # Hugging Face ``model_type`` -> family; the families kgshatter supports
@@ -196,7 +198,7 @@ def load_pretrained(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    device = torch.device(device if device is not None else "cpu")
+    device = resolve_device(device)
     path, name = resolve_checkpoint(name_or_path)
     family = checkpoint_family(path)
     n_params = estimate_parameters(path)

@@ -25,6 +25,52 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
         raise ValueError(f"{name} must be an integer {allowed}, got {value}")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "meta")
+
+
+def resolve_device(device: Any) -> Any:
+    """``device`` (``None``: the CPU) as a ``torch.device``, refused with one line when it is
+    malformed or not available on this machine, before any work.
+
+    >>> str(resolve_device(None)), str(resolve_device("meta"))
+    ('cpu', 'meta')
+    >>> resolve_device("nosuch")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown device 'nosuch': use one of cpu, cuda, cuda:N, mps, meta
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"unknown device {device!r}: use one of cpu, cuda, cuda:N, mps, meta"
+        ) from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"device {device!r} is not supported: use one of cpu, cuda, cuda:N, mps, meta"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(
+                f"device {device!r} asked for, but CUDA is not available here (torch "
+                f"{torch.__version__}, {build}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s): use cuda:0..cuda:"
+                f"{torch.cuda.device_count() - 1}"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    return dev
+
+
 def check_float(name: str, value: Any, minimum: float, *, inclusive: bool = True) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number above ``minimum``."""
     op = ">=" if inclusive else ">"

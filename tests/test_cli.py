@@ -186,3 +186,18 @@ def test_default_threads_leave_room_for_another_process():
     from kgshatter.cli import default_threads
 
     assert 1 <= default_threads() <= max(1, (__import__("os").cpu_count() or 1) // 2)
+
+
+@pytest.mark.parametrize("device", ["nosuch", "cuda:7"])
+def test_bad_devices_exit_2_before_any_work(tmp_path, capsys, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    for cmd in (["train", "--preset", "tiny", "--out", str(tmp_path / "r")],
+                ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "p")],
+                ["months", "--model", "tiny:gpt2", "--out", str(tmp_path / "m")]):  # fmt: skip
+        assert main([*cmd, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert "device" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # nothing was written

@@ -126,3 +126,32 @@ def test_native_layernorm_keeps_its_hooks():
         ln = model.original_model.ln_out._original_component
         head = model.original_model.head._original_component
         assert torch.allclose(zeroed, head(ln.bias.expand(3, 8, -1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_device_request_reaches_the_model(tied):
+    """boot_native alone leaves the weights on the CPU whatever its config says: the requested
+    device must reach the parameters (meta stands in for an accelerator here)."""
+    cfg = ModelConfig(**dict(CFG.to_dict(), tied_embeddings=tied))
+    model = build_model(cfg, 30, device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert is_tied(model) == tied
+
+
+def test_unknown_or_unavailable_devices_are_refused():
+    with pytest.raises(ValueError, match="unknown device 'nosuch'"):
+        build_model(CFG, 30, device="nosuch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            build_model(CFG, 30, device="cuda")
+
+
+@pytest.mark.gpu
+def test_a_training_step_on_cuda(tmp_path):
+    from kgshatter.presets import TrainConfig, get_preset
+    from kgshatter.train import train
+
+    tiny = get_preset("tiny")
+    run = tiny.replace(train=TrainConfig.from_dict(dict(tiny.train.to_dict(), steps=2)))
+    result = train(run, None, progress=False, device="cuda")
+    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
