@@ -35,3 +35,13 @@ def trained_tiny(tiny_run):
     from kgshatter.train import train
 
     return train(tiny_run, None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """The tiny preset trained once into a run directory (for the sweep and the CLI)."""
+    from kgshatter.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    train(get_preset("tiny"), out, progress=False)
+    return out

@@ -3,6 +3,10 @@
 Every method is ``compute(model, task, requests, config, *, model_id=None, state=None) -> Edit``
 and never modifies ``model``; apply the result with ``kgshatter.hooks.edited(model, edit)`` or
 ``edit.apply_to_weights(model)``. ``get_method(name)`` lists the valid names on a typo.
+``register_method(Method(...))`` adds one (your own variant): the protocols, the sweep, the
+``kgshatter`` commands and the report then take it by name. A package can register methods
+for the command line through the ``kgshatter.methods`` entry-point group (each entry point a
+:class:`Method`, loaded the first time an unknown name is asked for).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Method:
     # independent single-request edits computed together (shared forward passes), each the
     # edit ``compute`` gives for its request alone up to float rounding; None: one at a time
     compute_many: Callable[..., list[Any]] | None = None
+    # the state object of sequential editing (stateful methods; default AlphaEdit's)
+    state_factory: Callable[[], Any] | None = None
 
     def config(self, preset: str = "synthetic", **overrides: Any) -> Any:
         """The preset's config with ``overrides`` (validated)."""
@@ -64,7 +70,10 @@ class Method:
         return self.config(preset)
 
     def new_state(self) -> Any:
-        return AlphaEditState() if self.stateful else None
+        """A fresh sequential-editing state (``None`` for stateless methods)."""
+        if not self.stateful:
+            return None
+        return (self.state_factory or AlphaEditState)()
 
 
 METHODS: dict[str, Method] = {
@@ -95,8 +104,51 @@ METHODS: dict[str, Method] = {
 }
 
 
+ENTRY_POINT_GROUP = "kgshatter.methods"
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to the registry under ``method.name`` (``replace=True`` to override one).
+
+    Checked here, not at first use: a name, a config class with ``from_dict`` / ``to_dict``,
+    a callable ``compute``, and presets that are instances of the config class.
+    """
+    if not isinstance(method, Method):
+        raise ValueError(f"register_method takes a kgshatter.editing.Method, got {method!r}")
+    if not method.name or not isinstance(method.name, str) or "," in method.name:
+        raise ValueError(f"a method needs a name without commas, got {method.name!r}")
+    if method.name in METHODS and not replace:
+        raise ValueError(
+            f"an editing method {method.name!r} is already registered; pass replace=True to "
+            f"override it"
+        )
+    if not callable(method.compute):
+        raise ValueError(f"{method.name}: compute must be callable")
+    for attr in ("from_dict", "to_dict"):
+        if not hasattr(method.config_class, attr):
+            raise ValueError(f"{method.name}: config_class needs {attr} (a kgshatter ConfigDict)")
+    bad = [k for k, v in method.presets.items() if not isinstance(v, method.config_class)]
+    if not method.presets or bad:
+        raise ValueError(
+            f"{method.name}: presets must be a non-empty dict of {method.config_class.__name__} "
+            f"instances; not: {bad}"
+        )
+    METHODS[method.name] = method
+    return method
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in METHODS:
+            register_method(ep.load())
+
+
 def get_method(name: str) -> Method:
     """The registered :class:`Method` called ``name``; typos list the valid names."""
+    if name not in METHODS:
+        _load_entry_points()
     try:
         return METHODS[name]
     except KeyError:
@@ -133,4 +185,5 @@ __all__ = [
     "compute_rome",
     "get_method",
     "model_identity",
+    "register_method",
 ]
