@@ -162,6 +162,12 @@ class TargetConfig(ConfigDict):
     def edit_layers(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def prompts_for(self, task: Any, request: Any) -> tuple[Prompts, Prompts | None]:
+        """The request's rewriting and essence prompts: the task's own, or in reference mode
+        the references' layout (``task.reference_prompts``)."""
+        make = task.reference_prompts if self.reference else task.prompts
+        return make(request, self.n_prompts, self.seed)
+
     def optimisation(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~kgshatter.editing.targets.optimize_targets`."""
         return {

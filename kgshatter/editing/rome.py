@@ -28,14 +28,13 @@ from kgshatter.editing.core import (
     SyntheticTask,
     TargetConfig,
     as_requests,
-    check_changes_answer,
     mean_activations,
     mean_keys,
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
-from kgshatter.editing.targets import TargetProblem, optimize_many
+from kgshatter.editing.targets import optimize_many, prepare_problems
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_choice, check_int
 
@@ -158,21 +157,8 @@ def compute_rome_many(
     out_hook = edit_sites(module, config.layer)[1].check(model.cfg.n_layers).hook_name
     model_id = model_id or model_identity(model)
     pos = config.position
-    out: list[Edit | AlreadyAnswered | None] = []
-    problems, todo = [], []
-    for request in requests:
-        if config.reference:  # the bare prompt first, one bare essence prompt
-            prompts, essence = task.reference_prompts(request, config.n_prompts, config.seed)
-        else:
-            prompts, essence = task.prompts(request, config.n_prompts, config.seed)
-        try:
-            check_changes_answer(model, task, request, prompts)
-        except AlreadyAnswered as e:
-            out.append(e)
-            continue
-        out.append(None)
-        todo.append((len(out) - 1, request, prompts))
-        problems.append(TargetProblem(prompts, task.target_token(request), essence))
+    out, problems, positions = prepare_problems(model, task, requests, config, skip_answered=True)
+    todo = [(i, requests[i], out[i]) for i in positions]
     if not problems:
         return out  # type: ignore[return-value]
     results = optimize_many(model, [out_hook], problems, **config.optimisation())

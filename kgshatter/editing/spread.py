@@ -38,7 +38,6 @@ from kgshatter.editing.core import (
     SyntheticTask,
     TargetConfig,
     as_requests,
-    check_changes_answer,
     check_layers,
     mean_activations,
     mean_keys,
@@ -47,7 +46,7 @@ from kgshatter.editing.core import (
 from kgshatter.editing.covariance import SecondMoment
 from kgshatter.editing.edit import Edit, LayerDelta, model_identity
 from kgshatter.editing.requests import EditRequest
-from kgshatter.editing.targets import TargetProblem, TargetResult, optimize_many
+from kgshatter.editing.targets import TargetResult, optimize_many, prepare_problems
 from kgshatter.hooks import edited
 from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import check_choice, check_float
@@ -220,23 +219,7 @@ def _spread_targets(
     """Each request's prompts and optimised targets, optimised together (each independently,
     :func:`optimize_many`). A request the model already answers raises
     :class:`AlreadyAnswered`, or with ``skip_answered`` takes its place in the list."""
-    out: list[Any] = []
-    problems, slots = [], []
-    for r in requests:
-        if config.reference:  # the bare prompt first, one bare essence prompt
-            prompts, essence = task.reference_prompts(r, config.n_prompts, config.seed)
-        else:
-            prompts, essence = task.prompts(r, config.n_prompts, config.seed)
-        try:
-            check_changes_answer(model, task, r, prompts)
-        except AlreadyAnswered as e:
-            if not skip_answered:
-                raise
-            out.append(e)
-            continue
-        slots.append(len(out))
-        out.append(prompts)
-        problems.append(TargetProblem(prompts, task.target_token(r), essence))
+    out, problems, slots = prepare_problems(model, task, requests, config, skip_answered)
     if problems:
         results = optimize_many(model, target_hooks, problems, **config.optimisation())
         for slot, result in zip(slots, results, strict=True):

@@ -49,6 +49,35 @@ class TargetProblem:
     essence: Prompts | None = None
 
 
+def prepare_problems(
+    model: Any, task: Any, requests: Sequence[Any], config: Any, skip_answered: bool = False
+) -> tuple[list[Any], list[TargetProblem], list[int]]:
+    """Each request's prompts (``config.prompts_for``) checked to change the model's answer.
+
+    Returns ``(slots, problems, positions)``: per request its prompts, or with
+    ``skip_answered`` the :class:`~kgshatter.editing.core.AlreadyAnswered` it raised (else it
+    propagates); the optimisation problems of the others, and their positions in ``slots``.
+    """
+    from kgshatter.editing.core import AlreadyAnswered, check_changes_answer
+
+    slots: list[Any] = []
+    problems: list[TargetProblem] = []
+    positions: list[int] = []
+    for r in requests:
+        prompts, essence = config.prompts_for(task, r)
+        try:
+            check_changes_answer(model, task, r, prompts)
+        except AlreadyAnswered as e:
+            if not skip_answered:
+                raise
+            slots.append(e)
+            continue
+        positions.append(len(slots))
+        slots.append(prompts)
+        problems.append(TargetProblem(prompts, task.target_token(r), essence))
+    return slots, problems, positions
+
+
 def optimize_targets(
     model: Any,
     hooks: Sequence[str],
