@@ -23,6 +23,40 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries that writers killed mid-write left in ``directory``
+    (``.NAME.tmpPID`` files of :func:`write_atomic`, ``.tmp-NAME-PID`` checkpoint folders)
+    whose process is gone; a live writer's are kept. Returns what was removed."""
+    import re
+    import shutil
+
+    removed = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    pattern = re.compile(r"^\.(?:.+\.tmp|tmp-.+-)(\d+)$")
+    for entry in root.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented, key-sorted JSON atomically."""
 

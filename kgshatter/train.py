@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kgshatter.evaluate import Evaluator
-from kgshatter.io import read_json, write_json_atomic
+from kgshatter.io import read_json, remove_stale_temporaries, write_json_atomic
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.models import build_model, load_weights, logits_at, save_weights
@@ -104,12 +104,31 @@ def _run_record(run: RunConfig, graph: KnowledgeGraph) -> dict[str, Any]:
     return {"format": RUN_FORMAT, "config": run.to_dict(), "graph_fingerprint": graph.fingerprint}
 
 
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+
+
 def checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
+    """Complete checkpoint folders of a run, oldest first.
+
+    A folder whose name is not ``step_<digits>`` or that lacks one of its files (damaged after
+    it was written) is skipped with a warning, so resume falls back to the previous one.
+    """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    found = []
+    for p in root.iterdir():
+        if not p.is_dir() or not p.name.startswith(CHECKPOINT_PREFIX):
+            continue
+        digits = p.name[len(CHECKPOINT_PREFIX) :]
+        missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+        if not digits.isdigit() or missing:
+            log.warning(
+                "ignoring %s: %s", p,
+                "not a step_<number> folder" if not digits.isdigit() else f"missing {missing}",
+            )  # fmt: skip
+            continue
+        found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -130,6 +149,12 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
             )
         if existing.get("graph_fingerprint") != graph.fingerprint:
             raise ValueError(f"{out_dir} holds a run on a different graph; choose a new --out")
+        if not (out_dir / "graph.json").is_file():  # killed right after the run record
+            graph.save(out_dir / "graph.json")
+        for stale in remove_stale_temporaries(out_dir) + remove_stale_temporaries(
+            out_dir / "checkpoints"
+        ):
+            log.info("removed %s, left by a killed run", stale)
         if checkpoints(out_dir) and not resume:
             raise ValueError(
                 f"{out_dir} already holds this run with checkpoints; pass --resume (resume=True) "
@@ -142,8 +167,9 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
             f"write into it: choose an empty or new --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    graph.save(out_dir / "graph.json")
+    # the run record first: a kill before graph.json leaves a folder recognised as this run
     write_json_atomic(record, _run_record(run, graph))
+    graph.save(out_dir / "graph.json")
     return False
 
 

@@ -221,3 +221,35 @@ def test_checkpoints_by_time_do_not_change_the_run(tmp_path):
     assert [h["step"] for h in timed.history] == [20, 23]  # evaluated where it stopped
     with pytest.raises(ValueError, match="checkpoint_seconds must be > 0"):
         train(run, tmp_path / "b", progress=False, checkpoint_seconds=0)
+
+
+def test_crash_windows_resume_cleanly(tmp_path):
+    """A kill right after the run record (no graph.json yet), temporaries of killed writers,
+    a damaged newest checkpoint and a stray step_abc folder: resume goes on from the newest
+    complete checkpoint and leaves no temporaries."""
+    import os
+    import shutil
+    import subprocess
+
+    run = short_run(40)
+    out = tmp_path / "r"
+    train(run, out, progress=False, max_steps=20)
+    (out / "graph.json").unlink()  # as if killed between the run record and the graph
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a finished process: its pid is free
+    stale_dir = out / "checkpoints" / f".tmp-step_0000030-{dead.pid}"
+    stale_dir.mkdir()
+    stale_file = out / f".history.json.tmp{dead.pid}"
+    stale_file.write_text("{")
+    live_file = out / f".other.json.tmp{os.getpid()}"  # a live writer's: kept
+    live_file.write_text("{")
+    (out / "checkpoints" / "step_abc").mkdir()
+    damaged = out / "checkpoints" / "step_0000030"
+    shutil.copytree(checkpoints(out)[-1], damaged)
+    (damaged / "optimizer.pt").unlink()
+    assert [p.name for p in checkpoints(out)] == ["step_0000020"]
+    resumed = train(run, out, resume=True, progress=False)
+    plain = train(run, None, progress=False)
+    assert_same_weights(weights(resumed.model), weights(plain.model))
+    assert (out / "graph.json").is_file()
+    assert not stale_dir.exists() and not stale_file.exists() and live_file.exists()
