@@ -158,17 +158,16 @@ def compute_rome_many(
     model_id = model_id or model_identity(model)
     pos = config.position
     out, problems, positions = prepare_problems(model, task, requests, config, skip_answered=True)
-    todo = [(i, requests[i], out[i]) for i in positions]
+    todo = [(i, requests[i]) for i in positions]
     if not problems:
         return out  # type: ignore[return-value]
     results = optimize_many(model, [out_hook], problems, **config.optimisation())
     device = next(model.parameters()).device
-    k_stars = mean_keys(model, config.layer, [p for _, _, p in todo], pos)  # [n, d_mlp] float64
-    for (slot, request, prompts), target, k_star in zip(todo, results, k_stars, strict=True):
+    k_stars = mean_keys(model, config.layer, [out[i] for i in positions], pos)  # [n, d_mlp] f64
+    for (slot, request), target, k_star in zip(todo, results, k_stars, strict=True):
         out[slot] = _rome_edit(
-            model, task, request, config, prompts, target, k_star, module, out_hook, model_id,
-            device,
-        )  # fmt: skip
+            model, task, request, config, target, k_star, module, out_hook, model_id, device
+        )
     return out  # type: ignore[return-value]
 
 
@@ -177,7 +176,6 @@ def _rome_edit(
     task: Any,
     request: Any,
     config: ROMEConfig,
-    prompts: Any,
     target: Any,
     k_star: torch.Tensor,
     module: str,
@@ -197,7 +195,7 @@ def _rome_edit(
     if config.denominator == "rrome":
         k_den = k_star
         # the output at k*: linear in the key, so the prompt average of the outputs
-        out_k = mean_activations(model, out_hook, [prompts], pos)[0].double()
+        out_k = target.means[0].double()
         v_star = h0 + delta if config.reference else out_k + delta
     else:  # the bare prompt (original ROME's plain template)
         k_den = mean_keys(model, config.layer, [task.bare_prompt(request)], pos)[0]

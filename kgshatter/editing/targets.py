@@ -24,12 +24,15 @@ from kgshatter.editing.core import Prompts, frozen_weights
 
 @dataclass
 class TargetResult:
-    """Per hook: the optimised ``delta`` and the prompt-averaged initial activation ``h0``."""
+    """Per hook: the optimised ``delta``, the initial activation ``h0`` the optimisation is
+    relative to (the prompt average, or in reference mode the bare prompt's) and the
+    prompt-averaged initial activation ``means`` (equal to ``h0s`` outside reference mode)."""
 
     deltas: list[Float[torch.Tensor, " d_model"]]
     h0s: list[Float[torch.Tensor, " d_model"]]
     losses: list[float]
     nll: float
+    means: list[Float[torch.Tensor, " d_model"]]
 
     @property
     def delta(self) -> torch.Tensor:
@@ -177,15 +180,13 @@ def optimize_many(
             tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
         )[torch.arange(len(read), device=device), read]
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
-    h0s = []
+    h0s, means = [], []
     for h in hooks:
         acts = store[h].float()
-        if reference:
-            h0s.append(acts[first_row])
-        else:
-            summed = torch.zeros(n_groups, acts.shape[1], device=device)
-            summed.index_add_(0, group[rewrite], acts[rewrite])
-            h0s.append(summed / rw_count[:, None])
+        summed = torch.zeros(n_groups, acts.shape[1], device=device)
+        summed.index_add_(0, group[rewrite], acts[rewrite])
+        means.append(summed / rw_count[:, None])
+        h0s.append(acts[first_row] if reference else means[-1])
     init_logp = torch.log_softmax(logits0[~rewrite].float(), -1)
     # one delta tensor per (problem, hook), each its own Adam parameter group
     deltas = [[torch.zeros_like(h0[g], requires_grad=True) for h0 in h0s] for g in range(n_groups)]
@@ -282,7 +283,11 @@ def optimize_many(
                             d.mul_(limit / d.norm())
     return [
         TargetResult(
-            [d.detach() for d in deltas[g]], [h0[g] for h0 in h0s], losses[g], nll_values[g]
+            [d.detach() for d in deltas[g]],
+            [h0[g] for h0 in h0s],
+            losses[g],
+            nll_values[g],
+            [m[g] for m in means],
         )
         for g in range(n_groups)
     ]
