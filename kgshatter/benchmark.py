@@ -23,7 +23,7 @@ from torch import nn
 from kgshatter.io import write_json_atomic
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
-from kgshatter.models import ModelConfig, build_model
+from kgshatter.models import ModelConfig, build_model, use_native_layernorm
 from kgshatter.presets import RunConfig
 
 
@@ -132,9 +132,7 @@ def throughput_benchmark(
             return PlainDecoder(run.model, d_vocab)
         model = build_model(run.model, d_vocab)
         if name == "bridge-previous":
-            for module in model.modules():
-                if hasattr(module, "use_native_layernorm_autograd"):
-                    module.use_native_layernorm_autograd = False
+            use_native_layernorm(model, enabled=False)
         return model
 
     models = {name: build(name) for name in variants}

@@ -133,7 +133,7 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
     return model
 
 
-def use_native_layernorm(model: Any) -> Any:
+def use_native_layernorm(model: Any, enabled: bool = True) -> Any:
     """Run every LayerNorm through its torch module instead of the bridge's Python re-derivation.
 
     TransformerLens's ``use_native_layernorm_autograd`` mode (the one it uses for vision
@@ -141,7 +141,8 @@ def use_native_layernorm(model: Any) -> Any:
     rounding) and a hook that edits them still takes effect; without hooks, the normalisation is
     one fused kernel and the statistics are computed without a graph. Training steps of the
     small models are otherwise spent largely in the Python LayerNorm's dozen elementwise ops
-    (README, "Speed").
+    (README, "Speed"). ``enabled=False`` restores the Python LayerNorm (the benchmark's
+    baseline).
     """
     from transformer_lens.model_bridge.generalized_components.normalization import (
         NormalizationBridge,
@@ -149,7 +150,7 @@ def use_native_layernorm(model: Any) -> Any:
 
     for module in model.modules():
         if isinstance(module, NormalizationBridge):
-            module.use_native_layernorm_autograd = True
+            module.use_native_layernorm_autograd = enabled
     return model
 
 

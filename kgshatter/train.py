@@ -107,11 +107,12 @@ def _run_record(run: RunConfig, graph: KnowledgeGraph) -> dict[str, Any]:
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json")
 
 
-def checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
+def checkpoints(out_dir: str | os.PathLike[str], warn: bool = False) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first.
 
     A folder whose name is not ``step_<digits>`` or that lacks one of its files (damaged after
-    it was written) is skipped with a warning, so resume falls back to the previous one.
+    it was written) is skipped, so resume falls back to the previous one; ``warn`` logs each
+    (done once where a run is opened, not at every pruning).
     """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
@@ -123,10 +124,9 @@ def checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
         digits = p.name[len(CHECKPOINT_PREFIX) :]
         missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
         if not digits.isdigit() or missing:
-            log.warning(
-                "ignoring %s: %s", p,
-                "not a step_<number> folder" if not digits.isdigit() else f"missing {missing}",
-            )  # fmt: skip
+            if warn:
+                why = "not a step_<number> folder" if not digits.isdigit() else f"missing {missing}"
+                log.warning("ignoring %s: %s", p, why)
             continue
         found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
@@ -160,7 +160,7 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
                 f"{out_dir} already holds this run with checkpoints; pass --resume (resume=True) "
                 f"to continue it, or choose a new --out"
             )
-        return bool(checkpoints(out_dir))
+        return bool(checkpoints(out_dir, warn=True))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
             f"{out_dir} exists and is not a kgshatter run directory (no run.json); refusing to "
@@ -216,7 +216,7 @@ def load_run(
         )
     if graph.config != run.kg:
         raise ValueError(f"{out_dir / 'graph.json'} was not built from this run's kg config")
-    found = checkpoints(out_dir)
+    found = checkpoints(out_dir, warn=True)
     if not found:
         raise FileNotFoundError(f"{out_dir} has no checkpoint (no checkpoints/step_*/ folder)")
     state = read_json(found[-1] / "state.json", "checkpoint state")

@@ -87,7 +87,7 @@ METHODS: dict[str, Method] = {
         MEMIT_PRESETS,
         batch=True,
         compute_many=compute_memit_many,
-    ),  # fmt: skip
+    ),
     "alphaedit": Method(
         "alphaedit",
         AlphaEditConfig,
@@ -96,7 +96,7 @@ METHODS: dict[str, Method] = {
         True,
         True,
         compute_many=compute_alphaedit_many,
-    ),  # fmt: skip
+    ),
     "pmet": Method(
         "pmet", PMETConfig, compute_pmet, PMET_PRESETS, batch=True, compute_many=compute_pmet_many
     ),
