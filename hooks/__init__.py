@@ -113,16 +113,20 @@ def low_rank_delta(
 
 
 @contextmanager
-def edited(model: Any, *edits: Any) -> Iterator[Any]:
+def edited(model: Any, *edits: Any, force: bool = False) -> Iterator[Any]:
     """``with edited(model, edit1, edit2): ...`` runs the model with the edits as hooks.
 
     Each edit is an object with ``hooks() -> list[(name, fn)]`` (a kgshatter ``Edit``) or such a
     list itself. The hooks go through TransformerLens's own scoped API (``model.hooks(...)``),
     which adds them in order and removes exactly these on exit, even when the body raises:
     hooks the user attached, before or inside the block, stay. The weights are never touched.
+    An ``Edit`` computed on another model (its ``check_model`` fingerprint differs) is refused
+    unless ``force=True``.
     """
     pairs: list[tuple[str, HookFn]] = []
     for e in edits:
+        if hasattr(e, "check_model"):
+            e.check_model(model, force)
         pairs.extend(e.hooks() if hasattr(e, "hooks") else e)
     missing = sorted({name for name, _ in pairs if name not in model.hook_dict})
     if missing:

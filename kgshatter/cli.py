@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from kgshatter.io import check_output_dir, check_output_file
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import PRESETS, apply_overrides, get_preset
@@ -39,6 +40,34 @@ def default_threads() -> int:
     return max(1, cores // 2)
 
 
+def _whole(minimum: int) -> Any:
+    """An argparse type: a whole number >= ``minimum`` (the error names the allowed range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+_positive, _natural = _whole(1), _whole(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``kgshatter train: error: ... (kgshatter train --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def set_threads(threads: int | None) -> None:
     """``--threads``: torch's CPU threads for this process (``None``: :func:`default_threads`)."""
     import torch
@@ -52,6 +81,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kgshatter.train import train
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
+    check_output_dir(args.out)
     set_threads(args.threads)
     result = train(
         run, args.out, resume=args.resume, device=args.device, progress=not args.quiet,
@@ -69,6 +99,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgshatter.sites import Site
     from kgshatter.train import load_run
 
+    out = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
+    if Path(args.run_dir).is_dir():  # a missing run is named by load_run
+        check_output_file(out, "--json")
+    if args.figure:
+        check_output_file(args.figure, "--figure")
     run, graph, model, state = load_run(args.run_dir, device=args.device)
     if args.site:  # fail before the long computation, not after it
         Site.parse(args.site).check(model.cfg.n_layers)
@@ -85,7 +120,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_accuracy(result["accuracy"]))
     if "ring_summary" in result:
         print(format_rings(result["ring_summary"]))
-    out = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")
     if args.figure:
@@ -151,6 +185,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.position is not None:
         fields["position"] = args.position
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
+    check_output_dir(args.out)
     set_threads(args.threads)
     result, report = reproduce(
         run, args.out, sweep, progress=not args.quiet, device=args.device,
@@ -179,6 +214,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         variants[name] = [o for o in rest.split(";") if o]
     editors = tuple(e.strip() for e in args.editors.split(",") if e.strip())
     distances = _distances(args.distances, "--distances")
+    check_output_dir(args.out)
     set_threads(args.threads)
     rows = run_study(
         base, variants, args.out, editors=editors, n_edits=args.n, distances=distances,
@@ -225,7 +261,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
         mmlu_every=args.mmlu_every,
         mmlu_max_new_tokens=args.mmlu_tokens,
     )
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     corpus = TextCorpus.from_files(args.corpus) if args.corpus else None
     items = ()
     if args.mmlu:
@@ -233,6 +269,8 @@ def _cmd_months(args: argparse.Namespace) -> int:
 
         items = load_items(args.mmlu, limit=args.mmlu_limit)
     set_threads(args.threads)
+    if args.quiet:  # the loaders' own bars too (Hugging Face's loading and writing bars)
+        _quiet_hugging_face()
     if args.model.startswith("tiny:"):
         family = args.model.partition(":")[2]
         path = tiny_checkpoint(family, out / f"tiny-{family}")
@@ -261,11 +299,24 @@ def _cmd_months(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_hugging_face() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+    except ImportError:  # transformers without the hub client
+        pass
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from kgshatter.benchmark import THROUGHPUT_VARIANTS, throughput_benchmark
 
     run = apply_overrides(get_preset(args.preset), args.set)
     variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
+    check_output_file(args.json, "--json")
     result = throughput_benchmark(
         run,
         steps=args.steps,
@@ -312,6 +363,10 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("give either --fact 'SUBJECT RELATION' with --target, or --sample KIND")
     if args.fact is not None and args.target is None:
         raise ValueError("--fact needs --target (the new answer, e.g. e042)")
+    if args.out:
+        check_output_dir(args.out)
+    if args.cache:
+        check_output_dir(args.cache, "--cache")
     set_threads(args.threads)
     run, graph, model, state = load_run(args.run_dir, device=args.device)
     model.eval()
@@ -332,13 +387,19 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         from kgshatter.sites import Site
 
         Site(config_layer, "mlp_out").check(model.cfg.n_layers)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "edits" / name
-    cache_dir = Path(args.cache) if args.cache else Path(args.run_dir) / "cache"
+    out = check_output_dir(Path(args.out) if args.out else Path(args.run_dir) / "edits" / name)
+    cache_dir = check_output_dir(
+        Path(args.cache) if args.cache else Path(args.run_dir) / "cache", "--cache"
+    )
     task = SyntheticTask(sampler, CovarianceCache(cache_dir))
     scorer = EditScorer(model, Evaluator.for_run(run, graph, max_queries=args.max_queries))
     result = run_protocol(
         model, task, method, config, requests, args.protocol, scorer, progress=not args.quiet
     )
+    skipped = [r["skipped"] for r in result.records if r.get("skipped")]
+    if args.fact is not None and skipped:  # the one fact asked for cannot be edited
+        raise ValueError(skipped[0])
+    out.mkdir(parents=True, exist_ok=True)  # also when every sampled request was skipped
     for i, edit in enumerate(result.edits):
         edit.save(out / f"edit_{i:03d}")
     summary = summarise_records(result.records)
@@ -364,6 +425,9 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in records if "efficacy" in r]
     out: dict[str, Any] = {"n_records": len(records), "skipped": len(records) - len(scored)}
     if not scored:
+        reasons = [r["skipped"] for r in records if r.get("skipped")]
+        if reasons:
+            out["skip_reason"] = reasons[0]
         return out
     out["efficacy"] = sum(r["efficacy"] for r in scored) / len(scored)
     final = scored[-1] if records[0]["protocol"] == "sequential" else None
@@ -388,7 +452,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def format_edit_summary(method: str, protocol: str, summary: dict[str, Any]) -> str:
     if "efficacy" not in summary:
-        return f"{method} {protocol}: every request was skipped ({summary['skipped']})"
+        reason = f": {summary['skip_reason']}" if summary.get("skip_reason") else ""
+        return f"{method} {protocol}: every request was skipped ({summary['skipped']}){reason}"
     lines = [
         f"{method} {protocol}: efficacy {100 * summary['efficacy']:.1f}% over "
         f"{summary['n_records'] - summary['skipped']} edit(s)"
@@ -415,6 +480,9 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         get_method(m)
+    if not (args.run_dir or args.gpt2_xl or args.pretrained_dir):
+        raise ValueError("nothing to benchmark: give RUN_DIR, --gpt2-xl or --pretrained-dir")
+    check_output_file(args.json, "--json")
     set_threads(args.threads)
     result: dict[str, Any] = {}
     if args.sweep:
@@ -509,7 +577,7 @@ def format_rings(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kgshatter",
         description="Representation shattering under knowledge edits (arXiv 2410.17194) on "
         "TransformerLens: train a model on a structured knowledge graph, edit its knowledge "
@@ -553,13 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by 'kgshatter train'")
     p.add_argument(
         "--prefixes",
-        type=int,
+        type=_positive,
         default=None,
         help="context prefixes per query, softmax averaged (default: the run's, 5)",
     )
     p.add_argument(
         "--max-queries",
-        type=int,
+        type=_positive,
         default=None,
         help="sample at most this many queries per split (default: all)",
     )
@@ -591,12 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the run")
     p.add_argument("--methods", default=None, help="comma-separated (default: all five)")
     p.add_argument("--distances", default=None, help="edit distances: 1..4 or 1,2,3,4 (1..4)")
-    p.add_argument("--n", type=int, default=None, help="edits per method, kind and seed (12)")
-    p.add_argument("--sequential", type=int, default=None, help="sequence length (12; 0: none)")
+    p.add_argument("--n", type=_positive, default=None, help="edits per method, kind and seed (12)")
+    p.add_argument(
+        "--sequential", type=_natural, default=None, help="sequence length (12; 0: none)"
+    )
     p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (0)")
     p.add_argument("--site", default=None, help="representation site (default auto: clearest ring)")
-    p.add_argument("--samples", type=int, default=None, help="walks for the statistics (1e5)")
-    p.add_argument("--max-queries", type=int, default=None, help="queries per split (300)")
+    p.add_argument("--samples", type=_positive, default=None, help="walks for the statistics (1e5)")
+    p.add_argument("--max-queries", type=_positive, default=None, help="queries per split (300)")
     p.add_argument(
         "--editor-preset",
         default=None,
@@ -638,14 +708,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample", default=None, choices=["counterfactual", "corrective"], help="sample requests"
     )
-    p.add_argument("--distance", type=int, default=1, help="counterfactual cyclic distance d")
-    p.add_argument("--n", type=int, default=10, help="number of sampled requests")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--distance", type=_positive, default=1, help="counterfactual cyclic distance d")
+    p.add_argument("--n", type=_positive, default=10, help="number of sampled requests")
+    p.add_argument("--seed", type=_natural, default=0, help="sampling seed")
     p.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"])
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/edits/NAME)")
     p.add_argument("--cache", default=None, help="statistics cache (default RUN_DIR/cache)")
     p.add_argument(
-        "--max-queries", type=int, default=None, help="queries per split for collateral metrics"
+        "--max-queries",
+        type=_positive,
+        default=None,
+        help="queries per split for collateral metrics",
     )
     _runtime_options(p)
     p.set_defaults(func=_cmd_edit)
@@ -656,28 +729,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", nargs="?", default=None, help="a trained run (e.g. the cpu preset)")
     p.add_argument("--methods", default="rome,memit,alphaedit,pmet,ft")
-    p.add_argument("--n", type=int, default=50, help="counterfactual edits per method")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=100_000, help="walks for the statistics")
-    p.add_argument("--max-queries", type=int, default=300, help="queries per split (collateral)")
+    p.add_argument("--n", type=_positive, default=50, help="counterfactual edits per method")
+    p.add_argument("--seed", type=_natural, default=0)
+    p.add_argument("--samples", type=_positive, default=100_000, help="walks for the statistics")
+    p.add_argument(
+        "--max-queries", type=_positive, default=300, help="queries per split (collateral)"
+    )
     p.add_argument(
         "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
     )
-    p.add_argument("--gpt2-xl-edits", type=int, default=2, help="edits timed on that model")
+    p.add_argument("--gpt2-xl-edits", type=_positive, default=2, help="edits timed on that model")
     p.add_argument(
         "--sweep",
         action="store_true",
         help="instead: the sweep's edits per second one edit at a time vs in groups of 12, "
         "same rows, with the largest table.csv difference",
     )
-    p.add_argument("--sweep-edits", type=int, default=12, help="--sweep: edits per distance")
+    p.add_argument("--sweep-edits", type=_positive, default=12, help="--sweep: edits per distance")
     p.add_argument(
         "--pretrained-dir",
         default=None,
         help="also benchmark the pretrained loader and ROME through it on a GPT-2-XL-config "
         "checkpoint in this folder (written there first if missing, ~6.5 GB)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument("--json", default="edit_benchmark.json", help="where to write the numbers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_edit_benchmark)
@@ -696,16 +773,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rome", help="rome, memit, alphaedit, pmet or ft")
     p.add_argument("--preset", default=None, help="editing preset (default: from the model)")
     p.add_argument("--distance", default="1..3", help="edit distances, 1..3 or 1,2,3")
-    p.add_argument("--n", type=int, default=4, help="edits per distance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_positive, default=4, help="edits per distance")
+    p.add_argument("--seed", type=_natural, default=0)
     p.add_argument("--site", default=None, help="representation site, e.g. 20.resid_post")
     p.add_argument("--corpus", nargs="+", default=None, help="text files for the statistics C")
-    p.add_argument("--samples", type=int, default=None, help="corpus tokens for C")
+    p.add_argument("--samples", type=_positive, default=None, help="corpus tokens for C")
     p.add_argument("--cache", default=None, help="statistics cache (default OUT/cache)")
     p.add_argument("--mmlu", default=None, help="MMLU-Redux items (.jsonl/.json, or hub:SUBJECT)")
-    p.add_argument("--mmlu-limit", type=int, default=None, help="first N items only")
-    p.add_argument("--mmlu-every", type=int, default=1, help="MMLU after every k-th edit")
-    p.add_argument("--mmlu-tokens", type=int, default=512, help="max new tokens per answer")
+    p.add_argument("--mmlu-limit", type=_positive, default=None, help="first N items only")
+    p.add_argument("--mmlu-every", type=_positive, default=1, help="MMLU after every k-th edit")
+    p.add_argument("--mmlu-tokens", type=_positive, default=512, help="max new tokens per answer")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, help="output folder")
     _runtime_options(p)
@@ -713,8 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="training throughput: bridge vs plain PyTorch decoder")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=60, help="timed steps per model")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=_positive, default=60, help="timed steps per model")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -755,7 +834,7 @@ def _add_study(sub: Any) -> None:
     p.add_argument("--editors", default="synthetic-relative,synthetic-subject-relative",
                    help="ROME editor presets, comma-separated")  # fmt: skip
     p.add_argument("--distances", default="1..4", help="edit distances, 1..4 or 1,2,4")
-    p.add_argument("--n", type=int, default=8, help="edits per distance (8)")
+    p.add_argument("--n", type=_positive, default=8, help="edits per distance (8)")
     _runtime_options(p)
     p.set_defaults(func=_cmd_study)
 
@@ -781,7 +860,7 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         default=None,
         help="torch CPU threads (default: half the cores, at least 1; README, 'Threads')",
     )
@@ -809,7 +888,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, status 2) or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     handler = _log_phases(args.verbose)
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = _is_main_thread()
@@ -822,7 +904,11 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, ImportError) as e:
-        print(f"kgshatter {args.command}: error: {e}", file=sys.stderr)
+        print(f"kgshatter {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk full, a permission the checks could not foresee
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"kgshatter {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -835,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kgshatter").removeHandler(handler)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a multi-line message from a library is joined)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _is_main_thread() -> bool:

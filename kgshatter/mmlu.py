@@ -140,13 +140,21 @@ def load_items(
                 f"no MMLU-Redux file at {path}; pass a .jsonl/.json file of items "
                 f"(question, choices, answer) or 'hub:SUBJECT' when online"
             )
+        from kgshatter.io import read_json, read_jsonl
+
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = read_jsonl(path, "MMLU-Redux items")
         elif path.suffix == ".json":
-            rows = json.loads(path.read_text())
+            rows = read_json(path, "MMLU-Redux items", expect=list)
         else:
             raise ValueError(f"{path}: allowed suffixes are .jsonl and .json")
-        items = [MMLUItem.from_dict(r) for r in rows]
+        items = []
+        for i, row in enumerate(rows):
+            try:
+                items.append(MMLUItem.from_dict(row))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"MMLU-Redux item {i + 1} in {path}: {why}") from None
     if subjects:
         items = [i for i in items if i.subject in set(subjects)]
     return items[:limit] if limit is not None else items

@@ -232,12 +232,9 @@ def save_weights(model: Any, path: str | os.PathLike[str]) -> Path:
 
 def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
     """Load safetensors weights into ``model``, refusing mismatched keys or shapes."""
-    from safetensors.torch import load_file
+    from kgshatter.io import load_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing model weights: no file at {path}")
-    state = load_file(str(path))
+    state, _ = load_safetensors(path, "model weights")
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own if k in state and own[k].shape != state[k].shape]

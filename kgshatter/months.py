@@ -9,7 +9,6 @@ is unchanged afterwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,11 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
 log = logging.getLogger(__name__)
 
 TASKS = ("months", "days", "cities")
+# ring sizes of the cyclic tasks: an edit moves an answer at most half the ring away
+RING_SIZES = {"months": 12, "days": 7}
+MONTHS_FORMAT = "kgshatter-months-1"
 # which preset each known checkpoint uses (editing presets of kgshatter.editing)
 MODEL_PRESETS = {
     "gpt2-xl": "gpt2-xl",
@@ -110,6 +113,13 @@ class MonthsConfig(ConfigDict):
                 raise ValueError("the cities task is a tree: it has no distances; pass ()")
         elif not self.distances:
             raise ValueError(f"the {self.task} task needs at least one distance")
+        else:
+            half = RING_SIZES[self.task] // 2
+            for d in self.distances:
+                check_int(f"distance on the {RING_SIZES[self.task]}-item {self.task} ring", d, 1,
+                          half)  # fmt: skip
+            if len(set(self.distances)) != len(self.distances):
+                raise ValueError(f"distances must differ, got {list(self.distances)}")
         from kgshatter.editing import get_method
 
         get_method(self.method)
@@ -126,7 +136,13 @@ def run_months(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the replication on a :class:`~kgshatter.pretrained.PretrainedModel`; returns the
-    summary (also written to ``out/summary.json``)."""
+    summary (also written to ``out/summary.json``).
+
+    Resumable like the sweep: ``out/months.json`` pins the model, the configuration and the
+    preset (a different one is refused); each edit's row is appended to ``rows.jsonl`` (fsynced)
+    with its after-edit representations in ``reps/``, and a rerun skips finished rows. The
+    summary, figures and report are rewritten atomically at the end.
+    """
     from kgshatter.analysis.shattering import shattering
     from kgshatter.editing import CovarianceCache, get_method
     from kgshatter.hooks import edited
@@ -173,13 +189,35 @@ def run_months(
     mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
     log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
 
+    header = {
+        "format": MONTHS_FORMAT,
+        "model": pretrained.name,
+        "model_id": pretrained.model_id,
+        "config": config.to_dict(),
+        "preset": preset,
+        "site": str(site),
+        "corpus": getattr(corpus, "fingerprint", None),
+        "mmlu_items": len(mmlu_items),
+    }
+    if (out / "rows.jsonl").exists() and not (out / "months.json").exists():
+        raise ValueError(
+            f"{out} holds rows.jsonl but no months.json: rows of an older kgshatter or of "
+            f"something else; use a new --out"
+        )
+    check_or_write_header(out, "months.json", header, tuple(header), "months replication")
+    rows_path, reps_dir = out / "rows.jsonl", out / "reps"
+    reps_dir.mkdir(exist_ok=True)
+    done = {_months_key(r): r for r in read_rows(rows_path, _months_key, "months table")}
     rows: list[dict[str, Any]] = []
     afters: list[Any] = []  # representations after each edit (small: subjects x d_model)
-    rows_path = out / "rows.jsonl"
-    rows_path.write_text("")
     for distance in config.distances or (None,):
         requests = task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance)
         for i, request in enumerate(requests):
+            reps_path = reps_dir / f"d{distance}-{i:03d}.safetensors"
+            if (distance, i) in done and reps_path.is_file():
+                rows.append(done[(distance, i)])
+                afters.append(_load_reps(reps_path))
+                continue
             start = time.perf_counter()
             edit = method.compute(
                 model, text_task, request, edit_config, model_id=pretrained.model_id
@@ -189,6 +227,7 @@ def run_months(
                 after = task.representations(model, [site])[site]
                 row = {
                     "distance": distance,
+                    "index": i,
                     "request": request.to_dict(),
                     "success": task.success(model, request),
                     "accuracy": task.accuracy(model, exclude=[request]),
@@ -201,10 +240,10 @@ def run_months(
                 if mmlu_items and i % config.mmlu_every == 0:
                     row["mmlu"] = _mmlu(model, tokenizer, mmlu_items, config, progress)
             row["accuracy_change"] = row["accuracy"] - acc0
+            _save_reps(reps_path, after)  # before the row: a row on disk has its reps
+            append_row(rows_path, row)
             rows.append(row)
             afters.append(after)
-            with open(rows_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
             log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
 
     summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
@@ -212,6 +251,28 @@ def run_months(
     _figures(out, task, before[site], rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
+
+
+def _months_key(row: dict[str, Any]) -> tuple:
+    return (row["distance"], row["index"])
+
+
+def _save_reps(path: Path, reps: Any) -> None:
+    from safetensors.torch import save_file
+
+    from kgshatter.io import write_atomic
+
+    tensor = reps.detach().float().cpu().contiguous()
+    write_atomic(path, lambda tmp: save_file({"reps": tensor}, str(tmp)))
+
+
+def _load_reps(path: Path) -> Any:
+    from kgshatter.io import load_safetensors
+
+    tensors, _ = load_safetensors(path, "after-edit representations")
+    if "reps" not in tensors:
+        raise ValueError(f"after-edit representations at {path} lack 'reps'")
+    return tensors["reps"]
 
 
 def _ring(reps: Any, task: Any) -> dict[str, float]:
@@ -358,4 +419,7 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
     lines += ["", "![accuracy, R and MMLU by distance](distance.png)"]
     if (out / "rings.png").exists():
         lines += ["", "![rings before and after](rings.png)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    from kgshatter.io import write_atomic
+
+    text = "\n".join(lines) + "\n"
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import os
 import traceback
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kgshatter.io import read_json
 from kgshatter.validation import resolve_device
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def check_checkpoint_dir(path: Path) -> None:
         missing.append(f"weights (one of {list(WEIGHT_FILES)})")
     for f in weights:
         if f.endswith(".index.json"):
-            shards = set(json.loads((path / f).read_text())["weight_map"].values())
+            index = read_json(path / f, "weight index", required=("weight_map",))
+            shards = set(index["weight_map"].values())
             missing += sorted(s for s in shards if not (path / s).is_file())
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"a tokenizer (one of {list(TOKENIZER_FILES)})")
@@ -149,7 +150,7 @@ def _from_hub(repo: str) -> Path:
 
 def checkpoint_family(path: Path) -> str:
     """The supported family of the checkpoint at ``path`` (from ``config.json``)."""
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", "checkpoint config")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(
@@ -377,13 +378,16 @@ def _tiny_tokenizer(kind: str) -> Any:
             vocab_size=600,
             special_tokens=["<|endoftext|>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"])
+        trainer = trainers.BpeTrainer(
+            vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        )
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     tok.train_from_iterator(list(TINY_TEXT) * 8, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)

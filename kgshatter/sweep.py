@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -32,8 +31,9 @@ from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.analysis.shattering import fit_line, shattering
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
-from kgshatter.io import read_json, write_atomic, write_json_atomic
+from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
+from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
@@ -199,7 +199,9 @@ def run_sweep(
         "step": state.get("step"),
         "sweep": config.to_dict(),
     }
-    _check_or_write_header(out, header)
+    check_or_write_header(
+        out, "sweep.json", header, ("format", "graph_fingerprint", "model_id", "sweep"), "sweep"
+    )
 
     sampler = WalkSampler(graph, run.walks)
     task = SyntheticTask(sampler, CovarianceCache(Path(run_dir) / "cache"))
@@ -284,7 +286,7 @@ def run_sweep(
         for o, name in enumerate(orders)
     }
     rows_path = out / "rows.jsonl"
-    rows = _read_rows(rows_path)
+    rows = read_rows(rows_path, _row_key, "sweep table")
     done = {_row_key(r) for r in rows}
     jobs = list(_jobs(config, graph, model, sampler, sample_requests))
     todo = sum(1 for j in jobs for k in j["keys"] if k not in done)
@@ -315,7 +317,7 @@ def run_sweep(
                 )  # fmt: skip
                 for i, record in zip(todo_here, res.records, strict=True):
                     row = _flatten(record, job, index=i, step=0)
-                    _append_row(rows_path, row)
+                    append_row(rows_path, row)
                     rows.append(row)
                     bar.update()
         else:  # a sequence is all-or-nothing: its later steps need the earlier edits
@@ -327,7 +329,7 @@ def run_sweep(
                 if job["keys"][i] in done:  # a sequence cut short: keep the rows already written
                     continue
                 row = _flatten(record, job, index=i, step=i)
-                _append_row(rows_path, row)
+                append_row(rows_path, row)
                 rows.append(row)
                 bar.update()
     bar.close()
@@ -350,33 +352,6 @@ def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites:
         for s in sites
     }
     return max(reversed(sites), key=lambda s: scores[s])
-
-
-def _check_or_write_header(out: Path, header: dict[str, Any]) -> None:
-    path = out / "sweep.json"
-    if path.is_file():
-        old = read_json(path, "sweep record")
-        for key in ("format", "graph_fingerprint", "model_id", "sweep"):
-            if old.get(key) == header[key]:
-                continue
-            what = f"{key} ({old.get(key)!r} there, {header[key]!r} now)"
-            if key == "sweep" and isinstance(old.get(key), dict):
-                fields = sorted(
-                    f for f in set(old[key]) | set(header[key])
-                    if old[key].get(f) != header[key].get(f)
-                )  # fmt: skip
-                what = "sweep setting " + ", ".join(
-                    f"{f} ({old[key].get(f)!r} there, {header[key].get(f)!r} now)" for f in fields
-                )
-            elif key == "model_id":
-                what = "model (its weights changed since the sweep began)"
-            raise ValueError(
-                f"{out} holds a sweep with a different {what}; resume it with the same "
-                f"settings, or use a new --out"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, header)
 
 
 def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[dict[str, Any]]:
@@ -461,37 +436,6 @@ def _flatten(record: dict[str, Any], job: dict[str, Any], index: int, step: int)
                 row[f"acc.{split}.{order}"] = value
         row.update(record.get("measures", {}))
     return row
-
-
-def _append_row(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows written so far; a last line cut off by a crash is dropped (it is recomputed)."""
-    if not path.is_file():
-        return []
-    rows, seen = [], set()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(
-                f"{path} line {i + 1} is not JSON; the sweep table is damaged"
-            ) from None
-        if _row_key(row) not in seen:
-            seen.add(_row_key(row))
-            rows.append(row)
-    if lines and len(rows) < len(lines):  # rewrite without the torn or repeated lines
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return rows
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -18,7 +18,6 @@ call the same methods on it. Following the references (ROME's and MEMIT's contex
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from kgshatter.editing.covariance import (
     StatsKey,
     second_moment,
 )
+from kgshatter.io import read_json, read_jsonl
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_int
 
@@ -165,17 +165,14 @@ class TextCorpus:
                 raise FileNotFoundError(f"corpus file {p} does not exist")
             names.append(p.name)
             if p.suffix == ".txt":
-                texts.append(p.read_text())
+                try:
+                    texts.append(p.read_text(encoding="utf-8"))
+                except UnicodeDecodeError:
+                    raise ValueError(f"corpus file {p} is not UTF-8 text") from None
             elif p.suffix == ".jsonl":
-                texts += [
-                    _text_field(json.loads(line), p)
-                    for line in p.read_text().splitlines()
-                    if line.strip()
-                ]
+                texts += [_text_field(row, p) for row in read_jsonl(p, "corpus file")]
             elif p.suffix == ".json":
-                data = json.loads(p.read_text())
-                if not isinstance(data, list):
-                    raise ValueError(f"{p}: a .json corpus is a list of documents")
+                data = read_json(p, "corpus file (a list of documents)", expect=list)
                 texts += [d if isinstance(d, str) else _text_field(d, p) for d in data]
             else:
                 raise ValueError(f"corpus file {p}: allowed suffixes are .txt, .jsonl, .json")

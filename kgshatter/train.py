@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from kgshatter.evaluate import Evaluator
-from kgshatter.io import read_json, remove_stale_temporaries, write_json_atomic
+from kgshatter.io import (
+    check_finite,
+    load_torch_file,
+    read_json,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.models import build_model, load_weights, logits_at, save_weights
@@ -136,11 +142,11 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
     """Check ``out_dir`` may hold this run; returns whether a checkpoint is there to resume."""
     record = out_dir / "run.json"
     if record.exists():
-        existing = read_json(record, "run record")
+        existing = read_json(record, "run record", required=("config",))
         try:  # fields added since the record was written take their defaults
             same = RunConfig.from_dict(existing.get("config")) == run
-        except (ValueError, TypeError):
-            same = False
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"run record at {record} has a bad config: {e}") from None
         if not same:
             other = existing.get("config", {}).get("name")
             raise ValueError(
@@ -151,6 +157,11 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
             raise ValueError(f"{out_dir} holds a run on a different graph; choose a new --out")
         if not (out_dir / "graph.json").is_file():  # killed right after the run record
             graph.save(out_dir / "graph.json")
+        elif KnowledgeGraph.load(out_dir / "graph.json").fingerprint != graph.fingerprint:
+            raise ValueError(
+                f"{out_dir / 'graph.json'} is not the graph this run's config builds; restore it "
+                f"or delete it (it is rewritten from the config)"
+            )
         for stale in remove_stale_temporaries(out_dir) + remove_stale_temporaries(
             out_dir / "checkpoints"
         ):
@@ -194,6 +205,32 @@ def save_checkpoint(
     return final
 
 
+def _read_state(ckpt: Path) -> dict[str, Any]:
+    state = read_json(ckpt / "state.json", "checkpoint state", required=("step", "history"))
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint state at {ckpt / 'state.json'} has a bad step {step!r}")
+    return state
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The optimiser's saved state, refused with one line when damaged, foreign or non-finite."""
+    saved = load_torch_file(path, "optimizer state")
+    if not isinstance(saved, dict) or "state" not in saved:
+        raise ValueError(f"optimizer state at {path} is not a torch optimizer state_dict")
+    tensors = {
+        f"{i}.{k}": v
+        for i, entry in saved["state"].items()
+        for k, v in entry.items()
+        if isinstance(v, torch.Tensor)
+    }
+    check_finite(tensors, path, "optimizer state")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"optimizer state at {path} does not fit this model: {e}") from None
+
+
 def load_run(
     out_dir: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> tuple[RunConfig, KnowledgeGraph, Any, dict[str, Any]]:
@@ -204,10 +241,13 @@ def load_run(
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"no run directory at {out_dir}")
-    record = read_json(out_dir / "run.json", "run record (run.json)")
-    if record.get("format") != RUN_FORMAT:
+    record = read_json(out_dir / "run.json", "run record")
+    if record.get("format") != RUN_FORMAT or "config" not in record:
         raise ValueError(f"{out_dir / 'run.json'} is not a kgshatter run record")
-    run = RunConfig.from_dict(record["config"])
+    try:
+        run = RunConfig.from_dict(record["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"run record at {out_dir / 'run.json'} has a bad config: {e}") from None
     graph = KnowledgeGraph.load(out_dir / "graph.json")
     if graph.fingerprint != record.get("graph_fingerprint"):
         raise ValueError(
@@ -219,7 +259,7 @@ def load_run(
     found = checkpoints(out_dir, warn=True)
     if not found:
         raise FileNotFoundError(f"{out_dir} has no checkpoint (no checkpoints/step_*/ folder)")
-    state = read_json(found[-1] / "state.json", "checkpoint state")
+    state = _read_state(found[-1])
     model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
     load_weights(model, found[-1] / "model.safetensors")
     model.eval()
@@ -268,8 +308,8 @@ def train(
     if out is not None and _prepare_out_dir(out, run, graph, resume):
         ckpt = checkpoints(out)[-1]
         load_weights(model, ckpt / "model.safetensors")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        state = read_json(ckpt / "state.json", "checkpoint state")
+        _load_optimizer(optimizer, ckpt / "optimizer.pt")
+        state = _read_state(ckpt)
         if state["step"] >= t.steps:
             log.info("%s holds the finished run (step %d); reusing it", out, state["step"])
         else:

@@ -100,7 +100,12 @@ def second_moment(
 
 
 class CovarianceCache:
-    """Second moments stored as safetensors in ``directory``, one file per :class:`StatsKey`."""
+    """Second moments stored as safetensors in ``directory``, one file per :class:`StatsKey`.
+
+    A cache file is checked when it is read, like a computed statistic: one that is truncated,
+    holds NaN or inf, or has the wrong shape is moved aside to ``NAME.damaged`` with a warning
+    and recomputed, never used; one that answers a different key is refused.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -109,23 +114,14 @@ class CovarianceCache:
 
     def get(self, key: StatsKey, compute: Any) -> SecondMoment:
         """The cached statistic for ``key``, or ``compute() -> (C, n_keys)`` stored first."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         path = self.directory / key.filename()
         if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                stored = json.loads(f.metadata()["key"])
-                if stored != asdict(key):
-                    raise ValueError(
-                        f"cache file {path} holds statistics for {stored}, not for {asdict(key)}"
-                    )
-                if "eigenvectors" not in f.keys():
-                    raise ValueError(f"cache file {path} is not a kgshatter statistic; delete it")
-                w, v = f.get_tensor("eigenvalues"), f.get_tensor("eigenvectors")
-                n_keys = int(f.metadata()["n_keys"])
-            self.hits += 1
-            return SecondMoment(key, w, v, n_keys)
+            stats = self._read(path, key)
+            if stats is not None:
+                self.hits += 1
+                return stats
         log.info(
             "computing the second moment of %s (%d samples, once; cached in %s)",
             key.hook, key.n_samples, self.directory,
@@ -140,3 +136,32 @@ class CovarianceCache:
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.misses += 1
         return stats
+
+    @staticmethod
+    def _read(path: Path, key: StatsKey) -> SecondMoment | None:
+        """The statistic stored at ``path``, or ``None`` after moving a damaged file aside."""
+        from kgshatter.io import load_safetensors
+
+        try:
+            tensors, meta = load_safetensors(path, "cached statistics")
+            if "key" not in meta or "n_keys" not in meta:
+                raise ValueError(f"cached statistics at {path} lack their key or sample count")
+            try:
+                stored, n_keys = json.loads(meta["key"]), int(meta["n_keys"])
+            except ValueError:
+                raise ValueError(f"cached statistics at {path} have unreadable metadata") from None
+            w, v = tensors.get("eigenvalues"), tensors.get("eigenvectors")
+            if w is None or v is None or v.ndim != 2 or v.shape != (w.numel(), w.numel()):
+                raise ValueError(f"cached statistics at {path} are not an eigendecomposition")
+            if bool((w < -1e-4 * max(float(w.abs().max()), 1e-30)).any()):
+                raise ValueError(f"cached statistics at {path} have negative eigenvalues")
+        except ValueError as e:
+            aside = path.with_name(path.name + ".damaged")
+            os.replace(path, aside)
+            log.warning("%s; moved it to %s and recomputing", e, aside)
+            return None
+        if stored != asdict(key):
+            raise ValueError(
+                f"cache file {path} holds statistics for {stored}, not for {asdict(key)}"
+            )
+        return SecondMoment(key, w, v, n_keys)

@@ -45,6 +45,41 @@ def model_identity(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# model -> {weight key -> (tensor version, digest)}: fingerprints recomputed only after a write
+_DIGESTS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[int, bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _digest(model: Any, w: torch.Tensor) -> bytes:
+    """SHA-256 of ``w``'s bytes as they are without kgshatter's weight patches, memoised
+    until the tensor is next written in place."""
+    key = _weight_key(w)
+    memo = _DIGESTS.setdefault(model, {})
+    version = w._version
+    if key in memo and memo[key][0] == version:
+        return memo[key][1]
+    patched = _PATCHED.get(model, {}).get(key)
+    source = patched.original if patched is not None else w
+    data = source.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{tuple(data.shape)}{data.dtype}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes())
+    memo[key] = (version, h.digest())
+    return memo[key][1]
+
+
+def edit_fingerprint(model: Any, layers: Any, module: str = "mlp") -> str:
+    """A cheap identity of what an edit depends on: the embedding and the matrices it edits
+    (``layers``), each as it is without kgshatter's own patches, so edits computed on one model
+    compose however they are applied. Not a hash of the whole model (``model_identity``)."""
+    h = hashlib.sha256(module.encode())
+    h.update(_digest(model, model.W_E))
+    for layer in sorted(set(layers)):
+        h.update(f"|{layer}|".encode())
+        h.update(_digest(model, edit_weight(model, layer, module)))
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class LayerDelta:
     """``W_out[layer] += a @ b.T``; ``a`` [d_mlp, rank], ``b`` [d_model, rank].
@@ -55,6 +90,18 @@ class LayerDelta:
     layer: int
     a: Float[torch.Tensor, "d_mlp rank"]
     b: Float[torch.Tensor, "d_model rank"] | None
+
+    def __post_init__(self) -> None:
+        a, b = self.a, self.b
+        if not isinstance(a, torch.Tensor) or a.ndim != 2:
+            raise ValueError(f"LayerDelta.a must be a 2-D tensor, got {getattr(a, 'shape', a)!r}")
+        if b is not None and (
+            not isinstance(b, torch.Tensor) or b.ndim != 2 or b.shape[1] != a.shape[1]
+        ):
+            raise ValueError(
+                f"LayerDelta.b must be a 2-D tensor with a's rank {a.shape[1]} columns, got "
+                f"{getattr(b, 'shape', b)!r}"
+            )
 
     @property
     def dense(self) -> Float[torch.Tensor, "d_mlp d_model"]:
@@ -101,11 +148,30 @@ class Edit:
     model_id: str
     info: Mapping[str, Any] = field(default_factory=dict)
     module: str = "mlp"
+    # edit_fingerprint of the model it was computed on ("": unknown, e.g. an older file)
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deltas", tuple(self.deltas))
+        for d in self.deltas:
+            if not isinstance(d, LayerDelta):
+                raise ValueError(f"Edit.deltas must hold LayerDelta values, got {type(d).__name__}")
         for name in ("requests", "config", "info"):
             object.__setattr__(self, name, _read_only(getattr(self, name)))
+
+    def check_model(self, model: Any, force: bool = False) -> None:
+        """Refuse ``model`` unless it is the one this edit was computed on, judged by
+        :func:`edit_fingerprint` (its embedding and edited matrices, ignoring kgshatter's own
+        reversible weight patches); ``force=True`` applies it anyway."""
+        if force or not self.fingerprint:
+            return
+        found = edit_fingerprint(model, [d.layer for d in self.deltas], self.module)
+        if found != self.fingerprint:
+            raise ValueError(
+                f"this {self.method} edit was computed on another model (fingerprint "
+                f"{self.fingerprint}, this model {found}: its embedding or edited matrices "
+                f"differ); pass force=True to apply it anyway"
+            )
 
     def hooks(self) -> list[tuple[str, Any]]:
         """Forward hooks adding each layer's delta to the matrix's output (weights untouched)."""
@@ -117,8 +183,10 @@ class Edit:
             pairs += low_rank_delta(key.hook_name, out.hook_name, d.a, d.b)
         return pairs
 
-    def apply_to_weights(self, model: Any) -> WeightPatch:
-        """Add the deltas to the weights in place; ``restore()`` on the handle undoes it exactly."""
+    def apply_to_weights(self, model: Any, force: bool = False) -> WeightPatch:
+        """Add the deltas to the weights in place; ``restore()`` on the handle undoes it exactly.
+        Refused on another model than the edit's own unless ``force`` (:meth:`check_model`)."""
+        self.check_model(model, force)
         return WeightPatch(model, self.deltas, self.module)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -142,32 +210,58 @@ class Edit:
             "model_id": self.model_id,
             "module": self.module,
             "info": _plain(self.info),
+            "fingerprint": self.fingerprint,
         }
         write_json_atomic(path.with_suffix(".json"), meta)
         return path.with_suffix(".json")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Edit:
-        from safetensors.torch import load_file
+        """The edit saved at ``PATH`` (``.json`` + ``.safetensors``), checked as it is read: a
+        truncated or non-finite factor file, metadata lacking a field, or factors that disagree
+        with the metadata fail with one line naming the file."""
+        from kgshatter.io import load_safetensors
 
         path = Path(path)
-        meta = read_json(path.with_suffix(".json"), "edit metadata")
-        if meta.get("format") != EDIT_FORMAT:
-            raise ValueError(f"{path.with_suffix('.json')} is not a kgshatter edit")
-        tensors = load_file(str(path.with_suffix(".safetensors")))
-        deltas = [
-            LayerDelta(layer, tensors[f"{i}.a"], tensors.get(f"{i}.b"))
-            for i, layer in enumerate(meta["layers"])
-        ]
-        return cls(
-            meta["method"],
-            deltas,
-            meta["requests"],
-            meta["config"],
-            meta["model_id"],
-            meta.get("info", {}),
-            meta.get("module", "mlp"),
-        )
+        meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        meta = read_json(
+            meta_path, "edit metadata", required=("format", "method", "layers", "requests",
+                                                  "config", "model_id"),
+        )  # fmt: skip
+        if meta["format"] != EDIT_FORMAT:
+            raise ValueError(f"{meta_path} is not a kgshatter edit (format {meta['format']!r})")
+        layers = meta["layers"]
+        if not isinstance(layers, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers
+        ):
+            raise ValueError(
+                f"edit metadata at {meta_path}: layers must be a list of layer indices"
+            )
+        tensors, _ = load_safetensors(tensor_path, "edit factors")
+        expected = {f"{i}.a" for i in range(len(layers))}
+        allowed = expected | {f"{i}.b" for i in range(len(layers))}
+        if not expected <= set(tensors) or not set(tensors) <= allowed:
+            raise ValueError(
+                f"edit factors at {tensor_path} do not match {meta_path}: {len(layers)} layer(s) "
+                f"need {sorted(expected)}, the file has {sorted(tensors)}"
+            )
+        try:
+            deltas = [
+                LayerDelta(layer, tensors[f"{i}.a"], tensors.get(f"{i}.b"))
+                for i, layer in enumerate(layers)
+            ]
+            return cls(
+                meta["method"],
+                deltas,
+                meta["requests"],
+                meta["config"],
+                meta["model_id"],
+                meta.get("info", {}),
+                meta.get("module", "mlp"),
+                meta.get("fingerprint", ""),
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"edit at {meta_path} is inconsistent: {e}") from None
 
 
 # model -> {weight key -> _PatchedWeight}: every patch written into one of the model's matrices

@@ -24,7 +24,7 @@ from kgshatter.editing.core import (
     last_logits,
     reject_state,
 )
-from kgshatter.editing.edit import Edit, LayerDelta, model_identity
+from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.hooks import low_rank_delta
 from kgshatter.sites import edit_module, edit_sites, edit_weight
@@ -116,5 +116,6 @@ def compute_ft(
         config=config.to_dict(),
         model_id=model_id,
         module=module,
+        fingerprint=edit_fingerprint(model, [config.layer], module),
         info={"losses": losses},
     )

@@ -32,7 +32,7 @@ from kgshatter.editing.core import (
     mean_keys,
     reject_state,
 )
-from kgshatter.editing.edit import Edit, LayerDelta, model_identity
+from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_many, prepare_problems
 from kgshatter.sites import edit_module, edit_sites
@@ -213,6 +213,7 @@ def _rome_edit(
         config=config.to_dict(),
         model_id=model_id,
         module=module,
+        fingerprint=edit_fingerprint(model, [config.layer], module),
         info={
             "losses": target.losses,
             "final_nll": target.nll,

@@ -44,7 +44,7 @@ from kgshatter.editing.core import (
     reject_state,
 )
 from kgshatter.editing.covariance import SecondMoment
-from kgshatter.editing.edit import Edit, LayerDelta, model_identity
+from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
 from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import TargetResult, optimize_many, prepare_problems
 from kgshatter.hooks import edited
@@ -313,6 +313,7 @@ def _spread_edit(
         config=config.to_dict(),
         model_id=model_id,
         module=module,
+        fingerprint=edit_fingerprint(model, config.layers, module),
         info={"final_nll": losses, "target_hook": residual_hook},
     )
 

@@ -330,11 +330,14 @@ class KnowledgeGraph:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KnowledgeGraph:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no graph file at {path}")
-        with path.open() as f:
-            return cls.from_dict(json.load(f))
+        from kgshatter.io import read_json
+
+        data = read_json(path, "graph")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"graph at {path} is not a valid kgshatter graph: {why}") from None
 
     @cached_property
     def fingerprint(self) -> str:
