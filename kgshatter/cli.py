@@ -892,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (one line, status 2) or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
+    logger = logging.getLogger("kgshatter")
+    saved = (logger.level, logger.propagate)  # restored on exit: main() may run in-process
     handler = _log_phases(args.verbose)
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = _is_main_thread()
@@ -918,7 +920,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        logging.getLogger("kgshatter").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

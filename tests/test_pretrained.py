@@ -296,9 +296,32 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert summary["random_weights"] and summary["mmlu_before"]["n"] == 1
     report = (out / "report.md").read_text()
     assert "tiny random checkpoint" in report and (out / "rings.png").is_file()
-    assert len((out / "rows.jsonl").read_text().splitlines()) == 4
+    rows_path = out / "rows.jsonl"
+    rows = rows_path.read_text().splitlines()
+    assert len(rows) == 4
+    assert "it/s" not in capsys.readouterr().err  # --quiet: no progress bars, the loaders' too
     assert main(["months", "--model", "tiny:llama", "--out", str(out), "--distance", "a..b"]) == 2
     assert main(["months", "--model", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    # refused before anything is touched: a bad distance, another task into this folder
+    assert main(["months", "--model", "tiny:llama", "--out", str(out), "--distance", "0"]) == 2
+    assert main(["months", "--model", "tiny:llama", "--out", str(out), "--task", "days",
+                 "--distance", "1..2", "--n", "2", "--quiet"]) == 2  # fmt: skip
+    assert "task ('months' there, 'days' now)" in capsys.readouterr().err
+    assert rows_path.read_text().splitlines() == rows
+    # a kill during the last edit: its row torn, the summary gone; the rerun redoes that edit only
+    rows_path.write_text("\n".join(rows[:3]) + "\n" + rows[3][:20])
+    (out / "summary.json").unlink()
+    rerun = ["months", "--model", "tiny:llama", "--out", str(out), "--distance", "1..2",
+             "--n", "2", "--mmlu", str(items), "--mmlu-tokens", "3", "--quiet"]  # fmt: skip
+    assert main(rerun) == 0
+    again = rows_path.read_text().splitlines()
+    assert again[:3] == rows[:3] and len(again) == 4
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert strip(again[3]) == strip(rows[3])
+    resumed = json.loads((out / "summary.json").read_text())["per_distance"]
+    for d, entry in summary["per_distance"].items():
+        for field in ("n", "success", "accuracy_change", "R"):
+            assert resumed[d][field] == entry[field]
 
 
 def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypatch):
