@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kgshatter.io import remove_stale_temporaries
 from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
@@ -207,6 +208,7 @@ def run_months(
     check_or_write_header(out, "months.json", header, tuple(header), "months replication")
     rows_path, reps_dir = out / "rows.jsonl", out / "reps"
     reps_dir.mkdir(exist_ok=True)
+    remove_stale_temporaries(reps_dir)
     done = {_months_key(r): r for r in read_rows(rows_path, _months_key, "months table")}
     rows: list[dict[str, Any]] = []
     afters: list[Any] = []  # representations after each edit (small: subjects x d_model)

@@ -9,12 +9,15 @@ so a kill loses at most the line being written, and a rerun skips the rows alrea
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from kgshatter.io import read_json, write_atomic, write_json_atomic
+from kgshatter.io import read_json, remove_stale_temporaries, write_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -58,13 +61,22 @@ def check_or_write_header(
     out: Path, name: str, header: dict[str, Any], keys: tuple[str, ...], what: str
 ) -> None:
     """Write ``out/name`` (the run's pinned settings) or, when it exists, refuse a run whose
-    ``keys`` differ from it, naming the differing field (and, for a dict, its sub-fields)."""
+    ``keys`` differ from it, naming the differing field (and, for a dict, its sub-fields); a
+    folder that passes has the temporaries of killed writers removed."""
     path = out / name
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, header)
         return
     old = read_json(path, f"{what} record")
+    _check_same(out, old, header, keys, what)
+    for stale in remove_stale_temporaries(out):
+        log.info("removed %s, left by a killed run", stale)
+
+
+def _check_same(
+    out: Path, old: dict[str, Any], header: dict[str, Any], keys: tuple[str, ...], what: str
+) -> None:
     for key in keys:
         if old.get(key) == header[key]:
             continue

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from kgshatter.io import write_atomic
+from kgshatter.io import remove_stale_temporaries, write_atomic
 from kgshatter.sites import Site
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class CovarianceCache:
         stats = SecondMoment.from_matrix(key, matrix, n_keys)
         log.info("second moment of %s done in %.0f s", key.hook, time.perf_counter() - start)
         self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.directory)  # of writers killed mid-write
         meta = {"key": json.dumps(asdict(key), sort_keys=True), "n_keys": str(n_keys)}
         tensors = {"eigenvalues": stats.eigenvalues, "eigenvectors": stats.eigenvectors}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
