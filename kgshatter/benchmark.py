@@ -84,7 +84,7 @@ class PlainDecoder(nn.Module):
 def all_positions_loss(model: Any, tokens: torch.Tensor, n_entities: int) -> torch.Tensor:
     """The entity-target loss with logits computed at every position, then masked.
 
-    How :func:`kgshatter.train.loss_fn` worked before it computed logits only where the loss
+    How :func:`kgshatter.training.loss_fn` worked before it computed logits only where the loss
     is: kept as the benchmark's baseline (same value; gradients equal to rounding).
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -106,7 +106,7 @@ def throughput_benchmark(
 ) -> dict[str, Any]:
     """Tokens and steps per second of one training step, for each variant, side by side.
 
-    ``bridge``: the training loop's step (:func:`kgshatter.train.loss_fn` at the run's
+    ``bridge``: the training loop's step (:func:`kgshatter.training.loss_fn` at the run's
     precision); ``plain``: the same step on :class:`PlainDecoder`; ``bridge-all-logits``: the
     bridge with logits at every position (:func:`all_positions_loss`, the loss before logits
     were restricted to the loss positions); ``bridge-bf16``: the bridge under bfloat16
@@ -114,7 +114,7 @@ def throughput_benchmark(
     and TransformerLens's Python LayerNorm), the baseline of ``speedup_over_previous``.
     Timed in interleaved blocks so machine noise hits all alike; ``out``: JSON.
     """
-    from kgshatter.train import loss_fn
+    from kgshatter.training import loss_fn
 
     unknown = sorted(set(variants) - set(THROUGHPUT_VARIANTS))
     if unknown or not variants:
@@ -238,7 +238,7 @@ def edit_benchmark(
     from kgshatter.editing import SyntheticTask, TargetConfig, get_method, model_identity
     from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
     from kgshatter.evaluate import Evaluator
-    from kgshatter.train import load_run
+    from kgshatter.training import load_run
 
     run, graph, model, _ = load_run(run_dir)
     model.eval()

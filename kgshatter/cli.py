@@ -78,7 +78,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
     check_output_dir(args.out)
@@ -97,7 +97,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgshatter.evaluate import Evaluator
     from kgshatter.io import write_json_atomic
     from kgshatter.sites import Site
-    from kgshatter.train import load_run
+    from kgshatter.training import load_run
 
     out = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
     if Path(args.run_dir).is_dir():  # a missing run is named by load_run
@@ -159,7 +159,7 @@ def write_ring_figure(
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from kgshatter.reproduce import describe, reproduce
+    from kgshatter.reproduction import describe, reproduce
     from kgshatter.sweep import SweepConfig, editor_defaults
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
@@ -354,7 +354,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from kgshatter.evaluate import Evaluator
     from kgshatter.io import write_json_atomic
     from kgshatter.kg.walks import WalkSampler
-    from kgshatter.train import load_run
+    from kgshatter.training import load_run
 
     # everything the user typed is checked before the model is loaded
     method = get_method(args.method)
@@ -490,7 +490,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             raise ValueError("--sweep needs RUN_DIR, the trained run to sweep")
         from kgshatter.benchmark import sweep_benchmark
         from kgshatter.sweep import SweepConfig, editor_defaults
-        from kgshatter.train import load_run
+        from kgshatter.training import load_run
 
         preset = load_run(args.run_dir)[0].name
         config = SweepConfig(

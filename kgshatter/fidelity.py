@@ -247,7 +247,7 @@ def run_study(
     from kgshatter.editing import get_method
     from kgshatter.evaluate import Evaluator
     from kgshatter.sweep import SweepConfig, check_distances, representation_position, run_sweep
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     for editor in editors:
         if editor not in STUDY_EDITORS:

@@ -177,7 +177,7 @@ def run_sweep(
         check_int("edit_batch", edit_batch, 1)
     from kgshatter.editing import CovarianceCache, SyntheticTask, get_method, model_identity
     from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
-    from kgshatter.train import load_run
+    from kgshatter.training import load_run
 
     config = config or SweepConfig()
     run, graph, model, state = load_run(run_dir, device=device)

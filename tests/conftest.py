@@ -32,7 +32,7 @@ def tiny_sampler(tiny_graph, tiny_run):
 @pytest.fixture(scope="session")
 def trained_tiny(tiny_run):
     """The tiny preset trained in memory (seconds); tests must not modify its weights."""
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     return train(tiny_run, None, progress=False)
 
@@ -40,7 +40,7 @@ def trained_tiny(tiny_run):
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory):
     """The tiny preset trained once into a run directory (for the sweep and the CLI)."""
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     train(get_preset("tiny"), out, progress=False)

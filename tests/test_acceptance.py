@@ -9,7 +9,7 @@ import pytest
 
 from kgshatter.evaluate import Evaluator
 from kgshatter.presets import get_preset
-from kgshatter.train import train
+from kgshatter.training import train
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from kgshatter.cli import build_parser
 from kgshatter.evaluate import Evaluator
 from kgshatter.presets import get_preset
 from kgshatter.sweep import editor_defaults
-from kgshatter.train import load_run, train
+from kgshatter.training import load_run, train
 
 
 def test_the_shipped_run_is_the_compressed_preset_and_knows_the_graph(tmp_path):

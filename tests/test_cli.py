@@ -102,7 +102,7 @@ def test_overrides():
 
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory):
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     train(get_preset("tiny"), out, progress=False)
@@ -173,7 +173,7 @@ def test_phase_messages_threads_and_interrupts(tmp_path, capsys, monkeypatch):
     assert main([*args[:-4], "--checkpoint-minutes", "-1", "--out", str(tmp_path / "t")]) == 2
     assert "--checkpoint-minutes must be >= 0" in capsys.readouterr().err
 
-    import kgshatter.train as train_module
+    import kgshatter.training as train_module
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

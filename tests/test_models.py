@@ -149,7 +149,7 @@ def test_unknown_or_unavailable_devices_are_refused():
 @pytest.mark.gpu
 def test_a_training_step_on_cuda(tmp_path):
     from kgshatter.presets import TrainConfig, get_preset
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     tiny = get_preset("tiny")
     run = tiny.replace(train=TrainConfig.from_dict(dict(tiny.train.to_dict(), steps=2)))

@@ -14,11 +14,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_is_light():
     code = (
-        "import sys, kgshatter; print(any(m.startswith(('transformer_lens', 'sklearn', "
-        "'matplotlib')) for m in sys.modules))"
+        "import sys, kgshatter; print(any(m.startswith(('torch', 'transformer_lens', 'sklearn', "
+        "'matplotlib', 'numpy')) for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_public_api_resolves_lazily():
+    import importlib
+
+    import kgshatter as ks
+
+    for name in ks.__all__:
+        value = getattr(ks, name)
+        assert value is getattr(importlib.import_module(ks._EXPORTS[name]), name), name
+    assert set(ks.__all__) <= set(dir(ks))
+    # a submodule import does not replace the function of the same role
+    importlib.import_module("kgshatter.training")
+    assert callable(ks.train) and ks.train.__module__ == "kgshatter.training"
+    with pytest.raises(AttributeError, match="public names are in kgshatter.__all__"):
+        ks.no_such_name  # noqa: B018
 
 
 def test_hooks_are_kgshatter_hooks():

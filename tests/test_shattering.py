@@ -90,7 +90,7 @@ SMALL = SweepConfig(methods=("rome", "memit"), n_edits=1, distances=(1, 3), sequ
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory):
     from kgshatter.presets import get_preset
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     out = tmp_path_factory.mktemp("sweep") / "run"
     train(get_preset("tiny"), out, progress=False)
@@ -190,7 +190,7 @@ def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):
     import math
 
     from kgshatter.presets import get_preset
-    from kgshatter.train import load_run, train
+    from kgshatter.training import load_run, train
 
     base = get_preset("tiny")
     run = base.replace(model=dataclasses.replace(base.model, layer0_attention="self"))
@@ -212,7 +212,7 @@ def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):
 
 def test_older_run_records_without_new_model_fields_still_resume(tmp_path):
     from kgshatter.presets import get_preset
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     run = get_preset("tiny")
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kgshatter.presets import RunConfig, TrainConfig, get_preset
-from kgshatter.train import checkpoints, load_run, lr_at, train
+from kgshatter.training import checkpoints, load_run, lr_at, train
 
 
 def short_run(steps: int = 40) -> RunConfig:
@@ -142,7 +142,7 @@ def test_tiny_learns_direct_recall(trained_tiny):
 
 
 def test_non_finite_loss_stops_before_any_checkpoint(tmp_path, monkeypatch):
-    import kgshatter.train as train_module
+    import kgshatter.training as train_module
 
     original = train_module.loss_fn
     calls = {"n": 0}
@@ -167,7 +167,7 @@ def test_loss_at_entity_positions_equals_the_all_positions_loss(plain):
     from kgshatter.kg.graph import KnowledgeGraph
     from kgshatter.kg.walks import WalkSampler
     from kgshatter.models import build_model
-    from kgshatter.train import loss_fn
+    from kgshatter.training import loss_fn
 
     run = get_preset("tiny")
     graph = KnowledgeGraph.from_config(run.kg)

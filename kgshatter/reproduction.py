@@ -36,7 +36,7 @@ def reproduce(
     checkpoint unless ``from_scratch``.
     """
     from kgshatter.bundled import install_bundled
-    from kgshatter.train import train
+    from kgshatter.training import train
 
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
@@ -100,7 +100,7 @@ def _example_rings(
     from kgshatter.kg.walks import WalkSampler
     from kgshatter.report import rings_before_after
     from kgshatter.sites import Site
-    from kgshatter.train import load_run
+    from kgshatter.training import load_run
 
     method = "rome" if "rome" in sweep.methods else sweep.methods[0]
     rows = [
