@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +65,14 @@ class PlainDecoder(nn.Module):
         b, t = tokens.shape
         x = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
         for blk in self.blocks:
+            blk = cast(nn.ModuleDict, blk)
             a = blk["ln1"](x)
             q, k, v = (
                 blk[n](a).view(b, t, self.n_heads, self.d_head).transpose(1, 2)
                 for n in ("q", "k", "v")
             )
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # [b, h, t, t]
-            scores = scores.masked_fill(self.mask[:t, :t], float("-inf"))
+            scores = scores.masked_fill(cast(torch.Tensor, self.mask)[:t, :t], float("-inf"))
             z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
             x = x + blk["o"](z)
             x = x + blk["fc_out"](self.act(blk["fc_in"](blk["ln2"](x))))
@@ -543,13 +544,13 @@ def pretrained_benchmark(
     result |= {"parameters": pm.n_parameters, "model_bytes": model_bytes,
                "estimated_bytes": pm.estimated_bytes}  # fmt: skip
     task = cyclic_task("months", pm.tokenizer)
-    config = dataclasses.replace(ROME_PRESETS["gpt2-xl"], n_samples=stats_tokens)
+    rome_config = dataclasses.replace(ROME_PRESETS["gpt2-xl"], n_samples=stats_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         cache = CovarianceCache(cache_dir or tmp)
         corpus = TextCorpus(TINY_TEXT * 200, "tiny-text")
         start = time.perf_counter()
         TextTask(model, pm.tokenizer, corpus, cache, seq_len=64).stats(
-            model, config.layer, config.n_samples, config.seed, pm.model_id
+            model, rome_config.layer, rome_config.n_samples, rome_config.seed, pm.model_id
         )
         result["stats_seconds"] = time.perf_counter() - start
         requests = task.counterfactuals(n_edits, seed=0, distance=2)
@@ -559,7 +560,7 @@ def pretrained_benchmark(
         for request in requests:
             text_task = TextTask(model, pm.tokenizer, corpus, cache, seq_len=64)
             start = time.perf_counter()
-            edit = compute_rome(model, text_task, request, config, model_id=pm.model_id)
+            edit = compute_rome(model, text_task, request, rome_config, model_id=pm.model_id)
             seconds.append(time.perf_counter() - start)
             with edited(model, edit):
                 success.append(task.success(model, request))

@@ -163,7 +163,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from kgshatter.sweep import SweepConfig, editor_defaults
 
     run = apply_overrides(get_preset(args.preset), args.set or [])
-    fields: dict[str, Any] = editor_defaults(args.preset)
+    fields: dict[str, Any] = dict(editor_defaults(args.preset))
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.distances:
@@ -263,7 +263,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
     )
     out = check_output_dir(args.out)
     corpus = TextCorpus.from_files(args.corpus) if args.corpus else None
-    items = ()
+    items: Any = ()
     if args.mmlu:
         from kgshatter.mmlu import load_items
 
@@ -496,7 +496,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
         config = SweepConfig(
             methods=tuple(methods), kinds=("counterfactual",), sequential_edits=0,
             n_edits=args.sweep_edits, n_samples=args.samples, max_queries=args.max_queries,
-            **editor_defaults(preset),
+            **dict[str, Any](editor_defaults(preset)),
         )  # fmt: skip
         result["sweep"] = s = sweep_benchmark(args.run_dir, config)
         for b, v in s["batches"].items():
@@ -561,11 +561,13 @@ def format_accuracy(acc: dict[str, dict[str, float | None]]) -> str:
     orders = sorted(acc[tasks[0]], key=lambda o: (o == "all", ROMAN_ORDER.get(o, 99), o))
     lines = ["task           " + "".join(f"{o:>8}" for o in orders)]
     for task in tasks:
-        cells = "".join(
-            f"{'-' if acc[task][o] is None else f'{100 * acc[task][o]:.1f}':>8}" for o in orders
-        )
+        cells = "".join(f"{_points(acc[task][o]):>8}" for o in orders)
         lines.append(f"{task:<15}{cells}")
     return "\n".join(lines)
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def format_rings(summary: dict[str, dict[str, Any]]) -> str:

@@ -69,7 +69,7 @@ class Evaluator:
         self.graph = graph
         self.sampler = sampler
         self.config = config
-        limit = config.max_queries if max_queries == "config" else max_queries
+        limit = config.max_queries if isinstance(max_queries, str) else max_queries
         self.queries = {
             split: QuerySet.build(
                 sampler, split, n_prefixes=config.n_prefixes, seed=config.seed, max_queries=limit

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -40,7 +40,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     import re
     import shutil
 
-    removed = []
+    removed: list[Path] = []
     root = Path(directory)
     if not root.is_dir():
         return removed

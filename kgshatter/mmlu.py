@@ -185,7 +185,11 @@ class MMLUResult:
     generations: list[str] = field(default_factory=list)
 
     def to_dict(self, with_generations: bool = False) -> dict[str, Any]:
-        out = {"accuracy": self.accuracy, "no_answer_rate": self.no_answer_rate, "n": self.n}
+        out: dict[str, Any] = {
+            "accuracy": self.accuracy,
+            "no_answer_rate": self.no_answer_rate,
+            "n": self.n,
+        }
         out["answers"] = self.answers
         if with_generations:
             out["generations"] = self.generations

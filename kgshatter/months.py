@@ -182,7 +182,7 @@ def run_months(
         # representations below the edited layer cannot change: choose among the layers from
         # the (last) edited one up, the clearest ring there (cyclic) or the last layer (tree)
         top_edited = max(getattr(edit_config, "edit_layers", (0,)))
-        above = [s for s in sites if s.layer >= top_edited]
+        above = [s for s in sites if s.layer is not None and s.layer >= top_edited]
         site = above[-1]
         if cyclic:
             site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
@@ -227,7 +227,7 @@ def run_months(
             seconds = time.perf_counter() - start
             with edited(model, edit):
                 after = task.representations(model, [site])[site]
-                row = {
+                row: dict[str, Any] = {
                     "distance": distance,
                     "index": i,
                     "request": request.to_dict(),

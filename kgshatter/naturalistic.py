@@ -16,7 +16,7 @@ and the ring metrics of :mod:`kgshatter.analysis` apply unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,7 +240,7 @@ class TreeTask(FactTask):
     """Subjects grouped under parents (city -> country): a tree, not a ring."""
 
     def __init__(
-        self, name: str, groups: dict[str, Sequence[str]], prompt: str, tokenizer: Any
+        self, name: str, groups: Mapping[str, Sequence[str]], prompt: str, tokenizer: Any
     ) -> None:
         subjects = [s for members in groups.values() for s in members]
         parent = {s: p for p, members in groups.items() for s in members}

@@ -134,7 +134,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"RunConfig needs a dict, got {type(data).__name__}")
-        parts = {
+        parts: dict[str, Any] = {
             "kg": KGConfig,
             "walks": WalkConfig,
             "model": ModelConfig,

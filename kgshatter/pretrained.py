@@ -199,22 +199,22 @@ def load_pretrained(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    device = resolve_device(device)
+    dev = resolve_device(device)
     path, name = resolve_checkpoint(name_or_path)
     family = checkpoint_family(path)
     n_params = estimate_parameters(path)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     estimate = int(n_params * itemsize * MEMORY_MARGIN)
     if check_memory:
-        free = available_bytes(device)
+        free = available_bytes(dev)
         if estimate > free:
             raise MemoryError(
                 f"{name} ({n_params / 1e9:.2f} B parameters) needs about {estimate / 2**30:.1f} "
-                f"GiB in {dtype} on {device}, but only {free / 2**30:.1f} GiB is free. Use "
+                f"GiB in {dtype} on {dev}, but only {free / 2**30:.1f} GiB is free. Use "
                 f"dtype='bfloat16', another device, or check_memory=False to try anyway"
             )
     try:
-        model, tokenizer = _boot(path, name, family, DTYPES[dtype], device)
+        model, tokenizer = _boot(path, name, family, DTYPES[dtype], dev)
     except Exception as err:
         # the traceback's frames hold the partial model: drop them so its memory is freed now
         traceback.clear_frames(err.__traceback__)
@@ -313,7 +313,7 @@ def tiny_checkpoint(family: str, path: str | os.PathLike[str], seed: int = 0) ->
     vocab = len(tokenizer)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family == "gpt2":
-        config = GPT2Config(
+        config: Any = GPT2Config(
             vocab_size=vocab,
             n_positions=s["n_ctx"],
             n_embd=s["d_model"],
@@ -322,7 +322,7 @@ def tiny_checkpoint(family: str, path: str | os.PathLike[str], seed: int = 0) ->
             n_inner=s["d_mlp"],
             **ids,
         )
-        cls = GPT2LMHeadModel
+        cls: Any = GPT2LMHeadModel
     elif family == "llama":
         config = LlamaConfig(
             vocab_size=vocab,

@@ -235,7 +235,11 @@ def run_sweep(
     # R = 0 whatever the edit did: "auto" never picks one
     edit_layers = [getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods]
     lowest = min(min(layers) for layers in edit_layers)
-    reachable = [s for s in live if not (s.component == "mlp_post" and s.layer <= lowest)]
+    reachable = [
+        s
+        for s in live
+        if not (s.component == "mlp_post" and s.layer is not None and s.layer <= lowest)
+    ]
     site = chosen or best_ring_site(base, graph, reachable or live)
 
     def measure(m: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,7 +305,7 @@ class TextTask:
     def describe(self, request: TextRequest) -> str:
         return request.describe()
 
-    def request_from_dict(self, data: dict[str, Any]) -> TextRequest:
+    def request_from_dict(self, data: Mapping[str, Any]) -> TextRequest:
         return TextRequest(**data)
 
     # -- statistics ------------------------------------------------------------------------

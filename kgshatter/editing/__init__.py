@@ -43,7 +43,7 @@ class Method:
     """One editing method: its config class, presets, compute function and capabilities."""
 
     name: str
-    config_class: type
+    config_class: type[Any]  # a ConfigDict dataclass: from_dict / to_dict
     compute: Callable[..., Edit]
     presets: dict[str, Any]
     batch: bool  # edits several requests in one solve

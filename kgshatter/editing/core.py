@@ -18,10 +18,10 @@ Every method is a small solve step over these pieces (README, "Editing"):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -31,6 +31,12 @@ from kgshatter.editing.requests import EditRequest, request_prompts
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import ConfigDict, check_bool, check_choice, check_float, check_int
+
+if TYPE_CHECKING:
+    from kgshatter.text import TextRequest
+
+# a request a task understands: a graph fact (SyntheticTask) or a text fact (TextTask)
+Request = Union[EditRequest, "TextRequest"]
 
 # where keys are read and values written: the subject's last token, or the prompt's last token
 # (in a synthetic prompt "... x r" the relation token)
@@ -220,6 +226,34 @@ def check_layers(name: str, layers: Sequence[int]) -> None:
         raise ValueError(f"{name} must be strictly ascending without repeats, got {layers}")
 
 
+class EditTask(Protocol):
+    """What every editing method reads from a task: its prompts, target token and key
+    statistics. :class:`SyntheticTask` (a trained graph) and :class:`kgshatter.text.TextTask`
+    (a pretrained model and a corpus) implement it; a new domain implements these methods."""
+
+    def prompts(
+        self, request: Any, n_prompts: int, seed: int
+    ) -> tuple[Prompts, Prompts | None]: ...
+
+    def reference_prompts(
+        self, request: Any, n_prompts: int, seed: int
+    ) -> tuple[Prompts, Prompts | None]: ...
+
+    def bare_prompt(self, request: Any) -> Prompts: ...
+
+    def target_token(self, request: Any) -> int: ...
+
+    def fact(self, request: Any) -> tuple[Any, Any]: ...
+
+    def describe(self, request: Any) -> str: ...
+
+    def request_from_dict(self, data: Mapping[str, Any]) -> Any: ...
+
+    def stats(
+        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+    ) -> SecondMoment: ...
+
+
 class SyntheticTask:
     """Prompts and key statistics for a model trained on ``sampler.graph``.
 
@@ -283,7 +317,7 @@ class SyntheticTask:
     def describe(self, request: EditRequest) -> str:
         return request.describe(self.graph)
 
-    def request_from_dict(self, data: dict[str, Any]) -> EditRequest:
+    def request_from_dict(self, data: Mapping[str, Any]) -> EditRequest:
         return EditRequest(**data)
 
     def stats(

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -142,8 +142,8 @@ class Edit:
     """
 
     method: str
-    deltas: tuple[LayerDelta, ...]
-    requests: tuple[Mapping[str, Any], ...]
+    deltas: Sequence[LayerDelta]  # stored as a tuple
+    requests: Sequence[Mapping[str, Any]]  # stored as a tuple of read-only mappings
     config: Mapping[str, Any]
     model_id: str
     info: Mapping[str, Any] = field(default_factory=dict)
@@ -302,7 +302,7 @@ class WeightPatch:
     write) is refused with an error instead of overwriting that change.
     """
 
-    def __init__(self, model: Any, deltas: list[LayerDelta], module: str = "mlp") -> None:
+    def __init__(self, model: Any, deltas: Sequence[LayerDelta], module: str = "mlp") -> None:
         weights = [edit_weight(model, d.layer, module) for d in deltas]  # all checked first
         for d, w in zip(deltas, weights, strict=True):
             if tuple(d.dense.shape) != tuple(w.shape):

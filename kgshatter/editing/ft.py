@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from kgshatter.editing.core import (
+    EditTask,
     Prompts,
-    SyntheticTask,
+    Request,
     as_requests,
     check_changes_answer,
     frozen_weights,
@@ -25,7 +26,6 @@ from kgshatter.editing.core import (
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
-from kgshatter.editing.requests import EditRequest
 from kgshatter.hooks import low_rank_delta
 from kgshatter.sites import edit_module, edit_sites, edit_weight
 from kgshatter.validation import ConfigDict, check_float, check_int
@@ -71,8 +71,8 @@ FT_PRESETS = {
 
 def compute_ft(
     model: Any,
-    task: SyntheticTask,
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: FTConfig = FTConfig(),
     *,
     model_id: str | None = None,

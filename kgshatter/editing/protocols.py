@@ -139,14 +139,7 @@ class EditScorer:
         """Accuracy per split and order now, and its change from the unedited baseline."""
         acc = self.evaluator.accuracy(model)
         change = {
-            split: {
-                k: (
-                    None
-                    if v is None or self.baseline[split][k] is None
-                    else v - self.baseline[split][k]
-                )  # fmt: skip
-                for k, v in by_order.items()
-            }
+            split: {k: _minus(v, self.baseline[split][k]) for k, v in by_order.items()}
             for split, by_order in acc.items()
         }
         return {"accuracy": acc, "accuracy_change": change}
@@ -160,6 +153,10 @@ class ProtocolResult:
     method: str
     records: list[dict[str, Any]]
     edits: list[Edit]
+
+
+def _minus(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value - base
 
 
 def describe_requests(graph: KnowledgeGraph, requests: Sequence[EditRequest]) -> list[dict]:

@@ -25,7 +25,8 @@ import torch
 
 from kgshatter.editing.core import (
     AlreadyAnswered,
-    SyntheticTask,
+    EditTask,
+    Request,
     TargetConfig,
     as_requests,
     mean_activations,
@@ -117,8 +118,8 @@ ROME_PRESETS = {
 
 def compute_rome(
     model: Any,
-    task: SyntheticTask,  # or any task with its methods, e.g. kgshatter.text.TextTask
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: ROMEConfig = ROMEConfig(),
     *,
     model_id: str | None = None,
@@ -144,7 +145,7 @@ def compute_rome(
 
 def compute_rome_many(
     model: Any,
-    task: SyntheticTask,
+    task: EditTask,
     requests: Sequence[EditRequest],
     config: ROMEConfig = ROMEConfig(),
     *,
@@ -160,7 +161,7 @@ def compute_rome_many(
     out, problems, positions = prepare_problems(model, task, requests, config, skip_answered=True)
     todo = [(i, requests[i]) for i in positions]
     if not problems:
-        return out  # type: ignore[return-value]
+        return out
     results = optimize_many(model, [out_hook], problems, **config.optimisation())
     device = next(model.parameters()).device
     k_stars = mean_keys(model, config.layer, [out[i] for i in positions], pos)  # [n, d_mlp] f64
@@ -168,7 +169,7 @@ def compute_rome_many(
         out[slot] = _rome_edit(
             model, task, request, config, target, k_star, module, out_hook, model_id, device
         )
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _rome_edit(

@@ -34,8 +34,9 @@ import torch
 
 from kgshatter.editing.core import (
     AlreadyAnswered,
+    EditTask,
     Prompts,
-    SyntheticTask,
+    Request,
     TargetConfig,
     as_requests,
     check_layers,
@@ -45,7 +46,6 @@ from kgshatter.editing.core import (
 )
 from kgshatter.editing.covariance import SecondMoment
 from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
-from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import TargetResult, optimize_many, prepare_problems
 from kgshatter.hooks import edited
 from kgshatter.sites import Site, edit_module, edit_sites
@@ -104,22 +104,33 @@ class PMETConfig(MEMITConfig):
 # AlphaEdit: jianghoucheng/AlphaEdit hparams/AlphaEdit/{gpt2-xl,Llama3-8B}.json; PMET: no public
 # GPT-2-XL config exists, derived from PMET's GPT-J one (lr, clamp, KL 1.0) with MEMIT's GPT-2-XL
 # layers and lambda (our derivation). Synthetic presets: measured on the cpu model (README).
-_GPT2_XL = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0.5,
+_GPT2_XL: dict[str, Any] = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0.5,
             "weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
             "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6,
             "reference": True}  # fmt: skip
-_LLAMA3_8B = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
+_LLAMA3_8B: dict[str, Any] = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
 # subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
 # target sits on layer 0's output; steps and clamp as ROME's measured ones
-_SUBJECT = {"position": "subject", "steps": 100, "clamp_norm_factor": 0.5, "layers": (0,)}
+_SUBJECT: dict[str, Any] = {
+    "position": "subject",
+    "steps": 100,
+    "clamp_norm_factor": 0.5,
+    "layers": (0,),
+}
 # the fidelity study's editors (README, "The fidelity study"): the target optimisation in
 # units of ||h0|| like ROME's synthetic-relative presets
-_RELATIVE = {"relative": True, "lr": 0.05, "steps": 200}
+_RELATIVE: dict[str, Any] = {"relative": True, "lr": 0.05, "steps": 200}
 # the tiny random checkpoints of kgshatter.pretrained.tiny_checkpoint (tests, tutorials):
 # measured, the relation (last) position edits them; at the subject token the random
 # attention carries too little to the last token for any delta to move the answer
-_TINY = {"layers": (1, 2), "position": "relation", "n_prompts": 5, "steps": 30, "n_samples": 4096}
+_TINY: dict[str, Any] = {
+    "layers": (1, 2),
+    "position": "relation",
+    "n_prompts": 5,
+    "steps": 30,
+    "n_samples": 4096,
+}
 MEMIT_PRESETS = {
     "synthetic": MEMITConfig(),
     "tiny-pretrained": MEMITConfig(**_TINY),
@@ -193,7 +204,7 @@ def null_space_projector(stats: SecondMoment, threshold: float, kind: str) -> to
 
 
 def _memit_solver(
-    model: Any, task: SyntheticTask, config: MEMITConfig, model_id: str
+    model: Any, task: EditTask, config: MEMITConfig, model_id: str
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """MEMIT's (and PMET's) per-layer solve ``(lambda C + K^T K)^-1 K^T`` (keys as rows),
     via Woodbury on the layer's stored eigendecomposition of C."""
@@ -250,8 +261,8 @@ def _spread_many(compute: Callable[..., Edit], hooks: Callable[[Any, Any], list[
 def _spread_edit(
     method: str,
     model: Any,
-    task: SyntheticTask,
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: MEMITConfig,
     *,
     target_hooks: list[str],
@@ -276,7 +287,7 @@ def _spread_edit(
     last = config.layers[-1]
     pos = config.position
     if targets is None:
-        targets = _spread_targets(model, task, requests, config, target_hooks)  # type: ignore[assignment]
+        targets = _spread_targets(model, task, requests, config, target_hooks)
     prompt_sets = [p for p, _ in targets]
     losses = [t.nll for _, t in targets]
     z = torch.stack([t.h0s[-1].double() + t.deltas[-1].double() for _, t in targets]).cpu()
@@ -320,8 +331,8 @@ def _spread_edit(
 
 def compute_memit(
     model: Any,
-    task: SyntheticTask,
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: MEMITConfig = MEMITConfig(),
     *,
     model_id: str | None = None,
@@ -367,8 +378,8 @@ def _pmet_hooks(model: Any, config: MEMITConfig) -> list[str]:
 
 def compute_pmet(
     model: Any,
-    task: SyntheticTask,
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: PMETConfig = PMETConfig(),
     *,
     model_id: str | None = None,
@@ -396,8 +407,8 @@ def compute_pmet(
 
 def compute_alphaedit(
     model: Any,
-    task: SyntheticTask,
-    requests: Sequence[EditRequest] | EditRequest,
+    task: EditTask,
+    requests: Sequence[Request] | Request,
     config: AlphaEditConfig = AlphaEditConfig(),
     *,
     model_id: str | None = None,

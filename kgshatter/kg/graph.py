@@ -95,7 +95,7 @@ class KnowledgeGraph:
             positions[o, rings[o]] = np.arange(n)
         self.positions = _readonly(positions)
 
-        rels = []
+        rels: list[Relation] = []
         for o in range(k):
             for direction in (1, -1):
                 for h in range(1, config.max_hops + 1):
