@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
 
@@ -113,7 +116,7 @@ def low_rank_delta(
 
 
 @contextmanager
-def edited(model: Any, *edits: Any, force: bool = False) -> Iterator[Any]:
+def edited(model: TransformerBridge, *edits: Any, force: bool = False) -> Iterator[Any]:
     """``with edited(model, edit1, edit2): ...`` runs the model with the edits as hooks.
 
     Each edit is an object with ``hooks() -> list[(name, fn)]`` (a kgshatter ``Edit``) or such a

@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.models import ModelConfig, build_model, use_native_layernorm
 from kgshatter.presets import RunConfig
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 class PlainDecoder(nn.Module):
@@ -82,7 +85,9 @@ class PlainDecoder(nn.Module):
         return self.unembed(x)
 
 
-def all_positions_loss(model: Any, tokens: torch.Tensor, n_entities: int) -> torch.Tensor:
+def all_positions_loss(
+    model: TransformerBridge, tokens: torch.Tensor, n_entities: int
+) -> torch.Tensor:
     """The entity-target loss with logits computed at every position, then masked.
 
     How :func:`kgshatter.training.loss_fn` worked before it computed logits only where the loss
@@ -136,7 +141,7 @@ def throughput_benchmark(
             use_native_layernorm(model, enabled=False)
         return model
 
-    models = {name: build(name) for name in variants}
+    models: dict[str, Any] = {name: build(name) for name in variants}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=run.train.lr) for k, m in models.items()}
     batches = [sampler.batch_for_step(i, run.train.batch_size, run.train.seed) for i in range(8)]
     tokens_per_step = run.train.batch_size * run.walks.n_ctx

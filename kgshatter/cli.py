@@ -14,12 +14,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kgshatter.io import check_output_dir, check_output_file
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import PRESETS, apply_overrides, get_preset
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
 
@@ -129,7 +132,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def write_ring_figure(
-    evaluator: Any, model: Any, result: dict[str, Any], path: str, site: str | None, method: str
+    evaluator: Any,
+    model: TransformerBridge,
+    result: dict[str, Any],
+    path: str,
+    site: str | None,
+    method: str,
 ) -> Path:
     """Each order's entities in 2-D at ``site`` (default: that order's best site by ``method``)."""
     from kgshatter.analysis.representations import collect_representations

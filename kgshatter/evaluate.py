@@ -9,7 +9,7 @@ of floats, ready for JSON.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,12 +21,17 @@ from kgshatter.models import last_position_logits
 from kgshatter.presets import EvalConfig, RunConfig
 from kgshatter.sites import Site, all_sites
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 # where the ring code is strongest in trained models (MLP hidden layer) and the block outputs
 RING_COMPONENTS = ("mlp_post", "resid_post")
 
 
 @torch.inference_mode()
-def query_probs(model: Any, queries: QuerySet, batch_size: int = 1024) -> torch.Tensor:
+def query_probs(
+    model: TransformerBridge, queries: QuerySet, batch_size: int = 1024
+) -> torch.Tensor:
     """Next-token probabilities at the query position, averaged over prefixes: [query, vocab]."""
     q, k, seq = queries.tokens.shape
     flat = queries.tokens.reshape(q * k, seq)
@@ -84,7 +89,7 @@ class Evaluator:
     ):
         return cls(graph, WalkSampler(graph, run.walks), run.eval, max_queries)
 
-    def accuracy(self, model: Any) -> dict[str, dict[str, float | None]]:
+    def accuracy(self, model: TransformerBridge) -> dict[str, dict[str, float | None]]:
         """``{split: {order: accuracy, "all": accuracy}}``."""
         result = {}
         for split, qs in self.queries.items():
@@ -102,7 +107,7 @@ class Evaluator:
         return self._ring_tokens[order]
 
     def rings(
-        self, model: Any, sites: list[Site] | None = None
+        self, model: TransformerBridge, sites: list[Site] | None = None
     ) -> dict[str, dict[str, dict[str, float]]]:
         """``{order: {site: {metric: value}}}`` at every site (default: embedding + each block)."""
         sites = sites or all_sites(model.cfg.n_layers, RING_COMPONENTS)
@@ -119,7 +124,7 @@ class Evaluator:
             }
         return result
 
-    def __call__(self, model: Any, rings: bool = True) -> dict[str, Any]:
+    def __call__(self, model: TransformerBridge, rings: bool = True) -> dict[str, Any]:
         was_training = model.training
         model.eval()
         try:

@@ -20,7 +20,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 LETTERS = "ABCDEFGHIJ"
 HUB_DATASET = "edinburgh-dawg/mmlu-redux-2.0"
@@ -214,7 +217,7 @@ def score(items: Sequence[MMLUItem], generations: Sequence[str]) -> MMLUResult:
 
 
 def generate(
-    model: Any,
+    model: TransformerBridge,
     tokenizer: Any,
     prompts: Sequence[str],
     max_new_tokens: int = 512,
@@ -238,7 +241,7 @@ def generate(
         else p
         for p in prompts
     ]
-    hf = model.original_model
+    hf: Any = model.original_model  # the Hugging Face model under the bridge
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -272,7 +275,7 @@ def generate(
 
 
 def evaluate(
-    model: Any,
+    model: TransformerBridge,
     tokenizer: Any,
     items: Sequence[MMLUItem],
     max_new_tokens: int = 512,

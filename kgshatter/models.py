@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int, resolve_device
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 ACT_FNS = ("gelu", "relu", "gelu_new", "silu")
 NORMALIZATIONS = ("LN", "RMS")
@@ -87,7 +90,9 @@ class ModelConfig(ConfigDict):
         return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
 
 
-def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | None = None) -> Any:
+def build_model(
+    config: ModelConfig, d_vocab: int, device: str | torch.device | None = None
+) -> TransformerBridge:
     """A freshly initialised ``TransformerBridge``, seeded by ``config.seed``, on ``device``.
 
     The global RNG is left untouched (``boot_native`` forks it). The weights are initialised
@@ -133,7 +138,7 @@ def build_model(config: ModelConfig, d_vocab: int, device: str | torch.device | 
     return model
 
 
-def use_native_layernorm(model: Any, enabled: bool = True) -> Any:
+def use_native_layernorm(model: TransformerBridge, enabled: bool = True) -> Any:
     """Run every LayerNorm through its torch module instead of the bridge's Python re-derivation.
 
     TransformerLens's ``use_native_layernorm_autograd`` mode (the one it uses for vision
@@ -154,7 +159,9 @@ def use_native_layernorm(model: Any, enabled: bool = True) -> Any:
     return model
 
 
-def logits_at(model: Any, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def logits_at(
+    model: TransformerBridge, tokens: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits ``[len(rows), d_vocab]`` at the flattened positions ``rows`` of ``tokens`` only.
 
     The unembedding is the largest matrix of a narrow model with a large vocabulary (the paper's
@@ -178,7 +185,7 @@ def logits_at(model: Any, tokens: torch.Tensor, rows: torch.Tensor | None = None
     return logits.reshape(-1, logits.shape[-1])
 
 
-def last_position_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def last_position_logits(model: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token logits ``[batch, vocab]`` at the last position of each row of ``tokens``,
     with the unembedding computed there only (what every evaluation query reads)."""
     batch, seq = tokens.shape
@@ -191,7 +198,7 @@ def _original(module: Any) -> Any:
     return getattr(module, "_original_component", module)
 
 
-def is_tied(model: Any) -> bool:
+def is_tied(model: TransformerBridge) -> bool:
     """Whether the model's unembedding shares its parameter with the token embedding."""
     native = model.original_model
     return _original(native.head).weight is _original(native.tok_embed).weight
@@ -203,7 +210,7 @@ def attend_to_self(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
     return eye.expand_as(pattern).clone()
 
 
-def model_state(model: Any) -> dict[str, torch.Tensor]:
+def model_state(model: TransformerBridge) -> dict[str, torch.Tensor]:
     """The model's weights as a flat, contiguous state dict (what checkpoints store).
 
     A tensor that shares storage with an earlier one (the tied unembedding) is copied, since
@@ -220,7 +227,7 @@ def model_state(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: Any, path: str | os.PathLike[str]) -> Path:
+def save_weights(model: TransformerBridge, path: str | os.PathLike[str]) -> Path:
     """Write the weights as safetensors atomically."""
     from safetensors.torch import save_file
 
@@ -230,7 +237,7 @@ def save_weights(model: Any, path: str | os.PathLike[str]) -> Path:
     return write_atomic(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
+def load_weights(model: TransformerBridge, path: str | os.PathLike[str]) -> Any:
     """Load safetensors weights into ``model``, refusing mismatched keys or shapes."""
     from kgshatter.io import load_safetensors
 

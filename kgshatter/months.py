@@ -15,13 +15,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kgshatter.io import remove_stale_temporaries
 from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +288,7 @@ def _ring(reps: Any, task: Any) -> dict[str, float]:
 
 
 def _mmlu(
-    model: Any, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
+    model: TransformerBridge, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
 ) -> dict[str, Any]:
     from kgshatter.mmlu import evaluate
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from kgshatter.editing.core import Prompts, last_logits
 from kgshatter.sites import Site
 from kgshatter.text import TextRequest, continuation_tokens, encode_prompts
 from kgshatter.validation import check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 MONTHS = (
     "January",
@@ -141,7 +144,7 @@ class FactTask:
     @torch.inference_mode()
     def predictions(
         self,
-        model: Any,
+        model: TransformerBridge,
         queries: Sequence[Query] | None = None,
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         batch_size: int = 64,
@@ -158,7 +161,7 @@ class FactTask:
 
     def accuracy(
         self,
-        model: Any,
+        model: TransformerBridge,
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         exclude: Sequence[TextRequest] = (),
     ) -> float:
@@ -169,7 +172,10 @@ class FactTask:
         return float(np.mean([p == q.answer for p, q in zip(preds, queries, strict=True)]))
 
     def success(
-        self, model: Any, request: TextRequest, fwd_hooks: Sequence[tuple[str, Any]] = ()
+        self,
+        model: TransformerBridge,
+        request: TextRequest,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
     ) -> bool:
         """Whether the model now ranks the request's target first among the candidates."""
         query = Query(request.subject, request.prompt, request.target)
@@ -177,7 +183,10 @@ class FactTask:
 
     @torch.inference_mode()
     def representations(
-        self, model: Any, sites: Sequence[Site], fwd_hooks: Sequence[tuple[str, Any]] = ()
+        self,
+        model: TransformerBridge,
+        sites: Sequence[Site],
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
     ) -> dict[Site, Float[torch.Tensor, "subject d"]]:
         """Each subject's state at its last token, averaged over :attr:`contexts` (float32)."""
         sites = [s.check(model.cfg.n_layers) for s in sites]
@@ -193,8 +202,8 @@ class FactTask:
             store[hook.name] = activation[rows, idx].float().cpu()
 
         hooks = [*fwd_hooks, *[(n, reader) for n in names]]
-        model.run_with_hooks(prompts.tokens.to(device), fwd_hooks=hooks)
-        canonical = {n: model.hook_dict[n].name for n in names}
+        model.run_with_hooks(prompts.tokens.to(device), fwd_hooks=cast(list[Any], hooks))
+        canonical = {n: str(model.hook_dict[n].name) for n in names}
         k = len(self.contexts)
         return {s: store[canonical[s.hook_name]].reshape(self.n, k, -1).mean(1) for s in sites}
 

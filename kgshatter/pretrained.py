@@ -22,12 +22,15 @@ import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kgshatter.io import read_json
 from kgshatter.validation import resolve_device
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class PretrainedModel:
     names, sizes and first and last megabytes (hashing every byte of an 8B model takes minutes).
     """
 
-    model: Any
+    model: TransformerBridge
     tokenizer: Any
     name: str
     family: str

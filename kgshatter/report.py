@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from kgshatter.io import write_atomic
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import pyplot, ring_figure, save_figure
 from kgshatter.sweep import SweepResult, accuracy_drop
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # ROME on the paper's synthetic model, change in accuracy in points (direct, logical, comp.)
 PAPER_ACCURACY_CHANGE = {
@@ -417,7 +420,12 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
 
 
 def rings_before_after(
-    model: Any, edit: Any, evaluator: Any, site: Any, label: str, position: str = "relation"
+    model: TransformerBridge,
+    edit: Any,
+    evaluator: Any,
+    site: Any,
+    label: str,
+    position: str = "relation",
 ) -> dict:
     """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
     from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction

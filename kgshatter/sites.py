@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 COMPONENTS = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -82,7 +85,7 @@ class Site:
 EDIT_MODULES = {"mlp": ("mlp_post", "mlp_out"), "mixer": ("mixer_key", "mixer_out")}
 
 
-def edit_module(model: Any) -> str:
+def edit_module(model: TransformerBridge) -> str:
     """``"mixer"`` for state-space (Mamba) blocks, whose ``out_proj`` is edited; else ``"mlp"``."""
     return "mixer" if COMPONENTS["mixer_key"].format(layer=0) in model.hook_dict else "mlp"
 
@@ -99,7 +102,7 @@ def edit_sites(module: str, layer: int) -> tuple[Site, Site]:
     return Site(layer, key), Site(layer, out)
 
 
-def edit_weight(model: Any, layer: int, module: str) -> Any:
+def edit_weight(model: TransformerBridge, layer: int, module: str) -> Any:
     """The edited matrix as a writable ``[d_in, d_out]`` view (``out = key @ W``).
 
     MLP: ``blocks[layer].mlp.W_out``. Mamba: ``mixer.out_proj.weight`` is an ``nn.Linear``

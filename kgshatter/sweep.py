@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from kgshatter.kg.walks import SPLITS, WalkSampler
 from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ def editor_defaults(preset: str) -> dict[str, str]:
     return {"editor_preset": editor, "position": position}
 
 
-def default_edit_batch(model: Any) -> int:
+def default_edit_batch(model: TransformerBridge) -> int:
     """12 for narrow models (d_model <= 32), 1 otherwise: grouping pays only where one
     request's forward passes are too small to keep the CPU busy. Measured on 2 cores
     (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits): the ``compressed`` model

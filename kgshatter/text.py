@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -37,6 +37,9 @@ from kgshatter.editing.covariance import (
 from kgshatter.io import read_json, read_jsonl
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ class TextTask:
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         tokenizer: Any,
         corpus: TextCorpus | None = None,
         cache: CovarianceCache | None = None,
@@ -310,7 +313,7 @@ class TextTask:
 
     # -- statistics ------------------------------------------------------------------------
     def stats(
-        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+        self, model: TransformerBridge, layer: int, n_samples: int, seed: int, model_id: str
     ) -> SecondMoment:
         """C at ``layer``'s edited-matrix keys over up to ``n_samples`` corpus tokens."""
         memo = (model_id, layer, n_samples, seed)
@@ -349,7 +352,7 @@ class TextTask:
 
 @torch.inference_mode()
 def sample_text(
-    model: Any, tokenizer: Any, n: int, length: int, seed: int, top_k: int = 5
+    model: TransformerBridge, tokenizer: Any, n: int, length: int, seed: int, top_k: int = 5
 ) -> list[str]:
     """``n`` texts of ``length`` tokens sampled from the model (top-k), starting from BOS/EOS.
 

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from kgshatter.kg.walks import WalkSampler
 from kgshatter.models import build_model, load_weights, logits_at, save_weights
 from kgshatter.presets import RunConfig
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "kgshatter.run/1"
@@ -48,7 +51,7 @@ CHECKPOINT_PREFIX = "step_"
 
 @dataclass
 class TrainResult:
-    model: Any
+    model: TransformerBridge
     graph: KnowledgeGraph
     run: RunConfig
     history: list[dict[str, Any]]
@@ -71,7 +74,7 @@ def lr_at(step: int, run: RunConfig) -> float:
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: Any, run: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(model: TransformerBridge, run: RunConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only (nanoGPT's grouping)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -86,7 +89,9 @@ def make_optimizer(model: Any, run: RunConfig) -> torch.optim.AdamW:
     )
 
 
-def loss_fn(model: Any, tokens: torch.Tensor, n_entities: int, positions: str) -> torch.Tensor:
+def loss_fn(
+    model: TransformerBridge, tokens: torch.Tensor, n_entities: int, positions: str
+) -> torch.Tensor:
     """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]``.
 
     ``positions="entities"``: only where the target is an entity, and the logits are computed
@@ -185,7 +190,11 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
 
 
 def save_checkpoint(
-    out_dir: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
+    out_dir: Path,
+    model: TransformerBridge,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
 ) -> Path:
     """Write a checkpoint folder atomically and prune all but the newest ``keep``."""
     root = out_dir / "checkpoints"
@@ -233,7 +242,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 def load_run(
     out_dir: str | os.PathLike[str], device: str | torch.device | None = None
-) -> tuple[RunConfig, KnowledgeGraph, Any, dict[str, Any]]:
+) -> tuple[RunConfig, KnowledgeGraph, TransformerBridge, dict[str, Any]]:
     """``(run, graph, model, state)`` from a run directory's newest checkpoint.
 
     Refuses a directory whose graph does not match its run record or whose files are missing.

@@ -13,16 +13,19 @@ recipe's about 11 at every d).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kgshatter.kg.graph import relation_name
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 
 @torch.inference_mode()
 def ring_margins(
-    model: Any,
+    model: TransformerBridge,
     evaluator: Any,
     order: int = 0,
     distances: Sequence[int] = (1, 2, 3, 4),

@@ -8,13 +8,16 @@ All requested sites come from one cached forward pass, so a layer sweep costs on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
 from kgshatter.kg.walks import WalkSampler, step_generator
 from kgshatter.sites import Site
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 POSITIONS = ("relation", "entity")
 
@@ -33,7 +36,7 @@ def entity_query_tokens(
 
 @torch.inference_mode()
 def collect_representations(
-    model: Any,
+    model: TransformerBridge,
     tokens: Int[torch.Tensor, "item prefix seq"],
     sites: Sequence[Site],
     position: str = "relation",
@@ -64,5 +67,5 @@ def collect_representations(
     return {s: torch.cat(v).reshape(items, k, -1).mean(1) for s, v in out.items()}
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: TransformerBridge) -> torch.device:
     return next(model.parameters()).device

@@ -33,6 +33,9 @@ from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import ConfigDict, check_bool, check_choice, check_float, check_int
 
 if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+if TYPE_CHECKING:
     from kgshatter.text import TextRequest
 
 # a request a task understands: a graph fact (SyntheticTask) or a text fact (TextTask)
@@ -204,7 +207,7 @@ def reject_state(method: str, state: Any) -> None:
 
 
 @contextmanager
-def frozen_weights(model: Any) -> Iterator[None]:
+def frozen_weights(model: TransformerBridge) -> Iterator[None]:
     """No weight receives gradients inside the block (restored on exit, even on error)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -250,7 +253,7 @@ class EditTask(Protocol):
     def request_from_dict(self, data: Mapping[str, Any]) -> Any: ...
 
     def stats(
-        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+        self, model: TransformerBridge, layer: int, n_samples: int, seed: int, model_id: str
     ) -> SecondMoment: ...
 
 
@@ -321,7 +324,7 @@ class SyntheticTask:
         return EditRequest(**data)
 
     def stats(
-        self, model: Any, layer: int, n_samples: int, seed: int, model_id: str
+        self, model: TransformerBridge, layer: int, n_samples: int, seed: int, model_id: str
     ) -> SecondMoment:
         """``C = E[k k^T]`` at ``layer``'s MLP keys from ``n_samples`` validation walks."""
         memo = (model_id, layer, n_samples, seed)
@@ -333,7 +336,7 @@ class SyntheticTask:
 
 
 def synthetic_stats(
-    model: Any,
+    model: TransformerBridge,
     sampler: WalkSampler,
     layer: int,
     n_samples: int,
@@ -371,7 +374,7 @@ def synthetic_stats(
 
 
 def mean_activations(
-    model: Any,
+    model: TransformerBridge,
     hook_name: str,
     prompts: Sequence[Prompts],
     position: str,
@@ -402,7 +405,7 @@ def mean_activations(
 
 
 def mean_keys(
-    model: Any,
+    model: TransformerBridge,
     layer: int,
     prompts: Sequence[Prompts],
     position: str,
@@ -419,7 +422,7 @@ class AlreadyAnswered(ValueError):
 
 
 def last_logits(
-    model: Any, prompts: Prompts, fwd_hooks: Sequence[tuple[str, Any]] = ()
+    model: TransformerBridge, prompts: Prompts, fwd_hooks: Sequence[tuple[str, Any]] = ()
 ) -> Float[torch.Tensor, "p vocab"]:
     """Next-token logits at each row's last real token."""
     device = next(model.parameters()).device
@@ -428,7 +431,7 @@ def last_logits(
 
 
 def check_changes_answer(
-    model: Any,
+    model: TransformerBridge,
     task: Any,
     request: Any,
     prompts: Prompts,

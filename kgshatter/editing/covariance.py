@@ -15,13 +15,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 
 from kgshatter.io import remove_stale_temporaries, write_atomic
 from kgshatter.sites import Site
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class SecondMoment:
 
 
 def second_moment(
-    model: Any, layer: int, batches: Iterable[torch.Tensor], site: str = "mlp_post"
+    model: TransformerBridge, layer: int, batches: Iterable[torch.Tensor], site: str = "mlp_post"
 ) -> tuple[torch.Tensor, int]:
     """Uncentred ``E[k k^T]`` over every token position of ``batches`` (float64 accumulation)."""
     name = Site(layer, site).check(model.cfg.n_layers).hook_name

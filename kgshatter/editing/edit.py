@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -24,10 +24,13 @@ from jaxtyping import Float
 from kgshatter.io import read_json, write_atomic, write_json_atomic
 from kgshatter.sites import edit_sites, edit_weight
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 EDIT_FORMAT = "kgshatter.edit/1"
 
 
-def model_identity(model: Any) -> str:
+def model_identity(model: TransformerBridge) -> str:
     """Content hash of a model's shape and weights (keys caches and edits to one model)."""
     h = hashlib.sha256()
     h.update(
@@ -51,7 +54,7 @@ _DIGESTS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[int, bytes]]] = (
 )
 
 
-def _digest(model: Any, w: torch.Tensor) -> bytes:
+def _digest(model: TransformerBridge, w: torch.Tensor) -> bytes:
     """SHA-256 of ``w``'s bytes as they are without kgshatter's weight patches, memoised
     until the tensor is next written in place."""
     key = _weight_key(w)
@@ -68,7 +71,7 @@ def _digest(model: Any, w: torch.Tensor) -> bytes:
     return memo[key][1]
 
 
-def edit_fingerprint(model: Any, layers: Any, module: str = "mlp") -> str:
+def edit_fingerprint(model: TransformerBridge, layers: Any, module: str = "mlp") -> str:
     """A cheap identity of what an edit depends on: the embedding and the matrices it edits
     (``layers``), each as it is without kgshatter's own patches, so edits computed on one model
     compose however they are applied. Not a hash of the whole model (``model_identity``)."""
@@ -159,7 +162,7 @@ class Edit:
         for name in ("requests", "config", "info"):
             object.__setattr__(self, name, _read_only(getattr(self, name)))
 
-    def check_model(self, model: Any, force: bool = False) -> None:
+    def check_model(self, model: TransformerBridge, force: bool = False) -> None:
         """Refuse ``model`` unless it is the one this edit was computed on, judged by
         :func:`edit_fingerprint` (its embedding and edited matrices, ignoring kgshatter's own
         reversible weight patches); ``force=True`` applies it anyway."""
@@ -183,7 +186,7 @@ class Edit:
             pairs += low_rank_delta(key.hook_name, out.hook_name, d.a, d.b)
         return pairs
 
-    def apply_to_weights(self, model: Any, force: bool = False) -> WeightPatch:
+    def apply_to_weights(self, model: TransformerBridge, force: bool = False) -> WeightPatch:
         """Add the deltas to the weights in place; ``restore()`` on the handle undoes it exactly.
         Refused on another model than the edit's own unless ``force`` (:meth:`check_model`)."""
         self.check_model(model, force)
@@ -302,7 +305,9 @@ class WeightPatch:
     write) is refused with an error instead of overwriting that change.
     """
 
-    def __init__(self, model: Any, deltas: Sequence[LayerDelta], module: str = "mlp") -> None:
+    def __init__(
+        self, model: TransformerBridge, deltas: Sequence[LayerDelta], module: str = "mlp"
+    ) -> None:
         weights = [edit_weight(model, d.layer, module) for d in deltas]  # all checked first
         for d, w in zip(deltas, weights, strict=True):
             if tuple(d.dense.shape) != tuple(w.shape):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_ide
 from kgshatter.hooks import low_rank_delta
 from kgshatter.sites import edit_module, edit_sites, edit_weight
 from kgshatter.validation import ConfigDict, check_float, check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +73,7 @@ FT_PRESETS = {
 
 
 def compute_ft(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: FTConfig = FTConfig(),

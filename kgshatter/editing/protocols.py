@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from kgshatter.kg.walks import QuerySet, WalkSampler, step_generator
 from kgshatter.models import last_position_logits
 from kgshatter.validation import check_choice, check_int
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 KINDS = ("counterfactual", "corrective")
 PROTOCOLS = ("single", "batch", "sequential")
 
@@ -45,7 +48,7 @@ def sample_requests(
     *,
     distance: int = 1,
     order: int = 0,
-    model: Any = None,
+    model: TransformerBridge | None = None,
     sampler: WalkSampler | None = None,
     n_prefixes: int = 5,
 ) -> list[EditRequest]:
@@ -100,7 +103,7 @@ class EditScorer:
     """
 
     def __init__(
-        self, model: Any, evaluator: Evaluator, n_prompts: int = 10, seed: int = 12345
+        self, model: TransformerBridge, evaluator: Evaluator, n_prompts: int = 10, seed: int = 12345
     ) -> None:
         check_int("n_prompts", n_prompts, 1)
         self.evaluator = evaluator
@@ -111,7 +114,9 @@ class EditScorer:
         self.baseline = evaluator.accuracy(model)
 
     @torch.inference_mode()
-    def efficacy(self, model: Any, requests: Sequence[EditRequest]) -> list[dict[str, float]]:
+    def efficacy(
+        self, model: TransformerBridge, requests: Sequence[EditRequest]
+    ) -> list[dict[str, float]]:
         """Per request: ``success`` (averaged softmax picks the target), the fraction of single
         prompts that pick it, and the target's averaged probability."""
         if not requests:
@@ -135,7 +140,7 @@ class EditScorer:
             )
         return out
 
-    def collateral(self, model: Any) -> dict[str, Any]:
+    def collateral(self, model: TransformerBridge) -> dict[str, Any]:
         """Accuracy per split and order now, and its change from the unedited baseline."""
         acc = self.evaluator.accuracy(model)
         change = {
@@ -172,7 +177,7 @@ def describe_requests(graph: KnowledgeGraph, requests: Sequence[EditRequest]) ->
 
 
 def run_protocol(
-    model: Any,
+    model: TransformerBridge,
     task: SyntheticTask,
     method: Method | str,
     config: Any,

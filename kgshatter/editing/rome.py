@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_many, prepare_problems
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 DENOMINATORS = ("rrome", "original")
 
@@ -117,7 +120,7 @@ ROME_PRESETS = {
 
 
 def compute_rome(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: ROMEConfig = ROMEConfig(),
@@ -144,7 +147,7 @@ def compute_rome(
 
 
 def compute_rome_many(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[EditRequest],
     config: ROMEConfig = ROMEConfig(),
@@ -173,7 +176,7 @@ def compute_rome_many(
 
 
 def _rome_edit(
-    model: Any,
+    model: TransformerBridge,
     task: Any,
     request: Any,
     config: ROMEConfig,

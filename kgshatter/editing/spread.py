@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,9 @@ from kgshatter.editing.targets import TargetResult, optimize_many, prepare_probl
 from kgshatter.hooks import edited
 from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import check_choice, check_float
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 THRESHOLD_KINDS = ("absolute", "relative")
 
@@ -204,7 +207,7 @@ def null_space_projector(stats: SecondMoment, threshold: float, kind: str) -> to
 
 
 def _memit_solver(
-    model: Any, task: EditTask, config: MEMITConfig, model_id: str
+    model: TransformerBridge, task: EditTask, config: MEMITConfig, model_id: str
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """MEMIT's (and PMET's) per-layer solve ``(lambda C + K^T K)^-1 K^T`` (keys as rows),
     via Woodbury on the layer's stored eigendecomposition of C."""
@@ -220,7 +223,7 @@ def _memit_solver(
 
 
 def _spread_targets(
-    model: Any,
+    model: TransformerBridge,
     task: Any,
     requests: Sequence[Any],
     config: MEMITConfig,
@@ -243,7 +246,12 @@ def _spread_many(compute: Callable[..., Edit], hooks: Callable[[Any, Any], list[
     optimisations share forward passes."""
 
     def many(
-        model: Any, task: Any, requests: Sequence[Any], config: Any, *, model_id: str | None = None
+        model: TransformerBridge,
+        task: Any,
+        requests: Sequence[Any],
+        config: Any,
+        *,
+        model_id: str | None = None,
     ) -> list[Edit | AlreadyAnswered]:
         model_id = model_id or model_identity(model)
         prepared = _spread_targets(
@@ -260,7 +268,7 @@ def _spread_many(compute: Callable[..., Edit], hooks: Callable[[Any, Any], list[
 
 def _spread_edit(
     method: str,
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: MEMITConfig,
@@ -330,7 +338,7 @@ def _spread_edit(
 
 
 def compute_memit(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: MEMITConfig = MEMITConfig(),
@@ -360,12 +368,12 @@ def compute_memit(
     )
 
 
-def _memit_hooks(model: Any, config: MEMITConfig) -> list[str]:
+def _memit_hooks(model: TransformerBridge, config: MEMITConfig) -> list[str]:
     """Where MEMIT's and AlphaEdit's targets live: the residual stream after the last layer."""
     return [Site(config.layers[-1], "resid_post").check(model.cfg.n_layers).hook_name]
 
 
-def _pmet_hooks(model: Any, config: MEMITConfig) -> list[str]:
+def _pmet_hooks(model: TransformerBridge, config: MEMITConfig) -> list[str]:
     """PMET's joint targets at the last layer: attention output, then the MLP output."""
     if edit_module(model) != "mlp":
         raise ValueError("PMET needs attention and MLP blocks; this model has neither (Mamba)")
@@ -377,7 +385,7 @@ def _pmet_hooks(model: Any, config: MEMITConfig) -> list[str]:
 
 
 def compute_pmet(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: PMETConfig = PMETConfig(),
@@ -406,7 +414,7 @@ def compute_pmet(
 
 
 def compute_alphaedit(
-    model: Any,
+    model: TransformerBridge,
     task: EditTask,
     requests: Sequence[Request] | Request,
     config: AlphaEditConfig = AlphaEditConfig(),

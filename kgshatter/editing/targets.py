@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, frozen_weights
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass
@@ -53,7 +56,11 @@ class TargetProblem:
 
 
 def prepare_problems(
-    model: Any, task: Any, requests: Sequence[Any], config: Any, skip_answered: bool = False
+    model: TransformerBridge,
+    task: Any,
+    requests: Sequence[Any],
+    config: Any,
+    skip_answered: bool = False,
 ) -> tuple[list[Any], list[TargetProblem], list[int]]:
     """Each request's prompts (``config.prompts_for``) checked to change the model's answer.
 
@@ -82,7 +89,7 @@ def prepare_problems(
 
 
 def optimize_targets(
-    model: Any,
+    model: TransformerBridge,
     hooks: Sequence[str],
     prompts: Prompts,
     target: int,
@@ -112,7 +119,7 @@ def optimize_targets(
 
 
 def optimize_many(
-    model: Any,
+    model: TransformerBridge,
     hooks: Sequence[str],
     problems: Sequence[TargetProblem],
     *,
@@ -240,7 +247,7 @@ def optimize_many(
             for start in range(0, len(live), chunk_rows):
                 sel = live[start : start + chunk_rows]
                 rows_now["rows"] = sel
-                logits = model.run_with_hooks(tokens[sel], fwd_hooks=editing_hooks)
+                logits = model.run_with_hooks(tokens[sel], fwd_hooks=cast(list[Any], editing_hooks))
                 logits = logits[torch.arange(len(sel), device=device), read[sel]].float()
                 owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
