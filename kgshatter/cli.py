@@ -195,9 +195,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
     check_output_dir(args.out)
     set_threads(args.threads)
+    if args.workers is not None or args.ray_address is not None:
+        from kgshatter.distributed import require_ray
+
+        require_ray()  # before any training
     result, report = reproduce(
         run, args.out, sweep, progress=not args.quiet, device=args.device,
-        from_scratch=args.from_scratch,
+        from_scratch=args.from_scratch, workers=args.workers, ray_address=args.ray_address,
         checkpoint_seconds=_checkpoint_seconds(args.checkpoint_minutes),
     )  # fmt: skip
     print(describe(result))
@@ -694,6 +698,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-scratch",
         action="store_true",
         help="train the preset even when kgshatter ships its trained checkpoint",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="run the sweep on a local Ray cluster of N workers (pip install 'kgshatter[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the sweep on an existing Ray cluster (e.g. auto, or HOST:6379)",
     )
     _runtime_options(p)
     _checkpoint_option(p)

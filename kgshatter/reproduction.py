@@ -29,11 +29,14 @@ def reproduce(
     device: str | None = None,
     from_scratch: bool = False,
     checkpoint_seconds: float | None = 300.0,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> tuple[SweepResult, Path]:
     """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report.
 
     A preset whose trained run ships with kgshatter (:mod:`kgshatter.bundled`) starts from that
-    checkpoint unless ``from_scratch``.
+    checkpoint unless ``from_scratch``. ``workers`` / ``ray_address`` run the sweep on Ray
+    (:func:`kgshatter.sweep.run_sweep`).
     """
     from kgshatter.bundled import install_bundled
     from kgshatter.training import train
@@ -55,7 +58,10 @@ def reproduce(
     )  # fmt: skip
     seconds["training (or reuse)"] = time.perf_counter() - start
     start = time.perf_counter()
-    result = run_sweep(out / "run", out, sweep, progress=progress, device=device)
+    result = run_sweep(
+        out / "run", out, sweep, progress=progress, device=device, workers=workers,
+        ray_address=ray_address,
+    )  # fmt: skip
     seconds["sweep"] = time.perf_counter() - start
     start = time.perf_counter()
     log.info("drawing the figures and writing %s", out / "report.md")

@@ -167,6 +167,8 @@ def run_sweep(
     progress: bool = True,
     device: str | None = None,
     edit_batch: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> SweepResult:
     """Run (or resume) the sweep on the trained run in ``run_dir``; results in ``out_dir``.
 
@@ -175,105 +177,219 @@ def run_sweep(
     :func:`default_edit_batch`). Each edit equals the one computed alone up to float rounding,
     and a group is always computed whole, so a resumed sweep gives the rows an uninterrupted
     one gives.
+
+    ``workers`` / ``ray_address``: spread the units of work (a group of single edits, or a
+    sequence) over Ray actors, each loading the model and statistics once
+    (:mod:`kgshatter.distributed`; ``pip install 'kgshatter[ray]'``): ``workers=N`` starts a
+    local cluster of N, ``ray_address`` joins an existing one. This process stays the only
+    writer of ``rows.jsonl``, so resume and de-duplication are as without workers. A unit that
+    raises gives rows whose ``skipped`` field holds the error, and the sweep goes on.
     """
     if edit_batch is not None:
         check_int("edit_batch", edit_batch, 1)
-    from kgshatter.editing import CovarianceCache, SyntheticTask, get_method, model_identity
-    from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
-    from kgshatter.training import load_run
-
+    if workers is not None:
+        check_int("workers", workers, 1)
     config = config or SweepConfig()
-    run, graph, model, state = load_run(run_dir, device=device)
-    edit_batch = edit_batch or default_edit_batch(model)
-    n_layers = model.cfg.n_layers
-    chosen = config.representation_site(n_layers)
-    check_distances(config.distances, graph.n_entities)
-    methods = [get_method(m) for m in config.methods]
-    for m in methods:
-        for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
-            Site(layer, "mlp_out").check(n_layers)
+    ctx = SweepContext(run_dir, config, device=device, edit_batch=edit_batch)
     out = Path(out_dir)
-    model_id = model_identity(model)
     header = {
         "format": SWEEP_FORMAT,
         "run_dir": str(run_dir),
-        "graph_fingerprint": graph.fingerprint,
-        "model_id": model_id,
-        "step": state.get("step"),
+        "graph_fingerprint": ctx.graph.fingerprint,
+        "model_id": ctx.model_id,
+        "step": ctx.state.get("step"),
         "sweep": config.to_dict(),
     }
     check_or_write_header(
         out, "sweep.json", header, ("format", "graph_fingerprint", "model_id", "sweep"), "sweep"
     )
+    rows_path = out / "rows.jsonl"
+    rows = read_rows(rows_path, _row_key, "sweep table")
+    done = {_row_key(r) for r in rows}
+    jobs = ctx.jobs()
+    units = _units(jobs, done, ctx.edit_batch)
+    todo = sum(len(u["todo"]) for u in units)
+    log.info(
+        "sweep: %d edits to run%s; rows go to %s as they finish", todo,
+        f" ({len(done)} already done)" if done else "", rows_path,
+    )  # fmt: skip
+    from tqdm.auto import tqdm
 
-    sampler = WalkSampler(graph, run.walks)
-    task = SyntheticTask(sampler, CovarianceCache(Path(run_dir) / "cache"))
-    evaluator = Evaluator.for_run(run, graph, max_queries=config.max_queries)
-    scorer = EditScorer(model, evaluator, n_prompts=config.efficacy_prompts)
-    sites = [s for s in all_sites(n_layers, RING_COMPONENTS) if s.component != "embed"]
-    if chosen is not None and chosen not in sites:
-        sites.append(chosen)
-    orders = [graph.order_name(o) for o in range(graph.n_orders)]
-    tokens = {o: evaluator.ring_tokens(o) for o in range(graph.n_orders)}
+    bar = tqdm(total=todo, desc="sweep", disable=not progress)
 
-    def representations(m: Any) -> dict[int, dict[Site, torch.Tensor]]:
+    def finished(unit: dict[str, Any], new_rows: list[dict[str, Any]] | BaseException) -> None:
+        if isinstance(new_rows, BaseException):
+            log.warning("a %s job failed: %s", unit["job"]["method"], _error_text(new_rows))
+            new_rows = ctx.error_rows(unit, new_rows)
+        for row in new_rows:
+            append_row(rows_path, row)
+            rows.append(row)
+        bar.update(len(new_rows))
+
+    if workers is None and ray_address is None:
+        for unit in units:
+            try:
+                result: list[dict[str, Any]] | BaseException = ctx.run_unit(unit)
+            except Exception as err:  # recorded in the unit's rows; the sweep goes on
+                result = err
+            finished(unit, result)
+    else:
+        from kgshatter.distributed import run_units
+
+        args = (str(run_dir), config.to_dict(), device, ctx.edit_batch)
+        run_units(units, args, finished, workers=workers, address=ray_address)
+    bar.close()
+    order = {k: i for i, k in enumerate(k for job in jobs for k in job["keys"])}
+    rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
+    write_table(rows, out / "table.csv")
+    summary = summarise(rows, ctx.orders, config)
+    summary["baseline"] = {"accuracy": ctx.scorer.baseline, "rings": ctx.baseline_rings}
+    summary["site"] = str(ctx.site)
+    summary["position"] = config.position
+    summary["run"] = header
+    write_json_atomic(out / "summary.json", summary)
+    return SweepResult(out, rows, summary)
+
+
+def _error_text(error: BaseException) -> str:
+    """One line for a failed unit (a Ray task error carries the worker's own exception)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        error = cause
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _units(jobs: list[dict[str, Any]], done: set[tuple], edit_batch: int) -> list[dict]:
+    """The sweep's units of work still to do, in job order: a group of ``edit_batch`` single
+    edits of a job (always computed whole, scored where not yet done), or a whole sequence."""
+    units = []
+    for j, job in enumerate(jobs):
+        pending = [i for i, k in enumerate(job["keys"]) if k not in done]
+        if not pending:
+            continue
+        if job["protocol"] != "single":  # all-or-nothing: later steps need the earlier edits
+            units.append({"job_index": j, "job": job, "group": None, "todo": pending})
+            continue
+        n = len(job["requests"])
+        for lo in range(0, n, edit_batch):
+            group = list(range(lo, min(lo + edit_batch, n)))
+            todo_here = [i for i in group if i in pending]
+            if todo_here:
+                units.append({"job_index": j, "job": job, "group": group, "todo": todo_here})
+    return units
+
+
+class SweepContext:
+    """What one process needs to run units of a sweep: the trained model, its task and
+    scorer, the unedited representations and the measures. The driver builds one; each Ray
+    worker builds its own from the same arguments (:mod:`kgshatter.distributed`)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        config: SweepConfig,
+        device: str | None = None,
+        edit_batch: int | None = None,
+    ) -> None:
+        from kgshatter.editing import CovarianceCache, SyntheticTask, get_method, model_identity
+        from kgshatter.editing.protocols import EditScorer
+        from kgshatter.training import load_run
+
+        self.config = config
+        self.run, self.graph, self.model, self.state = load_run(run_dir, device=device)
+        model, graph = self.model, self.graph
+        self.edit_batch = edit_batch or default_edit_batch(model)
+        n_layers = model.cfg.n_layers
+        chosen = config.representation_site(n_layers)
+        check_distances(config.distances, graph.n_entities)
+        methods = [get_method(m) for m in config.methods]
+        for m in methods:
+            for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
+                Site(layer, "mlp_out").check(n_layers)
+        self.model_id = model_identity(model)
+        self.sampler = WalkSampler(graph, self.run.walks)
+        self.task = SyntheticTask(self.sampler, CovarianceCache(Path(run_dir) / "cache"))
+        evaluator = Evaluator.for_run(self.run, graph, max_queries=config.max_queries)
+        self.scorer = EditScorer(model, evaluator, n_prompts=config.efficacy_prompts)
+        sites = [s for s in all_sites(n_layers, RING_COMPONENTS) if s.component != "embed"]
+        if chosen is not None and chosen not in sites:
+            sites.append(chosen)
+        self.sites = sites
+        self.orders = [graph.order_name(o) for o in range(graph.n_orders)]
+        self.tokens = {o: evaluator.ring_tokens(o) for o in range(graph.n_orders)}
+        log.info(
+            "measuring the unedited model: accuracy and representations at %d sites", len(sites)
+        )
+        self.base = base = self.representations(model)
+        # a site where every entity has the same representation (e.g. one that cannot see the
+        # subject) has no geometry: R is undefined there and recorded as NaN
+        self.flat = {(o, s) for o in base for s in sites if float(base[o][s].std(0).max()) < 1e-12}
+        live = [s for s in sites if not any((o, s) in self.flat for o in base)]
+        if chosen is not None and chosen not in live:
+            raise ValueError(f"every entity has the same representation at {chosen}; pick a "
+                             f"site among {[str(s) for s in live]}")  # fmt: skip
+        if not live:
+            raise ValueError("the model's entity representations coincide at every site")
+        # a site the edits cannot reach (the key of the lowest edited W_out, or below it)
+        # shows R = 0 whatever the edit did: "auto" never picks one
+        edit_layers = [
+            getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods
+        ]
+        lowest = min(min(layers) for layers in edit_layers)
+        reachable = [
+            s
+            for s in live
+            if not (s.component == "mlp_post" and s.layer is not None and s.layer <= lowest)
+        ]
+        self.site = chosen or best_ring_site(base, graph, reachable or live)
+        n = graph.n_entities
+        self.baseline_rings = {
+            name: {
+                "neighbours": neighbour_fraction(base[o][self.site], graph.positions[o], n),
+                "isomap": isomap_alignment(base[o][self.site], graph.positions[o], n),
+            }
+            for o, name in enumerate(self.orders)
+        }
+        self._entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def representations(self, m: Any) -> dict[int, dict[Site, torch.Tensor]]:
         return {
-            o: collect_representations(m, tokens[o], sites, position=config.position)
-            for o in tokens
+            o: collect_representations(m, self.tokens[o], self.sites, position=self.config.position)
+            for o in self.tokens
         }
 
-    log.info("measuring the unedited model: accuracy and representations at %d sites", len(sites))
-    base = representations(model)
-    n = graph.n_entities
-    # a site where every entity has the same representation (e.g. one that cannot see the
-    # subject) has no geometry: R is undefined there and recorded as NaN
-    flat = {(o, s) for o in base for s in sites if float(base[o][s].std(0).max()) < 1e-12}
-    live = [s for s in sites if not any((o, s) in flat for o in base)]
-    if chosen is not None and chosen not in live:
-        raise ValueError(f"every entity has the same representation at {chosen}; pick a site "
-                         f"among {[str(s) for s in live]}")  # fmt: skip
-    if not live:
-        raise ValueError("the model's entity representations coincide at every site")
-    # a site the edits cannot reach (the key of the lowest edited W_out, or below it) shows
-    # R = 0 whatever the edit did: "auto" never picks one
-    edit_layers = [getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods]
-    lowest = min(min(layers) for layers in edit_layers)
-    reachable = [
-        s
-        for s in live
-        if not (s.component == "mlp_post" and s.layer is not None and s.layer <= lowest)
-    ]
-    site = chosen or best_ring_site(base, graph, reachable or live)
-
-    def measure(m: Any) -> dict[str, Any]:
-        after = representations(m)
+    def measure(self, m: Any) -> dict[str, Any]:
+        """R(D*) per order and site, and the ring's neighbours and Isomap at the chosen site."""
+        after = self.representations(m)
+        graph, site, n = self.graph, self.site, self.graph.n_entities
         out_m: dict[str, Any] = {}
-        for o, name in enumerate(orders):
+        for o, name in enumerate(self.orders):
             pos = graph.positions[o]
-            for s in sites:
+            for s in self.sites:
                 out_m[f"R.{name}@{s}"] = (
-                    math.nan if (o, s) in flat else shattering(base[o][s], after[o][s])
+                    math.nan if (o, s) in self.flat else shattering(self.base[o][s], after[o][s])
                 )
             out_m[f"R.{name}"] = out_m[f"R.{name}@{site}"]
             out_m[f"neighbours.{name}"] = neighbour_fraction(after[o][site], pos, n)
             out_m[f"isomap.{name}"] = isomap_alignment(after[o][site], pos, n)
-        out_m["R.mean"] = statistics.fmean(out_m[f"R.{name}"] for name in orders)
+        out_m["R.mean"] = statistics.fmean(out_m[f"R.{name}"] for name in self.orders)
         return out_m
 
-    entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
-
-    def measure_edit(edit: Any) -> dict[str, float]:
+    def measure_edit(self, edit: Any) -> dict[str, float]:
         """What the compression hypothesis predicts (README, "The fidelity study"): how far the
         edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||)
         and how much of that lands on every other entity whose key overlaps (``spill``)."""
         delta, req = edit.deltas[0], edit.requests[0]
         pos = representation_position(edit.config.get("position"))
         memo = (delta.layer, int(req["relation"]), pos)
-        if memo not in entity_keys:
+        if memo not in self._entity_keys:
             key_site = edit_sites(edit.module, delta.layer)[0]
-            queries = entity_query_tokens(sampler, int(req["relation"]), 5, seed=1)
-            entity_keys[memo] = collect_representations(model, queries, [key_site], pos)[key_site]
-        keys = entity_keys[memo]  # [entity, d_key]
+            queries = entity_query_tokens(self.sampler, int(req["relation"]), 5, seed=1)
+            self._entity_keys[memo] = collect_representations(self.model, queries, [key_site], pos)[
+                key_site
+            ]
+        keys = self._entity_keys[memo]  # [entity, d_key]
         shift = (keys.double() @ delta.dense.double()).norm(dim=1)  # [entity]
         x = int(req["subject"])
         others = torch.cat([shift[:x], shift[x + 1 :]])
@@ -285,69 +401,56 @@ def run_sweep(
             "delta_norm": float(edit.info.get("delta_norm", math.nan)),
         }
 
-    baseline_rings = {
-        name: {
-            "neighbours": neighbour_fraction(base[o][site], graph.positions[o], n),
-            "isomap": isomap_alignment(base[o][site], graph.positions[o], n),
-        }
-        for o, name in enumerate(orders)
-    }
-    rows_path = out / "rows.jsonl"
-    rows = read_rows(rows_path, _row_key, "sweep table")
-    done = {_row_key(r) for r in rows}
-    jobs = list(_jobs(config, graph, model, sampler, sample_requests))
-    todo = sum(1 for j in jobs for k in j["keys"] if k not in done)
-    log.info(
-        "sweep: %d edits to run%s; rows go to %s as they finish", todo,
-        f" ({len(done)} already done)" if done else "", rows_path,
-    )  # fmt: skip
-    from tqdm.auto import tqdm
+    def jobs(self) -> list[dict[str, Any]]:
+        from kgshatter.editing.protocols import sample_requests
 
-    bar = tqdm(total=todo, desc="sweep", disable=not progress)
-    for job in jobs:
-        pending = [i for i, k in enumerate(job["keys"]) if k not in done]
-        if not pending:
-            continue
+        return list(_jobs(self.config, self.graph, self.model, self.sampler, sample_requests))
+
+    def run_unit(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of one unit of work (see :func:`_units`)."""
+        from kgshatter.editing import get_method
+        from kgshatter.editing.protocols import run_protocol
+
+        job = unit["job"]
         method = get_method(job["method"])
-        method_config = method.config_with_samples(config.editor_preset, config.n_samples)
-        if job["protocol"] == "single":
-            n = len(job["requests"])
-            for lo in range(0, n, edit_batch):
-                group = list(range(lo, min(lo + edit_batch, n)))
-                todo_here = [i for i in group if i in pending]
-                if not todo_here:
-                    continue
-                res = run_protocol(
-                    model, task, method, method_config, [job["requests"][i] for i in group],
-                    "single", scorer, model_id=model_id, measure=measure,
-                    measure_edit=measure_edit, only=[i - lo for i in todo_here],
-                )  # fmt: skip
-                for i, record in zip(todo_here, res.records, strict=True):
-                    row = _flatten(record, job, index=i, step=0)
-                    append_row(rows_path, row)
-                    rows.append(row)
-                    bar.update()
-        else:  # a sequence is all-or-nothing: its later steps need the earlier edits
+        method_config = method.config_with_samples(self.config.editor_preset, self.config.n_samples)
+        if unit["group"] is not None:
+            group, todo = unit["group"], unit["todo"]
+            lo = group[0]
             res = run_protocol(
-                model, task, method, method_config, job["requests"], "sequential", scorer,
-                model_id=model_id, measure=measure,
+                self.model, self.task, method, method_config, [job["requests"][i] for i in group],
+                "single", self.scorer, model_id=self.model_id, measure=self.measure,
+                measure_edit=self.measure_edit, only=[i - lo for i in todo],
             )  # fmt: skip
-            for i, record in enumerate(res.records):
-                if job["keys"][i] in done:  # a sequence cut short: keep the rows already written
-                    continue
-                row = _flatten(record, job, index=i, step=i)
-                append_row(rows_path, row)
-                rows.append(row)
-                bar.update()
-    bar.close()
-    write_table(rows, out / "table.csv")
-    summary = summarise(rows, orders, config)
-    summary["baseline"] = {"accuracy": scorer.baseline, "rings": baseline_rings}
-    summary["site"] = str(site)
-    summary["position"] = config.position
-    summary["run"] = header
-    write_json_atomic(out / "summary.json", summary)
-    return SweepResult(out, rows, summary)
+            return [
+                _flatten(record, job, index=i, step=0)
+                for i, record in zip(todo, res.records, strict=True)
+            ]
+        res = run_protocol(
+            self.model, self.task, method, method_config, job["requests"], "sequential",
+            self.scorer, model_id=self.model_id, measure=self.measure,
+        )  # fmt: skip
+        todo = set(unit["todo"])  # a sequence cut short: keep the rows already written
+        return [
+            _flatten(record, job, index=i, step=i)
+            for i, record in enumerate(res.records)
+            if i in todo
+        ]
+
+    def error_rows(self, unit: dict[str, Any], error: BaseException) -> list[dict[str, Any]]:
+        """Rows for a unit that raised: the requests, and the error in ``skipped``."""
+        from kgshatter.editing.protocols import describe_requests
+
+        job = unit["job"]
+        rows = []
+        for i in unit["todo"]:
+            record = {
+                "requests": describe_requests(self.graph, [job["requests"][i]]),
+                "seconds": 0.0,
+                "skipped": f"error: {_error_text(error)}",
+            }
+            rows.append(_flatten(record, job, index=i, step=0 if unit["group"] else i))
+        return rows
 
 
 def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites: list[Site]):
