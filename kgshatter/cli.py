@@ -274,6 +274,13 @@ def _cmd_months(args: argparse.Namespace) -> int:
         mmlu_max_new_tokens=args.mmlu_tokens,
     )
     out = check_output_dir(args.out)
+    device_map = _device_map(args.device_map)
+    if device_map is not None:  # checked before the tiny checkpoint or any weight is written
+        from kgshatter.pretrained import check_device_map
+
+        if args.device is not None:
+            raise ValueError("give --device or --device-map, not both")
+        check_device_map(device_map, args.offload_folder)
     corpus = TextCorpus.from_files(args.corpus) if args.corpus else None
     items: Any = ()
     if args.mmlu:
@@ -292,7 +299,10 @@ def _cmd_months(args: argparse.Namespace) -> int:
         model_arg: str = str(path)
     else:
         model_arg = args.model
-    pretrained = load_pretrained(model_arg, dtype=args.dtype, device=args.device)
+    pretrained = load_pretrained(
+        model_arg, dtype=args.dtype, device=args.device, device_map=device_map,
+        offload_folder=args.offload_folder,
+    )  # fmt: skip
     summary = run_months(
         pretrained,
         config,
@@ -309,6 +319,17 @@ def _cmd_months(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out / 'report.md'} and rows.jsonl, summary.json and figures beside it")
     return 0
+
+
+def _device_map(text: str | None) -> str | dict[str, Any] | None:
+    """``--device-map``: a strategy name (auto, balanced, sequential) or a JSON object."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--device-map is a strategy name or a JSON object: {e}") from None
+    return value
 
 
 def _quiet_hugging_face() -> None:
@@ -809,6 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-every", type=_positive, default=1, help="MMLU after every k-th edit")
     p.add_argument("--mmlu-tokens", type=_positive, default=512, help="max new tokens per answer")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="split the model across devices (accelerate): auto, balanced, sequential, or a "
+        'JSON object such as \'{"model.layers.0": 0, "lm_head": 1}\'; instead of --device',
+    )
+    p.add_argument("--offload-folder", default=None, help="where --device-map 'disk' weights go")
     p.add_argument("--out", required=True, help="output folder")
     _runtime_options(p)
     p.set_defaults(func=_cmd_months)

@@ -191,33 +191,52 @@ def load_pretrained(
     *,
     dtype: str = "float32",
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     check_memory: bool = True,
 ) -> PretrainedModel:
     """A hookable ``TransformerBridge`` over a pretrained checkpoint, with raw weights.
 
     ``dtype``: one of :data:`DTYPES` (Llama 3 8B needs ``"bfloat16"`` on a 24 GB host).
-    ``device``: defaults to ``"cpu"``. With ``check_memory`` the load is refused before any
-    weight is read when the estimate exceeds the free memory. Nothing stays half-loaded: on
-    any failure the partial model is released before the error propagates.
+    ``device``: defaults to ``"cpu"``. ``device_map`` instead splits the model across devices
+    with Hugging Face accelerate (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict from
+    module names to ``"cpu"``, ``"disk"``, ``"cuda:N"`` or a GPU index; ``"disk"`` needs
+    ``offload_folder``); hooks and edits as hooks work on the split model, weight patches are
+    refused on offloaded matrices (README, "Pretrained models"). With ``check_memory`` the
+    load is refused before any weight is read when the estimate exceeds the free memory of the
+    device (or, for a map without disk offload, of all the map's devices together). Nothing
+    stays half-loaded: on any failure the partial model is released before the error
+    propagates.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both (device_map places every module)")
+    targets = check_device_map(device_map, offload_folder)
     dev = resolve_device(device)
     path, name = resolve_checkpoint(name_or_path)
     family = checkpoint_family(path)
+    if device_map is not None and family == "mamba":
+        raise ValueError(
+            "Mamba cannot be split across devices (TransformerLens keeps its recurrent cache "
+            "on one device): load it with device=..."
+        )
     n_params = estimate_parameters(path)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     estimate = int(n_params * itemsize * MEMORY_MARGIN)
-    if check_memory:
-        free = available_bytes(dev)
+    if check_memory and "disk" not in targets:
+        places = targets or [dev]
+        free = sum(available_bytes(d) for d in places)
         if estimate > free:
+            where = str(dev) if not targets else "+".join(str(d) for d in places)
             raise MemoryError(
                 f"{name} ({n_params / 1e9:.2f} B parameters) needs about {estimate / 2**30:.1f} "
-                f"GiB in {dtype} on {dev}, but only {free / 2**30:.1f} GiB is free. Use "
-                f"dtype='bfloat16', another device, or check_memory=False to try anyway"
+                f"GiB in {dtype} on {where}, but only {free / 2**30:.1f} GiB is free. Use "
+                f"dtype='bfloat16', another device, a device_map with disk offload, or "
+                f"check_memory=False to try anyway"
             )
     try:
-        model, tokenizer = _boot(path, name, family, DTYPES[dtype], dev)
+        model, tokenizer = _boot(path, name, family, DTYPES[dtype], dev, device_map, offload_folder)
     except Exception as err:
         # the traceback's frames hold the partial model: drop them so its memory is freed now
         traceback.clear_frames(err.__traceback__)
@@ -237,7 +256,61 @@ def load_pretrained(
     )
 
 
-def _boot(path: Path, name: str, family: str, dtype: torch.dtype, device: torch.device) -> Any:
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(
+    device_map: str | dict[str, Any] | None, offload_folder: str | os.PathLike[str] | None
+) -> list[Any]:
+    """The devices a ``device_map`` names (``"disk"`` kept as a string; all CUDA devices for a
+    strategy), each checked to exist, before anything is loaded."""
+    if device_map is None:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError("device_map needs Hugging Face accelerate: pip install accelerate")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"device_map must be one of {list(DEVICE_MAP_STRATEGIES)} or a dict of module "
+                f"names to devices, got {device_map!r}"
+            )
+        cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [*cuda, torch.device("cpu")]
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(
+            f"device_map must be a strategy name or a non-empty dict, got {device_map!r}"
+        )
+    found: list[Any] = []
+    for module, target in device_map.items():
+        if isinstance(target, str) and target == "disk":
+            if offload_folder is None:
+                raise ValueError(
+                    f"device_map sends {module!r} to disk: pass offload_folder=DIR for its weights"
+                )
+            place: Any = "disk"
+        elif isinstance(target, str) and target == "meta":
+            raise ValueError(
+                f"device_map sends {module!r} to 'meta', which holds no weights: use 'cpu', "
+                f"'disk' (with offload_folder) or a GPU"
+            )
+        else:
+            place = resolve_device(f"cuda:{target}" if isinstance(target, int) else target)
+        if place not in found:
+            found.append(place)
+    return found
+
+
+def _boot(
+    path: Path,
+    name: str,
+    family: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kgshatter.tl_compat import bridge_classes
@@ -246,12 +319,17 @@ def _boot(path: Path, name: str, family: str, dtype: torch.dtype, device: torch.
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # batched generation pads; the EOS token is the usual pad
         tokenizer.pad_token = tokenizer.eos_token
-    extra = {} if family == "mamba" else {"attn_implementation": "eager"}
+    extra: dict[str, Any] = {} if family == "mamba" else {"attn_implementation": "eager"}
+    if device_map is not None:  # placed by accelerate; the bridge reads the placement
+        extra["device_map"] = device_map
+        if offload_folder is not None:
+            extra["offload_folder"] = str(offload_folder)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     hf_model.eval()
     model = bridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-    )
+        name, hf_model=hf_model, tokenizer=tokenizer,
+        device=None if device_map is not None else device, dtype=dtype,
+    )  # fmt: skip
     model.eval()
     return model, tokenizer
 

@@ -109,9 +109,23 @@ def edit_weight(model: TransformerBridge, layer: int, module: str) -> Any:
     weight ``[d_out, d_in]``, so its transpose (a view: in-place writes reach the weight).
     """
     edit_sites(module, layer)[1].check(model.cfg.n_layers)
-    if module == "mlp":
-        return model.blocks[layer].mlp.W_out
-    return model.blocks[layer].mixer.out_proj.weight.T
+    try:
+        if module == "mlp":
+            weight = model.blocks[layer].mlp.W_out
+        else:
+            weight = model.blocks[layer].mixer.out_proj.weight.T
+    except NotImplementedError:  # TransformerLens refuses to read an offloaded matrix
+        weight = None
+    if weight is None or weight.is_meta:
+        raise OffloadedWeight(
+            f"layer {layer}'s {module} matrix is offloaded (a device_map with disk offload): "
+            f"its weights cannot be read or patched; apply edits as hooks, edited(model, edit)"
+        )
+    return weight
+
+
+class OffloadedWeight(ValueError):
+    """The edited matrix lives on disk (accelerate offload): only hooks can reach it."""
 
 
 def all_sites(n_layers: int, components: tuple[str, ...] = ("resid_post",)) -> list[Site]:

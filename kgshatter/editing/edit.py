@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 
 from kgshatter.io import read_json, write_atomic, write_json_atomic
-from kgshatter.sites import edit_sites, edit_weight
+from kgshatter.sites import OffloadedWeight, edit_sites, edit_weight
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -44,6 +44,9 @@ def model_identity(model: TransformerBridge) -> str:
     )
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
+        if p.is_meta:  # offloaded to disk (device_map): its shape only
+            h.update(f"offloaded{tuple(p.shape)}{p.dtype}".encode())
+            continue
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -64,9 +67,11 @@ def _digest(model: TransformerBridge, w: torch.Tensor) -> bytes:
         return memo[key][1]
     patched = _PATCHED.get(model, {}).get(key)
     source = patched.original if patched is not None else w
-    data = source.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{tuple(data.shape)}{data.dtype}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes())
+    h = hashlib.sha256(f"{tuple(source.shape)}{source.dtype}".encode())
+    if source.is_meta:  # offloaded to disk (device_map): known by its shape and dtype only
+        h.update(b"offloaded")
+    else:
+        h.update(source.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     memo[key] = (version, h.digest())
     return memo[key][1]
 
@@ -79,7 +84,10 @@ def edit_fingerprint(model: TransformerBridge, layers: Any, module: str = "mlp")
     h.update(_digest(model, model.W_E))
     for layer in sorted(set(layers)):
         h.update(f"|{layer}|".encode())
-        h.update(_digest(model, edit_weight(model, layer, module)))
+        try:
+            h.update(_digest(model, edit_weight(model, layer, module)))
+        except OffloadedWeight:  # on disk (device_map): known by its place only
+            h.update(b"offloaded")
     return h.hexdigest()[:16]
 
 
