@@ -272,6 +272,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
         n_samples=args.samples,
         mmlu_every=args.mmlu_every,
         mmlu_max_new_tokens=args.mmlu_tokens,
+        fluency_tokens=args.fluency_tokens,
     )
     out = check_output_dir(args.out)
     device_map = _device_map(args.device_map)
@@ -829,6 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-limit", type=_positive, default=None, help="first N items only")
     p.add_argument("--mmlu-every", type=_positive, default=1, help="MMLU after every k-th edit")
     p.add_argument("--mmlu-tokens", type=_positive, default=512, help="max new tokens per answer")
+    p.add_argument(
+        "--fluency-tokens",
+        type=_natural,
+        default=24,
+        help="tokens generated per prompt for the fluency metric, before and after each edit "
+        "(0: skip)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--device-map",

@@ -103,6 +103,9 @@ class MonthsConfig(ConfigDict):
     n_samples: int | None = None
     mmlu_every: int = 1
     mmlu_max_new_tokens: int = 512
+    # fluency (n-gram entropy of continuations about the subject): tokens generated per prompt
+    # before and after each edit (0: not measured)
+    fluency_tokens: int = 24
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -110,6 +113,7 @@ class MonthsConfig(ConfigDict):
         check_int("seed", self.seed, 0)
         check_int("mmlu_every", self.mmlu_every, 1)
         check_int("mmlu_max_new_tokens", self.mmlu_max_new_tokens, 1)
+        check_int("fluency_tokens", self.fluency_tokens, 0)
         if self.n_samples is not None:
             check_int("n_samples", self.n_samples, 1)
         if self.task == "cities":
@@ -170,6 +174,25 @@ def run_months(
     edit_config = method.config(preset, **overrides)
     for layer in getattr(edit_config, "edit_layers", ()):
         Site(layer, "resid_post").check(pretrained.n_layers)
+    if config.site is not None:  # before the header: a typo must not pin a folder
+        Site.parse(config.site).check(pretrained.n_layers)
+    # the pinned settings, checked before any baseline work (the site follows from them)
+    header = {
+        "format": MONTHS_FORMAT,
+        "model": pretrained.name,
+        "model_id": pretrained.model_id,
+        "config": config.to_dict(),
+        "preset": preset,
+        "corpus": getattr(corpus, "fingerprint", None),
+        "mmlu_items": len(mmlu_items),
+    }
+    if (out / "rows.jsonl").exists() and not (out / "months.json").exists():
+        raise ValueError(
+            f"{out} holds rows.jsonl but no months.json: rows of an older kgshatter or of "
+            f"something else; use a new --out"
+        )
+    pinned = tuple(k for k in header if k != "model")  # the same weights under another path
+    check_or_write_header(out, "months.json", header, pinned, "months replication")
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
     text_task = TextTask(model, tokenizer, corpus, cache)
     cyclic = isinstance(task, CyclicTask)
@@ -193,22 +216,6 @@ def run_months(
     mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
     log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
 
-    header = {
-        "format": MONTHS_FORMAT,
-        "model": pretrained.name,
-        "model_id": pretrained.model_id,
-        "config": config.to_dict(),
-        "preset": preset,
-        "site": str(site),
-        "corpus": getattr(corpus, "fingerprint", None),
-        "mmlu_items": len(mmlu_items),
-    }
-    if (out / "rows.jsonl").exists() and not (out / "months.json").exists():
-        raise ValueError(
-            f"{out} holds rows.jsonl but no months.json: rows of an older kgshatter or of "
-            f"something else; use a new --out"
-        )
-    check_or_write_header(out, "months.json", header, tuple(header), "months replication")
     rows_path, reps_dir = out / "rows.jsonl", out / "reps"
     reps_dir.mkdir(exist_ok=True)
     remove_stale_temporaries(reps_dir)
@@ -223,6 +230,8 @@ def run_months(
                 rows.append(done[(distance, i)])
                 afters.append(_load_reps(reps_path))
                 continue
+            near_before = task.counterfact(model, request)["neighbourhood"]
+            fluency_before = _fluency(model, tokenizer, task, request, config)
             start = time.perf_counter()
             edit = method.compute(
                 model, text_task, request, edit_config, model_id=pretrained.model_id
@@ -239,7 +248,12 @@ def run_months(
                     "accuracy_before": acc0,
                     "R": shattering(before[site], after),
                     "seconds": seconds,
+                    **task.counterfact(model, request),
+                    "neighbourhood_before": near_before,
                 }
+                if fluency_before is not None:
+                    row["fluency_before"] = fluency_before
+                    row["fluency"] = _fluency(model, tokenizer, task, request, config)
                 if cyclic:
                     row["ring_after"] = _ring(after, task)
                 if mmlu_items and i % config.mmlu_every == 0:
@@ -256,6 +270,17 @@ def run_months(
     _figures(out, task, before[site], rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
+
+
+def _fluency(
+    model: TransformerBridge, tokenizer: Any, task: Any, request: Any, config: MonthsConfig
+) -> float | None:
+    if not config.fluency_tokens:
+        return None
+    from kgshatter.analysis.fluency import generation_fluency
+
+    prompts = task.generation_prompts(request)
+    return generation_fluency(model, tokenizer, prompts, config.fluency_tokens)
 
 
 def _months_key(row: dict[str, Any]) -> tuple:
@@ -318,6 +343,17 @@ def _summarise(
             "R": float(np.mean([r["R"] for r in group])),
             "seconds": float(np.median([r["seconds"] for r in group])),
         }
+        if group and "paraphrase" in group[0]:
+            entry["paraphrase"] = float(np.mean([r["paraphrase"] for r in group]))
+            entry["neighbourhood"] = float(np.nanmean([r["neighbourhood"] for r in group]))
+            entry["neighbourhood_change"] = float(
+                np.nanmean([r["neighbourhood"] - r["neighbourhood_before"] for r in group])
+            )
+        if group and "fluency" in group[0]:
+            entry["fluency"] = float(np.mean([r["fluency"] for r in group]))
+            entry["fluency_change"] = float(
+                np.mean([r["fluency"] - r["fluency_before"] for r in group])
+            )
         scored = [r["mmlu"]["accuracy"] for r in group if "mmlu" in r]
         if scored:
             entry["mmlu"] = float(np.mean(scored))
@@ -405,14 +441,23 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         f"{summary['site']}; accuracy before {100 * summary['accuracy_before']:.1f}% "
         f"(the answer ranked first among the candidates).",
         "",
-        "| distance | edits | success | accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",
-        "|---|---|---|---|---|---|---|",
+        "| distance | edits | success | paraphrase | neighbourhood (change) | fluency (change) "
+        "| accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, e in per.items():
         mmlu = f"{100 * e['mmlu']:.1f}%" if "mmlu" in e else "-"
+        para = f"{100 * e['paraphrase']:.0f}%" if "paraphrase" in e else "-"
+        near = (
+            f"{100 * e['neighbourhood']:.0f}% ({100 * e['neighbourhood_change']:+.0f})"
+            if "neighbourhood" in e and not math.isnan(e["neighbourhood"])
+            else "-"
+        )
+        flu = f"{e['fluency']:.2f} ({e['fluency_change']:+.2f})" if "fluency" in e else "-"
         lines.append(
-            f"| {d if d != 'None' else 'tree'} | {e['n']} | {100 * e['success']:.0f}% | "
-            f"{100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {mmlu} | {e['seconds']:.2f} |"
+            f"| {d if d != 'None' else 'tree'} | {e['n']} | {100 * e['success']:.0f}% | {para} | "
+            f"{near} | {flu} | {100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {mmlu} | "
+            f"{e['seconds']:.2f} |"
         )
     if summary["mmlu_before"]:
         m = summary["mmlu_before"]
@@ -421,7 +466,17 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
     fit = summary["fit_accuracy_on_R"]
     if fit and not math.isnan(fit["r2"]):
         lines += ["", f"Accuracy change on R(D*): slope {fit['slope']:.3f}, r² {fit['r2']:.2f}."]
-    lines += ["", "![accuracy, R and MMLU by distance](distance.png)"]
+    lines += [
+        "",
+        "The editing papers' metrics (CounterFact): *paraphrase*, the edited fact asked in two "
+        "other wordings and answered with the new target; *neighbourhood*, the same question "
+        "about the other subjects (for the tree, the subject's siblings) still answered right, "
+        "with its change from before the edit in points; *fluency*, the weighted bigram / "
+        "trigram entropy (bits) of greedy continuations of three texts about the subject, and "
+        "its change.",
+        "",
+        "![accuracy, R and MMLU by distance](distance.png)",
+    ]
     if (out / "rings.png").exists():
         lines += ["", "![rings before and after](rings.png)"]
     from kgshatter.io import write_atomic

@@ -171,6 +171,43 @@ class FactTask:
         preds = self.predictions(model, queries, fwd_hooks)
         return float(np.mean([p == q.answer for p, q in zip(preds, queries, strict=True)]))
 
+    # -- the editing papers' metrics (CounterFact) ------------------------------------------
+    def paraphrases(self, request: TextRequest) -> list[Query]:
+        """Other wordings of the edited fact (their answer: the fact's original one)."""
+        raise NotImplementedError
+
+    def neighbourhood(self, request: TextRequest) -> list[Query]:
+        """Facts the edit must leave alone: the same question about other subjects."""
+        return [
+            q for q in self.queries if q.prompt == request.prompt and q.subject != request.subject
+        ]
+
+    def generation_prompts(self, request: TextRequest) -> list[str]:
+        """Texts about the subject whose continuations measure fluency."""
+        return [c.format(request.subject) for c in self.contexts[1:4]]
+
+    def counterfact(
+        self,
+        model: TransformerBridge,
+        request: TextRequest,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+    ) -> dict[str, float]:
+        """``paraphrase``: the fraction of :meth:`paraphrases` now answered with the target;
+        ``neighbourhood``: the fraction of :meth:`neighbourhood` facts still answered right
+        (among the candidates, like :meth:`accuracy`)."""
+        para = self.paraphrases(request)
+        hits = self.predictions(model, para, fwd_hooks)
+        near = self.neighbourhood(request)
+        kept = self.predictions(model, near, fwd_hooks) if near else []
+        return {
+            "paraphrase": float(np.mean([p == request.target for p in hits])),
+            "neighbourhood": (
+                float(np.mean([p == q.answer for p, q in zip(kept, near, strict=True)]))
+                if near
+                else float("nan")
+            ),
+        }
+
     def success(
         self,
         model: TransformerBridge,
@@ -244,6 +281,20 @@ class CyclicTask(FactTask):
         i = self.subjects.index(subject)
         return Query(subject, _hop_prompt(hop, self.unit), self.subjects[(i + hop) % self.n], hop)
 
+    def paraphrases(self, request: TextRequest) -> list[Query]:
+        """The hop asked another way: "8 months after {} comes", "Counting 8 months on from
+        {}, one reaches"."""
+        hops = {_hop_prompt(k, self.unit): k for k in range(1, self.n)}
+        if request.prompt not in hops:
+            raise ValueError(f"{request.prompt!r} is not one of the {self.name} task's prompts")
+        k = hops[request.prompt]
+        units = f"{self.unit}{'' if k == 1 else 's'}"
+        answer = self.query(request.subject, k).answer
+        return [
+            Query(request.subject, f"{k} {units} after {{}} comes", answer, k),
+            Query(request.subject, f"Counting {k} {units} on from {{}}, one reaches", answer, k),
+        ]
+
 
 class TreeTask(FactTask):
     """Subjects grouped under parents (city -> country): a tree, not a ring."""
@@ -256,6 +307,26 @@ class TreeTask(FactTask):
         queries = [Query(s, prompt, parent[s]) for s in subjects]
         super().__init__(name, subjects, queries, list(groups), tokenizer, CONTEXTS[name])
         self.parent = parent
+
+    def paraphrases(self, request: TextRequest) -> list[Query]:
+        """The parent asked another way ("The city of {} is located in the country of")."""
+        answer = self.parent[request.subject]
+        return [
+            Query(request.subject, "The city of {} is located in the country of", answer),
+            Query(request.subject, "{} lies in the country of", answer),
+        ]
+
+    def neighbourhood(self, request: TextRequest) -> list[Query]:
+        """The other children of the subject's parent (CounterFact's neighbourhood: subjects
+        that share the edited fact's original answer)."""
+        parent = self.parent[request.subject]
+        return [
+            q
+            for q in self.queries
+            if q.prompt == request.prompt
+            and q.subject != request.subject
+            and self.parent[q.subject] == parent
+        ]
 
     def counterfactuals(self, n: int, seed: int, distance: int | None = None) -> list[TextRequest]:
         """``n`` cities moved to another country (seeded); a tree has no distance."""

@@ -144,6 +144,22 @@ def test_months_task_queries_and_requests(loaded):
         task.counterfactuals(2, seed=0, distance=12)
     days = cyclic_task("days", loaded["gpt2"].tokenizer)
     assert days.query("Saturday", 2).answer == "Monday"
+    # the editing papers' metrics: other wordings of the fact, the same question elsewhere
+    request = task.request(q, target="December")
+    para = task.paraphrases(request)
+    assert [p.prompt.format(p.subject) for p in para] == [
+        "8 months after January comes",
+        "Counting 8 months on from January, one reaches",
+    ]
+    assert all(p.answer == "September" for p in para)
+    near = task.neighbourhood(request)
+    assert len(near) == 11 and all(n.prompt == q.prompt and n.subject != "January" for n in near)
+    assert task.paraphrases(task.request(task.query("May", 1), "July"))[0].prompt == (
+        "1 month after {} comes"
+    )
+    metrics = task.counterfact(loaded["llama"].model, request)
+    assert set(metrics) == {"paraphrase", "neighbourhood"}
+    assert 0 <= metrics["paraphrase"] <= 1 and 0 <= metrics["neighbourhood"] <= 1
 
 
 def test_tokenizer_without_the_months_is_refused():
@@ -163,6 +179,9 @@ def test_city_country_tree_edit(loaded):
     task = city_country_task(pm.tokenizer)
     request = task.counterfactuals(1, seed=0)[0]
     assert request.target != request.old and request.target in task.candidates
+    near = task.neighbourhood(request)  # the subject's siblings under its country
+    assert len(near) == 3 and all(task.parent[n.subject] == request.old for n in near)
+    assert len(task.paraphrases(request)) == 2
     text_task = TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32)
     method = get_method("rome")
     edit = method.compute(pm.model, text_task, request, method.config("tiny-pretrained"))
@@ -299,6 +318,11 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     rows_path = out / "rows.jsonl"
     rows = rows_path.read_text().splitlines()
     assert len(rows) == 4
+    first = json.loads(rows[0])
+    for field in ("paraphrase", "neighbourhood", "neighbourhood_before", "fluency",
+                  "fluency_before"):  # fmt: skip
+        assert isinstance(first[field], float), field
+    assert "| paraphrase | neighbourhood (change) | fluency (change) |" in report
     assert "it/s" not in capsys.readouterr().err  # --quiet: no progress bars, the loaders' too
     assert main(["months", "--model", "tiny:llama", "--out", str(out), "--distance", "a..b"]) == 2
     assert main(["months", "--model", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
