@@ -210,6 +210,13 @@ TABLE_COLUMNS = [
     ("efficacy, target_prob, retained",
      "1 if the edit took (averaged softmax over unseen contexts picks the target), the "
      "target's probability, and in a sequence the fraction of earlier edits still holding"),
+    ("paraphrase",
+     "the fraction of the unseen context prefixes after which the model gives the target "
+     "(the synthetic counterpart of CounterFact's paraphrase score)"),
+    ("neighbourhood.subject, neighbourhood.relation, *_change",
+     "after the edit, the fraction of the subject's other facts and of the relation's other "
+     "subjects' facts still answered right, and the change from the unedited model "
+     "(CounterFact's neighbourhood score, synthetic)"),
     ("acc.SPLIT.ORDER",
      "the CHANGE in accuracy (edited minus unedited, a fraction: -0.25 is 25 points lost) on "
      "direct / logical / compositional queries of order I, II, III or all"),

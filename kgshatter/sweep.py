@@ -539,6 +539,10 @@ def _flatten(record: dict[str, Any], job: dict[str, Any], index: int, step: int)
     if "efficacy" in record:
         row["efficacy"] = record["efficacy"]
         row["target_prob"] = record["efficacy_detail"][0]["target_prob"]
+        # CounterFact's paraphrase, synthetic: the edit asked after unseen context prefixes
+        row["paraphrase"] = record["efficacy_detail"][0]["prompt_fraction"]
+        for k, v in record.get("neighbourhood", {}).items():
+            row[f"neighbourhood.{k}"] = v
         if "retained" in record:
             row["retained"] = record["retained"]
         for split, by_order in record["accuracy_change"].items():

@@ -109,3 +109,47 @@ def test_already_answered_requests_are_recorded_as_skipped(env):
         model, task, rome, rome.config(n_samples=N_SAMPLES), [same], "single", scorer
     )
     assert "already answers" in res.records[0]["skipped"] and not res.edits
+
+
+def test_neighbourhood_is_the_facts_sharing_the_subject_or_the_relation(env):
+    """CounterFact's neighbourhood, synthetic: measured against the unedited model's answers,
+    prepared before any edit; no edit, no change; a destructive delta lowers it."""
+    from kgshatter.hooks import edited
+
+    from kgshatter.editing import Edit, LayerDelta
+
+    model, graph, task, scorer = env
+    request = sample_requests(graph, "counterfactual", 1, seed=3, distance=2)[0]
+    fresh = EditScorer(model, scorer.evaluator, n_prompts=4, max_neighbours=1000)
+    same_subject, same_relation = fresh.neighbour_facts(request)
+    assert {x for x, _ in same_subject} == {request.subject}
+    assert request.relation not in {r for _, r in same_subject}
+    assert len(same_subject) == graph.n_relations - 1
+    assert {r for _, r in same_relation} == {request.relation}
+    assert len(same_relation) == graph.n_entities - 1
+    capped = EditScorer(model, scorer.evaluator, max_neighbours=5).neighbour_facts(request)
+    assert [len(f) for f in capped] == [5, 5]
+    assert set(capped[1]) <= set(same_relation)
+    with pytest.raises(ValueError, match="prepare_neighbourhood"):
+        fresh.neighbourhood(model, [request])
+    fresh.prepare_neighbourhood(model, [request])
+    unedited = fresh.neighbourhood(model, [request])
+    assert unedited["subject_change"] == 0 and unedited["relation_change"] == 0
+    assert 0 <= unedited["subject"] <= 1 and 0 <= unedited["relation"] <= 1
+    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
+    noise = torch.Generator().manual_seed(0)
+    wreck = Edit("noise", [LayerDelta(0, torch.randn(d_mlp, d_model, generator=noise) * 5, None)],
+                 [], {}, "test")  # fmt: skip
+    with edited(model, wreck):
+        broken = fresh.neighbourhood(model, [request])
+    assert broken["relation_change"] < 0
+    # run_protocol records it on every scored edit
+    rome = get_method("rome")
+    result = run_protocol(model, task, rome, rome.config("synthetic", n_samples=2000), [request],
+                          "single", fresh)  # fmt: skip
+    assert set(result.records[0]["neighbourhood"]) == {
+        "subject",
+        "relation",
+        "subject_change",
+        "relation_change",
+    }

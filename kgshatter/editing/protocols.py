@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kgshatter.editing import Method, get_method
@@ -103,15 +104,100 @@ class EditScorer:
     """
 
     def __init__(
-        self, model: TransformerBridge, evaluator: Evaluator, n_prompts: int = 10, seed: int = 12345
+        self,
+        model: TransformerBridge,
+        evaluator: Evaluator,
+        n_prompts: int = 10,
+        seed: int = 12345,
+        neighbour_prompts: int = 2,
+        max_neighbours: int = 32,
     ) -> None:
         check_int("n_prompts", n_prompts, 1)
+        check_int("neighbour_prompts", neighbour_prompts, 0)
+        check_int("max_neighbours", max_neighbours, 1)
+        self.max_neighbours = max_neighbours
         self.evaluator = evaluator
         self.graph = evaluator.graph
         self.sampler = evaluator.sampler
         self.n_prompts = n_prompts
         self.seed = seed
+        self.neighbour_prompts = neighbour_prompts
         self.baseline = evaluator.accuracy(model)
+        # (subject, relation) -> answered right by the unedited model (prepare_neighbourhood)
+        self._right_before: dict[tuple[int, int], bool] = {}
+
+    # -- CounterFact's neighbourhood, synthetic: facts sharing the subject or the relation ----
+    def neighbour_facts(
+        self, request: EditRequest
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The subject's other facts ``(x, r')`` and the relation's other facts ``(x', r)``,
+        each at most ``max_neighbours`` (a seeded sample, the same for every call)."""
+        g, x, r = self.graph, request.subject, request.relation
+        same_subject = [(x, q) for q in range(g.n_relations) if q != r and g.table[q, x] >= 0]
+        same_relation = [(y, r) for y in range(g.n_entities) if y != x and g.table[r, y] >= 0]
+        rng = np.random.default_rng([self.seed, x, r])
+
+        def cap(facts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+            if len(facts) <= self.max_neighbours:
+                return facts
+            keep = rng.choice(len(facts), self.max_neighbours, replace=False)
+            return [facts[i] for i in sorted(keep)]
+
+        return cap(same_subject), cap(same_relation)
+
+    @torch.inference_mode()
+    def _right(self, model: TransformerBridge, facts: Sequence[tuple[int, int]]) -> list[bool]:
+        """Whether the averaged softmax over ``neighbour_prompts`` contexts picks each fact's
+        answer in the graph."""
+        k = self.neighbour_prompts
+        device = next(model.parameters()).device
+        out: list[bool] = []
+        for start in range(0, len(facts), 256):
+            chunk = facts[start : start + 256]
+            tokens = torch.cat([request_prompts(self.sampler, x, r, k, self.seed + 1)
+                                for x, r in chunk])  # fmt: skip
+            probs = torch.softmax(last_position_logits(model, tokens.to(device)).float(), -1)
+            picks = probs.cpu().view(len(chunk), k, -1).mean(1).argmax(-1)
+            table = self.graph.table
+            out += [int(p) == int(table[r, x]) for p, (x, r) in zip(picks, chunk, strict=True)]
+        return out
+
+    def prepare_neighbourhood(
+        self, model: TransformerBridge, requests: Sequence[EditRequest]
+    ) -> None:
+        """Record the unedited ``model``'s answers on the requests' neighbour facts (call it
+        before any edit is applied; :func:`run_protocol` does)."""
+        if not self.neighbour_prompts:
+            return
+        todo = sorted(
+            {f for r in requests for f in sum(self.neighbour_facts(r), [])}
+            - set(self._right_before)
+        )
+        self._right_before.update(zip(todo, self._right(model, todo), strict=True))
+
+    def neighbourhood(
+        self, model: TransformerBridge, requests: Sequence[EditRequest]
+    ) -> dict[str, float]:
+        """The fraction of the subject's other facts (``subject``) and of the relation's other
+        facts (``relation``) the model answers right now, and each one's change from the
+        unedited model (``*_change``), averaged over ``requests``."""
+        out: dict[str, list[float]] = {}
+        for request in requests:
+            same_subject, same_relation = self.neighbour_facts(request)
+            for name, facts in (("subject", same_subject), ("relation", same_relation)):
+                if not facts:
+                    continue
+                missing = [f for f in facts if f not in self._right_before]
+                if missing:
+                    raise ValueError(
+                        "EditScorer.neighbourhood needs prepare_neighbourhood(model, requests) "
+                        "on the unedited model first"
+                    )
+                now = float(np.mean(self._right(model, facts)))
+                before = float(np.mean([self._right_before[f] for f in facts]))
+                out.setdefault(name, []).append(now)
+                out.setdefault(f"{name}_change", []).append(now - before)
+        return {k: float(np.mean(v)) for k, v in out.items()}
 
     @torch.inference_mode()
     def efficacy(
@@ -243,6 +329,8 @@ def run_protocol(
             held = scorer.efficacy(model, scored)
             row["retained"] = sum(e["success"] for e in held) / len(held)
         row.update(scorer.collateral(model))
+        if scorer.neighbour_prompts:
+            row["neighbourhood"] = scorer.neighbourhood(model, batch)
         row["n_edits_applied"] = len(edits)
         row["edits_before"] = len(edits) - 1 if protocol == "sequential" else 0
         if measure is not None or measure_edit is not None:
@@ -265,6 +353,7 @@ def run_protocol(
         for i, result in enumerate(many):
             failed = isinstance(result, AlreadyAnswered)
             ready[i] = (None if failed else result, share, str(result) if failed else None)
+    scorer.prepare_neighbourhood(model, list(requests))  # before any edit is applied
     with ExitStack() as stack:
         state = method.new_state()
         applied: list[EditRequest] = []
