@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,6 +223,7 @@ def run_months(
     done = {_months_key(r): r for r in read_rows(rows_path, _months_key, "months table")}
     rows: list[dict[str, Any]] = []
     afters: list[Any] = []  # representations after each edit (small: subjects x d_model)
+    fluency_unedited: dict[tuple[str, ...], float | None] = {}
     for distance in config.distances or (None,):
         requests = task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance)
         for i, request in enumerate(requests):
@@ -230,8 +232,12 @@ def run_months(
                 rows.append(done[(distance, i)])
                 afters.append(_load_reps(reps_path))
                 continue
-            near_before = task.counterfact(model, request)["neighbourhood"]
-            fluency_before = _fluency(model, tokenizer, task, request, config)
+            near_before = task.neighbourhood_accuracy(model, request)
+            subject_prompts = tuple(task.generation_prompts(request))
+            if subject_prompts not in fluency_unedited:  # the unedited model's, once per subject
+                fluency_unedited[subject_prompts] = _fluency(model, tokenizer, subject_prompts,
+                                                             config)  # fmt: skip
+            fluency_before = fluency_unedited[subject_prompts]
             start = time.perf_counter()
             edit = method.compute(
                 model, text_task, request, edit_config, model_id=pretrained.model_id
@@ -253,7 +259,7 @@ def run_months(
                 }
                 if fluency_before is not None:
                     row["fluency_before"] = fluency_before
-                    row["fluency"] = _fluency(model, tokenizer, task, request, config)
+                    row["fluency"] = _fluency(model, tokenizer, subject_prompts, config)
                 if cyclic:
                     row["ring_after"] = _ring(after, task)
                 if mmlu_items and i % config.mmlu_every == 0:
@@ -273,13 +279,12 @@ def run_months(
 
 
 def _fluency(
-    model: TransformerBridge, tokenizer: Any, task: Any, request: Any, config: MonthsConfig
+    model: TransformerBridge, tokenizer: Any, prompts: Sequence[str], config: MonthsConfig
 ) -> float | None:
     if not config.fluency_tokens:
         return None
     from kgshatter.analysis.fluency import generation_fluency
 
-    prompts = task.generation_prompts(request)
     return generation_fluency(model, tokenizer, prompts, config.fluency_tokens)
 
 

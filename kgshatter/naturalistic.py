@@ -193,20 +193,26 @@ class FactTask:
         fwd_hooks: Sequence[tuple[str, Any]] = (),
     ) -> dict[str, float]:
         """``paraphrase``: the fraction of :meth:`paraphrases` now answered with the target;
-        ``neighbourhood``: the fraction of :meth:`neighbourhood` facts still answered right
-        (among the candidates, like :meth:`accuracy`)."""
-        para = self.paraphrases(request)
-        hits = self.predictions(model, para, fwd_hooks)
-        near = self.neighbourhood(request)
-        kept = self.predictions(model, near, fwd_hooks) if near else []
+        ``neighbourhood``: :meth:`neighbourhood_accuracy`."""
+        hits = self.predictions(model, self.paraphrases(request), fwd_hooks)
         return {
             "paraphrase": float(np.mean([p == request.target for p in hits])),
-            "neighbourhood": (
-                float(np.mean([p == q.answer for p, q in zip(kept, near, strict=True)]))
-                if near
-                else float("nan")
-            ),
+            "neighbourhood": self.neighbourhood_accuracy(model, request, fwd_hooks),
         }
+
+    def neighbourhood_accuracy(
+        self,
+        model: TransformerBridge,
+        request: TextRequest,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+    ) -> float:
+        """The fraction of :meth:`neighbourhood` facts answered right among the candidates,
+        like :meth:`accuracy` (NaN when the request has no neighbours)."""
+        near = self.neighbourhood(request)
+        if not near:
+            return float("nan")
+        kept = self.predictions(model, near, fwd_hooks)
+        return float(np.mean([p == q.answer for p, q in zip(kept, near, strict=True)]))
 
     def success(
         self,

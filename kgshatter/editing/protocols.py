@@ -146,21 +146,34 @@ class EditScorer:
         return cap(same_subject), cap(same_relation)
 
     @torch.inference_mode()
+    def _prompt_probs(
+        self,
+        model: TransformerBridge,
+        facts: Sequence[tuple[int, int]],
+        n_prompts: int,
+        seed: int,
+        chunk: int = 256,
+    ) -> torch.Tensor:
+        """Next-token probabilities ``[fact, prompt, vocab]`` after ``n_prompts`` contexts of
+        each ``(subject, relation)`` fact (``chunk`` facts per forward pass)."""
+        device = next(model.parameters()).device
+        parts = []
+        for start in range(0, len(facts), chunk):
+            tokens = torch.cat([request_prompts(self.sampler, x, r, n_prompts, seed)
+                                for x, r in facts[start : start + chunk]])  # fmt: skip
+            logits = last_position_logits(model, tokens.to(device))
+            parts.append(torch.softmax(logits.float(), -1).cpu())
+        return torch.cat(parts).view(len(facts), n_prompts, -1)
+
     def _right(self, model: TransformerBridge, facts: Sequence[tuple[int, int]]) -> list[bool]:
         """Whether the averaged softmax over ``neighbour_prompts`` contexts picks each fact's
         answer in the graph."""
-        k = self.neighbour_prompts
-        device = next(model.parameters()).device
-        out: list[bool] = []
-        for start in range(0, len(facts), 256):
-            chunk = facts[start : start + 256]
-            tokens = torch.cat([request_prompts(self.sampler, x, r, k, self.seed + 1)
-                                for x, r in chunk])  # fmt: skip
-            probs = torch.softmax(last_position_logits(model, tokens.to(device)).float(), -1)
-            picks = probs.cpu().view(len(chunk), k, -1).mean(1).argmax(-1)
-            table = self.graph.table
-            out += [int(p) == int(table[r, x]) for p, (x, r) in zip(picks, chunk, strict=True)]
-        return out
+        if not facts:
+            return []
+        picks = self._prompt_probs(model, facts, self.neighbour_prompts, self.seed + 1)
+        picks = picks.mean(1).argmax(-1)
+        table = self.graph.table
+        return [int(p) == int(table[r, x]) for p, (x, r) in zip(picks, facts, strict=True)]
 
     def prepare_neighbourhood(
         self, model: TransformerBridge, requests: Sequence[EditRequest]
@@ -184,22 +197,22 @@ class EditScorer:
         out: dict[str, list[float]] = {}
         for request in requests:
             same_subject, same_relation = self.neighbour_facts(request)
+            both = same_subject + same_relation
+            if any(f not in self._right_before for f in both):
+                raise ValueError(
+                    "EditScorer.neighbourhood needs prepare_neighbourhood(model, requests) "
+                    "on the unedited model first"
+                )
+            right = dict(zip(both, self._right(model, both), strict=True))  # one pass
             for name, facts in (("subject", same_subject), ("relation", same_relation)):
                 if not facts:
                     continue
-                missing = [f for f in facts if f not in self._right_before]
-                if missing:
-                    raise ValueError(
-                        "EditScorer.neighbourhood needs prepare_neighbourhood(model, requests) "
-                        "on the unedited model first"
-                    )
-                now = float(np.mean(self._right(model, facts)))
+                now = float(np.mean([right[f] for f in facts]))
                 before = float(np.mean([self._right_before[f] for f in facts]))
                 out.setdefault(name, []).append(now)
                 out.setdefault(f"{name}_change", []).append(now - before)
         return {k: float(np.mean(v)) for k, v in out.items()}
 
-    @torch.inference_mode()
     def efficacy(
         self, model: TransformerBridge, requests: Sequence[EditRequest]
     ) -> list[dict[str, float]]:
@@ -207,15 +220,10 @@ class EditScorer:
         prompts that pick it, and the target's averaged probability."""
         if not requests:
             return []
-        prompts = [
-            request_prompts(self.sampler, r.subject, r.relation, self.n_prompts, self.seed)
-            for r in requests
-        ]
-        device = next(model.parameters()).device
-        logits = last_position_logits(model, torch.cat(prompts).to(device))
-        probs = torch.softmax(logits.float(), -1).cpu()
+        facts = [(r.subject, r.relation) for r in requests]
+        probs = self._prompt_probs(model, facts, self.n_prompts, self.seed, chunk=len(facts))
         out = []
-        for r, p in zip(requests, probs.split(self.n_prompts), strict=True):
+        for r, p in zip(requests, probs, strict=True):
             mean = p.mean(0)
             out.append(
                 {
