@@ -273,6 +273,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
         mmlu_every=args.mmlu_every,
         mmlu_max_new_tokens=args.mmlu_tokens,
         fluency_tokens=args.fluency_tokens,
+        scoring=args.scoring,
     )
     out = check_output_dir(args.out)
     device_map = _device_map(args.device_map)
@@ -836,6 +837,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=24,
         help="tokens generated per prompt for the fluency metric, before and after each edit "
         "(0: skip)",
+    )
+    p.add_argument(
+        "--scoring",
+        default="auto",
+        choices=["auto", "first-token", "sequence"],
+        help="how an answer is read among the candidates: its first token, its whole token "
+        "sequence (candidates may share first tokens), or auto (first token where distinct)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(

@@ -107,6 +107,9 @@ class MonthsConfig(ConfigDict):
     # fluency (n-gram entropy of continuations about the subject): tokens generated per prompt
     # before and after each edit (0: not measured)
     fluency_tokens: int = 24
+    # how an answer is read among the candidates (kgshatter.naturalistic.FactTask): its first
+    # token, its whole token sequence, or "auto" (first token where those are distinct)
+    scoring: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -115,6 +118,9 @@ class MonthsConfig(ConfigDict):
         check_int("mmlu_every", self.mmlu_every, 1)
         check_int("mmlu_max_new_tokens", self.mmlu_max_new_tokens, 1)
         check_int("fluency_tokens", self.fluency_tokens, 0)
+        from kgshatter.naturalistic import SCORINGS
+
+        check_choice("scoring", self.scoring, SCORINGS)
         if self.n_samples is not None:
             check_int("n_samples", self.n_samples, 1)
         if self.task == "cities":
@@ -163,7 +169,7 @@ def run_months(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = pretrained.model, pretrained.tokenizer
-    task = natural_task(config.task, tokenizer)
+    task = natural_task(config.task, tokenizer, config.scoring)
     method = get_method(config.method)
     if config.preset is not None:
         preset = resolve_preset(pretrained.name, config.method, config.preset)
@@ -272,6 +278,7 @@ def run_months(
             log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
 
     summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
+    summary["scoring"] = task.scoring  # what "auto" resolved to
     write_json_atomic(out / "summary.json", summary)
     _figures(out, task, before[site], rows, afters, summary, pretrained.name)
     _report(out, summary)
@@ -430,6 +437,7 @@ def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afte
 
 def _report(out: Path, summary: dict[str, Any]) -> None:
     per = summary["per_distance"]
+    scored = "its first token" if summary["scoring"] == "first-token" else "its whole tokens"
     lines = [
         f"# {summary['config']['task']} on {summary['model']} ({summary['family']})",
         "",
@@ -444,7 +452,7 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         ),
         f"Method {summary['config']['method']} (preset {summary['preset']}); representations at "
         f"{summary['site']}; accuracy before {100 * summary['accuracy_before']:.1f}% "
-        f"(the answer ranked first among the candidates).",
+        f"(the answer ranked first among the candidates, scored on {scored}).",
         "",
         "| distance | edits | success | paraphrase | neighbourhood (change) | fluency (change) "
         "| accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",

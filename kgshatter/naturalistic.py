@@ -27,7 +27,7 @@ from jaxtyping import Float
 from kgshatter.editing.core import Prompts, last_logits
 from kgshatter.sites import Site
 from kgshatter.text import TextRequest, continuation_tokens, encode_prompts
-from kgshatter.validation import check_int
+from kgshatter.validation import check_choice, check_int
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -73,12 +73,22 @@ class Query:
     hop: int = 0  # cyclic tasks: steps along the ring; 0 for the tree
 
 
+SCORINGS = ("auto", "first-token", "sequence")
+
+
 class FactTask:
     """Queries over subjects with answers among ``candidates``, measured the synthetic way.
 
-    ``tokenizer`` is the model's. On construction every candidate's first token (after a
-    query prompt) is computed; candidates that share a first token cannot be told apart by the
-    editors' one-token objective, so such a tokenizer is refused.
+    ``tokenizer`` is the model's. On construction every candidate's tokens (after a query
+    prompt) are computed. ``scoring`` says how a query's answer is read:
+
+    - ``"first-token"``: the candidate whose first token the next-token distribution ranks
+      first (one forward pass per query; candidates must start with distinct tokens, else the
+      tokenizer is refused);
+    - ``"sequence"``: the candidate whose whole token sequence is most probable (the sum of
+      its tokens' log-probabilities, teacher-forced; one row per query and candidate), so
+      candidates may share their first tokens ("New Zealand", "New York");
+    - ``"auto"`` (default): first-token when the first tokens are distinct, else sequence.
     """
 
     def __init__(
@@ -90,7 +100,9 @@ class FactTask:
         tokenizer: Any,
         contexts: Sequence[str],
         positions: np.ndarray | None = None,
+        scoring: str = "auto",
     ) -> None:
+        check_choice("scoring", scoring, SCORINGS)
         self.name = name
         self.subjects = tuple(subjects)
         self.queries = tuple(queries)
@@ -100,16 +112,32 @@ class FactTask:
         # ring position of each subject (cyclic tasks) for the ring metrics
         self.positions = positions
         probe = self.queries[0].prompt.format(self.subjects[0])
-        self.first_tokens = [continuation_tokens(tokenizer, probe, c)[0] for c in self.candidates]
+        self.candidate_tokens = [
+            tuple(continuation_tokens(tokenizer, probe, c)) for c in self.candidates
+        ]
+        self.first_tokens = [t[0] for t in self.candidate_tokens]
         seen: dict[int, str] = {}
+        clash = None
         for c, t in zip(self.candidates, self.first_tokens, strict=True):
-            if t in seen:
-                raise ValueError(
-                    f"the tokenizer does not separate {seen[t]!r} and {c!r} (both start with "
-                    f"token {t}: {tokenizer.convert_ids_to_tokens(t)!r}); the {name} task needs "
-                    f"every candidate to start with its own token"
-                )
+            if t in seen and clash is None:
+                clash = (seen[t], c, t)
             seen[t] = c
+        if clash is not None and scoring == "first-token":
+            a, b, t = clash
+            raise ValueError(
+                f"the tokenizer does not separate {a!r} and {b!r} (both start with token {t}: "
+                f"{tokenizer.convert_ids_to_tokens(t)!r}); first-token scoring of the {name} "
+                f"task needs every candidate to start with its own token (use "
+                f"scoring='sequence')"
+            )
+        if len(set(self.candidate_tokens)) < len(self.candidates):
+            raise ValueError(
+                f"the tokenizer gives two {name} candidates the same tokens; they cannot be "
+                f"told apart"
+            )
+        self.scoring = (
+            ("first-token" if clash is None else "sequence") if scoring == "auto" else scoring
+        )
         for s in self.subjects:
             if "{" in s or "}" in s:
                 raise ValueError(f"subject {s!r} may not contain braces")
@@ -149,8 +177,11 @@ class FactTask:
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         batch_size: int = 64,
     ) -> list[str]:
-        """The candidate each query's next-token distribution ranks first."""
+        """The candidate each query ranks first (see :attr:`scoring`)."""
         queries = self.queries if queries is None else queries
+        if self.scoring == "sequence":
+            scores = self.sequence_logprobs(model, queries, fwd_hooks, batch_size)
+            return [self.candidates[j] for j in scores.argmax(-1).tolist()]
         out: list[str] = []
         ids = torch.tensor(self.first_tokens)
         for i in range(0, len(queries), batch_size):
@@ -158,6 +189,37 @@ class FactTask:
             logits = last_logits(model, self.encode_queries(chunk), fwd_hooks).float().cpu()
             out += [self.candidates[j] for j in logits[:, ids].argmax(-1).tolist()]
         return out
+
+    @torch.inference_mode()
+    def sequence_logprobs(
+        self,
+        model: TransformerBridge,
+        queries: Sequence[Query],
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+        batch_size: int = 64,
+    ) -> Float[torch.Tensor, "query candidate"]:
+        """log p(candidate's tokens | query) for every query and candidate (teacher-forced,
+        summed over the candidate's tokens; ``batch_size`` rows per forward pass)."""
+        device = next(model.parameters()).device
+        rows = []  # (prompt continued by the candidate, candidate tokens)
+        for q in queries:
+            prompt = self.encode_queries([q])
+            for tokens in self.candidate_tokens:
+                rows.append((prompt.followed_by(tokens[:-1]), tokens))
+        out = torch.empty(len(rows))
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = Prompts.cat([p for p, _ in chunk])
+            width = max(len(t) for _, t in chunk)
+            at = batch.answer_positions(width).clamp(max=batch.tokens.shape[1] - 1).to(device)
+            target = torch.tensor([list(t) + [0] * (width - len(t)) for _, t in chunk])
+            mask = torch.tensor([[j < len(t) for j in range(width)] for _, t in chunk])
+            logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=list(fwd_hooks))
+            n = torch.arange(len(chunk), device=device)[:, None]
+            logp = torch.log_softmax(logits[n, at].float(), -1).cpu()
+            picked = logp.gather(-1, target[..., None])[..., 0]
+            out[i : i + len(chunk)] = (picked * mask).sum(1)
+        return out.view(len(queries), len(self.candidates))
 
     def accuracy(
         self,
@@ -254,7 +316,9 @@ class FactTask:
 class CyclicTask(FactTask):
     """Months or days of the week on their ring; queries for every item and hop 1..n-1."""
 
-    def __init__(self, name: str, items: Sequence[str], unit: str, tokenizer: Any) -> None:
+    def __init__(
+        self, name: str, items: Sequence[str], unit: str, tokenizer: Any, scoring: str = "auto"
+    ) -> None:
         n = len(items)
         queries = [
             Query(items[i], _hop_prompt(k, unit), items[(i + k) % n], hop=k)
@@ -262,7 +326,14 @@ class CyclicTask(FactTask):
             for i in range(n)
         ]
         super().__init__(
-            name, items, queries, items, tokenizer, CONTEXTS[name], positions=np.arange(n)
+            name,
+            items,
+            queries,
+            items,
+            tokenizer,
+            CONTEXTS[name],
+            positions=np.arange(n),
+            scoring=scoring,
         )
         self.unit = unit
 
@@ -306,12 +377,19 @@ class TreeTask(FactTask):
     """Subjects grouped under parents (city -> country): a tree, not a ring."""
 
     def __init__(
-        self, name: str, groups: Mapping[str, Sequence[str]], prompt: str, tokenizer: Any
+        self,
+        name: str,
+        groups: Mapping[str, Sequence[str]],
+        prompt: str,
+        tokenizer: Any,
+        scoring: str = "auto",
     ) -> None:
         subjects = [s for members in groups.values() for s in members]
         parent = {s: p for p, members in groups.items() for s in members}
         queries = [Query(s, prompt, parent[s]) for s in subjects]
-        super().__init__(name, subjects, queries, list(groups), tokenizer, CONTEXTS[name])
+        super().__init__(
+            name, subjects, queries, list(groups), tokenizer, CONTEXTS[name], scoring=scoring
+        )
         self.parent = parent
 
     def paraphrases(self, request: TextRequest) -> list[Query]:
@@ -348,24 +426,24 @@ class TreeTask(FactTask):
         return out
 
 
-def cyclic_task(name: str, tokenizer: Any) -> CyclicTask:
-    """``"months"`` or ``"days"`` for ``tokenizer``'s model."""
+def cyclic_task(name: str, tokenizer: Any, scoring: str = "auto") -> CyclicTask:
+    """``"months"`` or ``"days"`` for ``tokenizer``'s model (``scoring``: see FactTask)."""
     if name not in CYCLES:
         raise ValueError(f"cyclic task must be one of {sorted(CYCLES)}, got {name!r}")
     items, unit = CYCLES[name]
-    return CyclicTask(name, items, unit, tokenizer)
+    return CyclicTask(name, items, unit, tokenizer, scoring)
 
 
-def city_country_task(tokenizer: Any) -> TreeTask:
-    return TreeTask("cities", CITIES, "{} is a city in the country of", tokenizer)
+def city_country_task(tokenizer: Any, scoring: str = "auto") -> TreeTask:
+    return TreeTask("cities", CITIES, "{} is a city in the country of", tokenizer, scoring)
 
 
-def natural_task(name: str, tokenizer: Any) -> FactTask:
+def natural_task(name: str, tokenizer: Any, scoring: str = "auto") -> FactTask:
     """``"months"``, ``"days"`` or ``"cities"``."""
     if name == "cities":
-        return city_country_task(tokenizer)
+        return city_country_task(tokenizer, scoring)
     if name in CYCLES:
-        return cyclic_task(name, tokenizer)
+        return cyclic_task(name, tokenizer, scoring)
     raise ValueError(f"task must be one of {sorted([*CYCLES, 'cities'])}, got {name!r}")
 
 

@@ -36,7 +36,7 @@ from kgshatter.editing.covariance import (
 )
 from kgshatter.io import read_json, read_jsonl
 from kgshatter.sites import edit_module, edit_sites
-from kgshatter.validation import check_int
+from kgshatter.validation import check_bool, check_int
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -232,7 +232,9 @@ class TextTask:
 
     ``model`` and ``tokenizer`` are the loaded checkpoint's (``PretrainedModel.model`` and
     ``.tokenizer``); ``corpus`` and ``cache`` serve C (``mom2_adjustment=False`` in ROME, or
-    FT-L, need none).
+    FT-L, need none). A target of several tokens ("Buenos Aires") is optimised whole, as the
+    references do; ``whole_target=False`` optimises its first token only (kgshatter before
+    multi-token targets).
     """
 
     def __init__(
@@ -245,8 +247,11 @@ class TextTask:
         prefix_lengths: tuple[int, int] = (5, 10),
         seq_len: int = 256,
         stats_batch: int = 8,
+        whole_target: bool = True,
     ) -> None:
         check_int("seq_len", seq_len, 2)
+        check_bool("whole_target", whole_target)
+        self.whole_target = whole_target
         check_int("stats_batch", stats_batch, 1)
         for n in prefix_lengths:
             check_int("prefix_lengths", n, 1)
@@ -299,8 +304,14 @@ class TextTask:
         return self.encode(request.prompt, request.subject, [""])
 
     def target_token(self, request: TextRequest) -> int:
-        """The first token of the target after the prompt (the editors' objective)."""
+        """The first token of the target after the prompt."""
         return continuation_tokens(self.tokenizer, request.text, request.target)[0]
+
+    def target_tokens(self, request: TextRequest) -> tuple[int, ...]:
+        """The target's tokens after the prompt (the editors' objective: all of them, as in
+        ROME's and MEMIT's ``compute_v``; with ``whole_target=False`` only the first)."""
+        tokens = continuation_tokens(self.tokenizer, request.text, request.target)
+        return tuple(tokens if self.whole_target else tokens[:1])
 
     def fact(self, request: TextRequest) -> tuple[str, str]:
         return (request.prompt, request.subject)

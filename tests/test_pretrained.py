@@ -171,6 +171,9 @@ def test_tokenizer_without_the_months_is_refused():
     tok.train_from_iterator(["abc abd"], trainers.BpeTrainer(vocab_size=300))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="a")
     with pytest.raises(ValueError, match="does not separate"):
+        cyclic_task("months", fast, scoring="first-token")
+    # whole-sequence scoring cannot help either: this tokenizer maps months to the same ids
+    with pytest.raises(ValueError, match="cannot be told apart"):
         cyclic_task("months", fast)
 
 
@@ -313,6 +316,7 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_distance"]) == {"1", "2"}
     assert summary["random_weights"] and summary["mmlu_before"]["n"] == 1
+    assert summary["scoring"] == "first-token"  # "auto" on months with distinct first tokens
     report = (out / "report.md").read_text()
     assert "tiny random checkpoint" in report and (out / "rings.png").is_file()
     rows_path = out / "rows.jsonl"

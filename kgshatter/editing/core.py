@@ -10,7 +10,7 @@ Every method is a small solve step over these pieces (README, "Editing"):
   subject; C from validation walks, cached on disk and in memory);
   :class:`kgshatter.text.TextTask` for a pretrained model (prompts after prefixes sampled from
   the model; C from a text corpus). Editors call only the methods both have (``prompts``,
-  ``stats``, ``bare_prompt``, ``target_token``, ``fact``, ``describe``, ``request_from_dict``);
+  ``stats``, ``bare_prompt``, ``target_tokens``, ``fact``, ``describe``, ``request_from_dict``);
 - :func:`mean_keys` / :func:`mean_activations`: activations at one position, averaged over a
   request's prompts, optionally with earlier edits applied as hooks;
 - :func:`check_changes_answer`: refuse a request the model already satisfies.
@@ -103,6 +103,29 @@ class Prompts:
         """Per-row index of ``position`` (``"subject"`` or ``"relation"`` = the last token)."""
         check_choice("position", position, POSITIONS)
         return self.subject if position == "subject" else self.last
+
+    def followed_by(self, tokens: Sequence[int]) -> Prompts:
+        """Every row continued by ``tokens`` right after its last token (teacher forcing a
+        multi-token answer). ``last`` and ``subject`` stay where they were, so the answer's
+        i-th token is predicted at ``last + i`` (i = 0 .. len(tokens)); what follows the
+        continuation is padding, as before."""
+        extra = [int(t) for t in tokens]
+        if not extra:
+            return self
+        n, seq = self.tokens.shape
+        width = max(seq, int(self.last.max()) + 1 + len(extra)) if n else seq
+        out = self.tokens.clone()
+        if width > seq:
+            out = torch.cat([out, out[:, -1:].expand(-1, width - seq)], 1)
+        cols = self.last[:, None] + 1 + torch.arange(len(extra))
+        out.scatter_(1, cols, torch.tensor(extra, dtype=out.dtype).expand(n, -1).contiguous())
+        return Prompts(out, self.last, self.subject)
+
+    def answer_positions(self, n_tokens: int) -> Int[torch.Tensor, "p n_tokens"]:
+        """Where each row predicts the tokens of an ``n_tokens``-token answer continued with
+        :meth:`followed_by` (``last``, ``last + 1``, ...)."""
+        check_int("n_tokens", n_tokens, 1)
+        return self.last[:, None] + torch.arange(n_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +269,8 @@ class EditTask(Protocol):
 
     def target_token(self, request: Any) -> int: ...
 
+    def target_tokens(self, request: Any) -> tuple[int, ...]: ...
+
     def fact(self, request: Any) -> tuple[Any, Any]: ...
 
     def describe(self, request: Any) -> str: ...
@@ -312,6 +337,10 @@ class SyntheticTask:
 
     def target_token(self, request: EditRequest) -> int:
         return request.target
+
+    def target_tokens(self, request: EditRequest) -> tuple[int, ...]:
+        """A synthetic target is one entity token."""
+        return (request.target,)
 
     def fact(self, request: EditRequest) -> tuple[int, int]:
         """What a request rewrites; a batch may not rewrite one fact twice."""
@@ -430,6 +459,21 @@ def last_logits(
     return logits[torch.arange(len(prompts), device=device), prompts.last.to(device)]
 
 
+def answer_logits(
+    model: TransformerBridge,
+    prompts: Prompts,
+    answer: Sequence[int],
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> Float[torch.Tensor, "p n_tokens vocab"]:
+    """Logits predicting each token of ``answer`` after every prompt, teacher-forced (the
+    prompts continued by all but its last token; one forward pass)."""
+    device = next(model.parameters()).device
+    forced = prompts.followed_by(answer[:-1])
+    logits = model.run_with_hooks(forced.tokens.to(device), fwd_hooks=list(fwd_hooks))
+    at = forced.answer_positions(len(answer)).to(device)
+    return logits[torch.arange(len(prompts), device=device)[:, None], at]
+
+
 def check_changes_answer(
     model: TransformerBridge,
     task: Any,
@@ -437,11 +481,14 @@ def check_changes_answer(
     prompts: Prompts,
     fwd_hooks: Sequence[tuple[str, Any]] = (),
 ) -> None:
-    """Refuse ``request`` if the model (with ``fwd_hooks``) already answers its target."""
+    """Refuse ``request`` if the model (with ``fwd_hooks``) already answers its target: the
+    prompt-averaged next-token distribution picks every target token in turn (one token:
+    the answer; several: the teacher-forced greedy continuation is the target)."""
+    target = list(task.target_tokens(request))
     with torch.inference_mode():
-        logits = last_logits(model, prompts, fwd_hooks)
-    answer = int(torch.softmax(logits.float(), -1).mean(0).argmax())
-    if answer == task.target_token(request):
+        logits = answer_logits(model, prompts, target, fwd_hooks)
+    answer = torch.softmax(logits.float(), -1).mean(0).argmax(-1).tolist()
+    if answer == target:
         raise AlreadyAnswered(
             f"the model already answers the target of {task.describe(request)}; nothing to "
             f"edit (choose another target)"

@@ -1,7 +1,8 @@
 """FT-L: constrained fine-tuning of one layer's MLP output matrix (Zhu et al. 2020, as in ROME).
 
 Adam on ``W_out`` of ``layer`` with every element kept within ``W0 +- norm_constraint``; the loss
-is the NLL of the new target at the last prompt position. The trained parameter is the *delta*
+is the NLL of the new target at the last prompt position (a multi-token target: the mean NLL of
+its tokens, teacher-forced). The trained parameter is the *delta*
 ``D = W - W0``, added through hooks, so the model's weights are never written; the result is a
 dense :class:`~kgshatter.editing.edit.LayerDelta` (``b is None``), still an undoable edit.
 """
@@ -22,7 +23,6 @@ from kgshatter.editing.core import (
     as_requests,
     check_changes_answer,
     frozen_weights,
-    last_logits,
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
@@ -89,21 +89,34 @@ def compute_ft(
     w = edit_weight(model, config.layer, module)
     model_id = model_id or model_identity(model)
     device = next(model.parameters()).device
-    batches, targets = [], []
+    # every target token is a fitting target (teacher-forced: each prompt continued by all
+    # but its target's last token); -100 marks the columns a shorter target lacks
+    batches, answers = [], []
     for r in requests:
         prompts, _ = task.prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
-        batches.append(prompts)
-        targets.append(torch.full((len(prompts),), task.target_token(r)))
-    batch, target = Prompts.cat(batches), torch.cat(targets).to(device)
+        answer = task.target_tokens(r)
+        batches.append(prompts.followed_by(answer[:-1]))
+        answers.append((len(prompts), answer))
+    batch = Prompts.cat(batches)
+    width = max(len(a) for _, a in answers)
+    target = torch.full((len(batch), width), -100, dtype=torch.long)
+    row = 0
+    for n, answer in answers:
+        target[row : row + n, : len(answer)] = torch.tensor(answer)
+        row += n
+    target = target.to(device)
+    at = batch.answer_positions(width).clamp(max=batch.tokens.shape[1] - 1).to(device)
+    rows = torch.arange(len(batch), device=device)[:, None]
     delta = torch.zeros(w.shape, dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     hooks = low_rank_delta(key.hook_name, out.hook_name, delta, None)
     losses: list[float] = []
     with frozen_weights(model):
         for _ in range(config.steps):
-            logits = last_logits(model, batch, hooks).float()
-            loss = F.cross_entropy(logits, target)
+            logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks)
+            logits = logits[rows, at].float()
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"FT-L diverged (loss {loss.item()}); lower lr")
             losses.append(loss.item())

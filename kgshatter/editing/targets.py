@@ -3,7 +3,9 @@
 The target optimisation of ROME and MEMIT: free vectors (one per hook: ROME's MLP output,
 MEMIT's residual stream, PMET's attention and MLP outputs jointly) are added at one position of
 every rewriting prompt; loss = NLL(target) + kl_factor * KL(current || initial) on "essence"
-prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam; early stop when NLL < 0.05 (in
+prompts + weight_decay * sum ||delta|| / ||h0||^2; Adam. A target of several tokens is
+teacher-forced as the references do: each rewriting prompt is continued by all but the target's
+last token, and its NLL is the mean over the target's tokens; early stop when NLL < 0.05 (in
 ``reference`` mode: the total loss, as the references do); after each
 step every delta is projected to ||delta|| <= clamp_norm_factor * ||h0|| of its own hook. The
 model's weights are never written and receive no gradients.
@@ -48,11 +50,22 @@ class TargetResult:
 
 @dataclass(frozen=True)
 class TargetProblem:
-    """One request's target optimisation: its rewriting prompts, target token and essence."""
+    """One request's target optimisation: its rewriting prompts, target (one token id, or
+    the tokens of a multi-token answer) and essence prompts."""
 
     prompts: Prompts
-    target: int
+    target: int | tuple[int, ...]
     essence: Prompts | None = None
+
+    def __post_init__(self) -> None:
+        target = (self.target,) if isinstance(self.target, int) else tuple(self.target)
+        if not target or not all(isinstance(t, int) and t >= 0 for t in target):
+            raise ValueError(f"a target is one or more token ids >= 0, got {self.target!r}")
+        object.__setattr__(self, "target", target)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return cast(tuple[int, ...], self.target)
 
 
 def prepare_problems(
@@ -84,7 +97,7 @@ def prepare_problems(
             continue
         positions.append(len(slots))
         slots.append(prompts)
-        problems.append(TargetProblem(prompts, task.target_token(r), essence))
+        problems.append(TargetProblem(prompts, task.target_tokens(r), essence))
     return slots, problems, positions
 
 
@@ -92,7 +105,7 @@ def optimize_targets(
     model: TransformerBridge,
     hooks: Sequence[str],
     prompts: Prompts,
-    target: int,
+    target: int | Sequence[int],
     essence: Prompts | None,
     **options: Any,
 ) -> TargetResult:
@@ -115,7 +128,8 @@ def optimize_targets(
 
     The keyword options are :func:`optimize_many`'s.
     """
-    return optimize_many(model, hooks, [TargetProblem(prompts, target, essence)], **options)[0]
+    problem = TargetProblem(prompts, target if isinstance(target, int) else tuple(target), essence)
+    return optimize_many(model, hooks, [problem], **options)[0]
 
 
 def optimize_many(
@@ -151,8 +165,10 @@ def optimize_many(
         raise ValueError(f"the model has no hook points {missing}")
     device = next(model.parameters()).device
     n_groups = len(problems)
-    # rows: every problem's rewriting prompts, then every problem's essence prompts
-    parts = [p.prompts for p in problems] + [p.essence for p in problems if p.essence is not None]
+    # rows: every problem's rewriting prompts (continued by all but the target's last token),
+    # then every problem's essence prompts
+    parts = [p.prompts.followed_by(p.tokens[:-1]) for p in problems]
+    parts += [p.essence for p in problems if p.essence is not None]
     batch = Prompts.cat(parts)
     tokens = batch.tokens.to(device)
     at = batch.index(position).to(device)  # where deltas are added, per row
@@ -170,7 +186,18 @@ def optimize_many(
     read = batch.last.to(device).clone()
     if reference:
         read[~rewrite] = at[~rewrite]
-    targets = torch.tensor([p.target for p in problems], device=device)[group]
+    # per row and answer token: where it is predicted and the token (-100: none; an essence
+    # row reads one distribution, at column 0)
+    width = max(len(p.tokens) for p in problems)
+    answer_at = (read[:, None] + torch.arange(width, device=device)).clamp(
+        max=batch.tokens.shape[1] - 1
+    )
+    targets = torch.full((len(batch), width), -100, dtype=torch.long)
+    for g, p in enumerate(problems):
+        start = sum(n_rw[:g])
+        targets[start : start + n_rw[g], : len(p.tokens)] = torch.tensor(p.tokens)
+    targets = targets.to(device)
+    n_answer = (targets != -100).sum(1).clamp(min=1).float()
     rw_count = torch.tensor(n_rw, dtype=torch.float32, device=device)
     es_count = torch.tensor(n_es, dtype=torch.float32, device=device).clamp(min=1)
     store: dict[str, torch.Tensor] = {}
@@ -185,7 +212,7 @@ def optimize_many(
     with torch.no_grad():
         logits0 = model.run_with_hooks(
             tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
-        )[torch.arange(len(read), device=device), read]
+        )[torch.arange(len(read), device=device), read]  # each row's first answer token
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
     h0s, means = [], []
     for h in hooks:
@@ -248,15 +275,22 @@ def optimize_many(
                 sel = live[start : start + chunk_rows]
                 rows_now["rows"] = sel
                 logits = model.run_with_hooks(tokens[sel], fwd_hooks=cast(list[Any], editing_hooks))
-                logits = logits[torch.arange(len(sel), device=device), read[sel]].float()
+                rows = torch.arange(len(sel), device=device)
+                logits = logits[rows[:, None], answer_at[sel]].float()  # [rows, width, vocab]
                 owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
                 if is_rw.any():
-                    nll = F.cross_entropy(logits[is_rw], targets[sel][is_rw], reduction="none")
+                    # a row's NLL: the mean over its target's tokens
+                    tokens_nll = F.cross_entropy(
+                        logits[is_rw].flatten(0, 1),
+                        targets[sel][is_rw].flatten(),
+                        reduction="none",
+                    ).view(-1, width)
+                    nll = tokens_nll.sum(1) / n_answer[sel][is_rw]
                     chunk = chunk + (nll / rw_count[owners[is_rw]]).sum()
                     nll_sum.index_add_(0, owners[is_rw], nll.detach())
                 if kl_factor > 0 and (~is_rw).any():
-                    logp = torch.log_softmax(logits[~is_rw], -1)
+                    logp = torch.log_softmax(logits[~is_rw, 0], -1)
                     ess = sel[~is_rw] - sum(n_rw)
                     kl = F.kl_div(init_logp[ess], logp, log_target=True, reduction="none").sum(-1)
                     chunk = chunk + kl_factor * (kl / es_count[owners[~is_rw]]).sum()
