@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "get_method": "kgshatter.editing",
     "register_method": "kgshatter.editing",
     "EditScorer": "kgshatter.editing.protocols",
+    "EditRecord": "kgshatter.editing.protocols",
+    "ProtocolResult": "kgshatter.editing.protocols",
     "run_protocol": "kgshatter.editing.protocols",
     "sample_requests": "kgshatter.editing.protocols",
     "edited": "kgshatter.hooks",
@@ -124,7 +126,13 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
         get_method,
         register_method,
     )
-    from kgshatter.editing.protocols import EditScorer, run_protocol, sample_requests
+    from kgshatter.editing.protocols import (
+        EditRecord,
+        EditScorer,
+        ProtocolResult,
+        run_protocol,
+        sample_requests,
+    )
     from kgshatter.evaluate import Evaluator
     from kgshatter.hooks import add_vector, capture, edited
     from kgshatter.kg import (

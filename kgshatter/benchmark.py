@@ -294,7 +294,7 @@ def edit_benchmark(
             model_id=model_id,
             progress=progress,
         )
-        rows = [r for r in res.records if "efficacy" in r]
+        rows = [r.to_dict() for r in res.scored()]
         seconds = sorted(r["seconds"] for r in rows)
         change = {
             split: statistics.fmean(r["accuracy_change"][split]["all"] for r in rows)

@@ -13,8 +13,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from kgshatter.io import check_output_dir, check_output_file
 from kgshatter.kg.graph import roman
@@ -23,6 +24,8 @@ from kgshatter.presets import PRESETS, apply_overrides, get_preset
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+    from kgshatter.editing.protocols import Accuracy, EditRecord
 
 ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
 
@@ -431,7 +434,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     result = run_protocol(
         model, task, method, config, requests, args.protocol, scorer, progress=not args.quiet
     )
-    skipped = [r["skipped"] for r in result.records if r.get("skipped")]
+    skipped = [r.skipped for r in result.records if r.skipped]
     if args.fact is not None and skipped:  # the one fact asked for cannot be edited
         raise ValueError(skipped[0])
     out.mkdir(parents=True, exist_ok=True)  # also when every sampled request was skipped
@@ -447,7 +450,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             "protocol": args.protocol,
             "requests": describe_requests(graph, requests),
             "summary": summary,
-            "records": result.records,
+            "records": [r.to_dict() for r in result.records],
         },
     )
     print(format_edit_summary(method.name, args.protocol, summary))
@@ -455,28 +458,25 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_records(records: Sequence[EditRecord]) -> dict[str, Any]:
     """Mean efficacy and accuracy change over scored records (the last one for sequential)."""
-    scored = [r for r in records if "efficacy" in r]
+    scored = [r for r in records if r.scored]
     out: dict[str, Any] = {"n_records": len(records), "skipped": len(records) - len(scored)}
     if not scored:
-        reasons = [r["skipped"] for r in records if r.get("skipped")]
+        reasons = [r.skipped for r in records if r.skipped]
         if reasons:
             out["skip_reason"] = reasons[0]
         return out
-    out["efficacy"] = sum(r["efficacy"] for r in scored) / len(scored)
-    final = scored[-1] if records[0]["protocol"] == "sequential" else None
-    if final is not None and "retained" in final:
-        out["retained_at_end"] = final["retained"]
-    pool = [final] if final is not None else scored
+    out["efficacy"] = sum(cast(float, r.efficacy) for r in scored) / len(scored)
+    final = scored[-1] if records[0].protocol == "sequential" else None
+    if final is not None and final.retained is not None:
+        out["retained_at_end"] = final.retained
+    pool = [cast("Accuracy", r.accuracy_change) for r in ([final] if final is not None else scored)]
     out["accuracy_change"] = {
-        split: {
-            order: _mean([r["accuracy_change"][split][order] for r in pool])
-            for order in pool[0]["accuracy_change"][split]
-        }
-        for split in pool[0]["accuracy_change"]
+        split: {order: _mean([change[split][order] for change in pool]) for order in by_order}
+        for split, by_order in pool[0].items()
     }
-    out["median_seconds"] = sorted(r["seconds"] for r in scored)[len(scored) // 2]
+    out["median_seconds"] = sorted(r.seconds for r in scored)[len(scored) // 2]
     return out
 
 

@@ -66,7 +66,7 @@ class Check:
 
 def _by_distance(summary: dict[str, Any], method: str) -> dict[int, dict[str, Any]]:
     by = summary["methods"][method]["by_kind"]
-    return {int(k[2:]): v for k, v in by.items() if k.startswith("d=")}
+    return {v["distance"]: v for v in by.values() if v["distance"] is not None}
 
 
 def direct_drop(entry: dict[str, Any]) -> float | None:

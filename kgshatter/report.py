@@ -28,11 +28,11 @@ PAPER_ACCURACY_CHANGE = {
     "d=4": (-78.0, -78.0, -81.0),
 }
 # ROME, counterfactual, R(D*) x100 for orders I / II / III
-PAPER_R_X100 = {
-    "d=1": (1.80, 1.80, 1.84),
-    "d=2": (21.9, 20.8, 21.9),
-    "d=3": (26.2, 25.3, 26.5),
-    "d=4": (27.9, 27.3, 28.7),
+PAPER_R_X100 = {  # by edit distance d
+    1: (1.80, 1.80, 1.84),
+    2: (21.9, 20.8, 21.9),
+    3: (26.2, 25.3, 26.5),
+    4: (27.9, 27.3, 28.7),
 }
 PAPER_R2 = 0.905
 PAPER_BASELINE = {  # accuracy before any edit, orders I / II / III
@@ -123,19 +123,22 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
 
     orders = [k for k in next(iter(summary["methods"].values()))["by_kind"][kinds[0]]["R_x100"]
               if k != "mean"]  # fmt: skip
-    dkinds = [k for k in kinds if k.startswith("d=")]
+    # each counterfactual kind's distance, read from its summary entry
+    at = {k: e["distance"] for m in methods for k, e in summary["methods"][m]["by_kind"].items()
+          if e["distance"] is not None}  # fmt: skip
+    dkinds = [k for k in kinds if k in at]
     fig, axes = plt.subplots(1, len(orders), figsize=(4.3 * len(orders), 3.8), sharey=True)
     for ax, order in zip(np.atleast_1d(axes), orders, strict=True):
         for m in methods:
             by = summary["methods"][m]["by_kind"]
-            xs = [int(k[2:]) for k in dkinds if k in by]
-            ys = [by[f"d={x}"]["R_x100"][order] for x in xs]
+            xs = [at[k] for k in dkinds if k in by]
+            ys = [by[k]["R_x100"][order] for k in dkinds if k in by]
             ax.plot(xs, ys, "o-", color=colours[m], label=m)
-        paper = [(int(k[2:]), v[orders.index(order)]) for k, v in PAPER_R_X100.items()
+        paper = [(d, v[orders.index(order)]) for d, v in PAPER_R_X100.items()
                  if orders.index(order) < len(v)]  # fmt: skip
         ax.plot([p[0] for p in paper], [p[1] for p in paper], "k*--", label="paper (ROME)", ms=9)
         ax.set_xlabel("edit distance d")
-        ax.set_xticks(sorted({int(k[2:]) for k in dkinds} | {p[0] for p in paper}))
+        ax.set_xticks(sorted({at[k] for k in dkinds} | {p[0] for p in paper}))
         ax.set_title(f"order {order}" + (" (edited)" if order == orders[0] else ""), fontsize=9)
     first = np.atleast_1d(axes)[0]
     first.set_ylabel("R(D*) x100 (distance-matrix distortion)")
@@ -312,7 +315,7 @@ def write_report(
         rule = "|---" * (len(orders) + 1) + "|"
         lines += ["", "## ROME: R(D*) x100 per order, ours / paper", "", header, rule]
         for k in _kinds(by):
-            paper = PAPER_R_X100.get(k)
+            paper = PAPER_R_X100.get(by[k]["distance"])
             cells = [f"{_fmt(by[k]['R_x100'][o], 2)}" + (f" / {paper[i]}" if paper and i < 3
                      else "") for i, o in enumerate(orders)]  # fmt: skip
             lines.append(f"| {k} | " + " | ".join(cells) + " |")

@@ -40,6 +40,8 @@ from kgshatter.validation import ConfigDict, check_choice, check_int
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from kgshatter.editing.protocols import EditRecord
+
 log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "kgshatter.sweep/1"
@@ -439,16 +441,20 @@ class SweepContext:
 
     def error_rows(self, unit: dict[str, Any], error: BaseException) -> list[dict[str, Any]]:
         """Rows for a unit that raised: the requests, and the error in ``skipped``."""
-        from kgshatter.editing.protocols import describe_requests
+        from kgshatter.editing.protocols import EditRecord, describe_requests
 
         job = unit["job"]
         rows = []
         for i in unit["todo"]:
-            record = {
-                "requests": describe_requests(self.graph, [job["requests"][i]]),
-                "seconds": 0.0,
-                "skipped": f"error: {_error_text(error)}",
-            }
+            record = EditRecord(
+                protocol=job["protocol"],
+                method=job["method"],
+                config={},
+                step=0 if unit["group"] else i,
+                requests=describe_requests(self.graph, [job["requests"][i]]),
+                seconds=0.0,
+                skipped=f"error: {_error_text(error)}",
+            )
             rows.append(_flatten(record, job, index=i, step=0 if unit["group"] else i))
         return rows
 
@@ -517,8 +523,8 @@ def _row_key(row: dict[str, Any]) -> tuple:
             row["index"])  # fmt: skip
 
 
-def _flatten(record: dict[str, Any], job: dict[str, Any], index: int, step: int) -> dict:
-    (req,) = record["requests"]
+def _flatten(record: EditRecord, job: dict[str, Any], index: int, step: int) -> dict:
+    (req,) = record.requests
     row: dict[str, Any] = {
         "method": job["method"],
         "protocol": job["protocol"],
@@ -533,22 +539,23 @@ def _flatten(record: dict[str, Any], job: dict[str, Any], index: int, step: int)
         "relation": req["relation"],
         "target": req["target"],
         "old_target": req["old_target"],
-        "seconds": record["seconds"],
-        "skipped": record.get("skipped", ""),
+        "seconds": record.seconds,
+        "skipped": record.skipped or "",
     }
-    if "efficacy" in record:
-        row["efficacy"] = record["efficacy"]
-        row["target_prob"] = record["efficacy_detail"][0]["target_prob"]
+    if record.scored:
+        (detail,) = record.efficacy_detail
+        row["efficacy"] = record.efficacy
+        row["target_prob"] = detail.target_prob
         # CounterFact's paraphrase, synthetic: the edit asked after unseen context prefixes
-        row["paraphrase"] = record["efficacy_detail"][0]["prompt_fraction"]
-        for k, v in record.get("neighbourhood", {}).items():
+        row["paraphrase"] = detail.prompt_fraction
+        for k, v in (record.neighbourhood or {}).items():
             row[f"neighbourhood.{k}"] = v
-        if "retained" in record:
-            row["retained"] = record["retained"]
-        for split, by_order in record["accuracy_change"].items():
+        if record.retained is not None:
+            row["retained"] = record.retained
+        for split, by_order in (record.accuracy_change or {}).items():
             for order, value in by_order.items():
                 row[f"acc.{split}.{order}"] = value
-        row.update(record.get("measures", {}))
+        row.update(record.measures or {})
     return row
 
 
@@ -588,6 +595,8 @@ def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig
         per_kind = {}
         for label, rs in groups.items():
             per_kind[label] = {
+                "kind": rs[0]["kind"],
+                "distance": None if rs[0]["kind"] == "corrective" else rs[0]["sweep_distance"],
                 "n": len(rs),
                 "efficacy": _mean([r["efficacy"] for r in rs]),
                 "accuracy_change_points": {

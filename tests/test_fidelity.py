@@ -19,6 +19,8 @@ def _summary(drops, r_first, r_others, r2=0.9, isomap=0.9, after=0.2, base=1.0, 
     for d, (drop, rf, ro) in enumerate(zip(drops, r_first, r_others, strict=True), start=1):
         change = {o: -drop for o in (*ORDERS, "all")}
         by_kind[f"d={d}"] = {
+            "kind": "counterfactual",
+            "distance": d,
             "n": 8,
             "efficacy": eff,
             "accuracy_change_points": {s: change for s in ("direct", "logical", "compositional")},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -61,13 +64,20 @@ def test_single_protocol_records_efficacy_and_collateral(env):
     res = run_protocol(
         model, task, method, method.config(n_samples=N_SAMPLES), reqs, "single", scorer
     )
-    assert [r["step"] for r in res.records] == [0, 1, 2]
+    assert [r.step for r in res.records] == [0, 1, 2]
     for rec in res.records:
-        assert rec["protocol"] == "single" and rec["method"] == "rome"
-        assert rec["requests"][0]["distance"] == 2
-        assert rec["efficacy"] == 1.0
-        assert set(rec["accuracy_change"]) == {"direct", "logical", "compositional"}
-        assert set(rec["accuracy_change"]["direct"]) == {"I", "II", "III", "all"}
+        assert rec.protocol == "single" and rec.method == "rome" and rec.scored
+        assert rec.requests[0]["distance"] == 2
+        assert rec.efficacy == 1.0 and rec.efficacy_detail[0].success == 1.0
+        assert set(rec.accuracy_change) == {"direct", "logical", "compositional"}
+        assert set(rec.accuracy_change["direct"]) == {"I", "II", "III", "all"}
+        # the JSON form: the fields measured, nothing absent
+        row = rec.to_dict()
+        assert row["efficacy_detail"][0]["success"] == 1.0
+        assert "retained" not in row and "skipped" not in row
+        assert json.loads(json.dumps(row)) == row
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            rec.efficacy = 0.0  # type: ignore[misc]
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
@@ -80,16 +90,16 @@ def test_batch_and_sequential_protocols(env):
         model, task, memit, memit.config(n_samples=N_SAMPLES), reqs, "batch", scorer
     )
     (rec,) = batch.records
-    assert rec["protocol"] == "batch" and len(rec["requests"]) == 3
+    assert rec.protocol == "batch" and len(rec.requests) == 3
     assert max(d.rank for d in batch.edits[0].deltas) <= 3
-    assert rec["efficacy"] >= 2 / 3
+    assert rec.efficacy is not None and rec.efficacy >= 2 / 3
     alpha = get_method("alphaedit")
     seq = run_protocol(
         model, task, alpha, alpha.config(n_samples=N_SAMPLES), reqs, "sequential", scorer
     )
-    assert [r["n_edits_applied"] for r in seq.records] == [1, 2, 3]
-    assert all("retained" in r for r in seq.records)
-    assert [r["edits_before"] for r in seq.records] == [0, 1, 2]
+    assert [r.n_edits_applied for r in seq.records] == [1, 2, 3]
+    assert all(r.retained is not None for r in seq.records)
+    assert [r.edits_before for r in seq.records] == [0, 1, 2]
     with pytest.raises(ValueError, match="one fact at a time"):
         rome = get_method("rome")
         run_protocol(model, task, rome, rome.config(), reqs, "batch", scorer)
@@ -108,7 +118,11 @@ def test_already_answered_requests_are_recorded_as_skipped(env):
     res = run_protocol(
         model, task, rome, rome.config(n_samples=N_SAMPLES), [same], "single", scorer
     )
-    assert "already answers" in res.records[0]["skipped"] and not res.edits
+    (rec,) = res.records
+    assert not rec.scored and "already answers" in rec.skipped and not res.edits
+    assert set(rec.to_dict()) == {"protocol", "method", "config", "step", "requests", "seconds",
+                                  "skipped"}  # fmt: skip
+    assert res.scored() == []
 
 
 def test_neighbourhood_is_the_facts_sharing_the_subject_or_the_relation(env):
@@ -147,7 +161,7 @@ def test_neighbourhood_is_the_facts_sharing_the_subject_or_the_relation(env):
     rome = get_method("rome")
     result = run_protocol(model, task, rome, rome.config("synthetic", n_samples=2000), [request],
                           "single", fresh)  # fmt: skip
-    assert set(result.records[0]["neighbourhood"]) == {
+    assert set(result.records[0].neighbourhood or {}) == {
         "subject",
         "relation",
         "subject_change",

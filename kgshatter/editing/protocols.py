@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +93,36 @@ def sample_requests(
     wrong = torch.nonzero(query_probs(model, queries).argmax(-1) != queries.answers)[:, 0]
     wrong = wrong[torch.randperm(wrong.numel(), generator=g)][:n]
     return [EditRequest(int(rows[i, 0]), int(rows[i, 1]), int(rows[i, 2])) for i in wrong]
+
+
+@dataclass(frozen=True)
+class Efficacy:
+    """One request's efficacy: ``success`` (the prompt-averaged softmax picks the target),
+    the fraction of single prompts that pick it, and the target's averaged probability."""
+
+    success: float
+    prompt_fraction: float
+    target_prob: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "success": self.success,
+            "prompt_fraction": self.prompt_fraction,
+            "target_prob": self.target_prob,
+        }
+
+
+# accuracy per split and order ("direct" -> {"I": 0.97, ..., "all": 0.96}); None: no queries
+Accuracy = dict[str, dict[str, float | None]]
+
+
+@dataclass(frozen=True)
+class Collateral:
+    """Accuracy per split and order with the edits applied, and its change from the unedited
+    model (fractions; ``None`` where a split has no queries)."""
+
+    accuracy: Accuracy
+    accuracy_change: Accuracy
 
 
 class EditScorer:
@@ -213,9 +243,7 @@ class EditScorer:
                 out.setdefault(f"{name}_change", []).append(now - before)
         return {k: float(np.mean(v)) for k, v in out.items()}
 
-    def efficacy(
-        self, model: TransformerBridge, requests: Sequence[EditRequest]
-    ) -> list[dict[str, float]]:
+    def efficacy(self, model: TransformerBridge, requests: Sequence[EditRequest]) -> list[Efficacy]:
         """Per request: ``success`` (averaged softmax picks the target), the fraction of single
         prompts that pick it, and the target's averaged probability."""
         if not requests:
@@ -226,22 +254,69 @@ class EditScorer:
         for r, p in zip(requests, probs, strict=True):
             mean = p.mean(0)
             out.append(
-                {
-                    "success": float(mean.argmax() == r.target),
-                    "prompt_fraction": float((p.argmax(-1) == r.target).float().mean()),
-                    "target_prob": float(mean[r.target]),
-                }
+                Efficacy(
+                    success=float(mean.argmax() == r.target),
+                    prompt_fraction=float((p.argmax(-1) == r.target).float().mean()),
+                    target_prob=float(mean[r.target]),
+                )
             )
         return out
 
-    def collateral(self, model: TransformerBridge) -> dict[str, Any]:
+    def collateral(self, model: TransformerBridge) -> Collateral:
         """Accuracy per split and order now, and its change from the unedited baseline."""
         acc = self.evaluator.accuracy(model)
         change = {
             split: {k: _minus(v, self.baseline[split][k]) for k, v in by_order.items()}
             for split, by_order in acc.items()
         }
-        return {"accuracy": acc, "accuracy_change": change}
+        return Collateral(acc, change)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditRecord:
+    """One scoring point of a protocol run: the edit step, its requests and, unless it was
+    ``skipped`` (the reason), what was measured with the edits so far applied.
+
+    ``efficacy`` is the mean success over the step's requests (``efficacy_detail`` per
+    request); ``retained`` (sequential only) the same over every request edited so far;
+    ``accuracy`` / ``accuracy_change`` per split and order, against the unedited model;
+    ``neighbourhood`` CounterFact's neighbourhood (:meth:`EditScorer.neighbourhood`);
+    ``measures`` what the protocol's ``measure`` callbacks returned. :meth:`to_dict` is the
+    JSON form (``metrics.json``; absent fields left out).
+    """
+
+    protocol: str
+    method: str
+    config: dict[str, Any]
+    step: int
+    requests: list[dict[str, Any]]
+    seconds: float
+    skipped: str | None = None
+    efficacy: float | None = None
+    efficacy_detail: tuple[Efficacy, ...] = ()
+    retained: float | None = None
+    accuracy: Accuracy | None = None
+    accuracy_change: Accuracy | None = None
+    neighbourhood: dict[str, float] | None = None
+    n_edits_applied: int | None = None
+    edits_before: int | None = None
+    measures: dict[str, Any] | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the step was edited and measured (not skipped)."""
+        return self.skipped is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "efficacy_detail":
+                if self.scored:
+                    out[f.name] = [e.to_dict() for e in value]
+            elif value is not None:
+                out[f.name] = value
+        return out
 
 
 @dataclass
@@ -250,8 +325,12 @@ class ProtocolResult:
 
     protocol: str
     method: str
-    records: list[dict[str, Any]]
+    records: list[EditRecord]
     edits: list[Edit]
+
+    def scored(self) -> list[EditRecord]:
+        """The records of the steps that were edited (not skipped)."""
+        return [r for r in self.records if r.scored]
 
 
 def _minus(value: float | None, base: float | None) -> float | None:
@@ -312,7 +391,7 @@ def run_protocol(
         r.validate(task.graph)
     model_id = model_id or model_identity(model)
     base = {"protocol": protocol, "method": method.name, "config": config.to_dict()}
-    records: list[dict[str, Any]] = []
+    records: list[EditRecord] = []
     edits: list[Edit] = []
 
     def compute(batch: list[EditRequest], state: Any) -> tuple[Edit | None, float, str | None]:
@@ -325,29 +404,38 @@ def run_protocol(
 
     def record(step: int, batch: list[EditRequest], edit: Edit | None, seconds: float,
                skipped: str | None, scored: list[EditRequest]) -> None:  # fmt: skip
-        row = {**base, "step": step, "requests": describe_requests(task.graph, batch)}
-        row["seconds"] = seconds
+        head: dict[str, Any] = {**base, "step": step, "seconds": seconds,
+                                "requests": describe_requests(task.graph, batch)}  # fmt: skip
         if skipped is not None:
-            records.append({**row, "skipped": skipped})
+            records.append(EditRecord(**head, skipped=skipped))
             return
         eff = scorer.efficacy(model, batch)
-        row["efficacy"] = sum(e["success"] for e in eff) / len(eff)
-        row["efficacy_detail"] = eff
+        retained = None
         if scored is not batch:  # sequential: do the earlier edits still hold?
             held = scorer.efficacy(model, scored)
-            row["retained"] = sum(e["success"] for e in held) / len(held)
-        row.update(scorer.collateral(model))
-        if scorer.neighbour_prompts:
-            row["neighbourhood"] = scorer.neighbourhood(model, batch)
-        row["n_edits_applied"] = len(edits)
-        row["edits_before"] = len(edits) - 1 if protocol == "sequential" else 0
+            retained = sum(e.success for e in held) / len(held)
+        collateral = scorer.collateral(model)
+        near = scorer.neighbourhood(model, batch) if scorer.neighbour_prompts else None
+        measures: dict[str, Any] | None = None
         if measure is not None or measure_edit is not None:
-            row["measures"] = {}
-        if measure is not None:
-            row["measures"].update(measure(model))
-        if measure_edit is not None and edit is not None:
-            row["measures"].update(measure_edit(edit))
-        records.append(row)
+            measures = {
+                **(measure(model) if measure is not None else {}),
+                **(measure_edit(edit) if measure_edit is not None and edit is not None else {}),
+            }
+        records.append(
+            EditRecord(
+                **head,
+                efficacy=sum(e.success for e in eff) / len(eff),
+                efficacy_detail=tuple(eff),
+                retained=retained,
+                accuracy=collateral.accuracy,
+                accuracy_change=collateral.accuracy_change,
+                neighbourhood=near,
+                n_edits_applied=len(edits),
+                edits_before=len(edits) - 1 if protocol == "sequential" else 0,
+                measures=measures,
+            )
+        )
 
     steps = [list(requests)] if protocol == "batch" else [[r] for r in requests]
     bar = _progress(len(steps), f"{method.name} {protocol}", progress)
