@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +159,9 @@ def run_months(
     """
     from kgshatter.analysis.shattering import shattering
     from kgshatter.editing import CovarianceCache, get_method
-    from kgshatter.hooks import edited
+    from kgshatter.editing.protocols import run_protocol
     from kgshatter.io import write_json_atomic
-    from kgshatter.naturalistic import CyclicTask, natural_task
+    from kgshatter.naturalistic import CyclicTask, FactScorer, natural_task
     from kgshatter.sites import Site
     from kgshatter.text import TextTask
 
@@ -203,6 +202,7 @@ def run_months(
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
     text_task = TextTask(model, tokenizer, corpus, cache)
     cyclic = isinstance(task, CyclicTask)
+    scorer = FactScorer(task, model)
 
     sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
     before = task.representations(model, sites)
@@ -219,7 +219,7 @@ def run_months(
         site = above[-1]
         if cyclic:
             site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
-    acc0 = task.accuracy(model)
+    acc0 = scorer.baseline
     mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
     log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
 
@@ -234,42 +234,63 @@ def run_months(
         requests = task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance)
         for i, request in enumerate(requests):
             reps_path = reps_dir / f"d{distance}-{i:03d}.safetensors"
+            if (distance, i) in done and done[(distance, i)].get("skipped"):
+                rows.append(done[(distance, i)])  # a request the model already answered
+                continue
             if (distance, i) in done and reps_path.is_file():
                 rows.append(done[(distance, i)])
                 afters.append(_load_reps(reps_path))
                 continue
-            near_before = task.neighbourhood_accuracy(model, request)
             subject_prompts = tuple(task.generation_prompts(request))
             if subject_prompts not in fluency_unedited:  # the unedited model's, once per subject
                 fluency_unedited[subject_prompts] = _fluency(model, tokenizer, subject_prompts,
                                                              config)  # fmt: skip
             fluency_before = fluency_unedited[subject_prompts]
-            start = time.perf_counter()
-            edit = method.compute(
-                model, text_task, request, edit_config, model_id=pretrained.model_id
-            )
-            seconds = time.perf_counter() - start
-            with edited(model, edit):
-                after = task.representations(model, [site])[site]
-                row: dict[str, Any] = {
-                    "distance": distance,
-                    "index": i,
-                    "request": request.to_dict(),
-                    "success": task.success(model, request),
-                    "accuracy": task.accuracy(model, exclude=[request]),
-                    "accuracy_before": acc0,
-                    "R": shattering(before[site], after),
-                    "seconds": seconds,
-                    **task.counterfact(model, request),
-                    "neighbourhood_before": near_before,
-                }
-                if fluency_before is not None:
-                    row["fluency_before"] = fluency_before
-                    row["fluency"] = _fluency(model, tokenizer, subject_prompts, config)
+            seen: dict[str, Any] = {}
+
+            def measure(edited_model: Any, i: int = i, seen: dict[str, Any] = seen,
+                        prompts: tuple[str, ...] = subject_prompts,
+                        fluent: bool = fluency_before is not None) -> dict[str, Any]:  # fmt: skip
+                # with the edit applied: representations, fluency, MMLU-Redux
+                seen["after"] = task.representations(edited_model, [site])[site]
+                got: dict[str, Any] = {"R": shattering(before[site], seen["after"])}
+                if fluent:
+                    got["fluency"] = _fluency(edited_model, tokenizer, prompts, config)
                 if cyclic:
-                    row["ring_after"] = _ring(after, task)
+                    got["ring_after"] = _ring(seen["after"], task)
                 if mmlu_items and i % config.mmlu_every == 0:
-                    row["mmlu"] = _mmlu(model, tokenizer, mmlu_items, config, progress)
+                    got["mmlu"] = _mmlu(edited_model, tokenizer, mmlu_items, config, progress)
+                return got
+
+            (record,) = run_protocol(
+                model, text_task, method, edit_config, [request], "single", scorer,
+                model_id=pretrained.model_id, measure=measure,
+            ).records  # fmt: skip
+            row: dict[str, Any] = {"distance": distance, "index": i, "request": request.to_dict()}
+            if not record.scored:  # the model already gives the target: nothing to edit
+                row.update(skipped=record.skipped, seconds=record.seconds)
+                append_row(rows_path, row)
+                rows.append(row)
+                log.info("d=%s edit %d: skipped (%s)", distance, i, record.skipped)
+                continue
+            (efficacy,) = record.efficacy_detail
+            measured = dict(record.measures or {})
+            near = record.neighbourhood or {}
+            after = seen["after"]
+            row.update(
+                success=bool(efficacy.success),
+                target_prob=efficacy.target_prob,
+                accuracy=(record.accuracy or {})["direct"]["all"],
+                accuracy_before=acc0,
+                R=measured.pop("R"),
+                seconds=record.seconds,
+                paraphrase=efficacy.prompt_fraction,
+                neighbourhood=near["accuracy"],
+                neighbourhood_before=near["before"],
+            )
+            if fluency_before is not None:
+                row["fluency_before"] = fluency_before
+            row.update(measured)
             row["accuracy_change"] = row["accuracy"] - acc0
             _save_reps(reps_path, after)  # before the row: a row on disk has its reps
             append_row(rows_path, row)
@@ -277,10 +298,11 @@ def run_months(
             afters.append(after)
             log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
 
+    edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
     summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
     summary["scoring"] = task.scoring  # what "auto" resolved to
     write_json_atomic(out / "summary.json", summary)
-    _figures(out, task, before[site], rows, afters, summary, pretrained.name)
+    _figures(out, task, before[site], edited_rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
 
@@ -333,6 +355,11 @@ def _mmlu(
     return {"accuracy": result.accuracy, "no_answer_rate": result.no_answer_rate, "n": result.n}
 
 
+def _mean(values: Sequence[float]) -> float:
+    """The mean (NaN, without a warning, when every edit of a distance was skipped)."""
+    return float(np.mean(values)) if len(values) else math.nan
+
+
 def _summarise(
     rows: list[dict[str, Any]],
     pretrained: Any,
@@ -347,13 +374,14 @@ def _summarise(
 
     per: dict[str, dict[str, float]] = {}
     for d in config.distances or (None,):
-        group = [r for r in rows if r["distance"] == d]
+        group = [r for r in rows if r["distance"] == d and not r.get("skipped")]
         entry = {
             "n": len(group),
-            "success": float(np.mean([r["success"] for r in group])),
-            "accuracy_change": float(np.mean([r["accuracy_change"] for r in group])),
-            "R": float(np.mean([r["R"] for r in group])),
-            "seconds": float(np.median([r["seconds"] for r in group])),
+            "skipped": sum(1 for r in rows if r["distance"] == d and r.get("skipped")),
+            "success": _mean([r["success"] for r in group]),
+            "accuracy_change": _mean([r["accuracy_change"] for r in group]),
+            "R": _mean([r["R"] for r in group]),
+            "seconds": float(np.median([r["seconds"] for r in group])) if group else math.nan,
         }
         if group and "paraphrase" in group[0]:
             entry["paraphrase"] = float(np.mean([r["paraphrase"] for r in group]))
@@ -372,9 +400,10 @@ def _summarise(
         if group and "ring_after" in group[0]:
             entry["isomap_after"] = float(np.nanmean([r["ring_after"]["isomap"] for r in group]))
         per[str(d)] = entry
+    edited = [r for r in rows if not r.get("skipped")]
     fit = (
-        fit_line([r["R"] for r in rows], [r["accuracy_change"] for r in rows])
-        if len(rows) > 2
+        fit_line([r["R"] for r in edited], [r["accuracy_change"] for r in edited])
+        if len(edited) > 2
         else None
     )
     return {

@@ -165,6 +165,22 @@ class FactTask:
         """``n`` distinct counterfactual requests (seeded); see the subclass for ``distance``."""
         raise NotImplementedError
 
+    def distance(self, request: TextRequest) -> int | None:
+        """How far the request moves its answer (a ring's cyclic distance; ``None``: the
+        structure has no distance)."""
+        return None
+
+    def check_request(self, request: TextRequest) -> None:
+        """Refuse a request that is not a fact of this task with a candidate target."""
+        if not isinstance(request, TextRequest):
+            raise ValueError(f"the {self.name} task edits TextRequests, got {request!r}")
+        if request.target not in self.candidates:
+            raise ValueError(
+                f"target {request.target!r} is not a candidate of {self.name}: {self.candidates}"
+            )
+        if request.subject not in self.subjects:
+            raise ValueError(f"{request.subject!r} is not a subject of {self.name}")
+
     # -- measurements ----------------------------------------------------------------------
     def encode_queries(self, queries: Sequence[Query]) -> Prompts:
         return encode_prompts(self.tokenizer, [("", q.prompt, q.subject) for q in queries])
@@ -179,16 +195,29 @@ class FactTask:
     ) -> list[str]:
         """The candidate each query ranks first (see :attr:`scoring`)."""
         queries = self.queries if queries is None else queries
+        scores = self.candidate_scores(model, queries, fwd_hooks, batch_size)
+        return [self.candidates[j] for j in scores.argmax(-1).tolist()]
+
+    @torch.inference_mode()
+    def candidate_scores(
+        self,
+        model: TransformerBridge,
+        queries: Sequence[Query],
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+        batch_size: int = 64,
+    ) -> Float[torch.Tensor, "query candidate"]:
+        """Each candidate's score after each query (see :attr:`scoring`): its first token's
+        logit, or its whole sequence's log-probability; a softmax over a row gives the
+        candidates' probabilities."""
         if self.scoring == "sequence":
-            scores = self.sequence_logprobs(model, queries, fwd_hooks, batch_size)
-            return [self.candidates[j] for j in scores.argmax(-1).tolist()]
-        out: list[str] = []
+            return self.sequence_logprobs(model, queries, fwd_hooks, batch_size)
+        parts = []
         ids = torch.tensor(self.first_tokens)
         for i in range(0, len(queries), batch_size):
             chunk = queries[i : i + batch_size]
             logits = last_logits(model, self.encode_queries(chunk), fwd_hooks).float().cpu()
-            out += [self.candidates[j] for j in logits[:, ids].argmax(-1).tolist()]
-        return out
+            parts.append(logits[:, ids])
+        return torch.cat(parts) if parts else torch.empty(0, len(self.candidates))
 
     @torch.inference_mode()
     def sequence_logprobs(
@@ -354,6 +383,13 @@ class CyclicTask(FactTask):
             out.append(self.request(q, target))
         return out
 
+    def distance(self, request: TextRequest) -> int | None:
+        """Steps between the old answer and the target on the ring (``None`` if no old one)."""
+        if request.old is None or request.old not in self.subjects:
+            return None
+        diff = abs(self.subjects.index(request.target) - self.subjects.index(request.old))
+        return min(diff, self.n - diff)
+
     def query(self, subject: str, hop: int) -> Query:
         i = self.subjects.index(subject)
         return Query(subject, _hop_prompt(hop, self.unit), self.subjects[(i + hop) % self.n], hop)
@@ -424,6 +460,91 @@ class TreeTask(FactTask):
             others = [c for c in self.candidates if c != q.answer]
             out.append(self.request(q, others[int(g.integers(len(others)))]))
         return out
+
+
+class FactScorer:
+    """:class:`~kgshatter.editing.protocols.EditScorer`'s counterpart for a :class:`FactTask`
+    (the :class:`~kgshatter.editing.protocols.Scorer` that :func:`run_protocol` takes for a
+    pretrained model).
+
+    - efficacy per request: ``success`` (the task's candidates rank the target first after the
+      request's prompt), ``prompt_fraction`` (CounterFact's paraphrase: the fraction of
+      :meth:`FactTask.paraphrases` now answered with the target) and ``target_prob`` (the
+      target's probability among the candidates);
+    - collateral: the accuracy over the task's queries, the edited facts left out, under
+      ``direct`` / ``all``, against the unedited model's accuracy over every query (measured
+      here, once);
+    - neighbourhood: :meth:`FactTask.neighbourhood_accuracy` now (``accuracy``), before any edit
+      (``before``, recorded by :meth:`prepare`) and the ``change``, averaged over requests.
+    """
+
+    def __init__(self, task: FactTask, model: TransformerBridge) -> None:
+        self.task = task
+        self.baseline = task.accuracy(model)
+        self._near_before: dict[tuple[str, str], float] = {}
+
+    def describe(self, requests: Sequence[TextRequest]) -> list[dict[str, Any]]:
+        for r in requests:
+            self.task.check_request(r)
+        return [
+            {**r.to_dict(), "fact": r.describe(), "old_target": r.old,
+             "distance": self.task.distance(r)}
+            for r in requests
+        ]  # fmt: skip
+
+    def prepare(self, model: TransformerBridge, requests: Sequence[TextRequest]) -> None:
+        for r in requests:
+            key = (r.prompt, r.subject)
+            if key not in self._near_before:
+                self._near_before[key] = self.task.neighbourhood_accuracy(model, r)
+
+    def efficacy(self, model: TransformerBridge, requests: Sequence[TextRequest]) -> list[Any]:
+        from kgshatter.editing.protocols import Efficacy
+
+        out = []
+        for r in requests:
+            asked = Query(r.subject, r.prompt, r.target)
+            probs = torch.softmax(self.task.candidate_scores(model, [asked])[0], -1)
+            target = self.task.candidate_index(r.target)
+            hits = self.task.predictions(model, self.task.paraphrases(r))
+            out.append(
+                Efficacy(
+                    success=float(int(probs.argmax()) == target),
+                    prompt_fraction=float(np.mean([h == r.target for h in hits])),
+                    target_prob=float(probs[target]),
+                )
+            )
+        return out
+
+    def collateral(self, model: TransformerBridge, requests: Sequence[TextRequest] = ()) -> Any:
+        from kgshatter.editing.protocols import Collateral
+
+        accuracy = self.task.accuracy(model, exclude=requests)
+        return Collateral(
+            {"direct": {"all": accuracy}}, {"direct": {"all": accuracy - self.baseline}}
+        )
+
+    def neighbourhood(
+        self, model: TransformerBridge, requests: Sequence[TextRequest]
+    ) -> dict[str, float] | None:
+        now, before = [], []
+        for r in requests:
+            key = (r.prompt, r.subject)
+            if key not in self._near_before:
+                raise ValueError(
+                    "FactScorer.neighbourhood needs prepare(model, requests) on the unedited "
+                    "model first"
+                )
+            now.append(self.task.neighbourhood_accuracy(model, r))
+            before.append(self._near_before[key])
+        accuracy, base = _nanmean(now), _nanmean(before)
+        return {"accuracy": accuracy, "before": base, "change": accuracy - base}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN, without a warning, if none is)."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def cyclic_task(name: str, tokenizer: Any, scoring: str = "auto") -> CyclicTask:

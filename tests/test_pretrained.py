@@ -382,3 +382,67 @@ def test_gpt2_xl_months_replication_real_weights(tmp_path):
     pm = load_pretrained("gpt2-xl")
     task = cyclic_task("months", pm.tokenizer)
     assert task.accuracy(pm.model) > 0.3
+
+
+def test_run_protocol_serves_text_tasks(loaded, monkeypatch, tmp_path):
+    """One protocol loop for graphs and text: single, batch and sequential edits of months
+    facts on a tiny GPT-2, scored by FactScorer; a request the model already answers is a
+    skipped record, and the months replication writes it as a skipped row."""
+    from kgshatter.editing import core
+    from kgshatter.editing.protocols import run_protocol
+    from kgshatter.months import MonthsConfig, run_months
+    from kgshatter.naturalistic import FactScorer
+
+    pm = loaded["gpt2"]
+    task = cyclic_task("months", pm.tokenizer)
+    text_task = TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32)
+    scorer = FactScorer(task, pm.model)
+    requests = task.counterfactuals(2, seed=3, distance=2)
+    before = {k: v.clone() for k, v in pm.model.state_dict().items()}
+    for name, protocol in (("rome", "single"), ("memit", "batch"), ("memit", "sequential")):
+        method = get_method(name)
+        result = run_protocol(pm.model, text_task, method, method.config("tiny-pretrained"),
+                              requests, protocol, scorer)  # fmt: skip
+        assert len(result.records) == (1 if protocol == "batch" else 2)
+        for rec in result.records:
+            assert rec.scored and rec.protocol == protocol
+            assert {r["distance"] for r in rec.requests} == {2}
+            assert rec.efficacy is not None and 0 <= rec.efficacy <= 1
+            detail = rec.efficacy_detail[0]
+            assert 0 <= detail.prompt_fraction <= 1 and 0 < detail.target_prob < 1
+            change = rec.accuracy_change["direct"]["all"]
+            assert change == pytest.approx(rec.accuracy["direct"]["all"] - scorer.baseline)
+            assert set(rec.neighbourhood) == {"accuracy", "before", "change"}
+        if protocol == "sequential":
+            assert result.records[-1].retained is not None
+        assert sum(r.efficacy for r in result.records) >= 1  # the tiny preset edits months
+    after = pm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.fwd_hooks for p in pm.model.hook_dict.values())
+    with pytest.raises(ValueError, match="not a candidate"):
+        run_protocol(pm.model, text_task, "rome", get_method("rome").config("tiny-pretrained"),
+                     [TextRequest("{} is followed 1 month later by", "May", "Paris")], "single",
+                     scorer)  # fmt: skip
+
+    # the model "already answers" the first request: a skipped record and a skipped row
+    real = core.check_changes_answer
+    first = requests[0]
+
+    def already(model, task_, request, prompts, fwd_hooks=()):
+        if request == first:
+            raise core.AlreadyAnswered(f"the model already answers {request.describe()}")
+        return real(model, task_, request, prompts, fwd_hooks)
+
+    monkeypatch.setattr(core, "check_changes_answer", already)
+    rome = get_method("rome")
+    (rec, _) = run_protocol(pm.model, text_task, rome, rome.config("tiny-pretrained"), requests,
+                            "single", scorer).records  # fmt: skip
+    assert not rec.scored and "already answers" in rec.skipped
+    config = MonthsConfig(distances=(2,), n_edits=2, seed=1, fluency_tokens=0)
+    first = task.counterfactuals(2, seed=3, distance=2)[0]  # months seeds requests seed + d
+    summary = run_months(pm, config, tmp_path / "m", corpus=corpus(), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "m" / "rows.jsonl").read_text().splitlines()]
+    assert [bool(r.get("skipped")) for r in rows] == [True, False]
+    assert summary["per_distance"]["2"]["n"] == 1 and summary["per_distance"]["2"]["skipped"] == 1
+    again = run_months(pm, config, tmp_path / "m", corpus=corpus(), progress=False)
+    assert again["per_distance"] == summary["per_distance"]  # nothing recomputed on a rerun

@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from kgshatter.editing import Method, get_method
-from kgshatter.editing.core import AlreadyAnswered, SyntheticTask
+from kgshatter.editing.core import AlreadyAnswered, EditTask, Request
 from kgshatter.editing.edit import Edit, model_identity
 from kgshatter.editing.requests import EditRequest, request_prompts
 from kgshatter.evaluate import Evaluator, query_probs
@@ -125,6 +125,32 @@ class Collateral:
     accuracy_change: Accuracy
 
 
+class Scorer(Protocol):
+    """What :func:`run_protocol` asks of a scorer: :class:`EditScorer` for a trained graph,
+    :class:`kgshatter.naturalistic.FactScorer` for facts of a pretrained model. Every measure
+    is taken with the edits so far applied (hooks on ``model``)."""
+
+    def describe(self, requests: Sequence[Any]) -> list[dict[str, Any]]:
+        """Each request as a JSON dict (with ``fact``, ``old_target``, ``distance``); refuses
+        requests that do not belong to the scorer's task."""
+        ...
+
+    def prepare(self, model: TransformerBridge, requests: Sequence[Any]) -> None:
+        """Record what the unedited ``model`` does on the requests (before any edit)."""
+        ...
+
+    def efficacy(self, model: TransformerBridge, requests: Sequence[Any]) -> list[Efficacy]: ...
+
+    def collateral(self, model: TransformerBridge, requests: Sequence[Any] = ()) -> Collateral:
+        """Accuracy now and its change from the unedited model (``requests``: the edited
+        facts, which a scorer may leave out of the accuracy)."""
+        ...
+
+    def neighbourhood(
+        self, model: TransformerBridge, requests: Sequence[Any]
+    ) -> dict[str, float] | None: ...
+
+
 class EditScorer:
     """Efficacy and collateral damage of edits, against the original graph.
 
@@ -205,6 +231,16 @@ class EditScorer:
         table = self.graph.table
         return [int(p) == int(table[r, x]) for p, (x, r) in zip(picks, facts, strict=True)]
 
+    def describe(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """Each request with its fact, old target and edit distance (validated on the graph)."""
+        for r in requests:
+            r.validate(self.graph)
+        return describe_requests(self.graph, requests)
+
+    def prepare(self, model: TransformerBridge, requests: Sequence[EditRequest]) -> None:
+        """What :func:`run_protocol` calls before any edit: :meth:`prepare_neighbourhood`."""
+        self.prepare_neighbourhood(model, requests)
+
     def prepare_neighbourhood(
         self, model: TransformerBridge, requests: Sequence[EditRequest]
     ) -> None:
@@ -220,10 +256,13 @@ class EditScorer:
 
     def neighbourhood(
         self, model: TransformerBridge, requests: Sequence[EditRequest]
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """The fraction of the subject's other facts (``subject``) and of the relation's other
         facts (``relation``) the model answers right now, and each one's change from the
-        unedited model (``*_change``), averaged over ``requests``."""
+        unedited model (``*_change``), averaged over ``requests``; ``None`` when the scorer
+        was built with ``neighbour_prompts=0``."""
+        if not self.neighbour_prompts:
+            return None
         out: dict[str, list[float]] = {}
         for request in requests:
             same_subject, same_relation = self.neighbour_facts(request)
@@ -262,8 +301,9 @@ class EditScorer:
             )
         return out
 
-    def collateral(self, model: TransformerBridge) -> Collateral:
-        """Accuracy per split and order now, and its change from the unedited baseline."""
+    def collateral(self, model: TransformerBridge, requests: Sequence[Any] = ()) -> Collateral:
+        """Accuracy per split and order now, and its change from the unedited baseline (over
+        every query of the graph, the edited facts included: ``requests`` is not used)."""
         acc = self.evaluator.accuracy(model)
         change = {
             split: {k: _minus(v, self.baseline[split][k]) for k, v in by_order.items()}
@@ -351,12 +391,12 @@ def describe_requests(graph: KnowledgeGraph, requests: Sequence[EditRequest]) ->
 
 def run_protocol(
     model: TransformerBridge,
-    task: SyntheticTask,
+    task: EditTask,
     method: Method | str,
     config: Any,
-    requests: Sequence[EditRequest],
+    requests: Sequence[Request],
     protocol: str,
-    scorer: EditScorer,
+    scorer: Scorer,
     *,
     model_id: str | None = None,
     progress: bool = False,
@@ -365,6 +405,10 @@ def run_protocol(
     only: Sequence[int] | None = None,
 ) -> ProtocolResult:
     """Edit ``requests`` under ``protocol`` and score after every edit (see module doc).
+
+    The same loop serves a trained graph (:class:`SyntheticTask` with an :class:`EditScorer`)
+    and a pretrained model (:class:`kgshatter.text.TextTask` with a
+    :class:`kgshatter.naturalistic.FactScorer`).
 
     ``measure(model)``, if given, runs at every scoring point with the edits applied, and its
     result is stored under ``"measures"`` (the shattering sweep reads representations here).
@@ -387,14 +431,13 @@ def run_protocol(
         )
     if only is not None and protocol != "single":
         raise ValueError("run_protocol(only=...) applies to the single protocol")
-    for r in requests:
-        r.validate(task.graph)
+    described = scorer.describe(requests)  # validates them, before any work
     model_id = model_id or model_identity(model)
     base = {"protocol": protocol, "method": method.name, "config": config.to_dict()}
     records: list[EditRecord] = []
     edits: list[Edit] = []
 
-    def compute(batch: list[EditRequest], state: Any) -> tuple[Edit | None, float, str | None]:
+    def compute(batch: list[Request], state: Any) -> tuple[Edit | None, float, str | None]:
         start = time.perf_counter()
         try:
             edit = method.compute(model, task, batch, config, model_id=model_id, state=state)
@@ -402,10 +445,10 @@ def run_protocol(
             return None, time.perf_counter() - start, str(e)
         return edit, time.perf_counter() - start, None
 
-    def record(step: int, batch: list[EditRequest], edit: Edit | None, seconds: float,
-               skipped: str | None, scored: list[EditRequest]) -> None:  # fmt: skip
-        head: dict[str, Any] = {**base, "step": step, "seconds": seconds,
-                                "requests": describe_requests(task.graph, batch)}  # fmt: skip
+    def record(step: int, batch: list[Request], edit: Edit | None, seconds: float,
+               skipped: str | None, scored: list[Request]) -> None:  # fmt: skip
+        rows = [described[i] for i in (range(len(requests)) if protocol == "batch" else [step])]
+        head: dict[str, Any] = {**base, "step": step, "seconds": seconds, "requests": rows}
         if skipped is not None:
             records.append(EditRecord(**head, skipped=skipped))
             return
@@ -414,8 +457,8 @@ def run_protocol(
         if scored is not batch:  # sequential: do the earlier edits still hold?
             held = scorer.efficacy(model, scored)
             retained = sum(e.success for e in held) / len(held)
-        collateral = scorer.collateral(model)
-        near = scorer.neighbourhood(model, batch) if scorer.neighbour_prompts else None
+        collateral = scorer.collateral(model, scored)
+        near = scorer.neighbourhood(model, batch)
         measures: dict[str, Any] | None = None
         if measure is not None or measure_edit is not None:
             measures = {
@@ -449,10 +492,10 @@ def run_protocol(
         for i, result in enumerate(many):
             failed = isinstance(result, AlreadyAnswered)
             ready[i] = (None if failed else result, share, str(result) if failed else None)
-    scorer.prepare_neighbourhood(model, list(requests))  # before any edit is applied
+    scorer.prepare(model, list(requests))  # before any edit is applied
     with ExitStack() as stack:
         state = method.new_state()
-        applied: list[EditRequest] = []
+        applied: list[Request] = []
         for step, batch in enumerate(steps):
             if only is not None and step not in only:
                 continue
