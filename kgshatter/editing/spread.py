@@ -100,13 +100,25 @@ class AlphaEditConfig(MEMITConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class PMETConfig(MEMITConfig):
-    """PMET: joint attention + MLP targets at the last layer, MLP-only update."""
+    """PMET: joint attention + MLP targets at the last layer, MLP-only update.
+
+    ``reference=True`` follows xpq-tech/PMET step for step: MEMIT's reference layout (bare and
+    prefixed prompts, keys 0.5 bare + 0.5 prefixed, the current value at the bare prompt),
+    each delta's decay and clamp relative to its own hook's bare-prompt activation, and
+    ``compute_zs``'s NLL schedule (:func:`~kgshatter.editing.targets.optimize_many`,
+    ``nll_schedule="pmet"``).
+    """
+
+    def optimisation(self) -> dict[str, Any]:
+        return {**super().optimisation(), "nll_schedule": "pmet" if self.reference else "constant"}
 
 
 # kmeng01/memit hparams/MEMIT/gpt2-xl.json and Llama3-8B as the references give them;
 # AlphaEdit: jianghoucheng/AlphaEdit hparams/AlphaEdit/{gpt2-xl,Llama3-8B}.json; PMET: no public
-# GPT-2-XL config exists, derived from PMET's GPT-J one (lr, clamp, KL 1.0) with MEMIT's GPT-2-XL
-# layers and lambda (our derivation). Synthetic presets: measured on the cpu model (README).
+# GPT-2-XL config exists, derived from PMET's GPT-J one (hparams/PMET/EleutherAI_gpt-j-6B.json:
+# lr 0.2, 30 steps, clamp 0.75, KL 1.0) with MEMIT's GPT-2-XL layers and lambda (our
+# derivation), run with PMET's algorithm (reference mode). Synthetic presets: measured on the
+# cpu model (README).
 _GPT2_XL: dict[str, Any] = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "steps": 20, "lr": 0.5,
             "weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
             "position": "subject", "mom2_weight": 20000.0, "micro_batch": 6,
@@ -158,10 +170,8 @@ PMET_PRESETS = {
     "synthetic-relative": PMETConfig(**_RELATIVE),
     "synthetic-subject-relative": PMETConfig(**{**_SUBJECT, **_RELATIVE}),
     "tiny-pretrained": PMETConfig(**_TINY),
-    # derived, not a reference config: kgshatter's own optimisation (reference=False)
-    "gpt2-xl": PMETConfig(
-        **{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30, "reference": False}
-    ),
+    # derived hyperparameters (above), the reference's algorithm
+    "gpt2-xl": PMETConfig(**{**_GPT2_XL, "kl_factor": 1.0, "lr": 0.2, "steps": 30}),
 }
 
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
+NLL_SCHEDULES = ("constant", "pmet")
+
+
 @dataclass
 class TargetResult:
     """Per hook: the optimised ``delta``, the initial activation ``h0`` the optimisation is
@@ -147,6 +150,7 @@ def optimize_many(
     micro_batch: int | None = None,
     relative: bool = False,
     reference: bool = False,
+    nll_schedule: str = "constant",
 ) -> list[TargetResult]:
     """:func:`optimize_targets` for several independent requests at once, one result each.
 
@@ -155,7 +159,14 @@ def optimize_many(
     request alone gives, up to float rounding); their prompts share each forward pass, which on
     a small model costs little more than one request's. A request that has stopped keeps its
     deltas, and its prompts leave the forward passes, while the others go on.
+
+    ``nll_schedule="pmet"`` adds PMET's rule (xpq-tech/PMET ``compute_zs``; its reference mode):
+    once the target is the argmax at every target position of every rewriting prompt, the
+    NLL's weight drops to 0.1 for the next pass (back to 1 when it no longer is), and the
+    optimisation stops there if the KL term is at most 0.01.
     """
+    if nll_schedule not in NLL_SCHEDULES:
+        raise ValueError(f"nll_schedule must be one of {NLL_SCHEDULES}, got {nll_schedule!r}")
     if not hooks:
         raise ValueError("optimize_targets needs at least one hook name")
     if not problems:
@@ -248,6 +259,7 @@ def optimize_many(
     editing_hooks = [*fwd_hooks, *[(h, adder(k)) for k, h in enumerate(hooks)]]
     chunk_rows = micro_batch or len(batch)
     losses: list[list[float]] = [[] for _ in range(n_groups)]
+    nll_factor = torch.ones(n_groups, device=device)  # the NLL's weight per problem
     nll_values = [float("inf")] * n_groups
     active = [True] * n_groups
     power = 1 if relative else 2
@@ -269,6 +281,7 @@ def optimize_many(
             decay.backward()
             nll_sum = torch.zeros(n_groups, device=device)
             kl_sum = torch.zeros(n_groups, device=device)
+            missed = torch.zeros(n_groups, device=device)  # rows whose argmax is not the target
             # the rows of the problems still optimising (a stopped one's rows are not run)
             live = torch.tensor(active, device=device)[group].nonzero().squeeze(1)
             for start in range(0, len(live), chunk_rows):
@@ -287,7 +300,16 @@ def optimize_many(
                         reduction="none",
                     ).view(-1, width)
                     nll = tokens_nll.sum(1) / n_answer[sel][is_rw]
-                    chunk = chunk + (nll / rw_count[owners[is_rw]]).sum()
+                    if nll_schedule == "pmet":  # the NLL's weight this pass
+                        chunk = (
+                            chunk
+                            + (nll * nll_factor[owners[is_rw]] / rw_count[owners[is_rw]]).sum()
+                        )
+                        wanted = targets[sel][is_rw]
+                        hit = (logits[is_rw].argmax(-1) == wanted) | (wanted == -100)
+                        missed.index_add_(0, owners[is_rw], (~hit.all(1)).float())
+                    else:
+                        chunk = chunk + (nll / rw_count[owners[is_rw]]).sum()
                     nll_sum.index_add_(0, owners[is_rw], nll.detach())
                 if kl_factor > 0 and (~is_rw).any():
                     logp = torch.log_softmax(logits[~is_rw, 0], -1)
@@ -302,11 +324,19 @@ def optimize_many(
                     continue
                 nll_values[g] = float(nll_sum[g]) / n_rw[g]
                 kl_value = kl_factor * float(kl_sum[g]) / n_es[g] if n_es[g] else 0.0
-                loss = nll_values[g] + float(decays[g].detach()) + kl_value
+                weighted = float(nll_factor[g]) * nll_values[g]
+                loss = weighted + float(decays[g].detach()) + kl_value
                 losses[g].append(loss)
                 if (loss if reference else nll_values[g]) < 0.05:
                     active[g] = False
-                elif reference and len(losses[g]) == steps:  # the last pass only evaluates
+                    continue
+                if nll_schedule == "pmet":  # PMET: soften the NLL once the target is argmax
+                    argmax = float(missed[g]) == 0
+                    nll_factor[g] = 0.1 if argmax else 1.0
+                    if argmax and kl_value <= 0.01:
+                        active[g] = False
+                        continue
+                if reference and len(losses[g]) == steps:  # the last pass only evaluates
                     active[g] = False
             if not any(active):
                 break
