@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from kgshatter.editing.protocols import Accuracy, EditRecord
 
 ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
+# kgshatter reproduce --geometry NAME: the preset that trains each geometry (README, "Other
+# geometries")
+GEOMETRY_PRESETS = {"ring": "cpu", "torus": "torus", "mixed": "mixed"}
 
 log = logging.getLogger("kgshatter")
 
@@ -159,7 +162,8 @@ def write_ring_figure(
         else:
             s = Site(model.cfg.n_layers - 1, "resid_post")
         reps = collect_representations(model, evaluator.ring_tokens(o), [s])[s]
-        panels[f"order {name} ({graph.role(o)}) @ {s}"] = (reps, graph.positions[o])
+        width = graph.config.width if graph.shape(o) == "torus" else None
+        panels[f"order {name} ({graph.role(o)}) @ {s}"] = (reps, graph.positions[o], width)
     fig = ring_figure(
         panels,
         graph.n_entities,
@@ -173,6 +177,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from kgshatter.reproduction import describe, reproduce
     from kgshatter.sweep import SweepConfig, editor_defaults
 
+    if args.geometry is not None:
+        if args.preset is not None:
+            raise ValueError("give --preset or --geometry, not both (--geometry picks a preset)")
+        if args.geometry not in GEOMETRY_PRESETS:
+            raise ValueError(
+                f"there is no {args.geometry} geometry: its inverse relations have several "
+                f"answers, which the walks and the one-answer evaluation do not support; "
+                f"allowed: {', '.join(GEOMETRY_PRESETS)}"
+            )
+        args.preset = GEOMETRY_PRESETS[args.geometry]
+    args.preset = args.preset or "cpu"
     run = apply_overrides(get_preset(args.preset), args.set or [])
     fields: dict[str, Any] = dict(editor_defaults(args.preset))
     if args.methods:
@@ -691,7 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
         "method at every distance, measure accuracy and shattering, and write OUT/report.md "
         "with figures, table.csv and summary.json. An interrupted run resumes where it stopped.",
     )
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="(default: cpu)")
+    p.add_argument(
+        "--geometry",
+        default=None,
+        choices=[*GEOMETRY_PRESETS, "tree"],
+        help="the knowledge's shape, by its preset: ring (cpu), torus, mixed (rings and a torus)",
+    )
     p.add_argument("--out", required=True, help="output folder (new, or an earlier reproduction)")
     p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the run")
     p.add_argument("--methods", default=None, help="comma-separated (default: all five)")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kgshatter.analysis.geometry import ring_metrics
+from kgshatter.analysis.geometry import structure_metrics
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.kg.graph import KnowledgeGraph, relation_name
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
@@ -98,9 +98,10 @@ class Evaluator:
         return result
 
     def ring_tokens(self, order: int) -> torch.Tensor:
-        """Query tokens ``x o_C1`` for every entity x (cached per order)."""
+        """Query tokens ``x o_C1`` (a torus order: ``x o_E1``) for every entity x (cached per
+        order)."""
         if order not in self._ring_tokens:
-            relation = relation_name(order, 1, 1)  # o_C1
+            relation = relation_name(order, 1, 1, 0, self.graph.shape(order))  # o_C1 / o_E1
             self._ring_tokens[order] = entity_query_tokens(
                 self.sampler, relation, self.config.ring_prefixes, self.config.seed
             )
@@ -111,15 +112,13 @@ class Evaluator:
     ) -> dict[str, dict[str, dict[str, float]]]:
         """``{order: {site: {metric: value}}}`` at every site (default: embedding + each block)."""
         sites = sites or all_sites(model.cfg.n_layers, RING_COMPONENTS)
-        n = self.graph.n_entities
         result: dict[str, dict[str, dict[str, float]]] = {}
         for o in range(self.graph.n_orders):
             reps = collect_representations(
                 model, self.ring_tokens(o), sites, batch_size=self.config.batch_size
             )
-            positions = self.graph.positions[o]
             result[self.graph.order_name(o)] = {
-                str(s): ring_metrics(r, positions, n, seed=self.config.seed)
+                str(s): structure_metrics(r, self.graph, o, seed=self.config.seed)
                 for s, r in reps.items()
             }
         return result

@@ -2,7 +2,10 @@
 
 Points are coloured by ring position with a cyclic colour map and joined in ring order, so a
 learned ring reads as a closed loop whose colours run once around, and a shattered one as a
-tangle (paper, Figure 1 and section 4).
+tangle (paper, Figure 1 and section 4). A torus order's panel (a third tuple element: the
+lattice width) joins lattice neighbours along rows and columns and colours points by column,
+so a learned lattice reads as a mesh (a 2-D Isomap flattens the torus, folding it) and a
+shattered one as a tangle.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from kgshatter.analysis.geometry import ISOMAP_NEIGHBORS, circular_alignment, em
 
 
 def ring_figure(
-    panels: Mapping[str, tuple[Any, np.ndarray]],
+    panels: Mapping[str, tuple[Any, np.ndarray] | tuple[Any, np.ndarray, int | None]],
     n_entities: int,
     method: str = "isomap",
     n_neighbors: int = ISOMAP_NEIGHBORS,
     title: str | None = None,
     ncols: int | None = None,
 ) -> Any:
-    """One panel per entry ``label -> (representations [N, d], ring positions [N])``.
+    """One panel per entry ``label -> (representations [N, d], ring positions [N])``, or for a
+    torus order ``(representations, lattice sites [N], width)``.
 
     Panels fill a grid of ``ncols`` columns (default: one row).
     """
@@ -36,7 +40,12 @@ def ring_figure(
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     points = None
-    for ax, (label, (reps, positions)) in zip(axes.flat, panels.items(), strict=False):
+    for ax, (label, panel) in zip(axes.flat, panels.items(), strict=False):
+        reps, positions = panel[0], panel[1]
+        width = panel[2] if len(panel) > 2 else None
+        if width is not None:
+            _lattice_panel(ax, reps, np.asarray(positions), width, label, method, n_neighbors)
+            continue
         xy = embed_2d(reps, method, n_neighbors)
         order = np.argsort(positions)
         loop = np.append(order, order[0])
@@ -63,6 +72,32 @@ def ring_figure(
         bar = fig.colorbar(points, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
         bar.set_label(f"ring position (0..{n_entities - 1}; grey line joins ring neighbours)")
     return fig
+
+
+def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str, method: str,
+                   n_neighbors: int) -> None:  # fmt: skip
+    """A torus order in 2-D: lattice neighbours joined, points coloured by column."""
+    from kgshatter.analysis.geometry import lattice_isomap_alignment
+
+    xy = embed_2d(reps, method, max(n_neighbors, 4))
+    n = len(sites)
+    height = n // width
+    at = np.empty(n, dtype=np.int64)
+    at[sites] = np.arange(n)  # site -> entity
+    for site in range(n):
+        row, col = divmod(site, width)
+        for nxt in (row * width + (col + 1) % width, ((row + 1) % height) * width + col):
+            a, b = at[site], at[nxt]
+            ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.85", lw=0.5, zorder=1)
+    ax.scatter(xy[:, 0], xy[:, 1], c=sites % width, cmap="twilight", s=14, zorder=2)
+    rows, cols = np.divmod(sites, width)
+    dr, dc = np.abs(rows[:, None] - rows[None, :]), np.abs(cols[:, None] - cols[None, :])
+    lattice = np.minimum(dr, height - dr) + np.minimum(dc, width - dc)
+    score = lattice_isomap_alignment(reps, lattice)
+    ax.set_title(f"{label}\n{width}x{height} torus, isomap geodesic rho {score:.2f}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
 
 
 def pyplot() -> Any:

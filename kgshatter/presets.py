@@ -241,6 +241,20 @@ PRESETS["compressed"] = PRESETS["cpu-subject"].replace(
 )
 
 
+# Other geometries (README, "Other geometries"): the cpu recipe on an 8 x 8 torus per order
+# (relations 1-2 steps east / west / south / north) and on a mixed graph (I and III rings of 64,
+# II a torus), each trained on 2 CPU cores in minutes.
+PRESETS["torus"] = PRESETS["cpu"].replace(
+    name="torus",
+    kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="torus", width=8),
+    train=dataclasses.replace(PRESETS["cpu"].train, steps=6000),
+)
+PRESETS["mixed"] = PRESETS["torus"].replace(
+    name="mixed",
+    kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="mixed", width=8),
+)
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``"train.lr=0.002"`` -> ``("train", "lr", 0.002)`` (values are JSON, else strings).
 
@@ -268,8 +282,9 @@ def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
         if part not in data or part == "name":
             allowed = sorted(k for k in data if k != "name")
             raise ValueError(f"--set part must be one of {allowed}, got {part!r}")
-        if field not in data[part]:
-            raise ValueError(f"--set: {part} has no field {field!r}; fields: {sorted(data[part])}")
+        fields = {f.name for f in dataclasses.fields(getattr(run, part))}
+        if field not in fields:
+            raise ValueError(f"--set: {part} has no field {field!r}; fields: {sorted(fields)}")
         data[part][field] = value
     return RunConfig.from_dict(data)
 

@@ -47,6 +47,10 @@ def _kinds(by_kind: dict[str, Any]) -> list[str]:
     return sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
 
 
+def _percent(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -281,7 +285,7 @@ def write_report(
     lines += ["", "## Before any edit", "", "| task | " + " | ".join(
         f"{o} ours / paper" for o in orders) + " |", "|---" * (len(orders) + 1) + "|"]  # fmt: skip
     for split in SPLITS:
-        cells = [f"{_fmt(100 * base[split][o])} / {PAPER_BASELINE[split][i]}"
+        cells = [f"{_fmt(_percent(base[split][o]))} / {PAPER_BASELINE[split][i]}"
                  for i, o in enumerate(orders[:3])]  # fmt: skip
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     rings = s["baseline"]["rings"]
@@ -438,7 +442,7 @@ def rings_before_after(
     position: str = "relation",
 ) -> dict:
     """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
-    from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction
+    from kgshatter.analysis.geometry import structure_isomap, structure_neighbours
     from kgshatter.analysis.representations import collect_representations
     from kgshatter.hooks import edited
 
@@ -451,13 +455,13 @@ def rings_before_after(
         with edited(model, edit):
             after = collect_representations(model, tokens, [site], position=position)[site]
         name = graph.order_name(o)
-        panels[f"order {name} before"] = (before, graph.positions[o])
-        panels[f"order {name} after"] = (after, graph.positions[o])
-        pos, n = graph.positions[o], graph.n_entities
+        width = graph.config.width if graph.shape(o) == "torus" else None
+        panels[f"order {name} before"] = (before, graph.positions[o], width)
+        panels[f"order {name} after"] = (after, graph.positions[o], width)
         metrics[name] = {
             when: {
-                "neighbours": neighbour_fraction(r, pos, n),
-                "isomap": isomap_alignment(r, pos, n),
+                "neighbours": structure_neighbours(r, graph, o),
+                "isomap": structure_isomap(r, graph, o),
             }
             for when, r in (("before", before), ("after", after))
         }

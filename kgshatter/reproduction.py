@@ -43,7 +43,7 @@ def reproduce(
 
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
-    check_distances(sweep.distances, run.kg.n_entities)  # fail before training, not after
+    check_distances(sweep.distances, run.kg)  # fail before training, not after
     sweep.representation_site(run.model.n_layers)
     if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():
         raise ValueError(f"{out} exists and holds no reproduction (no run/); use a new --out")

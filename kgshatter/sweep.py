@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kgshatter.analysis.geometry import isomap_alignment, neighbour_fraction
+from kgshatter.analysis.geometry import structure_isomap, structure_neighbours
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.analysis.shattering import fit_line, shattering
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
@@ -147,12 +147,15 @@ def default_edit_batch(model: TransformerBridge) -> int:
     return 12 if model.cfg.d_model <= 32 else 1
 
 
-def check_distances(distances: tuple[int, ...], n_entities: int) -> None:
-    """Counterfactual distances must lie on the ring: 1 .. N // 2."""
-    half = n_entities // 2
-    bad = [d for d in distances if d > half]
+def check_distances(distances: tuple[int, ...], kg: Any) -> None:
+    """Counterfactual distances must fit the edited order (I) of the graph configured by ``kg``
+    (a :class:`~kgshatter.kg.KGConfig`): 1 .. N // 2 on a ring, 1 .. w // 2 + h // 2 on a
+    torus."""
+    top = kg.max_distance(0)
+    bad = [d for d in distances if d > top]
     if bad:
-        raise ValueError(f"distances {bad} lie outside the ring: d must be in 1..{half}")
+        where = "ring" if kg.shape(0) == "ring" else f"{kg.width}x{kg.height} torus"
+        raise ValueError(f"distances {bad} lie outside the {where}: d must be in 1..{top}")
 
 
 @dataclass
@@ -304,7 +307,7 @@ class SweepContext:
         self.edit_batch = edit_batch or default_edit_batch(model)
         n_layers = model.cfg.n_layers
         chosen = config.representation_site(n_layers)
-        check_distances(config.distances, graph.n_entities)
+        check_distances(config.distances, graph.config)
         methods = [get_method(m) for m in config.methods]
         for m in methods:
             for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
@@ -345,11 +348,10 @@ class SweepContext:
             if not (s.component == "mlp_post" and s.layer is not None and s.layer <= lowest)
         ]
         self.site = chosen or best_ring_site(base, graph, reachable or live)
-        n = graph.n_entities
         self.baseline_rings = {
             name: {
-                "neighbours": neighbour_fraction(base[o][self.site], graph.positions[o], n),
-                "isomap": isomap_alignment(base[o][self.site], graph.positions[o], n),
+                "neighbours": structure_neighbours(base[o][self.site], graph, o),
+                "isomap": structure_isomap(base[o][self.site], graph, o),
             }
             for o, name in enumerate(self.orders)
         }
@@ -364,17 +366,16 @@ class SweepContext:
     def measure(self, m: Any) -> dict[str, Any]:
         """R(D*) per order and site, and the ring's neighbours and Isomap at the chosen site."""
         after = self.representations(m)
-        graph, site, n = self.graph, self.site, self.graph.n_entities
+        graph, site = self.graph, self.site
         out_m: dict[str, Any] = {}
         for o, name in enumerate(self.orders):
-            pos = graph.positions[o]
             for s in self.sites:
                 out_m[f"R.{name}@{s}"] = (
                     math.nan if (o, s) in self.flat else shattering(self.base[o][s], after[o][s])
                 )
             out_m[f"R.{name}"] = out_m[f"R.{name}@{site}"]
-            out_m[f"neighbours.{name}"] = neighbour_fraction(after[o][site], pos, n)
-            out_m[f"isomap.{name}"] = isomap_alignment(after[o][site], pos, n)
+            out_m[f"neighbours.{name}"] = structure_neighbours(after[o][site], graph, o)
+            out_m[f"isomap.{name}"] = structure_isomap(after[o][site], graph, o)
         out_m["R.mean"] = statistics.fmean(out_m[f"R.{name}"] for name in self.orders)
         return out_m
 
@@ -462,10 +463,7 @@ class SweepContext:
 def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites: list[Site]):
     """The site with the highest mean neighbour agreement over orders (later layer on ties)."""
     scores = {
-        s: statistics.fmean(
-            neighbour_fraction(base[o][s], graph.positions[o], graph.n_entities) for o in base
-        )
-        for s in sites
+        s: statistics.fmean(structure_neighbours(base[o][s], graph, o) for o in base) for s in sites
     }
     return max(reversed(sites), key=lambda s: scores[s])
 

@@ -1,5 +1,7 @@
 """Ring-structure metrics: is an order's cyclic structure present in a set of representations?
 
+(Tori have their own versions, ``lattice_*`` at the end; ``structure_metrics`` picks by shape.)
+
 Three views, because a ring can be encoded without being visible (README, "Learning the rings
 on a CPU"):
 - ``probe_r2``: cross-validated ridge probe from the representation to (cos, sin) of ring
@@ -21,6 +23,7 @@ through many dimensions and is locally linear only over the nearest few ring nei
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,3 +134,121 @@ def ring_metrics(reps, positions: np.ndarray, n: int, seed: int = 0) -> dict[str
         "isomap": isomap_alignment(reps, positions, n),
         "pca": circular_alignment(embed_2d(reps, "pca"), positions, n),
     }
+
+
+# ---------------------------------------------------------------------- lattices (tori)
+# A torus order (KGConfig(structure="torus")) places entities on a w x h lattice that wraps both
+# ways. Its metrics answer the ring metrics' questions for the lattice: is (row, column)
+# decodable (probe_r2, onto cos/sin of both angles); are an entity's two nearest neighbours
+# lattice neighbours (neighbours: both within lattice distance 1, i.e. among its 4 neighbours,
+# the same count as the ring's +-2 window); do the representation's Isomap geodesics follow the
+# lattice's distances (isomap: Spearman correlation of the two over all pairs, on Isomap's
+# 4-nearest-neighbour graph, the lattice's degree); and do distances in the top 4 principal
+# components (a torus embeds flat in 4-D) follow them (pca: the same correlation).
+LATTICE_NEIGHBORS = 4
+
+
+def lattice_probe_r2(reps, coords: np.ndarray, shape: tuple[int, int], folds: int = 5,
+                     seed: int = 0) -> float:  # fmt: skip
+    """Cross-validated R^2 of a ridge probe onto (cos, sin) of the row and column angles.
+
+    ``coords`` is [N, 2] (row, column) on an ``(h, w)`` = ``shape`` torus.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    x = _np(reps)
+    x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
+    coords = np.asarray(coords, dtype=float)
+    rows, cols = 2 * np.pi * coords[:, 0] / shape[0], 2 * np.pi * coords[:, 1] / shape[1]
+    y = np.stack([np.cos(rows), np.sin(rows), np.cos(cols), np.sin(cols)], axis=1)
+    probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
+    pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def lattice_neighbour_fraction(reps, distances: np.ndarray, radius: int = 1) -> float:
+    """Fraction of entities whose 2 nearest neighbours lie within ``radius`` lattice steps
+    (``distances``: the [N, N] lattice distances)."""
+    x = _np(reps)
+    sq = (x * x).sum(1)
+    d = sq[:, None] + sq[None, :] - 2 * x @ x.T
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, axis=1)[:, :2]
+    gap = np.take_along_axis(np.asarray(distances), nn, axis=1)
+    return float((gap <= radius).all(axis=1).mean())
+
+
+def _spearman_upper(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two [N, N] distance matrices over their upper triangles."""
+    from scipy.stats import spearmanr
+
+    iu = np.triu_indices(a.shape[0], 1)
+    rho = spearmanr(a[iu], b[iu]).statistic
+    return float(rho) if np.isfinite(rho) else float("nan")
+
+
+def lattice_isomap_alignment(reps, distances: np.ndarray,
+                             n_neighbors: int = LATTICE_NEIGHBORS) -> float:  # fmt: skip
+    """Spearman correlation between the Isomap geodesic distances of the representations and
+    the lattice distances (1 = the representation's neighbourhood graph is the lattice's)."""
+    from scipy.sparse import SparseEfficiencyWarning
+    from sklearn.manifold import Isomap
+
+    x = _np(reps)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*connected components.*")
+        warnings.filterwarnings("ignore", category=SparseEfficiencyWarning)
+        isomap = Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2).fit(x)
+    return _spearman_upper(isomap.dist_matrix_, np.asarray(distances, dtype=float))
+
+
+def lattice_pca_alignment(reps, distances: np.ndarray, components: int = 4) -> float:
+    """Spearman correlation between distances in the top ``components`` principal components
+    and the lattice distances."""
+    x = _np(reps)
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    z = x @ vt[:components].T
+    d = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))
+    return _spearman_upper(d, np.asarray(distances, dtype=float))
+
+
+def lattice_metrics(reps, coords: np.ndarray, shape: tuple[int, int], distances: np.ndarray,
+                    seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """All lattice metrics of one torus order's representations (NaN where all coincide)."""
+    if np.ptp(_np(reps), axis=0).max() < 1e-12:
+        return {k: float("nan") for k in ("probe_r2", "neighbours", "isomap", "pca")}
+    return {
+        "probe_r2": lattice_probe_r2(reps, coords, shape, seed=seed),
+        "neighbours": lattice_neighbour_fraction(reps, distances),
+        "isomap": lattice_isomap_alignment(reps, distances),
+        "pca": lattice_pca_alignment(reps, distances),
+    }
+
+
+# ---------------------------------------------------------------------- any order of a graph
+def structure_metrics(reps, graph: Any, order: int, seed: int = 0) -> dict[str, float]:
+    """:func:`ring_metrics` or :func:`lattice_metrics`, whichever ``order``'s shape needs."""
+    if graph.shape(order) == "ring":
+        return ring_metrics(reps, graph.positions[order], graph.n_entities, seed=seed)
+    return lattice_metrics(reps, graph.coordinates(order), _lattice_shape(graph),
+                           graph.distances(order), seed=seed)  # fmt: skip
+
+
+def structure_neighbours(reps, graph: Any, order: int) -> float:
+    """The neighbour agreement of ``order``'s representations (ring or lattice)."""
+    if graph.shape(order) == "ring":
+        return neighbour_fraction(reps, graph.positions[order], graph.n_entities)
+    return lattice_neighbour_fraction(reps, graph.distances(order))
+
+
+def structure_isomap(reps, graph: Any, order: int) -> float:
+    """The Isomap alignment of ``order``'s representations (ring or lattice)."""
+    if graph.shape(order) == "ring":
+        return isomap_alignment(reps, graph.positions[order], graph.n_entities)
+    return lattice_isomap_alignment(reps, graph.distances(order))
+
+
+def _lattice_shape(graph: Any) -> tuple[int, int]:
+    return (graph.config.height, graph.config.width)

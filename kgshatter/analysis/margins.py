@@ -36,6 +36,10 @@ def ring_margins(
     Logits are averaged over the evaluator's ring contexts (``ring_prefixes``) first.
     """
     graph = evaluator.graph
+    if graph.shape(order) != "ring":
+        raise ValueError(
+            f"ring_margins reads margins along a ring; order {graph.order_name(order)} is a torus"
+        )
     n = graph.n_entities
     half = n // 2
     bad = [d for d in distances if not 1 <= d <= half]

@@ -57,9 +57,11 @@ def sample_requests(
 
     ``counterfactual``: the target lies ``distance`` steps clockwise or anticlockwise (seeded
     coin) from the true answer on the relation's ring; ``distance`` must be in
-    ``1 .. N // 2``. ``corrective``: facts ``model`` answers wrongly (softmax averaged over
-    ``n_prefixes`` contexts from ``sampler``), target = the graph's answer; fewer than ``n`` are
-    returned when the model makes fewer mistakes.
+    ``1 .. N // 2``. On a torus order the target is drawn (seeded) among the entities exactly
+    ``distance`` lattice steps from the true answer, ``distance`` in ``1 .. w // 2 + h // 2``.
+    ``corrective``: facts ``model`` answers wrongly (softmax averaged over ``n_prefixes``
+    contexts from ``sampler``), target = the graph's answer; fewer than ``n`` are returned when
+    the model makes fewer mistakes.
     """
     check_choice("kind", kind, KINDS)
     check_int("n", n, 1)
@@ -70,8 +72,8 @@ def sample_requests(
     rel_idx, xs = torch.nonzero(torch.from_numpy(table >= 0), as_tuple=True)
     g = step_generator(seed, 1 << 30 | KINDS.index(kind) << 8 | order)
     if kind == "counterfactual":
-        half = graph.n_entities // 2
-        check_int("distance", distance, 1, half)
+        check_int("distance", distance, 1, graph.max_distance(order))
+        ring = graph.shape(order) == "ring"
         if n > xs.numel():
             raise ValueError(f"asked for {n} edits but order {order} has only {xs.numel()} facts")
         pick = torch.randperm(xs.numel(), generator=g)[:n]
@@ -80,8 +82,12 @@ def sample_requests(
         for p, sign in zip(pick.tolist(), signs.tolist(), strict=True):
             rel, x = rels[int(rel_idx[p])], int(xs[p])
             old = graph.apply(rel, x)
-            position = int(graph.positions[order][old])
-            new = int(graph.rings[order][(position + sign * distance) % graph.n_entities])
+            if ring:
+                position = int(graph.positions[order][old])
+                new = int(graph.rings[order][(position + sign * distance) % graph.n_entities])
+            else:
+                options = graph.at_distance(order, old, distance)
+                new = int(options[int(torch.randint(len(options), (1,), generator=g))])
             out.append(EditRequest(x, rel, new))
         return out
     if model is None or sampler is None:

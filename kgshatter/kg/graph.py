@@ -5,8 +5,14 @@ relations "k hops clockwise" (``I_C2``) and "k hops anticlockwise" (``I_A2``). O
 sub-graph, II the retain sub-graph, III the test sub-graph.
 
 Relations are stored as lookup tables ``table[r, x] = y`` (``-1`` where undefined), so callers never
-depend on the ring arithmetic: a tree or grid structure only has to fill the same tables and say
-how far apart two entities are (:meth:`KnowledgeGraph.edit_distance`).
+depend on the ring arithmetic: another structure only has to fill the same tables and say how far
+apart two entities are (:meth:`KnowledgeGraph.distance`). Besides rings there are tori
+(``KGConfig(structure="torus", width=w)``): each order places the N entities on a ``w`` x ``N/w``
+lattice that wraps both ways, with relations "k steps east / west / south / north" (``I_E2``,
+``I_W2``, ``I_S2``, ``I_N2``), each the inverse of its opposite, so every relation is a bijection
+like a ring's and the walks, splits and evaluation apply unchanged; ``structure="mixed"``
+alternates rings and tori. ``rings[o]`` is order o's layout (ring position, or lattice site
+``row * w + column``, to entity) and ``positions[o]`` its inverse.
 """
 
 from __future__ import annotations
@@ -46,23 +52,40 @@ def roman(n: int) -> str:
 
 @dataclass(frozen=True)
 class Relation:
-    """One relation: ``hops`` steps ``direction`` (+1 clockwise, -1 anticlockwise) on ``order``."""
+    """One relation: ``hops`` steps ``direction`` (+1 clockwise, -1 anticlockwise) on ``order``.
+
+    On a torus ``axis`` 0 moves along a row (+1 east, -1 west) and ``axis`` 1 along a column
+    (+1 south, -1 north); a ring has only axis 0.
+    """
 
     index: int
     name: str
     order: int
     direction: int
     hops: int
+    axis: int = 0
 
     @property
     def shift(self) -> int:
-        """Signed ring displacement: C2 -> +2, A3 -> -3."""
+        """Signed displacement along the axis: C2 -> +2, A3 -> -3 (E2 -> +2, N1 -> -1)."""
         return self.direction * self.hops
 
 
-def relation_name(order: int, direction: int, hops: int) -> str:
-    """``relation_name(0, -1, 4) == 'I_A4'``."""
-    return f"{roman(order + 1)}_{'C' if direction > 0 else 'A'}{hops}"
+# a move's letter per (shape, axis, direction)
+_LETTERS = {
+    ("ring", 0, 1): "C",
+    ("ring", 0, -1): "A",
+    ("torus", 0, 1): "E",
+    ("torus", 0, -1): "W",
+    ("torus", 1, 1): "S",
+    ("torus", 1, -1): "N",
+}
+
+
+def relation_name(order: int, direction: int, hops: int, axis: int = 0, shape: str = "ring") -> str:
+    """``relation_name(0, -1, 4) == 'I_A4'``; on a torus ``relation_name(1, 1, 2, 1, "torus")``
+    is ``'II_S2'``."""
+    return f"{roman(order + 1)}_{_LETTERS[(shape, axis, 1 if direction > 0 else -1)]}{hops}"
 
 
 class KnowledgeGraph:
@@ -97,17 +120,18 @@ class KnowledgeGraph:
 
         rels: list[Relation] = []
         for o in range(k):
-            for direction in (1, -1):
-                for h in range(1, config.max_hops + 1):
-                    rels.append(
-                        Relation(len(rels), relation_name(o, direction, h), o, direction, h)
-                    )
+            shape = config.shape(o)
+            for axis in (0, 1) if shape == "torus" else (0,):
+                for direction in (1, -1):
+                    for h in range(1, config.max_hops + 1):
+                        name = relation_name(o, direction, h, axis, shape)
+                        rels.append(Relation(len(rels), name, o, direction, h, axis))
         self.relations: tuple[Relation, ...] = tuple(rels)
         self._by_name = {r.name: r for r in rels}
 
         table = np.empty((len(rels), n), dtype=np.int64)
         for r in rels:
-            table[r.index] = rings[r.order, (positions[r.order] + r.shift) % n]
+            table[r.index] = rings[r.order, self._moved(positions[r.order], r)]
         self.table = _readonly(table)
 
         self.logical_heldout = _readonly(
@@ -120,6 +144,20 @@ class KnowledgeGraph:
         )
         if (self.compositional_heldout & ~self.composable).any():
             raise ValueError("compositional_heldout holds a two-hop query that is not composable")
+
+    def _moved(self, sites: np.ndarray, r: Relation) -> np.ndarray:
+        """Where relation ``r`` moves each position / lattice site of its order."""
+        n = self.config.n_entities
+        if self.config.shape(r.order) == "ring":
+            return (sites + r.shift) % n
+        w, h = self.config.width, self.config.height
+        assert w is not None and h is not None
+        row, col = np.divmod(sites, w)
+        if r.axis == 0:
+            col = (col + r.shift) % w
+        else:
+            row = (row + r.shift) % h
+        return row * w + col
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,9 +254,11 @@ class KnowledgeGraph:
         return int(self.table[self.relation(relation).index, self.entity(entity)])
 
     def inverse(self, relation: str | int) -> Relation:
-        """The inverse relation: ``I_C2`` <-> ``I_A2``."""
+        """The inverse relation: ``I_C2`` <-> ``I_A2`` (torus: ``E`` <-> ``W``, ``S`` <-> ``N``)."""
         r = self.relation(relation)
-        return self.relation(relation_name(r.order, -r.direction, r.hops))
+        return self.relation(
+            relation_name(r.order, -r.direction, r.hops, r.axis, self.shape(r.order))
+        )
 
     def compose(self, first: str | int, second: str | int) -> np.ndarray:
         """Table of ``second(first(x))`` for every x, shape [N]."""
@@ -233,9 +273,13 @@ class KnowledgeGraph:
         """
         a, b = self.relation(first), self.relation(second)
         shift = a.shift + b.shift
-        if a.order != b.order or shift == 0 or abs(shift) > self.config.max_hops:
+        if a.order != b.order or a.axis != b.axis:  # a torus move along two axes has no name
             return None
-        return self.relation(relation_name(a.order, 1 if shift > 0 else -1, abs(shift)))
+        if shift == 0 or abs(shift) > self.config.max_hops:
+            return None
+        shape = self.shape(a.order)
+        return self.relation(relation_name(a.order, 1 if shift > 0 else -1, abs(shift), a.axis,
+                                           shape))  # fmt: skip
 
     @cached_property
     def composable(self) -> np.ndarray:
@@ -247,11 +291,53 @@ class KnowledgeGraph:
         return _readonly(np.broadcast_to(pair[:, :, None], pair.shape + (self.n_entities,)).copy())
 
     def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
-        """Cyclic distance between two answers on the ring of ``relation``'s order (paper's d)."""
+        """How far apart two answers lie in the structure of ``relation``'s order (paper's d:
+        the cyclic distance on a ring; on a torus the lattice (wrapped Manhattan) distance)."""
         r = self.relation(relation)
-        a, b = self.positions[r.order, self.entity(y)], self.positions[r.order, self.entity(y_new)]
-        diff = abs(int(a) - int(b))
-        return min(diff, self.n_entities - diff)
+        return self.distance(r.order, self.entity(y), self.entity(y_new))
+
+    # ------------------------------------------------------------------ geometry
+    def shape(self, order: int) -> str:
+        """``"ring"`` or ``"torus"``."""
+        self._check_order(order)
+        return self.config.shape(order)
+
+    def distances(self, order: int, entities: np.ndarray | None = None) -> np.ndarray:
+        """Distances in ``order``'s structure from each of ``entities`` (default: all) to every
+        entity, shape [len(entities), N]."""
+        self._check_order(order)
+        pos = self.positions[order]
+        rows = pos if entities is None else pos[np.asarray(entities, dtype=np.int64)]
+        if self.shape(order) == "ring":
+            diff = np.abs(rows[:, None] - pos[None, :])
+            return np.minimum(diff, self.n_entities - diff)
+        w, h = self.config.width, self.config.height
+        assert w is not None and h is not None
+        (r0, c0), (r1, c1) = np.divmod(rows, w), np.divmod(pos, w)
+        dr, dc = np.abs(r0[:, None] - r1[None, :]), np.abs(c0[:, None] - c1[None, :])
+        return np.minimum(dr, h - dr) + np.minimum(dc, w - dc)
+
+    def distance(self, order: int, a: int, b: int) -> int:
+        """The distance between entities ``a`` and ``b`` in ``order``'s structure."""
+        return int(self.distances(order, np.array([self.entity(a)]))[0, self.entity(b)])
+
+    def max_distance(self, order: int) -> int:
+        """The largest distance in ``order``'s structure (N // 2 on a ring)."""
+        self._check_order(order)
+        return self.config.max_distance(order)
+
+    def at_distance(self, order: int, entity: int, d: int) -> np.ndarray:
+        """The entities exactly ``d`` away from ``entity`` in ``order``'s structure (sorted)."""
+        return np.flatnonzero(self.distances(order, np.array([self.entity(entity)]))[0] == d)
+
+    def coordinates(self, order: int) -> np.ndarray:
+        """Each entity's place in ``order``: [N, 1] ring positions or [N, 2] (row, column)."""
+        pos = self.positions[order]
+        if self.shape(order) == "ring":
+            return pos[:, None].copy()
+        w = self.config.width
+        assert w is not None
+        return np.stack(np.divmod(pos, w), axis=1)
 
     # ------------------------------------------------------------------ facts and splits
     def facts(self) -> np.ndarray:

@@ -1,0 +1,148 @@
+"""Other geometries: tori and mixed ring + torus graphs, through the same pipeline.
+
+Invariants of the lattice tables, distances and counterfactual sampling; the lattice metrics on
+representations built to be a perfect torus and on noise; one-line errors for sizes that do not
+fit; and a mixed graph end to end through ``kgshatter reproduce`` on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kgshatter.analysis.geometry import lattice_metrics, structure_metrics
+from kgshatter.cli import main
+from kgshatter.editing.protocols import sample_requests
+from kgshatter.kg import KGConfig, KnowledgeGraph
+
+
+def torus(**kw) -> KnowledgeGraph:
+    cfg = {"n_entities": 48, "n_orders": 2, "max_hops": 2, "structure": "torus", "width": 8}
+    return KnowledgeGraph.from_config(KGConfig(**{**cfg, **kw}))
+
+
+def test_torus_relations_are_lattice_moves_with_inverses():
+    g = torus()
+    assert g.n_relations == 2 * 4 * 2  # 2 orders x 4 directions x 2 hops
+    assert g.relation_names[:8] == ["I_E1", "I_E2", "I_W1", "I_W2", "I_S1", "I_S2", "I_N1", "I_N2"]
+    w, h = 8, 6
+    for r in g.relations:
+        assert sorted(g.table[r.index]) == list(range(48))  # a bijection
+        inv = g.inverse(r.index)
+        assert (g.table[inv.index, g.table[r.index]] == np.arange(48)).all()
+        coords = g.coordinates(r.order)
+        for x in range(48):
+            y = g.apply(r.index, x)
+            (r0, c0), (r1, c1) = coords[x], coords[y]
+            if r.axis == 0:  # east / west: same row, column moves by the shift
+                assert r0 == r1 and (c1 - c0) % w == r.shift % w
+            else:  # south / north
+                assert c0 == c1 and (r1 - r0) % h == r.shift % h
+            assert g.edit_distance(r.index, x, y) == r.hops
+    # two moves along one axis compose to a named move; across axes there is none
+    assert g.closed_form("I_E1", "I_E1").name == "I_E2"
+    assert g.closed_form("I_S2", "I_N1").name == "I_S1"
+    assert g.closed_form("I_E1", "I_S1") is None
+    assert g.closed_form("I_E1", "II_E1") is None
+
+
+def test_torus_distances_and_counterfactuals():
+    g = torus()
+    d = g.distances(0)
+    assert (d == d.T).all() and (np.diag(d) == 0).all()
+    assert d.max() == g.max_distance(0) == 4 + 3
+    ring_sizes = {k: len(g.at_distance(0, 5, k)) for k in range(1, 8)}
+    assert ring_sizes[1] == 4 and sum(ring_sizes.values()) == 47
+    for dist in (1, 3, 7):
+        for req in sample_requests(g, "counterfactual", 10, seed=2, distance=dist):
+            assert g.edit_distance(req.relation, req.old_target(g), req.target) == dist
+    again = sample_requests(g, "counterfactual", 10, seed=2, distance=3)
+    assert again == sample_requests(g, "counterfactual", 10, seed=2, distance=3)  # seeded
+    with pytest.raises(ValueError, match="distance"):
+        sample_requests(g, "counterfactual", 2, seed=0, distance=8)
+
+
+def test_mixed_graph_alternates_rings_and_tori():
+    g = KnowledgeGraph.from_config(
+        KGConfig(n_entities=48, n_orders=3, max_hops=2, structure="mixed", width=8)
+    )
+    assert [g.shape(o) for o in range(3)] == ["ring", "torus", "ring"]
+    assert g.n_relations == 4 + 8 + 4
+    assert {r.name[:4] for r in g.relations if r.order == 1} == {"II_E", "II_W", "II_S", "II_N"}
+    assert g.max_distance(0) == 24 and g.max_distance(1) == 7
+    assert KnowledgeGraph.from_dict(g.to_dict()) == g  # the JSON round trip keeps the shapes
+
+
+def test_a_cyclic_graph_is_what_it_was():
+    """Tori added fields; a ring graph's JSON and fingerprint must not change with them."""
+    g = KnowledgeGraph.from_config(KGConfig(n_entities=128, n_orders=3, max_hops=4))
+    assert "width" not in g.to_dict()["config"]
+    assert g.fingerprint == "a271cade47273595"  # measured before tori existed
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"structure": "tree"}, "structure must be one of"),
+        ({"structure": "torus"}, "needs width"),
+        ({"structure": "torus", "width": 5}, "width must divide n_entities=48"),
+        ({"structure": "torus", "width": 4}, "both sides above 2 \\* max_hops"),
+        ({"structure": "cyclic", "width": 8}, "a cyclic graph has none"),
+        ({"structure": "torus", "width": 8, "max_hops": 3}, "allowed: none"),
+    ],
+)
+def test_sizes_that_do_not_fit_are_one_line_errors(fields, message):
+    base = {"n_entities": 48, "n_orders": 2, "max_hops": 2}
+    with pytest.raises(ValueError, match=message) as err:
+        KGConfig(**{**base, **fields})
+    assert "\n" not in str(err.value)
+
+
+def test_lattice_metrics_see_a_torus_and_not_noise():
+    g = torus(n_orders=1)
+    rows, cols = g.coordinates(0).T
+    a, b = 2 * np.pi * rows / 6, 2 * np.pi * cols / 8
+    clean = np.stack([np.cos(a), np.sin(a), np.cos(b), np.sin(b)], 1)  # a flat 4-D torus
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    reps = np.concatenate([clean, np.zeros((48, 12))], 1) @ rotation  # the torus, turned, in 16-D
+    good = structure_metrics(reps, g, 0)
+    assert good == lattice_metrics(reps, g.coordinates(0), (6, 8), g.distances(0))
+    assert good["probe_r2"] > 0.95 and good["neighbours"] > 0.9
+    assert good["isomap"] > 0.9 and good["pca"] > 0.9
+    noise = structure_metrics(rng.normal(size=(48, 16)), g, 0)
+    assert noise["probe_r2"] < 0.3 and noise["neighbours"] < 0.2 and noise["isomap"] < 0.3
+
+
+def test_reproduce_a_mixed_graph_and_refuse_a_tree(tmp_path, capsys):
+    out = tmp_path / "mixed"
+    args = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", "--n", "1",
+            "--methods", "rome", "--sequential", "0", "--samples", "1000", "--max-queries",
+            "16", "--distances", "1,3", "--set", "kg.n_entities=36", "--set",
+            "kg.structure=mixed", "--set", "kg.width=6", "--set", "train.steps=100"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    header = (out / "table.csv").read_text().splitlines()[0].split(",")
+    for column in ("isomap.I", "isomap.II", "neighbours.II", "R.II", "acc.direct.II"):
+        assert column in header
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["distance"] for r in rows if r["kind"] == "counterfactual"} == {1, 3}
+    assert (out / "rings_before_after.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["example"]["rings"]) == {"I", "II", "III"}
+    # no tree geometry: one line, before anything is written
+    tree = tmp_path / "tree"
+    assert main(["reproduce", "--geometry", "tree", "--out", str(tree)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no tree geometry" in err and "allowed: ring, torus, mixed" in err and "\n" not in err
+    assert not tree.exists()
+    assert main(["reproduce", "--geometry", "torus", "--preset", "cpu", "--out", str(tree)]) == 2
+    assert "not both" in capsys.readouterr().err
+    far = [*args[:4], str(tmp_path / "far"), *args[5:]]
+    far[far.index("1,3")] = "9"  # on a ring of 36 that is fine; on a 6 x 6 torus it is not
+    far[far.index("kg.structure=mixed")] = "kg.structure=torus"
+    assert main(far) == 2
+    assert "outside the 6x6 torus: d must be in 1..6" in capsys.readouterr().err
+    assert not (tmp_path / "far").exists()
