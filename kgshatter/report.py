@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kgshatter.io import write_atomic
+from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import pyplot, ring_figure, save_figure
 from kgshatter.sweep import SweepResult, accuracy_drop
@@ -45,6 +46,19 @@ KIND_ORDER = ["corrective", "d=1", "d=2", "d=3", "d=4", "d=5", "d=6", "d=7", "d=
 
 def _kinds(by_kind: dict[str, Any]) -> list[str]:
     return sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
+
+
+def _shapes(kg: Any) -> str:
+    """How a graph's orders are shaped, in words: "orders" (rings), "tori of 8 x 8", ..."""
+    shapes = [kg.shape(o) for o in range(kg.n_orders)]
+    if set(shapes) == {"ring"}:
+        return "orders"
+    if set(shapes) == {"torus"}:
+        return f"orders, each a {kg.width} x {kg.height} torus"
+    return "orders: " + ", ".join(
+        f"{roman(o + 1)} a {'ring' if sh == 'ring' else f'{kg.width} x {kg.height} torus'}"
+        for o, sh in enumerate(shapes)
+    )
 
 
 def _percent(x: float | None) -> float | None:
@@ -405,7 +419,7 @@ def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
             "ROME on the first block's W_out, C from 10^5 validation walks, R(D*) on Euclidean "
             "distance matrices, counterfactual distances d = 1..4.",
             f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities on "
-            f"{run.kg.n_orders} orders, hops up to {run.kg.max_hops}, d_model "
+            f"{run.kg.n_orders} {_shapes(run.kg)}, hops up to {run.kg.max_hops}, d_model "
             f"{run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
             f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
             "steps, compositions within one order.",
