@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 ROMAN_ORDER = {roman(i): i for i in range(1, 40)}
 # kgshatter reproduce --geometry NAME: the preset that trains each geometry (README, "Other
 # geometries")
-GEOMETRY_PRESETS = {"ring": "cpu", "torus": "torus", "mixed": "mixed"}
+GEOMETRY_PRESETS = {"ring": "cpu", "torus": "torus", "grid": "grid", "mixed": "mixed"}
 
 log = logging.getLogger("kgshatter")
 
@@ -147,7 +147,7 @@ def write_ring_figure(
 ) -> Path:
     """Each order's entities in 2-D at ``site`` (default: that order's best site by ``method``)."""
     from kgshatter.analysis.representations import collect_representations
-    from kgshatter.plotting import ring_figure, save_figure
+    from kgshatter.plotting import panel_width, ring_figure, save_figure
     from kgshatter.sites import Site
 
     graph = evaluator.graph
@@ -162,7 +162,7 @@ def write_ring_figure(
         else:
             s = Site(model.cfg.n_layers - 1, "resid_post")
         reps = collect_representations(model, evaluator.ring_tokens(o), [s])[s]
-        width = graph.config.width if graph.shape(o) == "torus" else None
+        width = panel_width(graph, o)
         panels[f"order {name} ({graph.role(o)}) @ {s}"] = (reps, graph.positions[o], width)
     fig = ring_figure(
         panels,
@@ -711,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--geometry",
         default=None,
         choices=[*GEOMETRY_PRESETS, "tree"],
-        help="the knowledge's shape, by its preset: ring (cpu), torus, mixed (rings and a torus)",
+        help="the knowledge's shape, by its preset: ring (cpu), torus, grid, mixed (rings and a "
+        "torus)",
     )
     p.add_argument("--out", required=True, help="output folder (new, or an earlier reproduction)")
     p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the run")

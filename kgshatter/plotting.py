@@ -29,7 +29,7 @@ def ring_figure(
     ncols: int | None = None,
 ) -> Any:
     """One panel per entry ``label -> (representations [N, d], ring positions [N])``, or for a
-    torus order ``(representations, lattice sites [N], width)``.
+    torus order ``(representations, lattice sites [N], width)`` (a grid's: ``-width``).
 
     Panels fill a grid of ``ncols`` columns (default: one row).
     """
@@ -43,8 +43,9 @@ def ring_figure(
     for ax, (label, panel) in zip(axes.flat, panels.items(), strict=False):
         reps, positions = panel[0], panel[1]
         width = panel[2] if len(panel) > 2 else None
-        if width is not None:
-            _lattice_panel(ax, reps, np.asarray(positions), width, label, method, n_neighbors)
+        if width is not None:  # a lattice: a negative width marks a grid (no wrapping)
+            _lattice_panel(ax, reps, np.asarray(positions), abs(width), label, method,
+                           n_neighbors, wrap=width > 0)  # fmt: skip
             continue
         xy = embed_2d(reps, method, n_neighbors)
         order = np.argsort(positions)
@@ -75,8 +76,9 @@ def ring_figure(
 
 
 def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str, method: str,
-                   n_neighbors: int) -> None:  # fmt: skip
-    """A torus order in 2-D: lattice neighbours joined, points coloured by column."""
+                   n_neighbors: int, wrap: bool = True) -> None:  # fmt: skip
+    """A torus (or, ``wrap=False``, grid) order in 2-D: lattice neighbours joined, points
+    coloured by column."""
     from kgshatter.analysis.geometry import lattice_isomap_alignment
 
     xy = embed_2d(reps, method, max(n_neighbors, 4))
@@ -86,18 +88,33 @@ def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str
     at[sites] = np.arange(n)  # site -> entity
     for site in range(n):
         row, col = divmod(site, width)
-        for nxt in (row * width + (col + 1) % width, ((row + 1) % height) * width + col):
-            a, b = at[site], at[nxt]
+        for r2, c2 in ((row, col + 1), (row + 1, col)):
+            if not wrap and (r2 >= height or c2 >= width):
+                continue  # a grid's edge
+            a, b = at[site], at[(r2 % height) * width + c2 % width]
             ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.85", lw=0.5, zorder=1)
     ax.scatter(xy[:, 0], xy[:, 1], c=sites % width, cmap="twilight", s=14, zorder=2)
     rows, cols = np.divmod(sites, width)
     dr, dc = np.abs(rows[:, None] - rows[None, :]), np.abs(cols[:, None] - cols[None, :])
-    lattice = np.minimum(dr, height - dr) + np.minimum(dc, width - dc)
+    if wrap:
+        lattice = np.minimum(dr, height - dr) + np.minimum(dc, width - dc)
+    else:
+        lattice = dr + dc
     score = lattice_isomap_alignment(reps, lattice)
-    ax.set_title(f"{label}\n{width}x{height} torus, isomap geodesic rho {score:.2f}", fontsize=9)
+    kind = "torus" if wrap else "grid"
+    ax.set_title(f"{label}\n{width}x{height} {kind}, isomap geodesic rho {score:.2f}", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect("equal", adjustable="datalim")
+
+
+def panel_width(graph: Any, order: int) -> int | None:
+    """The third element of ``order``'s :func:`ring_figure` panel: the lattice width on a
+    torus, minus it on a grid, ``None`` on a ring."""
+    shape = graph.shape(order)
+    if shape == "ring":
+        return None
+    return graph.config.width if shape == "torus" else -graph.config.width
 
 
 def pyplot() -> Any:

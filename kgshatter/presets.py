@@ -242,8 +242,9 @@ PRESETS["compressed"] = PRESETS["cpu-subject"].replace(
 
 
 # Other geometries (README, "Other geometries"): the cpu recipe for 6000 steps on an 8 x 8 torus
-# per order (relations 1-2 steps east / west / south / north) and on a mixed graph (I and III
-# rings of 64, II a torus), each trained on 2 CPU cores in minutes.
+# per order (relations 1-2 steps east / west / south / north), on an 8 x 8 grid (the lattice
+# without wrapping) and on a mixed graph (I and III rings of 64, II a torus), each trained on 2
+# CPU cores in minutes.
 PRESETS["torus"] = PRESETS["cpu"].replace(
     name="torus",
     kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="torus", width=8),
@@ -252,6 +253,10 @@ PRESETS["torus"] = PRESETS["cpu"].replace(
 PRESETS["mixed"] = PRESETS["torus"].replace(
     name="mixed",
     kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="mixed", width=8),
+)
+PRESETS["grid"] = PRESETS["torus"].replace(
+    name="grid",
+    kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="grid", width=8),
 )
 # their control: the same recipe and size with every order a ring (the geometry study's baseline)
 PRESETS["ring64"] = PRESETS["torus"].replace(

@@ -16,7 +16,7 @@ import numpy as np
 from kgshatter.io import write_atomic
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
-from kgshatter.plotting import pyplot, ring_figure, save_figure
+from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
 from kgshatter.sweep import SweepResult, accuracy_drop
 
 if TYPE_CHECKING:
@@ -53,10 +53,10 @@ def _shapes(kg: Any) -> str:
     shapes = [kg.shape(o) for o in range(kg.n_orders)]
     if set(shapes) == {"ring"}:
         return "orders"
-    if set(shapes) == {"torus"}:
-        return f"orders, each a {kg.width} x {kg.height} torus"
+    if len(set(shapes)) == 1:
+        return f"orders, each a {kg.width} x {kg.height} {shapes[0]}"
     return "orders: " + ", ".join(
-        f"{roman(o + 1)} a {'ring' if sh == 'ring' else f'{kg.width} x {kg.height} torus'}"
+        f"{roman(o + 1)} a {'ring' if sh == 'ring' else f'{kg.width} x {kg.height} {sh}'}"
         for o, sh in enumerate(shapes)
     )
 
@@ -469,7 +469,7 @@ def rings_before_after(
         with edited(model, edit):
             after = collect_representations(model, tokens, [site], position=position)[site]
         name = graph.order_name(o)
-        width = graph.config.width if graph.shape(o) == "torus" else None
+        width = panel_width(graph, o)
         panels[f"order {name} before"] = (before, graph.positions[o], width)
         panels[f"order {name} after"] = (after, graph.positions[o], width)
         metrics[name] = {

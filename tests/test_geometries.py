@@ -1,4 +1,4 @@
-"""Other geometries: tori and mixed ring + torus graphs, through the same pipeline.
+"""Other geometries: tori, grids and mixed ring + torus graphs, through the same pipeline.
 
 Invariants of the lattice tables, distances and counterfactual sampling; the lattice metrics on
 representations built to be a perfect torus and on noise; one-line errors for sizes that do not
@@ -11,11 +11,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from kgshatter.analysis.geometry import lattice_metrics, structure_metrics
 from kgshatter.cli import main
 from kgshatter.editing.protocols import sample_requests
-from kgshatter.kg import KGConfig, KnowledgeGraph
+from kgshatter.kg import KGConfig, KnowledgeGraph, WalkConfig, WalkSampler
 
 
 def torus(**kw) -> KnowledgeGraph:
@@ -91,6 +92,7 @@ def test_a_cyclic_graph_is_what_it_was():
         ({"structure": "torus", "width": 4}, "both sides above 2 \\* max_hops"),
         ({"structure": "cyclic", "width": 8}, "a cyclic graph has none"),
         ({"structure": "torus", "width": 8, "max_hops": 3}, "allowed: none"),
+        ({"structure": "grid", "width": 24}, "both sides above"),
     ],
 )
 def test_sizes_that_do_not_fit_are_one_line_errors(fields, message):
@@ -136,7 +138,7 @@ def test_reproduce_a_mixed_graph_and_refuse_a_tree(tmp_path, capsys):
     tree = tmp_path / "tree"
     assert main(["reproduce", "--geometry", "tree", "--out", str(tree)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no tree geometry" in err and "allowed: ring, torus, mixed" in err and "\n" not in err
+    assert "no tree geometry" in err and "allowed: ring, torus, grid, mixed" in err and "\n" not in err
     assert not tree.exists()
     assert main(["reproduce", "--geometry", "torus", "--preset", "cpu", "--out", str(tree)]) == 2
     assert "not both" in capsys.readouterr().err
@@ -146,3 +148,61 @@ def test_reproduce_a_mixed_graph_and_refuse_a_tree(tmp_path, capsys):
     assert main(far) == 2
     assert "outside the 6x6 torus: d must be in 1..6" in capsys.readouterr().err
     assert not (tmp_path / "far").exists()
+
+
+def _steps(walk: list[int], n: int):
+    """The (x, relations, y) steps of one walk (from its first entity on)."""
+    i = next(k for k, t in enumerate(walk) if t < n)
+    while True:
+        j = i + 1
+        while j < len(walk) and walk[j] >= n:
+            j += 1
+        if j >= len(walk):
+            return
+        yield walk[i], [t - n for t in walk[i + 1 : j]], walk[j]
+        i = j
+
+
+def test_a_grid_has_edges_and_its_walks_stay_on_the_sheet():
+    g = torus(structure="grid")
+    w, h = 8, 6
+    coords = g.coordinates(0)
+    for r in (r for r in g.relations if r.order == 0):
+        for x in range(48):
+            row, col = coords[x]
+            r2, c2 = (row, col + r.shift) if r.axis == 0 else (row + r.shift, col)
+            inside = 0 <= r2 < h and 0 <= c2 < w
+            y = int(g.table[r.index, x])
+            assert (y >= 0) == inside  # a move off the edge does not exist
+            if inside:
+                assert tuple(coords[y]) == (r2, c2)
+                assert g.apply(g.inverse(r.index).index, y) == x
+    assert g.max_distance(0) == 7 + 5 and g.distance(0, 0, 0) == 0
+    corner = int(g.rings[0][0])  # the entity at row 0, column 0
+    assert len(g.at_distance(0, corner, 1)) == 2  # a corner has 2 neighbours, not 4
+    for split in ("direct", "logical", "compositional"):
+        assert (g.split_facts(split) >= 0).all()  # queries only about facts that exist
+    sampler = WalkSampler(g, WalkConfig(n_ctx=12, composition_prob=0.5))
+    walks = sampler.batch(300, torch.Generator().manual_seed(0)).tolist()
+    contexts = sampler.contexts(torch.arange(48), 12, torch.Generator().manual_seed(1))
+    assert (contexts[:, -1] == torch.arange(48)).all()
+    for walk in walks + contexts.tolist():
+        for x, rels, y in _steps(walk, 48):
+            if len(rels) == 1:
+                assert g.trained_facts_mask[rels[0], x] and g.table[rels[0], x] == y
+            else:
+                assert g.trained_compositions_mask[rels[0], rels[1], x]
+                assert g.table[rels[1], g.table[rels[0], x]] == y
+    for req in sample_requests(g, "counterfactual", 10, seed=4, distance=9):
+        assert g.edit_distance(req.relation, req.old_target(g), req.target) == 9
+
+
+def test_lattice_metrics_see_a_sheet():
+    g = torus(n_orders=1, structure="grid")
+    rows, cols = g.coordinates(0).T.astype(float)
+    rng = np.random.default_rng(1)
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    reps = np.concatenate([rows[:, None], cols[:, None], np.zeros((48, 6))], 1) @ rotation
+    good = structure_metrics(reps, g, 0)
+    assert good["probe_r2"] > 0.95 and good["neighbours"] > 0.9
+    assert good["isomap"] > 0.9 and good["pca"] > 0.9

@@ -138,21 +138,24 @@ def ring_metrics(reps, positions: np.ndarray, n: int, seed: int = 0) -> dict[str
 
 # ---------------------------------------------------------------------- lattices (tori)
 # A torus order (KGConfig(structure="torus")) places entities on a w x h lattice that wraps both
-# ways. Its metrics answer the ring metrics' questions for the lattice: is (row, column)
-# decodable (probe_r2, onto cos/sin of both angles); are an entity's two nearest neighbours
+# ways, a grid order (structure="grid") on one that does not. Their metrics answer the ring
+# metrics' questions for the lattice: is (row, column) decodable (probe_r2: onto cos/sin of both
+# angles on a torus, onto row and column on a grid); are an entity's two nearest neighbours
 # lattice neighbours (neighbours: both within lattice distance 1, i.e. among its 4 neighbours,
 # the same count as the ring's +-2 window); do the representation's Isomap geodesics follow the
 # lattice's distances (isomap: Spearman correlation of the two over all pairs, on Isomap's
-# 4-nearest-neighbour graph, the lattice's degree); and do distances in the top 4 principal
-# components (a torus embeds flat in 4-D) follow them (pca: the same correlation).
+# 4-nearest-neighbour graph, the lattice's degree); and do distances in the top principal
+# components follow them (pca: the same correlation; 4 components on a torus, which embeds flat
+# in 4-D, 2 on a grid).
 LATTICE_NEIGHBORS = 4
 
 
 def lattice_probe_r2(reps, coords: np.ndarray, shape: tuple[int, int], folds: int = 5,
-                     seed: int = 0) -> float:  # fmt: skip
-    """Cross-validated R^2 of a ridge probe onto (cos, sin) of the row and column angles.
+                     seed: int = 0, wrap: bool = True) -> float:  # fmt: skip
+    """Cross-validated R^2 of a ridge probe onto (cos, sin) of the row and column angles of
+    an ``(h, w)`` = ``shape`` torus, or (``wrap=False``, a grid) onto row and column.
 
-    ``coords`` is [N, 2] (row, column) on an ``(h, w)`` = ``shape`` torus.
+    ``coords`` is [N, 2] (row, column).
     """
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
@@ -160,8 +163,11 @@ def lattice_probe_r2(reps, coords: np.ndarray, shape: tuple[int, int], folds: in
     x = _np(reps)
     x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
     coords = np.asarray(coords, dtype=float)
-    rows, cols = 2 * np.pi * coords[:, 0] / shape[0], 2 * np.pi * coords[:, 1] / shape[1]
-    y = np.stack([np.cos(rows), np.sin(rows), np.cos(cols), np.sin(cols)], axis=1)
+    if wrap:
+        rows, cols = 2 * np.pi * coords[:, 0] / shape[0], 2 * np.pi * coords[:, 1] / shape[1]
+        y = np.stack([np.cos(rows), np.sin(rows), np.cos(cols), np.sin(cols)], axis=1)
+    else:
+        y = coords
     probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
     pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
@@ -215,15 +221,16 @@ def lattice_pca_alignment(reps, distances: np.ndarray, components: int = 4) -> f
 
 
 def lattice_metrics(reps, coords: np.ndarray, shape: tuple[int, int], distances: np.ndarray,
-                    seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """All lattice metrics of one torus order's representations (NaN where all coincide)."""
+                    seed: int = 0, wrap: bool = True) -> dict[str, float]:  # fmt: skip
+    """All lattice metrics of one torus (or, ``wrap=False``, grid) order's representations
+    (NaN where all coincide). On a grid ``pca`` uses the top 2 components (a sheet is flat)."""
     if np.ptp(_np(reps), axis=0).max() < 1e-12:
         return {k: float("nan") for k in ("probe_r2", "neighbours", "isomap", "pca")}
     return {
-        "probe_r2": lattice_probe_r2(reps, coords, shape, seed=seed),
+        "probe_r2": lattice_probe_r2(reps, coords, shape, seed=seed, wrap=wrap),
         "neighbours": lattice_neighbour_fraction(reps, distances),
         "isomap": lattice_isomap_alignment(reps, distances),
-        "pca": lattice_pca_alignment(reps, distances),
+        "pca": lattice_pca_alignment(reps, distances, components=4 if wrap else 2),
     }
 
 
@@ -233,7 +240,8 @@ def structure_metrics(reps, graph: Any, order: int, seed: int = 0) -> dict[str, 
     if graph.shape(order) == "ring":
         return ring_metrics(reps, graph.positions[order], graph.n_entities, seed=seed)
     return lattice_metrics(reps, graph.coordinates(order), _lattice_shape(graph),
-                           graph.distances(order), seed=seed)  # fmt: skip
+                           graph.distances(order), seed=seed,
+                           wrap=graph.shape(order) == "torus")  # fmt: skip
 
 
 def structure_neighbours(reps, graph: Any, order: int) -> float:

@@ -74,8 +74,15 @@ def sample_requests(
     if kind == "counterfactual":
         check_int("distance", distance, 1, graph.max_distance(order))
         ring = graph.shape(order) == "ring"
+        if graph.shape(order) == "grid":  # only facts whose answer has a target d away
+            reach = torch.from_numpy((graph.distances(order) == distance).any(1))
+            keep = reach[torch.from_numpy(table)[rel_idx, xs]]
+            rel_idx, xs = rel_idx[keep], xs[keep]
         if n > xs.numel():
-            raise ValueError(f"asked for {n} edits but order {order} has only {xs.numel()} facts")
+            raise ValueError(
+                f"asked for {n} edits but order {order} has only {xs.numel()} facts"
+                + ("" if ring else f" whose answer has an entity {distance} steps away")
+            )
         pick = torch.randperm(xs.numel(), generator=g)[:n]
         signs = torch.randint(0, 2, (n,), generator=g) * 2 - 1
         out = []

@@ -10,10 +10,10 @@ from typing import Any
 
 from kgshatter.validation import ConfigDict, check_fraction, check_int
 
-STRUCTURES = ("cyclic", "torus", "mixed")
+STRUCTURES = ("cyclic", "torus", "grid", "mixed")
 # the shape of each order under a structure: ``mixed`` alternates a ring (order I, the edited
 # one), a torus (II), a ring (III), ...
-SHAPES = ("ring", "torus")
+SHAPES = ("ring", "torus", "grid")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,11 +36,14 @@ class KGConfig(ConfigDict):
             ``"torus"``: every order a ``width`` x ``N / width`` lattice that wraps in both
             directions, relations "k steps east / west / south / north" (``I_E2``, ``I_W2``,
             ``I_S2``, ``I_N2``); ``"mixed"``: rings and tori alternating (I ring, II torus,
-            III ring), to see whether an edit's damage crosses from one structure to another.
-            A tree (one-to-many inverse relations) is not available.
-        width: the lattice's columns (``"torus"`` / ``"mixed"`` only); it must divide
-            ``n_entities``, and both sides must exceed ``2 * max_hops`` so that opposite moves
-            stay distinct.
+            III ring), to see whether an edit's damage crosses from one structure to another;
+            ``"grid"``: the lattice without wrapping (a sheet), so a move off the edge is
+            undefined and that fact does not exist. A tree (one-to-many inverse relations)
+            is not available.
+        width: the lattice's columns (``"torus"`` / ``"grid"`` / ``"mixed"`` only); it must
+            divide ``n_entities``, and both sides must exceed ``2 * max_hops`` (on a torus so
+            that opposite moves stay distinct, on a grid so that every move is defined
+            somewhere on every row and column).
         seed: seeds the ring and lattice permutations and the splits.
     """
 
@@ -110,11 +113,11 @@ class KGConfig(ConfigDict):
         return out
 
     def shape(self, order: int) -> str:
-        """``"ring"`` or ``"torus"``: the structure of ``order``."""
+        """``"ring"``, ``"torus"`` or ``"grid"``: the structure of ``order``."""
         if self.structure == "cyclic":
             return "ring"
-        if self.structure == "torus":
-            return "torus"
+        if self.structure in ("torus", "grid"):
+            return self.structure
         return "ring" if order % 2 == 0 else "torus"
 
     @property
@@ -124,14 +127,16 @@ class KGConfig(ConfigDict):
 
     def max_distance(self, order: int) -> int:
         """The largest distance between two entities of ``order``: N // 2 on a ring,
-        w // 2 + h // 2 on a torus."""
+        w // 2 + h // 2 on a torus, (w - 1) + (h - 1) on a grid."""
         if self.shape(order) == "ring":
             return self.n_entities // 2
         assert self.width is not None and self.height is not None
+        if self.shape(order) == "grid":
+            return self.width + self.height - 2
         return self.width // 2 + self.height // 2
 
     def relations_of(self, order: int) -> int:
-        """How many relations ``order`` has: 2 per hop on a ring, 4 on a torus."""
+        """How many relations ``order`` has: 2 per hop on a ring, 4 on a lattice."""
         return (2 if self.shape(order) == "ring" else 4) * self.max_hops
 
     @property

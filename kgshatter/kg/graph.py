@@ -11,8 +11,10 @@ apart two entities are (:meth:`KnowledgeGraph.distance`). Besides rings there ar
 lattice that wraps both ways, with relations "k steps east / west / south / north" (``I_E2``,
 ``I_W2``, ``I_S2``, ``I_N2``), each the inverse of its opposite, so every relation is a bijection
 like a ring's and the walks, splits and evaluation apply unchanged; ``structure="mixed"``
-alternates rings and tori. ``rings[o]`` is order o's layout (ring position, or lattice site
-``row * w + column``, to entity) and ``positions[o]`` its inverse.
+alternates rings and tori; ``structure="grid"`` is the lattice without wrapping, where a move
+off the edge is undefined (``-1``): those facts do not exist, and the splits, walks and
+two-hop queries use only defined ones. ``rings[o]`` is order o's layout (ring position, or
+lattice site ``row * w + column``, to entity) and ``positions[o]`` its inverse.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ _LETTERS = {
     ("torus", 0, -1): "W",
     ("torus", 1, 1): "S",
     ("torus", 1, -1): "N",
+    ("grid", 0, 1): "E",
+    ("grid", 0, -1): "W",
+    ("grid", 1, 1): "S",
+    ("grid", 1, -1): "N",
 }
 
 
@@ -121,7 +127,7 @@ class KnowledgeGraph:
         rels: list[Relation] = []
         for o in range(k):
             shape = config.shape(o)
-            for axis in (0, 1) if shape == "torus" else (0,):
+            for axis in (0, 1) if shape != "ring" else (0,):
                 for direction in (1, -1):
                     for h in range(1, config.max_hops + 1):
                         name = relation_name(o, direction, h, axis, shape)
@@ -131,7 +137,8 @@ class KnowledgeGraph:
 
         table = np.empty((len(rels), n), dtype=np.int64)
         for r in rels:
-            table[r.index] = rings[r.order, self._moved(positions[r.order], r)]
+            moved = self._moved(positions[r.order], r)  # -1: off a grid's edge
+            table[r.index] = np.where(moved >= 0, rings[r.order, moved.clip(min=0)], -1)
         self.table = _readonly(table)
 
         self.logical_heldout = _readonly(
@@ -139,6 +146,8 @@ class KnowledgeGraph:
         )
         if self.logical_heldout[[r.index for r in rels if r.direction > 0]].any():
             raise ValueError("logical_heldout may only hold anticlockwise facts")
+        if (self.logical_heldout & (self.table < 0)).any():
+            raise ValueError("logical_heldout holds a fact that does not exist (off the grid)")
         self.compositional_heldout = _readonly(
             _as_mask(compositional_heldout, (len(rels), len(rels), n), "compositional_heldout")
         )
@@ -146,18 +155,23 @@ class KnowledgeGraph:
             raise ValueError("compositional_heldout holds a two-hop query that is not composable")
 
     def _moved(self, sites: np.ndarray, r: Relation) -> np.ndarray:
-        """Where relation ``r`` moves each position / lattice site of its order."""
+        """Where relation ``r`` moves each position / lattice site of its order (-1: off a
+        grid's edge)."""
         n = self.config.n_entities
-        if self.config.shape(r.order) == "ring":
+        shape = self.config.shape(r.order)
+        if shape == "ring":
             return (sites + r.shift) % n
         w, h = self.config.width, self.config.height
         assert w is not None and h is not None
         row, col = np.divmod(sites, w)
         if r.axis == 0:
-            col = (col + r.shift) % w
+            col = col + r.shift
         else:
-            row = (row + r.shift) % h
-        return row * w + col
+            row = row + r.shift
+        if shape == "torus":
+            return (row % h) * w + col % w
+        inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+        return np.where(inside, row * w + col, -1)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,13 +187,17 @@ class KnowledgeGraph:
             np.zeros((config.n_relations, config.n_relations, n), dtype=bool),
         )
         logical = np.zeros((config.n_relations, n), dtype=bool)
-        n_hold = int(round(config.logical_holdout * n))
+        defined = skeleton.table >= 0  # every fact but a grid's moves off its edge
         for r in skeleton.relations:
+            exists = np.flatnonzero(defined[r.index])
+            n_hold = int(round(config.logical_holdout * exists.size))
             if r.direction < 0 and n_hold:
-                logical[r.index, rng.choice(n, size=n_hold, replace=False)] = True
+                pick = rng.choice(n, size=n_hold, replace=False) if exists.size == n else (
+                    exists[rng.choice(exists.size, size=n_hold, replace=False)])  # fmt: skip
+                logical[r.index, pick] = True
         # Two-hop queries are held out only where both hops are trained facts, so that answering
         # them needs composition and nothing else.
-        trained = ~logical
+        trained = ~logical & defined
         both = (
             skeleton.composable & trained[:, None, :] & _second_hop_trained(trained, skeleton.table)
         )
@@ -283,22 +301,28 @@ class KnowledgeGraph:
 
     @cached_property
     def composable(self) -> np.ndarray:
-        """[R, R, N] mask of valid two-hop queries ``x r1 r2`` (same order unless configured)."""
+        """[R, R, N] mask of valid two-hop queries ``x r1 r2``: both hops exist, and (unless
+        configured) both relations belong to one order."""
         orders = np.array([r.order for r in self.relations])
         pair = np.ones((self.n_relations,) * 2, dtype=bool)
         if not self.config.compose_across_orders:
             pair = orders[:, None] == orders[None, :]
-        return _readonly(np.broadcast_to(pair[:, :, None], pair.shape + (self.n_entities,)).copy())
+        mask = np.broadcast_to(pair[:, :, None], pair.shape + (self.n_entities,)).copy()
+        defined = self.table >= 0
+        if not defined.all():  # a grid: x r1 must exist, and r1(x) r2 too
+            mask &= defined[:, None, :] & _second_hop_trained(defined, self.table)
+        return _readonly(mask)
 
     def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
         """How far apart two answers lie in the structure of ``relation``'s order (paper's d:
-        the cyclic distance on a ring; on a torus the lattice (wrapped Manhattan) distance)."""
+        the cyclic distance on a ring; on a torus the wrapped Manhattan distance, on a grid the
+        Manhattan distance)."""
         r = self.relation(relation)
         return self.distance(r.order, self.entity(y), self.entity(y_new))
 
     # ------------------------------------------------------------------ geometry
     def shape(self, order: int) -> str:
-        """``"ring"`` or ``"torus"``."""
+        """``"ring"``, ``"torus"`` or ``"grid"``."""
         self._check_order(order)
         return self.config.shape(order)
 
@@ -315,6 +339,8 @@ class KnowledgeGraph:
         assert w is not None and h is not None
         (r0, c0), (r1, c1) = np.divmod(rows, w), np.divmod(pos, w)
         dr, dc = np.abs(r0[:, None] - r1[None, :]), np.abs(c0[:, None] - c1[None, :])
+        if self.shape(order) == "grid":  # no wrapping: plain Manhattan distance
+            return dr + dc
         return np.minimum(dr, h - dr) + np.minimum(dc, w - dc)
 
     def distance(self, order: int, a: int, b: int) -> int:
@@ -347,8 +373,8 @@ class KnowledgeGraph:
 
     @property
     def trained_facts_mask(self) -> np.ndarray:
-        """[R, N]: facts that may appear in training walks."""
-        return ~self.logical_heldout
+        """[R, N]: facts that may appear in training walks (existing and not held out)."""
+        return ~self.logical_heldout & (self.table >= 0)
 
     @property
     def trained_compositions_mask(self) -> np.ndarray:
@@ -458,9 +484,11 @@ class KnowledgeGraph:
 
 
 def _second_hop_trained(trained: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """[R1, R2, N] mask: the second hop ``(r1(x), r2)`` is a trained fact."""
+    """[R1, R2, N] mask: the second hop ``(r1(x), r2)`` is a trained fact (never where
+    ``r1(x)`` does not exist)."""
     # trained[r2, table[r1, x]] laid out as [r1, r2, x]
-    return trained[:, table].transpose(1, 0, 2)
+    second = trained[:, table.clip(min=0)].transpose(1, 0, 2)
+    return second & (table >= 0)[:, None, :]
 
 
 def _as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -59,23 +59,30 @@ class WalkSampler:
         self.graph = graph
         self.config = config
         n, nr = graph.n_entities, graph.n_relations
-        table = torch.from_numpy(graph.table.copy())  # [R, N]
+        # [R, N]; -1 where a fact does not exist (a grid's moves off its edge): such entries are
+        # never allowed, and clamped to 0 only so that they can index
+        table = torch.from_numpy(graph.table.copy())
+        safe = table.clamp(min=0)
         trained = torch.from_numpy(graph.trained_facts_mask.copy())  # [R, N]
         comp = torch.from_numpy(graph.trained_compositions_mask.copy())  # [R1, R2, N]
         inverse = torch.tensor([graph.inverse(r.index).index for r in graph.relations])
-        two = table[:, table].permute(1, 0, 2).reshape(nr * nr, n)  # [(r1, r2), x] -> r2(r1(x))
+        two = safe[:, safe].permute(1, 0, 2).reshape(nr * nr, n)  # [(r1, r2), x] -> r2(r1(x))
         # forward: from x, relation r is allowed if (x, r) is trained and leads to table[r, x]
-        self._fwd1 = (_cumulative(trained.T), table)
+        self._fwd1 = (_cumulative(trained.T), safe)
         self._fwd2 = (_cumulative(comp.reshape(nr * nr, n).T), two)
         # backward: arrive at x by (p, r, x) with p = r^-1(x); allowed if (p, r) is trained
         prev1 = table[inverse]  # [R, N]
-        allow_b1 = torch.gather(trained, 1, prev1)  # trained[r, prev1[r, x]]
+        allow_b1 = (prev1 >= 0) & torch.gather(trained, 1, prev1.clamp(min=0))
         # p = r1^-1(r2^-1(x)); allowed if (p, r1, r2) is a trained composition
-        prev2 = table[inverse][:, table[inverse]]  # [r1, r2, x] -> r1^-1(r2^-1(x))
+        prev2 = prev1.clamp(min=0)[:, prev1.clamp(min=0)]  # [r1, r2, x] -> r1^-1(r2^-1(x))
+        # both steps back exist: r2^-1(x), then r1^-1 of it
+        exists2 = (prev1 >= 0)[None, :, :] & (prev1 >= 0)[:, prev1.clamp(min=0)]
         prev2 = prev2.reshape(nr * nr, n)
-        allow_b2 = torch.gather(comp.reshape(nr * nr, n), 1, prev2)
-        self._bwd1 = (_cumulative(allow_b1.T), prev1)
-        self._bwd2 = (_cumulative(allow_b2.T), prev2)
+        allow_b2 = exists2.reshape(nr * nr, n) & torch.gather(
+            comp.reshape(nr * nr, n), 1, prev2.clamp(min=0)
+        )
+        self._bwd1 = (_cumulative(allow_b1.T), prev1.clamp(min=0))
+        self._bwd2 = (_cumulative(allow_b2.T), prev2.clamp(min=0))
         self._n_rel = nr
 
     # ------------------------------------------------------------------ core walk
