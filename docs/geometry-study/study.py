@@ -1,10 +1,11 @@
-"""The geometry study's table and figure from three reproductions (README, "Other geometries").
+"""The geometry study's table and figure from its reproductions (README, "Other geometries").
 
-    for g in ring64 torus mixed; do
+    for g in ring64 torus grid mixed; do
       kgshatter reproduce --preset $g --out runs/geo-$g --methods rome,memit \
         --distances 1,2,3,4,6,8 --sequential 0
     done
-    python docs/geometry-study/study.py runs/geo-ring64 runs/geo-torus runs/geo-mixed
+    python docs/geometry-study/study.py runs/geo-ring64 runs/geo-torus runs/geo-grid \
+        runs/geo-mixed
 
 writes ``study.json`` and ``study.png`` next to this file and prints the table. Per geometry,
 method and edit distance d: the accuracy drop (points, mean of direct / logical / compositional)
