@@ -168,7 +168,7 @@ def write_ring_figure(
         panels,
         graph.n_entities,
         method=method,
-        title=f"entity representations, queries 'x <order>_C1' (step {result['step']})",
+        title=f"entity representations, queries 'x <order>_C1' or '_E1' (step {result['step']})",
     )
     return save_figure(fig, path)
 
