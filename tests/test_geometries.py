@@ -138,7 +138,9 @@ def test_reproduce_a_mixed_graph_and_refuse_a_tree(tmp_path, capsys):
     tree = tmp_path / "tree"
     assert main(["reproduce", "--geometry", "tree", "--out", str(tree)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no tree geometry" in err and "allowed: ring, torus, grid, mixed" in err and "\n" not in err
+    assert (
+        "no tree geometry" in err and "allowed: ring, torus, grid, mixed" in err and "\n" not in err
+    )
     assert not tree.exists()
     assert main(["reproduce", "--geometry", "torus", "--preset", "cpu", "--out", str(tree)]) == 2
     assert "not both" in capsys.readouterr().err
