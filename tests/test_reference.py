@@ -110,6 +110,26 @@ def ridge_c(task, model, layer, config):
     return c + config.ridge * stats.eigenvalues.mean() * torch.eye(c.shape[0], dtype=c.dtype)
 
 
+def check_spread(model, task, config, edit, prompts, z, z_hook, spread):
+    """MEMIT's algorithm 1 (and PMET's, spread by a square root) layer by layer: keys the mean
+    of the bare and the prefixed prompts' means, the residual z minus the current value at the
+    bare prompt with the lower layers' updates applied, divided by ``spread(layers left)``,
+    solved against lambda C + k k^T; each layer's delta must equal kgshatter's."""
+    pos, bare, prefixed = config.position, prompts.rows(0, 1), prompts.rows(1)
+    applied = []
+    for i, layer in enumerate(config.layers):
+        hooks = [pair for d in applied for pair in d]
+        key_hook = f"blocks.{layer}.mlp.hook_post"
+        k = 0.5 * (mean_at(model, key_hook, bare, pos, hooks)
+                   + mean_at(model, key_hook, prefixed, pos, hooks))  # fmt: skip
+        residual = (z - mean_at(model, z_hook, bare, pos, hooks)) / spread(len(config.layers) - i)
+        lhs = config.mom2_weight * ridge_c(task, model, layer, config) + torch.outer(k, k)
+        expected = torch.outer(torch.linalg.solve(lhs, k), residual)  # [d_mlp, d_model]
+        got = edit.deltas[i].dense.double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        applied.append(low_rank_delta(key_hook, f"blocks.{layer}.hook_mlp_out", got.float(), None))
+
+
 @pytest.mark.parametrize("denominator", ["rrome", "original"])
 def test_rome_reference_update_is_the_papers(setup, denominator):
     model, _, task, req = setup
@@ -144,19 +164,7 @@ def test_memit_reference_update_is_the_papers(setup):
     z_hook = "blocks.1.hook_resid_post"
     delta, h0 = reference_delta(model, z_hook, prompts, essence, req.target, config)
     z = h0 + delta
-    pos, bare, prefixed = config.position, prompts.rows(0, 1), prompts.rows(1)
-    applied = []
-    for i, layer in enumerate(config.layers):
-        hooks = [pair for d in applied for pair in d]
-        key_hook = f"blocks.{layer}.mlp.hook_post"
-        k = 0.5 * (mean_at(model, key_hook, bare, pos, hooks)
-                   + mean_at(model, key_hook, prefixed, pos, hooks))  # fmt: skip
-        residual = (z - mean_at(model, z_hook, bare, pos, hooks)) / (len(config.layers) - i)
-        lhs = config.mom2_weight * ridge_c(task, model, layer, config) + torch.outer(k, k)
-        expected = torch.outer(torch.linalg.solve(lhs, k), residual)  # [d_mlp, d_model]
-        got = edit.deltas[i].dense.double()
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-        applied.append(low_rank_delta(key_hook, f"blocks.{layer}.hook_mlp_out", got.float(), None))
+    check_spread(model, task, config, edit, prompts, z, z_hook, spread=lambda left: left)
     rows = torch.arange(len(prompts))
     with torch.no_grad():  # and it moves the answer towards the target
         before = torch.log_softmax(model(prompts.tokens)[rows, prompts.last], -1)[:, req.target]
@@ -261,20 +269,7 @@ def test_pmet_reference_update_is_the_papers(setup):
     )
     assert softened  # the target became the argmax: the schedule was exercised
     z = h_mlp + d_mlp  # only the MLP target drives the update
-    pos, bare, prefixed = config.position, prompts.rows(0, 1), prompts.rows(1)
-    applied = []
-    for i, layer in enumerate(config.layers):
-        hooks = [pair for d in applied for pair in d]
-        key_hook = f"blocks.{layer}.mlp.hook_post"
-        k = 0.5 * (mean_at(model, key_hook, bare, pos, hooks)
-                   + mean_at(model, key_hook, prefixed, pos, hooks))  # fmt: skip
-        left = len(config.layers) - i
-        residual = (z - mean_at(model, mlp, bare, pos, hooks)) / left**0.5  # spread by sqrt
-        lhs = config.mom2_weight * ridge_c(task, model, layer, config) + torch.outer(k, k)
-        expected = torch.outer(torch.linalg.solve(lhs, k), residual)
-        got = edit.deltas[i].dense.double()
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-        applied.append(low_rank_delta(key_hook, f"blocks.{layer}.hook_mlp_out", got.float(), None))
+    check_spread(model, task, config, edit, prompts, z, mlp, spread=lambda left: left**0.5)
 
 
 def test_ft_reference_update_is_the_baselines(setup, tiny_sampler):

@@ -108,13 +108,17 @@ def compute_ft(
     w = edit_weight(model, config.layer, module)
     model_id = model_id or model_identity(model)
     device = next(model.parameters()).device
-    if config.reference:
-        delta, losses = _fit_reference(model, task, requests, config, key, out, w, device)
-    else:
-        delta, losses = _fit_jointly(model, task, requests, config, key, out, w, device)
+    # the trained parameter: W's change, added through hooks (the weights are never written)
+    delta = torch.zeros(w.shape, dtype=torch.float32, device=device, requires_grad=True)
+    fit = _Fit(delta, torch.optim.Adam([delta], lr=config.lr),
+               low_rank_delta(key.hook_name, out.hook_name, delta, None), device)  # fmt: skip
+    with frozen_weights(model):
+        losses = (_fit_reference if config.reference else _fit_jointly)(
+            model, task, requests, config, fit
+        )
     return Edit(
         method="ft",
-        deltas=[LayerDelta(config.layer, delta.cpu(), None)],
+        deltas=[LayerDelta(config.layer, delta.detach().cpu(), None)],
         requests=[r.to_dict() for r in requests],
         config=config.to_dict(),
         model_id=model_id,
@@ -124,17 +128,40 @@ def compute_ft(
     )
 
 
+@dataclass
+class _Fit:
+    """What both fits update: the delta, its optimiser, the hooks that add it, the device."""
+
+    delta: torch.Tensor
+    opt: torch.optim.Optimizer
+    hooks: list[Any]
+    device: torch.device
+
+    @staticmethod
+    def check(loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"FT-L diverged (loss {loss.item()}); lower lr")
+
+    def step(self, loss: torch.Tensor, bound: float) -> None:
+        """One Adam step on ``loss`` (refused if not finite), then the bound on every element."""
+        self.check(loss)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.clamp(bound)
+
+    def clamp(self, bound: float) -> None:
+        with torch.no_grad():
+            self.delta.clamp_(-bound, bound)
+
+
 def _fit_jointly(
-    model: TransformerBridge,
-    task: EditTask,
-    requests: Sequence[Request],
-    config: FTConfig,
-    key: Any,
-    out: Any,
-    w: torch.Tensor,
-    device: torch.device,
-) -> tuple[torch.Tensor, list[float]]:
-    """kgshatter's FT-L: every request's prompts in one batch, ``steps`` Adam updates."""
+    model: TransformerBridge, task: EditTask, requests: Sequence[Request], config: FTConfig,
+    fit: _Fit,
+) -> list[float]:  # fmt: skip
+    """kgshatter's FT-L: every request's prompts in one batch, ``steps`` Adam updates; returns
+    each step's loss."""
+    device = fit.device
     # every target token is a fitting target (teacher-forced: each prompt continued by all
     # but its target's last token); -100 marks the columns a shorter target lacks
     batches, answers = [], []
@@ -154,76 +181,51 @@ def _fit_jointly(
     target = target.to(device)
     at = batch.answer_positions(width).clamp(max=batch.tokens.shape[1] - 1).to(device)
     rows = torch.arange(len(batch), device=device)[:, None]
-    delta = torch.zeros(w.shape, dtype=torch.float32, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    hooks = low_rank_delta(key.hook_name, out.hook_name, delta, None)
     losses: list[float] = []
-    with frozen_weights(model):
-        for _ in range(config.steps):
-            logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks)
-            logits = logits[rows, at].float()
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"FT-L diverged (loss {loss.item()}); lower lr")
-            losses.append(loss.item())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                delta.clamp_(-config.norm_constraint, config.norm_constraint)
-    return delta.detach(), losses
+    for _ in range(config.steps):
+        logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=fit.hooks)
+        loss = F.cross_entropy(logits[rows, at].float().flatten(0, 1), target.flatten())
+        losses.append(loss.item())
+        fit.step(loss, config.norm_constraint)
+    return losses
 
 
 def _fit_reference(
-    model: TransformerBridge,
-    task: EditTask,
-    requests: Sequence[Request],
-    config: FTConfig,
-    key: Any,
-    out: Any,
-    w: torch.Tensor,
-    device: torch.device,
-) -> tuple[torch.Tensor, list[float]]:
-    """kmeng01/rome's ``execute_ft`` (see :class:`FTConfig`): returns the delta and each
-    chunk's loss in order."""
+    model: TransformerBridge, task: EditTask, requests: Sequence[Request], config: FTConfig,
+    fit: _Fit,
+) -> list[float]:  # fmt: skip
+    """kmeng01/rome's ``execute_ft`` (see :class:`FTConfig`); returns each chunk's loss."""
+    device = fit.device
     work = []  # per request: its prompts and its target's tokens
     for r in requests:
         prompts, _ = task.reference_prompts(r, config.n_prompts, config.seed)
         check_changes_answer(model, task, r, prompts)
         work.append((prompts, task.target_tokens(r)))
-    delta = torch.zeros(w.shape, dtype=torch.float32, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    hooks = low_rank_delta(key.hook_name, out.hook_name, delta, None)
     losses: list[float] = []
-    with frozen_weights(model):
-        for _ in range(config.steps):
-            total, count = 0.0, 0
-            for start in range(0, len(work), config.batch_size):
-                part = work[start : start + config.batch_size]
-                batch = Prompts.cat([p for p, _ in part])
-                width = max(len(t) for _, t in part)
-                target = torch.tensor(
-                    [list(t) + [0] * (width - len(t)) for p, t in part for _ in range(len(p))]
-                ).to(device)
-                mask = torch.tensor(
-                    [[j < len(t) for j in range(width)] for p, t in part for _ in range(len(p))]
-                ).to(device)
-                logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks)
-                rows = torch.arange(len(batch), device=device)
-                logp = torch.log_softmax(logits[rows, batch.last.to(device)].float(), -1)
-                # every target token read at the last prompt position, as the reference does
-                picked = logp.gather(1, target) * mask
-                loss = (-picked.sum(1) / mask.sum(1)).mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"FT-L diverged (loss {loss.item()}); lower lr")
-                losses.append(loss.item())
-                total, count = total + loss.item() * len(batch), count + len(batch)
-                opt.zero_grad()
-                if loss.item() >= 1e-2:
-                    loss.backward()
-                    opt.step()
-                with torch.no_grad():
-                    delta.clamp_(-config.norm_constraint, config.norm_constraint)
-            if total / count < 1e-2:
-                break
-    return delta.detach(), losses
+    for _ in range(config.steps):
+        total, count = 0.0, 0
+        for start in range(0, len(work), config.batch_size):
+            part = work[start : start + config.batch_size]
+            batch = Prompts.cat([p for p, _ in part])
+            width = max(len(t) for _, t in part)
+            target = torch.tensor(
+                [list(t) + [0] * (width - len(t)) for p, t in part for _ in range(len(p))]
+            ).to(device)
+            mask = torch.tensor(
+                [[j < len(t) for j in range(width)] for p, t in part for _ in range(len(p))]
+            ).to(device)
+            logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=fit.hooks)
+            rows = torch.arange(len(batch), device=device)
+            logp = torch.log_softmax(logits[rows, batch.last.to(device)].float(), -1)
+            # every target token read at the last prompt position, as the reference does
+            loss = (-(logp.gather(1, target) * mask).sum(1) / mask.sum(1)).mean()
+            fit.check(loss)
+            losses.append(loss.item())
+            total, count = total + loss.item() * len(batch), count + len(batch)
+            if loss.item() >= 1e-2:  # the reference skips the step of a fitted chunk
+                fit.step(loss, config.norm_constraint)
+            else:
+                fit.clamp(config.norm_constraint)
+        if total / count < 1e-2:
+            break
+    return losses
