@@ -56,8 +56,8 @@ def roman(n: int) -> str:
 class Relation:
     """One relation: ``hops`` steps ``direction`` (+1 clockwise, -1 anticlockwise) on ``order``.
 
-    On a torus ``axis`` 0 moves along a row (+1 east, -1 west) and ``axis`` 1 along a column
-    (+1 south, -1 north); a ring has only axis 0.
+    On a lattice (torus or grid) ``axis`` 0 moves along a row (+1 east, -1 west) and ``axis`` 1
+    along a column (+1 south, -1 north); a ring has only axis 0.
     """
 
     index: int
@@ -272,7 +272,7 @@ class KnowledgeGraph:
         return int(self.table[self.relation(relation).index, self.entity(entity)])
 
     def inverse(self, relation: str | int) -> Relation:
-        """The inverse relation: ``I_C2`` <-> ``I_A2`` (torus: ``E`` <-> ``W``, ``S`` <-> ``N``)."""
+        """The inverse relation: ``I_C2`` <-> ``I_A2`` (``E`` <-> ``W``, ``S`` <-> ``N``)."""
         r = self.relation(relation)
         return self.relation(
             relation_name(r.order, -r.direction, r.hops, r.axis, self.shape(r.order))
