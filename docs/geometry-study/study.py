@@ -2,7 +2,7 @@
 
     for g in ring64 torus grid mixed; do
       kgshatter reproduce --preset $g --out runs/geo-$g --methods rome,memit \
-        --distances 1,2,3,4,6,8 --sequential 0
+        --distances 1,2,3,4,6,8 --sequential 0 --seeds 0,1
     done
     python docs/geometry-study/study.py runs/geo-ring64 runs/geo-torus runs/geo-grid \
         runs/geo-mixed
