@@ -151,15 +151,13 @@ class FactTask:
 
     # -- requests --------------------------------------------------------------------------
     def request(self, query: Query, target: str) -> TextRequest:
-        if target not in self.candidates:
-            raise ValueError(
-                f"target {target!r} is not a candidate of {self.name}: {self.candidates}"
-            )
+        request = TextRequest(query.prompt, query.subject, target, old=query.answer)
+        self.check_request(request)
         if target == query.answer:
             raise ValueError(
                 f"{target!r} is already the answer to {query.prompt.format(query.subject)!r}"
             )
-        return TextRequest(query.prompt, query.subject, target, old=query.answer)
+        return request
 
     def counterfactuals(self, n: int, seed: int, distance: int | None = None) -> list[TextRequest]:
         """``n`` distinct counterfactual requests (seeded); see the subclass for ``distance``."""
@@ -283,13 +281,22 @@ class FactTask:
         request: TextRequest,
         fwd_hooks: Sequence[tuple[str, Any]] = (),
     ) -> dict[str, float]:
-        """``paraphrase``: the fraction of :meth:`paraphrases` now answered with the target;
-        ``neighbourhood``: :meth:`neighbourhood_accuracy`."""
-        hits = self.predictions(model, self.paraphrases(request), fwd_hooks)
+        """``paraphrase``: :meth:`paraphrase_success`; ``neighbourhood``:
+        :meth:`neighbourhood_accuracy`."""
         return {
-            "paraphrase": float(np.mean([p == request.target for p in hits])),
+            "paraphrase": self.paraphrase_success(model, request, fwd_hooks),
             "neighbourhood": self.neighbourhood_accuracy(model, request, fwd_hooks),
         }
+
+    def paraphrase_success(
+        self,
+        model: TransformerBridge,
+        request: TextRequest,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+    ) -> float:
+        """The fraction of :meth:`paraphrases` now answered with the request's target."""
+        hits = self.predictions(model, self.paraphrases(request), fwd_hooks)
+        return float(np.mean([p == request.target for p in hits]))
 
     def neighbourhood_accuracy(
         self,
@@ -506,11 +513,10 @@ class FactScorer:
             asked = Query(r.subject, r.prompt, r.target)
             probs = torch.softmax(self.task.candidate_scores(model, [asked])[0], -1)
             target = self.task.candidate_index(r.target)
-            hits = self.task.predictions(model, self.task.paraphrases(r))
             out.append(
                 Efficacy(
                     success=float(int(probs.argmax()) == target),
-                    prompt_fraction=float(np.mean([h == r.target for h in hits])),
+                    prompt_fraction=self.task.paraphrase_success(model, r),
                     target_prob=float(probs[target]),
                 )
             )

@@ -80,6 +80,7 @@ def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str
     """A torus (or, ``wrap=False``, grid) order in 2-D: lattice neighbours joined, points
     coloured by column."""
     from kgshatter.analysis.geometry import lattice_isomap_alignment
+    from kgshatter.kg.graph import lattice_distances
 
     xy = embed_2d(reps, method, max(n_neighbors, 4))
     n = len(sites)
@@ -94,13 +95,7 @@ def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str
             a, b = at[site], at[(r2 % height) * width + c2 % width]
             ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.85", lw=0.5, zorder=1)
     ax.scatter(xy[:, 0], xy[:, 1], c=sites % width, cmap="twilight", s=14, zorder=2)
-    rows, cols = np.divmod(sites, width)
-    dr, dc = np.abs(rows[:, None] - rows[None, :]), np.abs(cols[:, None] - cols[None, :])
-    if wrap:
-        lattice = np.minimum(dr, height - dr) + np.minimum(dc, width - dc)
-    else:
-        lattice = dr + dc
-    score = lattice_isomap_alignment(reps, lattice)
+    score = lattice_isomap_alignment(reps, lattice_distances(sites, sites, width, height, wrap))
     kind = "torus" if wrap else "grid"
     ax.set_title(f"{label}\n{width}x{height} {kind}, isomap geodesic rho {score:.2f}", fontsize=9)
     ax.set_xticks([])

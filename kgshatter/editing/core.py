@@ -267,8 +267,6 @@ class EditTask(Protocol):
 
     def bare_prompt(self, request: Any) -> Prompts: ...
 
-    def target_token(self, request: Any) -> int: ...
-
     def target_tokens(self, request: Any) -> tuple[int, ...]: ...
 
     def fact(self, request: Any) -> tuple[Any, Any]: ...
@@ -334,9 +332,6 @@ class SyntheticTask:
         """The request without context: ``x r`` (original ROME's plain template)."""
         n_entities = self.graph.n_entities
         return Prompts.aligned(torch.tensor([[request.subject, n_entities + request.relation]]))
-
-    def target_token(self, request: EditRequest) -> int:
-        return request.target
 
     def target_tokens(self, request: EditRequest) -> tuple[int, ...]:
         """A synthetic target is one entity token."""

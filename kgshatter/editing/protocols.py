@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -118,11 +118,7 @@ class Efficacy:
     target_prob: float
 
     def to_dict(self) -> dict[str, float]:
-        return {
-            "success": self.success,
-            "prompt_fraction": self.prompt_fraction,
-            "target_prob": self.target_prob,
-        }
+        return asdict(self)
 
 
 # accuracy per split and order ("direct" -> {"I": 0.97, ..., "all": 0.96}); None: no queries

@@ -337,11 +337,7 @@ class KnowledgeGraph:
             return np.minimum(diff, self.n_entities - diff)
         w, h = self.config.width, self.config.height
         assert w is not None and h is not None
-        (r0, c0), (r1, c1) = np.divmod(rows, w), np.divmod(pos, w)
-        dr, dc = np.abs(r0[:, None] - r1[None, :]), np.abs(c0[:, None] - c1[None, :])
-        if self.shape(order) == "grid":  # no wrapping: plain Manhattan distance
-            return dr + dc
-        return np.minimum(dr, h - dr) + np.minimum(dc, w - dc)
+        return lattice_distances(rows, pos, w, h, wrap=self.shape(order) == "torus")
 
     def distance(self, order: int, a: int, b: int) -> int:
         """The distance between entities ``a`` and ``b`` in ``order``'s structure."""
@@ -481,6 +477,18 @@ class KnowledgeGraph:
     def _check_order(self, order: int) -> None:
         if not 0 <= order < self.n_orders:
             raise ValueError(f"order must be in [0, {self.n_orders - 1}], got {order}")
+
+
+def lattice_distances(
+    a: np.ndarray, b: np.ndarray, width: int, height: int, wrap: bool
+) -> np.ndarray:
+    """[len(a), len(b)] Manhattan distances between lattice sites ``row * width + column``,
+    wrapped both ways on a torus (``wrap``), plain on a grid."""
+    (r0, c0), (r1, c1) = np.divmod(np.asarray(a), width), np.divmod(np.asarray(b), width)
+    dr, dc = np.abs(r0[:, None] - r1[None, :]), np.abs(c0[:, None] - c1[None, :])
+    if not wrap:
+        return dr + dc
+    return np.minimum(dr, height - dr) + np.minimum(dc, width - dc)
 
 
 def _second_hop_trained(trained: np.ndarray, table: np.ndarray) -> np.ndarray:
