@@ -112,6 +112,29 @@ def test_edits_succeed_and_undo_exactly(loaded, family, method):
     assert not any(p.fwd_hooks for p in pm.model.hook_dict.values())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, family):
+    """``kgshatter.editing.skip`` on Hugging Face blocks: the same deltas with and without
+    running the blocks below the edit (tests/test_skip.py does the native bridge)."""
+    from kgshatter.editing.targets import TargetProblem, optimize_many
+    from kgshatter.sites import edit_sites
+
+    pm = loaded[family]
+    model = pm.model
+    hook = edit_sites("mixer" if family == "mamba" else "mlp", 2)[1].hook_name
+    text_task = TextTask(model, pm.tokenizer, corpus(), seq_len=32)
+    request = cyclic_task("months", pm.tokenizer).counterfactuals(1, seed=0, distance=2)[0]
+    prompts, essence = text_task.prompts(request, 3, seed=0)
+    problem = TargetProblem(prompts, text_task.target_tokens(request), essence)
+    kw = {"steps": 4, "lr": 0.5, "kl_factor": 0.0625, "weight_decay": 0.5}
+    kw |= {"clamp_norm_factor": 4.0, "position": "subject"}
+    full = optimize_many(model, [hook], [problem], **kw, skip_frozen=False)[0]
+    short = optimize_many(model, [hook], [problem], **kw)[0]
+    assert full.delta.norm() > 0
+    torch.testing.assert_close(short.delta, full.delta, rtol=1e-4, atol=1e-6)
+    assert short.losses == pytest.approx(full.losses, rel=1e-4)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # byte-level BPE and SentencePiece
 def test_prompts_locate_the_subjects_last_token(loaded, family):
     pm = loaded[family]

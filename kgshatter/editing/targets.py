@@ -14,6 +14,7 @@ model's weights are never written and receive no gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, frozen_weights
+from kgshatter.editing.skip import BlockSkip
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -151,6 +153,7 @@ def optimize_many(
     relative: bool = False,
     reference: bool = False,
     nll_schedule: str = "constant",
+    skip_frozen: bool = True,
 ) -> list[TargetResult]:
     """:func:`optimize_targets` for several independent requests at once, one result each.
 
@@ -164,6 +167,12 @@ def optimize_many(
     once the target is the argmax at every target position of every rewriting prompt, the
     NLL's weight drops to 0.1 for the next pass (back to 1 when it no longer is), and the
     optimisation stops there if the KL term is at most 0.01.
+
+    Two shortcuts leave the result unchanged up to float rounding (``tests/test_skip.py``):
+    the unembedding runs only where a loss term reads the logits, and with ``skip_frozen`` (the
+    default) the optimisation steps start at the lowest edited block, on the residual the first
+    pass cached there (:class:`~kgshatter.editing.skip.BlockSkip`; the blocks below are frozen
+    and see no delta). ``skip_frozen=False`` runs every block at every step.
     """
     if nll_schedule not in NLL_SCHEDULES:
         raise ValueError(f"nll_schedule must be one of {NLL_SCHEDULES}, got {nll_schedule!r}")
@@ -220,10 +229,12 @@ def optimize_many(
 
         return read_at
 
-    with torch.no_grad():
-        logits0 = model.run_with_hooks(
-            tokens, fwd_hooks=[*fwd_hooks, *[(h, reader(h)) for h in hooks]]
-        )[torch.arange(len(read), device=device), read]  # each row's first answer token
+    skip = BlockSkip.plan(model, hooks, [name for name, _ in fwd_hooks]) if skip_frozen else None
+    first_pass = [*fwd_hooks, *[(h, reader(h)) for h in hooks]]
+    if skip is not None:
+        first_pass.append(skip.recorder())
+    with torch.no_grad():  # each row's first answer token
+        logits0 = _logits_at(model, tokens, read[:, None], first_pass)[:, 0]
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
     h0s, means = [], []
     for h in hooks:
@@ -257,13 +268,15 @@ def optimize_many(
         return add
 
     editing_hooks = [*fwd_hooks, *[(h, adder(k)) for k, h in enumerate(hooks)]]
+    if skip is not None:
+        editing_hooks.append(skip.injector(lambda: rows_now["rows"]))
     chunk_rows = micro_batch or len(batch)
     losses: list[list[float]] = [[] for _ in range(n_groups)]
     nll_factor = torch.ones(n_groups, device=device)  # the NLL's weight per problem
     nll_values = [float("inf")] * n_groups
     active = [True] * n_groups
     power = 1 if relative else 2
-    with frozen_weights(model):
+    with frozen_weights(model), skip.running() if skip is not None else nullcontext():
         for _ in range(steps):
             opt.zero_grad()
             # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
@@ -287,9 +300,8 @@ def optimize_many(
             for start in range(0, len(live), chunk_rows):
                 sel = live[start : start + chunk_rows]
                 rows_now["rows"] = sel
-                logits = model.run_with_hooks(tokens[sel], fwd_hooks=cast(list[Any], editing_hooks))
-                rows = torch.arange(len(sel), device=device)
-                logits = logits[rows[:, None], answer_at[sel]].float()  # [rows, width, vocab]
+                # [rows, width, vocab]
+                logits = _logits_at(model, tokens[sel], answer_at[sel], editing_hooks).float()
                 owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
                 if is_rw.any():
@@ -362,6 +374,29 @@ def optimize_many(
         )
         for g in range(n_groups)
     ]
+
+
+def _logits_at(
+    model: TransformerBridge,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str, Any]],
+) -> torch.Tensor:
+    """Logits ``[rows, k, vocab]`` at ``positions[rows, k]`` of each row, with ``fwd_hooks``
+    active; the unembedding runs at those positions only (a hook on its input, where the model
+    has one)."""
+    rows, seq = tokens.shape
+    flat = (torch.arange(rows, device=tokens.device)[:, None] * seq + positions).flatten()
+    hooks = cast(list[Any], list(fwd_hooks))
+    if "unembed.hook_in" not in model.hook_dict:
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits.reshape(rows * seq, -1)[flat].view(rows, positions.shape[1], -1)
+
+    def keep(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        return resid.reshape(-1, resid.shape[-1]).index_select(0, flat).unsqueeze(0)
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[*hooks, ("unembed.hook_in", keep)])
+    return logits.view(rows, positions.shape[1], -1)
 
 
 def _check_finite(loss: torch.Tensor, lr: float) -> None:

@@ -1,0 +1,97 @@
+"""Target optimisation from the first edited block (``kgshatter.editing.skip``).
+
+The optimisation steps run blocks ``k ..`` on the residual cached at block ``k`` and the head
+only where a loss reads it; the deltas must be those of the full passes, the skipped blocks
+must really not run, and the shortcut must decline where it would change the result. The
+Hugging Face families (GPT-2, Llama, Mamba) are checked in ``tests/test_pretrained.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kgshatter.editing import ROMEConfig, SyntheticTask
+from kgshatter.editing.protocols import sample_requests
+from kgshatter.editing.skip import BlockSkip, block_of
+from kgshatter.editing.targets import optimize_many, prepare_problems
+
+
+@pytest.fixture(scope="module")
+def problems(trained_tiny, tiny_sampler):
+    model, graph = trained_tiny.model, trained_tiny.graph
+    requests = sample_requests(graph, "counterfactual", 3, seed=0, distance=2)
+    config = ROMEConfig(layer=1, steps=8, n_prompts=4)
+    _, probs, _ = prepare_problems(model, SyntheticTask(tiny_sampler, cache=None), requests, config)
+    return model, probs, config
+
+
+def _close(a, b):
+    for ra, rb in zip(a, b, strict=True):
+        for da, db in zip(ra.deltas, rb.deltas, strict=True):
+            torch.testing.assert_close(da, db, rtol=1e-5, atol=1e-7)
+        assert ra.losses == pytest.approx(rb.losses, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "hooks, options",
+    [
+        (["blocks.1.hook_mlp_out"], {}),
+        (["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"], {"micro_batch": 3}),
+        (["blocks.1.hook_resid_post"], {"reference": True}),
+    ],
+)
+def test_skipping_frozen_blocks_gives_the_same_deltas(problems, hooks, options):
+    model, probs, config = problems
+    kw = config.optimisation() | options
+    full = optimize_many(model, hooks, probs, **kw, skip_frozen=False)
+    short = optimize_many(model, hooks, probs, **kw, skip_frozen=True)
+    _close(full, short)
+    assert any(d.norm() > 0 for r in short for d in r.deltas)
+
+
+def test_the_blocks_below_do_not_run(problems):
+    model, probs, config = problems
+    calls = []
+    counter = ("blocks.0.hook_out", lambda act, hook: calls.append(1))
+    kw = config.optimisation() | {"steps": 5}
+    optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw, fwd_hooks=[counter])
+    assert len(calls) == 5 + 1  # declined: a kept hook below the edit must fire at every step
+    calls.clear()
+    upper = ("blocks.1.hook_out", lambda act, hook: None)
+    with model.hooks(fwd_hooks=[counter]):
+        optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw, fwd_hooks=[upper])
+    assert len(calls) == 1 + 1  # the first pass and the probe of the blocks' output kind
+    # the stubs are gone afterwards: a plain forward runs block 0 again
+    calls.clear()
+    with torch.no_grad(), model.hooks(fwd_hooks=[counter]):
+        model(probs[0].prompts.tokens)
+    assert len(calls) == 1
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_plan_declines_where_skipping_would_change_something(trained_tiny):
+    model = trained_tiny.model
+    assert block_of("blocks.12.mlp.hook_out") == 12 and block_of("hook_embed") is None
+    assert BlockSkip.plan(model, ["blocks.0.hook_mlp_out"]) is None  # nothing below
+    assert BlockSkip.plan(model, ["hook_embed"]) is None
+    assert BlockSkip.plan(model, ["blocks.1.hook_mlp_out"], ["blocks.0.hook_mlp_out"]) is None
+    # a kept hook at the injection point itself (also under its alias name)
+    assert BlockSkip.plan(model, ["blocks.1.hook_mlp_out"], ["blocks.1.hook_resid_pre"]) is None
+    plan = BlockSkip.plan(model, ["blocks.1.hook_mlp_out"], ["blocks.1.hook_mlp_out"])
+    assert plan is not None and plan.start == 1
+
+
+def test_a_stub_left_by_someone_else_is_restored(problems):
+    model, probs, config = problems
+    block = model.blocks[0]
+    own = block.forward  # a bound method, put in the instance as someone's patch would be
+    block.__dict__["forward"] = own
+    try:
+        kw = dataclasses.replace(config, steps=2).optimisation()
+        optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw)
+        assert block.__dict__["forward"] is own
+    finally:
+        del block.__dict__["forward"]
