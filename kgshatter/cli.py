@@ -521,6 +521,11 @@ def format_edit_summary(method: str, protocol: str, summary: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+NOTHING_TO_BENCHMARK = (
+    "nothing to benchmark: give RUN_DIR, --gpt2-xl, --rome-reference or --pretrained-dir"
+)
+
+
 def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
 
     from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark, pretrained_benchmark
@@ -530,8 +535,8 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         get_method(m)
-    if not (args.run_dir or args.gpt2_xl or args.pretrained_dir):
-        raise ValueError("nothing to benchmark: give RUN_DIR, --gpt2-xl or --pretrained-dir")
+    if not (args.run_dir or args.gpt2_xl or args.pretrained_dir or args.rome_reference):
+        raise ValueError(NOTHING_TO_BENCHMARK)
     check_output_file(args.json, "--json")
     set_threads(args.threads)
     result: dict[str, Any] = {}
@@ -568,6 +573,20 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             f"{g['median_seconds_per_edit']:.1f} s per edit (cached statistics), peak memory "
             f"{g['peak_over_model']:.2f}x the model's size"
         )
+    if args.rome_reference:
+        from kgshatter.rome_speed import rome_reference_benchmark
+
+        result["rome_reference"] = r = rome_reference_benchmark(repeats=args.repeats)
+        ratios = r["ratio_over_plain"]
+        print(
+            f"ROME target optimisation on GPT-2 small's shape (layer {r['layer']}, "
+            f"{r['rows_per_pass']} rows, {r['steps']} passes), median of {args.repeats}: plain "
+            f"PyTorch on Hugging Face {r['median_seconds']['plain']:.1f} s, kgshatter "
+            f"{r['median_seconds']['kgshatter']:.1f} s ({ratios['kgshatter']:.2f}x), without "
+            f"starting at the edited block {r['median_seconds']['kgshatter-full-passes']:.1f} s "
+            f"({ratios['kgshatter-full-passes']:.2f}x); deltas differ by "
+            f"{r['delta_rel_difference']['kgshatter']:.1e} (relative)"
+        )
     if args.pretrained_dir:
         result["pretrained_gpt2_xl"] = g = pretrained_benchmark(
             args.pretrained_dir, n_edits=args.gpt2_xl_edits
@@ -580,7 +599,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             f"model's size"
         )
     if not result:
-        raise ValueError("nothing to benchmark: give RUN_DIR, --gpt2-xl or --pretrained-dir")
+        raise ValueError(NOTHING_TO_BENCHMARK)
     write_json_atomic(args.json, result)
     print(f"wrote {args.json}")
     return 0
@@ -809,6 +828,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
     )
     p.add_argument("--gpt2-xl-edits", type=_positive, default=2, help="edits timed on that model")
+    p.add_argument(
+        "--rome-reference",
+        action="store_true",
+        help="also time ROME's target optimisation against the paper's algorithm in plain "
+        "PyTorch on a Hugging Face GPT-2 of GPT-2 small's shape (same weights and prompts)",
+    )
+    p.add_argument(
+        "--repeats", type=_positive, default=3, help="--rome-reference: interleaved rounds"
+    )
     p.add_argument(
         "--sweep",
         action="store_true",

@@ -95,3 +95,18 @@ def test_a_stub_left_by_someone_else_is_restored(problems):
         assert block.__dict__["forward"] is own
     finally:
         del block.__dict__["forward"]
+
+
+def test_the_plain_pytorch_reference_on_hugging_face_gives_the_same_delta():
+    """kgshatter's reference-mode target optimisation on the bridge against the paper's loop
+    written with a plain torch hook on the Hugging Face model of the same weights
+    (``kgshatter edit-benchmark --rome-reference`` times the two)."""
+    from kgshatter.rome_speed import rome_reference_benchmark
+
+    shape = {"n_layer": 4, "n_embd": 32, "n_head": 4, "n_positions": 32}
+    result = rome_reference_benchmark(shape=shape, steps=4, repeats=1, prompt_len=8)
+    assert result["layer"] == 1 and result["rows_per_pass"] == 22
+    for name, difference in result["delta_rel_difference"].items():
+        assert difference < 1e-4, name
+    with pytest.raises(ValueError, match="layer must be in 0..3"):
+        rome_reference_benchmark(shape=shape, layer=4)
