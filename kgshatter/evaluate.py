@@ -94,14 +94,16 @@ class Evaluator:
         result = {}
         for split, qs in self.queries.items():
             probs = query_probs(model, qs, self.config.batch_size)
-            result[split] = accuracy_by_order(probs.argmax(-1) == qs.answers, qs.order, self.graph)
+            right = qs.correct(self.graph, probs.argmax(-1))
+            result[split] = accuracy_by_order(right, qs.order, self.graph)
         return result
 
     def ring_tokens(self, order: int) -> torch.Tensor:
-        """Query tokens ``x o_C1`` (a torus order: ``x o_E1``) for every entity x (cached per
-        order)."""
+        """Query tokens ``x o_C1`` (a torus order: ``x o_E1``, a tree: ``x o_U1``, the step
+        with one answer) for every entity x (cached per order)."""
         if order not in self._ring_tokens:
-            relation = relation_name(order, 1, 1, 0, self.graph.shape(order))  # o_C1 / o_E1
+            shape = self.graph.shape(order)
+            relation = relation_name(order, -1 if shape == "tree" else 1, 1, 0, shape)
             self._ring_tokens[order] = entity_query_tokens(
                 self.sampler, relation, self.config.ring_prefixes, self.config.seed
             )

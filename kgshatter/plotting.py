@@ -5,7 +5,8 @@ learned ring reads as a closed loop whose colours run once around, and a shatter
 tangle (paper, Figure 1 and section 4). A torus order's panel (a third tuple element: the
 lattice width) joins lattice neighbours along rows and columns and colours points by column,
 so a learned lattice reads as a mesh (a 2-D Isomap flattens the torus, folding it) and a
-shattered one as a tangle.
+shattered one as a tangle; a tree order's joins parent and child and colours each of the
+root's subtrees, so a learned tree reads as clusters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kgshatter.analysis.geometry import ISOMAP_NEIGHBORS, circular_alignment, em
 
 
 def ring_figure(
-    panels: Mapping[str, tuple[Any, np.ndarray] | tuple[Any, np.ndarray, int | None]],
+    panels: Mapping[str, tuple[Any, np.ndarray] | tuple[Any, np.ndarray, Any]],
     n_entities: int,
     method: str = "isomap",
     n_neighbors: int = ISOMAP_NEIGHBORS,
@@ -29,7 +30,8 @@ def ring_figure(
     ncols: int | None = None,
 ) -> Any:
     """One panel per entry ``label -> (representations [N, d], ring positions [N])``, or for a
-    torus order ``(representations, lattice sites [N], width)`` (a grid's: ``-width``).
+    torus order ``(representations, lattice sites [N], width)`` (a grid's: ``-width``; a
+    tree's: ``(representations, tree sites [N], ("tree", branching))``).
 
     Panels fill a grid of ``ncols`` columns (default: one row).
     """
@@ -43,6 +45,10 @@ def ring_figure(
     for ax, (label, panel) in zip(axes.flat, panels.items(), strict=False):
         reps, positions = panel[0], panel[1]
         width = panel[2] if len(panel) > 2 else None
+        if isinstance(width, tuple):  # ("tree", branching)
+            _tree_panel(ax, reps, np.asarray(positions), int(width[1]), label, method,
+                        n_neighbors)  # fmt: skip
+            continue
         if width is not None:  # a lattice: a negative width marks a grid (no wrapping)
             _lattice_panel(ax, reps, np.asarray(positions), abs(width), label, method,
                            n_neighbors, wrap=width > 0)  # fmt: skip
@@ -103,12 +109,40 @@ def _lattice_panel(ax: Any, reps: Any, sites: np.ndarray, width: int, label: str
     ax.set_aspect("equal", adjustable="datalim")
 
 
-def panel_width(graph: Any, order: int) -> int | None:
+def _tree_panel(ax: Any, reps: Any, sites: np.ndarray, branching: int, label: str, method: str,
+                n_neighbors: int) -> None:  # fmt: skip
+    """A tree order in 2-D: parent and child joined, points coloured by the root's subtree
+    they lie in (a learned tree reads as clusters, one per subtree)."""
+    from kgshatter.analysis.geometry import lattice_isomap_alignment
+    from kgshatter.kg.tree import tree_distances
+
+    xy = embed_2d(reps, method, max(n_neighbors, 4))
+    n = len(sites)
+    at = np.empty(n, dtype=np.int64)
+    at[sites] = np.arange(n)  # site -> entity
+    for site in range(1, n):
+        a, b = at[site], at[(site - 1) // branching]
+        ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.85", lw=0.5, zorder=1)
+    top = np.asarray(sites).copy()  # the root's child above each site (the root: itself)
+    while (top > branching).any():
+        up = top > branching
+        top[up] = (top[up] - 1) // branching
+    ax.scatter(xy[:, 0], xy[:, 1], c=top, cmap="tab10", s=14, zorder=2)
+    score = lattice_isomap_alignment(reps, tree_distances(sites, sites, branching))
+    ax.set_title(f"{label}\n{branching}-ary tree, isomap geodesic rho {score:.2f}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+
+
+def panel_width(graph: Any, order: int) -> int | tuple[str, int] | None:
     """The third element of ``order``'s :func:`ring_figure` panel: the lattice width on a
-    torus, minus it on a grid, ``None`` on a ring."""
+    torus, minus it on a grid, ``("tree", branching)`` on a tree, ``None`` on a ring."""
     shape = graph.shape(order)
     if shape == "ring":
         return None
+    if shape == "tree":
+        return ("tree", graph.config.branching)
     return graph.config.width if shape == "torus" else -graph.config.width
 
 

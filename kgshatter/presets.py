@@ -258,6 +258,16 @@ PRESETS["grid"] = PRESETS["torus"].replace(
     name="grid",
     kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="grid", width=8),
 )
+# a full ternary tree of 64 entities per order (relations 1-2 levels up / down), and rings with a
+# tree between them (I and III rings, II a tree)
+PRESETS["tree"] = PRESETS["torus"].replace(
+    name="tree",
+    kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="tree", branching=3),
+)
+PRESETS["ring-tree"] = PRESETS["torus"].replace(
+    name="ring-tree",
+    kg=KGConfig(n_entities=64, n_orders=3, max_hops=2, structure="ring-tree", branching=3),
+)
 # their control: the same recipe and size with every order a ring (the geometry study's baseline)
 PRESETS["ring64"] = PRESETS["torus"].replace(
     name="ring64", kg=KGConfig(n_entities=64, n_orders=3, max_hops=2)

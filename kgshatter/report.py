@@ -54,11 +54,19 @@ def _shapes(kg: Any) -> str:
     if set(shapes) == {"ring"}:
         return "orders"
     if len(set(shapes)) == 1:
-        return f"orders, each a {kg.width} x {kg.height} {shapes[0]}"
+        return f"orders, each a {_shape_words(kg, shapes[0])}"
     return "orders: " + ", ".join(
-        f"{roman(o + 1)} a {'ring' if sh == 'ring' else f'{kg.width} x {kg.height} {sh}'}"
-        for o, sh in enumerate(shapes)
+        f"{roman(o + 1)} a {_shape_words(kg, sh)}" for o, sh in enumerate(shapes)
     )
+
+
+def _shape_words(kg: Any, shape: str) -> str:
+    """ "ring", "8 x 8 torus", "3-ary tree"."""
+    if shape == "ring":
+        return "ring"
+    if shape == "tree":
+        return f"{kg.branching}-ary tree"
+    return f"{kg.width} x {kg.height} {shape}"
 
 
 def _percent(x: float | None) -> float | None:

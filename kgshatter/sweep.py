@@ -150,11 +150,14 @@ def default_edit_batch(model: TransformerBridge) -> int:
 def check_distances(distances: tuple[int, ...], kg: Any) -> None:
     """Counterfactual distances must fit the edited order (I) of the graph configured by ``kg``
     (a :class:`~kgshatter.kg.KGConfig`): 1 .. N // 2 on a ring, 1 .. w // 2 + h // 2 on a
-    torus, 1 .. w + h - 2 on a grid."""
-    top = kg.max_distance(0)
+    torus, 1 .. w + h - 2 on a grid, on a tree 1 .. the farthest a site lies from an inner one
+    (an edit moves a parent)."""
+    top = kg.max_edit_distance(0)
     bad = [d for d in distances if d > top]
     if bad:
-        where = "ring" if kg.shape(0) == "ring" else f"{kg.width}x{kg.height} {kg.shape(0)}"
+        where = {"ring": "ring", "tree": f"{kg.branching}-ary tree"}.get(
+            kg.shape(0), f"{kg.width}x{kg.height} {kg.shape(0)}"
+        )
         raise ValueError(f"distances {bad} lie outside the {where}: d must be in 1..{top}")
 
 

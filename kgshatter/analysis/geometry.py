@@ -234,25 +234,73 @@ def lattice_metrics(reps, coords: np.ndarray, shape: tuple[int, int], distances:
     }
 
 
+# ---------------------------------------------------------------------- trees
+# A tree order (KGConfig(structure="tree")) has no angle to decode: its metrics ask whether the
+# tree's metric is in the representations. probe_r2: a ridge probe onto the tree's classical
+# multidimensional-scaling coordinates (the top 4 of the double-centred squared tree
+# distances); neighbours: both nearest neighbours within 2 tree steps (a sibling, the parent or
+# a child); isomap / pca: the lattice versions with tree distances (Spearman over all pairs).
+TREE_NEIGHBOUR_RADIUS = 2
+
+
+def tree_coordinates(distances: np.ndarray, components: int = 4) -> np.ndarray:
+    """[N, components] classical MDS coordinates of a tree's distance matrix."""
+    d2 = np.asarray(distances, dtype=float) ** 2
+    n = d2.shape[0]
+    centre = np.eye(n) - 1.0 / n
+    values, vectors = np.linalg.eigh(-0.5 * centre @ d2 @ centre)
+    top = np.argsort(values)[::-1][:components]
+    return vectors[:, top] * np.sqrt(np.clip(values[top], 0, None))
+
+
+def tree_probe_r2(reps, distances: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of a ridge probe onto :func:`tree_coordinates`."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    x = _np(reps)
+    x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
+    y = tree_coordinates(distances)
+    probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
+    pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def tree_metrics(reps, distances: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """All tree metrics of one tree order's representations (NaN where all coincide)."""
+    if np.ptp(_np(reps), axis=0).max() < 1e-12:
+        return {k: float("nan") for k in ("probe_r2", "neighbours", "isomap", "pca")}
+    return {
+        "probe_r2": tree_probe_r2(reps, distances, seed=seed),
+        "neighbours": lattice_neighbour_fraction(reps, distances, TREE_NEIGHBOUR_RADIUS),
+        "isomap": lattice_isomap_alignment(reps, distances),
+        "pca": lattice_pca_alignment(reps, distances),
+    }
+
+
 # ---------------------------------------------------------------------- any order of a graph
 def structure_metrics(reps, graph: Any, order: int, seed: int = 0) -> dict[str, float]:
-    """:func:`ring_metrics` or :func:`lattice_metrics`, whichever ``order``'s shape needs."""
+    """:func:`ring_metrics`, :func:`lattice_metrics` or :func:`tree_metrics`, whichever
+    ``order``'s shape needs."""
     if graph.shape(order) == "ring":
         return ring_metrics(reps, graph.positions[order], graph.n_entities, seed=seed)
+    if graph.shape(order) == "tree":
+        return tree_metrics(reps, graph.distances(order), seed=seed)
     return lattice_metrics(reps, graph.coordinates(order), _lattice_shape(graph),
                            graph.distances(order), seed=seed,
                            wrap=graph.shape(order) == "torus")  # fmt: skip
 
 
 def structure_neighbours(reps, graph: Any, order: int) -> float:
-    """The neighbour agreement of ``order``'s representations (ring or lattice)."""
+    """The neighbour agreement of ``order``'s representations (ring, lattice or tree)."""
     if graph.shape(order) == "ring":
         return neighbour_fraction(reps, graph.positions[order], graph.n_entities)
-    return lattice_neighbour_fraction(reps, graph.distances(order))
+    radius = TREE_NEIGHBOUR_RADIUS if graph.shape(order) == "tree" else 1
+    return lattice_neighbour_fraction(reps, graph.distances(order), radius)
 
 
 def structure_isomap(reps, graph: Any, order: int) -> float:
-    """The Isomap alignment of ``order``'s representations (ring or lattice)."""
+    """The Isomap alignment of ``order``'s representations (ring, lattice or tree)."""
     if graph.shape(order) == "ring":
         return isomap_alignment(reps, graph.positions[order], graph.n_entities)
     return lattice_isomap_alignment(reps, graph.distances(order))

@@ -67,14 +67,17 @@ def sample_requests(
     check_int("n", n, 1)
     if not 0 <= order < graph.n_orders:
         raise ValueError(f"order must be in 0..{graph.n_orders - 1}, got {order}")
-    rels = [r.index for r in graph.relations if r.order == order]
+    # relations with one answer (a tree's steps down have several: nothing single to edit)
+    rels = [
+        r.index for r in graph.relations if r.order == order and not graph.multi_valued[r.index]
+    ]
     table = graph.table[rels]  # [R_o, N]
     rel_idx, xs = torch.nonzero(torch.from_numpy(table >= 0), as_tuple=True)
     g = step_generator(seed, 1 << 30 | KINDS.index(kind) << 8 | order)
     if kind == "counterfactual":
-        check_int("distance", distance, 1, graph.max_distance(order))
+        check_int("distance", distance, 1, graph.config.max_edit_distance(order))
         ring = graph.shape(order) == "ring"
-        if graph.shape(order) == "grid":  # only facts whose answer has a target d away
+        if graph.shape(order) in ("grid", "tree"):  # only facts whose answer has one d away
             reach = torch.from_numpy((graph.distances(order) == distance).any(1))
             keep = reach[torch.from_numpy(table)[rel_idx, xs]]
             rel_idx, xs = rel_idx[keep], xs[keep]
@@ -103,7 +106,8 @@ def sample_requests(
         [xs, torch.tensor(rels)[rel_idx], torch.from_numpy(table)[rel_idx, xs]], 1
     ).numpy()
     queries = QuerySet.build(sampler, "direct", n_prefixes=n_prefixes, seed=seed, rows=rows)
-    wrong = torch.nonzero(query_probs(model, queries).argmax(-1) != queries.answers)[:, 0]
+    right = queries.correct(graph, query_probs(model, queries).argmax(-1))
+    wrong = torch.nonzero(~right)[:, 0]
     wrong = wrong[torch.randperm(wrong.numel(), generator=g)][:n]
     return [EditRequest(int(rows[i, 0]), int(rows[i, 1]), int(rows[i, 2])) for i in wrong]
 
@@ -237,8 +241,8 @@ class EditScorer:
             return []
         picks = self._prompt_probs(model, facts, self.neighbour_prompts, self.seed + 1)
         picks = picks.mean(1).argmax(-1)
-        table = self.graph.table
-        return [int(p) == int(table[r, x]) for p, (x, r) in zip(picks, facts, strict=True)]
+        xs, rs = zip(*facts, strict=True)
+        return [bool(v) for v in self.graph.accepts(rs, xs, picks.numpy())]
 
     def describe(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
         """Each request with its fact, old target and edit distance (validated on the graph)."""

@@ -44,6 +44,11 @@ class EditRequest:
         graph.entity(self.subject)
         graph.relation(self.relation)
         graph.entity(self.target)
+        if graph.multi_valued[self.relation]:
+            raise ValueError(
+                f"{graph.relations[self.relation].name} has several answers per subject (a "
+                f"tree's step down); edit a relation with one answer (a step up)"
+            )
         if graph.table[self.relation, self.subject] < 0:
             raise ValueError(
                 f"{graph.relations[self.relation].name} is not defined for "

@@ -8,12 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from kgshatter.kg.tree import tree_depth, tree_diameter, tree_parent_reach
 from kgshatter.validation import ConfigDict, check_fraction, check_int
 
-STRUCTURES = ("cyclic", "torus", "grid", "mixed")
+STRUCTURES = ("cyclic", "torus", "grid", "mixed", "tree", "ring-tree")
 # the shape of each order under a structure: ``mixed`` alternates a ring (order I, the edited
-# one), a torus (II), a ring (III), ...
-SHAPES = ("ring", "torus", "grid")
+# one), a torus (II), a ring (III), ...; ``ring-tree`` a ring (I), a tree (II), a ring (III), ...
+SHAPES = ("ring", "torus", "grid", "tree")
+LATTICES = ("torus", "grid", "mixed")
+TREES = ("tree", "ring-tree")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,12 +43,20 @@ class KGConfig(ConfigDict):
             ``I_S2``, ``I_N2``); ``"mixed"``: rings and tori alternating (I ring, II torus,
             III ring), to see whether an edit's damage crosses from one structure to another;
             ``"grid"``: the lattice without wrapping (a sheet), so a move off the edge is
-            undefined and that fact does not exist. A tree (one-to-many inverse relations)
-            is not available.
+            undefined and that fact does not exist. ``"tree"``: every order a full
+            ``branching``-ary tree over the N entities (site s's parent is ``(s - 1) //
+            branching``), relations "k levels up" (``I_U1`` the parent, ``I_U2`` the
+            grandparent; one answer, none at the root) and "k levels down" (``I_D1`` the
+            children, ``I_D2`` the grandchildren: several answers, none at a leaf; any of
+            them is a right answer); ``"ring-tree"``: rings and trees alternating (I ring, II
+            tree, III ring).
         width: the lattice's columns (``"torus"`` / ``"grid"`` / ``"mixed"`` only); it must
             divide ``n_entities``, and both sides must exceed ``2 * max_hops`` (on a torus so
             that opposite moves stay distinct, on a grid so that every move is defined
             somewhere on every row and column).
+        branching: the tree's children per inner node (``"tree"`` / ``"ring-tree"`` only);
+            ``n_entities - 1`` must be a multiple of it (a full tree), and the deepest leaf
+            must lie more than ``max_hops`` levels down (so that every relation exists).
         seed: seeds the ring and lattice permutations and the splits.
     """
 
@@ -55,6 +68,7 @@ class KGConfig(ConfigDict):
     compose_across_orders: bool = False
     structure: str = "cyclic"
     width: int | None = None
+    branching: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,14 +93,12 @@ class KGConfig(ConfigDict):
                 f"compose_across_orders must be a bool, got {self.compose_across_orders!r}"
             )
         if self.structure not in STRUCTURES:
-            raise ValueError(
-                f"structure must be one of {STRUCTURES}, got {self.structure!r} (a tree is not "
-                f"available: its inverse relations have several answers)"
-            )
-        if self.structure == "cyclic":
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.structure not in LATTICES:
             if self.width is not None:
                 raise ValueError(
-                    f"width is the torus's; a cyclic graph has none (got width={self.width})"
+                    f"width is a lattice's (torus, grid, mixed); a {self.structure} graph has "
+                    f"none (got width={self.width})"
                 )
         else:
             if self.width is None:
@@ -102,27 +114,51 @@ class KGConfig(ConfigDict):
                     f"2 * max_hops = {2 * self.max_hops}; allowed: {allowed or 'none'}, got "
                     f"{self.width}"
                 )
+        if self.structure not in TREES:
+            if self.branching is not None:
+                raise ValueError(
+                    f"branching is a tree's (tree, ring-tree); a {self.structure} graph has "
+                    f"none (got branching={self.branching})"
+                )
+        else:
+            allowed = _branchings(self.n_entities, self.max_hops)
+            if self.branching is None:
+                raise ValueError(
+                    f"a {self.structure} graph needs branching, the children per inner node "
+                    f"(one that n_entities - 1 = {self.n_entities - 1} is a multiple of, with "
+                    f"leaves more than max_hops={self.max_hops} levels down: {allowed or 'none'})"
+                )
+            check_int("branching", self.branching, 2)
+            if self.branching not in allowed:
+                raise ValueError(
+                    f"branching must divide n_entities - 1 = {self.n_entities - 1} (a full tree) "
+                    f"and leave the deepest leaf more than max_hops={self.max_hops} levels down; "
+                    f"allowed: {allowed or 'none'}, got {self.branching}"
+                )
         check_int("seed", self.seed, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        """As :class:`ConfigDict`, without ``width`` when unset (a cyclic graph's JSON, and so
-        its fingerprint, is what it was before tori existed)."""
+        """As :class:`ConfigDict`, without ``width`` / ``branching`` when unset (a cyclic
+        graph's JSON, and so its fingerprint, is what it was before tori and trees existed)."""
         out = super().to_dict()
-        if out.get("width") is None:
-            out.pop("width", None)
+        for name in ("width", "branching"):
+            if out.get(name) is None:
+                out.pop(name, None)
         return out
 
     def shape(self, order: int) -> str:
-        """``"ring"``, ``"torus"`` or ``"grid"``: the structure of ``order``."""
+        """``"ring"``, ``"torus"``, ``"grid"`` or ``"tree"``: the structure of ``order``."""
         if self.structure == "cyclic":
             return "ring"
-        if self.structure in ("torus", "grid"):
+        if self.structure in ("torus", "grid", "tree"):
             return self.structure
-        return "ring" if order % 2 == 0 else "torus"
+        if order % 2 == 0:
+            return "ring"
+        return "torus" if self.structure == "mixed" else "tree"
 
     @property
     def height(self) -> int | None:
-        """The lattice's rows (``None`` for a cyclic graph)."""
+        """The lattice's rows (``None`` without a lattice)."""
         return None if self.width is None else self.n_entities // self.width
 
     def max_distance(self, order: int) -> int:
@@ -130,14 +166,27 @@ class KGConfig(ConfigDict):
         w // 2 + h // 2 on a torus, (w - 1) + (h - 1) on a grid."""
         if self.shape(order) == "ring":
             return self.n_entities // 2
+        if self.shape(order) == "tree":
+            assert self.branching is not None
+            return tree_diameter(self.n_entities, self.branching)
         assert self.width is not None and self.height is not None
         if self.shape(order) == "grid":
             return self.width + self.height - 2
         return self.width // 2 + self.height // 2
 
+    def max_edit_distance(self, order: int) -> int:
+        """The largest counterfactual edit distance ``order`` allows: :meth:`max_distance`,
+        except on a tree, whose edits move a parent (an inner site): the farthest any site lies
+        from an inner one."""
+        if self.shape(order) == "tree":
+            assert self.branching is not None
+            return tree_parent_reach(self.n_entities, self.branching)
+        return self.max_distance(order)
+
     def relations_of(self, order: int) -> int:
-        """How many relations ``order`` has: 2 per hop on a ring, 4 on a lattice."""
-        return (2 if self.shape(order) == "ring" else 4) * self.max_hops
+        """How many relations ``order`` has: 2 per hop on a ring or a tree (up and down), 4 on
+        a lattice."""
+        return (2 if self.shape(order) in ("ring", "tree") else 4) * self.max_hops
 
     @property
     def n_relations(self) -> int:
@@ -147,3 +196,12 @@ class KGConfig(ConfigDict):
 def _divisors(n: int, max_hops: int) -> list[int]:
     """The widths that divide ``n`` with both sides above ``2 * max_hops``."""
     return [w for w in range(1, n + 1) if n % w == 0 and min(w, n // w) > 2 * max_hops]
+
+
+def _branchings(n: int, max_hops: int) -> list[int]:
+    """The branchings that make a full tree of ``n`` sites with leaves below ``max_hops``."""
+    return [
+        b
+        for b in range(2, n)
+        if (n - 1) % b == 0 and int(tree_depth(np.array([n - 1]), b)[0]) > max_hops
+    ]

@@ -13,8 +13,11 @@ lattice that wraps both ways, with relations "k steps east / west / south / nort
 like a ring's and the walks, splits and evaluation apply unchanged; ``structure="mixed"``
 alternates rings and tori; ``structure="grid"`` is the lattice without wrapping, where a move
 off the edge is undefined (``-1``): those facts do not exist, and the splits, walks and
-two-hop queries use only defined ones. ``rings[o]`` is order o's layout (ring position, or
-lattice site ``row * w + column``, to entity) and ``positions[o]`` its inverse.
+two-hop queries use only defined ones. ``structure="tree"`` places each order's entities on a
+full tree (``kgshatter.kg.tree``) with relations "k levels up" (one answer) and "k levels
+down" (several: :attr:`KnowledgeGraph.multi_valued`, :meth:`KnowledgeGraph.accepts`);
+``"ring-tree"`` alternates rings and trees. ``rings[o]`` is order o's layout (ring position,
+lattice site ``row * w + column`` or tree site, to entity) and ``positions[o]`` its inverse.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from kgshatter.io import write_json_atomic
 from kgshatter.kg.config import KGConfig
+from kgshatter.kg.tree import tree_ancestor, tree_depth, tree_distances
 
 GRAPH_FORMAT = "kgshatter.graph/1"
 ROLES = ("edit", "retain", "test")
@@ -85,6 +89,8 @@ _LETTERS = {
     ("grid", 0, -1): "W",
     ("grid", 1, 1): "S",
     ("grid", 1, -1): "N",
+    ("tree", 0, 1): "D",
+    ("tree", 0, -1): "U",
 }
 
 
@@ -127,7 +133,7 @@ class KnowledgeGraph:
         rels: list[Relation] = []
         for o in range(k):
             shape = config.shape(o)
-            for axis in (0, 1) if shape != "ring" else (0,):
+            for axis in (0, 1) if shape in ("torus", "grid") else (0,):
                 for direction in (1, -1):
                     for h in range(1, config.max_hops + 1):
                         name = relation_name(o, direction, h, axis, shape)
@@ -161,6 +167,13 @@ class KnowledgeGraph:
         shape = self.config.shape(r.order)
         if shape == "ring":
             return (sites + r.shift) % n
+        if shape == "tree":  # up: the ancestor; down: the first descendant (see answers)
+            b = self.config.branching
+            assert b is not None
+            if r.direction < 0:
+                return tree_ancestor(sites, r.hops, b)
+            first = sites * b**r.hops + (b**r.hops - 1) // (b - 1)
+            return np.where(first < n, first, -1)
         w, h = self.config.width, self.config.height
         assert w is not None and h is not None
         row, col = np.divmod(sites, w)
@@ -293,6 +306,8 @@ class KnowledgeGraph:
         shift = a.shift + b.shift
         if a.order != b.order or a.axis != b.axis:  # a torus move along two axes has no name
             return None
+        if self.multi_valued[a.index] or self.multi_valued[b.index]:
+            return None  # a tree's step down has several answers: no single relation
         if shift == 0 or abs(shift) > self.config.max_hops:
             return None
         shape = self.shape(a.order)
@@ -307,11 +322,51 @@ class KnowledgeGraph:
         pair = np.ones((self.n_relations,) * 2, dtype=bool)
         if not self.config.compose_across_orders:
             pair = orders[:, None] == orders[None, :]
+        # a two-hop query needs one answer: no step with several (a tree's step down)
+        pair &= ~self.multi_valued[:, None] & ~self.multi_valued[None, :]
         mask = np.broadcast_to(pair[:, :, None], pair.shape + (self.n_entities,)).copy()
         defined = self.table >= 0
         if not defined.all():  # a grid: x r1 must exist, and r1(x) r2 too
             mask &= defined[:, None, :] & _second_hop_trained(defined, self.table)
         return _readonly(mask)
+
+    @cached_property
+    def multi_valued(self) -> np.ndarray:
+        """[R] bool: relations with several answers per subject (a tree's "k levels down"),
+        whose ``table`` holds one of them (the first descendant) and :meth:`answers` all."""
+        return _readonly(
+            np.array(
+                [self.shape(r.order) == "tree" and r.direction > 0 for r in self.relations],
+                dtype=bool,
+            )
+        )
+
+    @cached_property
+    def _inverse_index(self) -> np.ndarray:
+        return np.array([self.inverse(r.index).index for r in self.relations], dtype=np.int64)
+
+    def accepts(self, relations: Any, subjects: Any, answers: Any) -> np.ndarray:
+        """Whether each ``answers[i]`` is a right answer of the fact ``(subjects[i],
+        relations[i])`` (arrays of equal length; an answer outside the entities is wrong).
+        A one-answer relation accepts its ``table`` entry only; a several-answer one every
+        entity ``y`` whose inverse fact leads back to the subject (a tree's children: those
+        whose parent is the subject)."""
+        r = np.asarray(relations, dtype=np.int64)
+        x = np.asarray(subjects, dtype=np.int64)
+        y = np.asarray(answers, dtype=np.int64)
+        inside = (y >= 0) & (y < self.n_entities)
+        safe = np.where(inside, y, 0)
+        single = self.table[r, x] == y
+        multi = self.table[self._inverse_index[r], safe] == x
+        return inside & (self.table[r, x] >= 0) & np.where(self.multi_valued[r], multi, single)
+
+    def answers(self, relation: str | int, entity: str | int) -> np.ndarray:
+        """Every right answer of ``(entity, relation)``, sorted (empty where none exists)."""
+        r, x = self.relation(relation), self.entity(entity)
+        if not self.multi_valued[r.index]:
+            y = self.table[r.index, x]
+            return np.array([y] if y >= 0 else [], dtype=np.int64)
+        return np.flatnonzero(self.table[self._inverse_index[r.index]] == x)
 
     def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
         """How far apart two answers lie in the structure of ``relation``'s order (paper's d:
@@ -322,7 +377,7 @@ class KnowledgeGraph:
 
     # ------------------------------------------------------------------ geometry
     def shape(self, order: int) -> str:
-        """``"ring"``, ``"torus"`` or ``"grid"``."""
+        """``"ring"``, ``"torus"``, ``"grid"`` or ``"tree"``."""
         self._check_order(order)
         return self.config.shape(order)
 
@@ -335,6 +390,9 @@ class KnowledgeGraph:
         if self.shape(order) == "ring":
             diff = np.abs(rows[:, None] - pos[None, :])
             return np.minimum(diff, self.n_entities - diff)
+        if self.shape(order) == "tree":
+            assert self.config.branching is not None
+            return tree_distances(rows, pos, self.config.branching)
         w, h = self.config.width, self.config.height
         assert w is not None and h is not None
         return lattice_distances(rows, pos, w, h, wrap=self.shape(order) == "torus")
@@ -353,10 +411,14 @@ class KnowledgeGraph:
         return np.flatnonzero(self.distances(order, np.array([self.entity(entity)]))[0] == d)
 
     def coordinates(self, order: int) -> np.ndarray:
-        """Each entity's place in ``order``: [N, 1] ring positions or [N, 2] (row, column)."""
+        """Each entity's place in ``order``: [N, 1] ring positions, [N, 2] (row, column) on a
+        lattice, [N, 2] (depth, site) on a tree."""
         pos = self.positions[order]
         if self.shape(order) == "ring":
             return pos[:, None].copy()
+        if self.shape(order) == "tree":
+            assert self.config.branching is not None
+            return np.stack([tree_depth(pos, self.config.branching), pos], axis=1)
         w = self.config.width
         assert w is not None
         return np.stack(np.divmod(pos, w), axis=1)

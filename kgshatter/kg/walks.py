@@ -81,6 +81,16 @@ class WalkSampler:
         allow_b2 = exists2.reshape(nr * nr, n) & torch.gather(
             comp.reshape(nr * nr, n), 1, prev2.clamp(min=0)
         )
+        # a tree's one-hop steps with all their answers, forward and backward (else None)
+        self._multi: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+        if graph.multi_valued.any():  # a tree: steps with several answers
+            multi_inverse = torch.from_numpy(graph.multi_valued[inverse.numpy()].copy())
+            # backward two-hop arrivals only where both steps back have one answer
+            single2 = ~multi_inverse[:, None, None] & ~multi_inverse[None, :, None]
+            allow_b2 = allow_b2 & single2.expand(nr, nr, n).reshape(nr * nr, n)
+            fwd, bwd = _choices(graph, trained, backward=False), _choices(graph, trained, True)
+            allow_b1 = bwd[1] > 0
+            self._multi = (fwd, bwd)
         self._bwd1 = (_cumulative(allow_b1.T), prev1.clamp(min=0))
         self._bwd2 = (_cumulative(allow_b2.T), prev2.clamp(min=0))
         self._n_rel = nr
@@ -112,7 +122,13 @@ class WalkSampler:
             two = (u[0] < p) & (w2[cur, -1] > 0)
             r1 = _inverse_cdf(w1[cur], u[1])
             pair = _inverse_cdf(w2[cur], u[2])
-            nxt = torch.where(two, d2[pair, cur], d1[r1, cur])
+            one = d1[r1, cur]
+            if self._multi is not None:  # one of the step's answers, uniformly (a tree's children)
+                choices, counts = self._multi[1 if backward else 0]
+                pick = torch.rand(b, generator=generator, dtype=torch.float64)
+                k = (pick * counts[r1, cur]).long().clamp(max=choices.shape[2] - 1)
+                one = choices[r1, cur, k]
+            nxt = torch.where(two, d2[pair, cur], one)
             first = torch.where(two, pair // self._n_rel, r1)
             second = pair % self._n_rel
             if backward:  # written reversed: r2 before r1
@@ -168,6 +184,36 @@ class WalkSampler:
         return torch.cat([ctx, relations + self.graph.n_entities], dim=1)
 
 
+def _choices(
+    graph: KnowledgeGraph, trained: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hop steps with every answer: ``choices[r, x, k]`` the k-th entity a step ``r`` may
+    lead to from ``x`` (forward: the answers of the trained fact ``(x, r)``; backward: the
+    entities ``p`` with ``x`` an answer of the trained fact ``(p, r)``), padded with the first,
+    and ``counts[r, x]`` how many there are (0: none)."""
+    n, nr = graph.n_entities, graph.n_relations
+    lists: list[list[np.ndarray]] = []
+    for r in graph.relations:
+        row = []
+        for x in range(n):
+            if backward:  # p with x among r(p): the answers of the inverse fact, trained ones
+                ps = graph.answers(graph.inverse(r.index).index, x)
+                row.append(ps[trained[r.index, torch.from_numpy(ps)].numpy()] if ps.size else ps)
+            else:
+                row.append(graph.answers(r.index, x) if trained[r.index, x] else np.array([]))
+        lists.append(row)
+    width = max(1, max(len(a) for row in lists for a in row))
+    choices = torch.zeros(nr, n, width, dtype=torch.long)
+    counts = torch.zeros(nr, n, dtype=torch.float64)
+    for ri, row in enumerate(lists):
+        for x, a in enumerate(row):
+            if len(a):
+                padded = np.concatenate([a, np.full(width - len(a), a[0])])
+                choices[ri, x] = torch.from_numpy(padded.astype(np.int64))
+                counts[ri, x] = len(a)
+    return choices, counts
+
+
 def _cumulative(allowed: torch.Tensor) -> torch.Tensor:
     """Per row, the running count of allowed choices (float64; last column = row total)."""
     return allowed.double().cumsum(-1).contiguous()
@@ -198,6 +244,15 @@ class QuerySet:
     @property
     def n_queries(self) -> int:
         return int(self.answers.shape[0])
+
+    def correct(self, graph: KnowledgeGraph, predictions: torch.Tensor) -> torch.Tensor:
+        """[query] bool: whether each predicted token is a right answer. A one-hop query of a
+        relation with several answers (a tree's children) accepts any of them
+        (:meth:`KnowledgeGraph.accepts`); every other query has one answer, ``answers``."""
+        if self.rows.shape[1] != 3 or not graph.multi_valued[self.rows[:, 1]].any():
+            return predictions.cpu() == self.answers
+        ok = graph.accepts(self.rows[:, 1], self.rows[:, 0], predictions.cpu().numpy())
+        return torch.from_numpy(ok)
 
     @classmethod
     def build(
