@@ -323,7 +323,8 @@ def test_reproduce_rings_with_a_tree(tmp_path, capsys):
     args = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", "--n", "1",
             "--methods", "rome", "--sequential", "0", "--samples", "1000", "--max-queries",
             "16", "--distances", "1,3", "--set", "kg.n_entities=40", "--set",
-            "kg.structure=ring-tree", "--set", "kg.branching=3", "--set", "train.steps=100"]  # fmt: skip
+            "kg.structure=ring-tree", "--set", "kg.branching=3", "--set",
+            "train.steps=100"]  # fmt: skip
     assert main(args) == 0
     capsys.readouterr()
     header = (out / "table.csv").read_text().splitlines()[0].split(",")
