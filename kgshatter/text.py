@@ -297,8 +297,12 @@ class TextTask:
     ) -> tuple[Prompts, Prompts]:
         """The references' layout: the plain prompt and ``n_prompts - 1`` prefixed ones, and one
         bare essence prompt ``"{subject} is a"`` (kmeng01/rome ``compute_v``)."""
-        prompts, _ = self.prompts(request, n_prompts, seed)
-        return prompts, self.encode("{} is a", request.subject, [""])
+        check_int("n_prompts", n_prompts, 1)
+        prefixes = [""] + self.prefixes(n_prompts - 1, seed)
+        return (
+            self.encode(request.prompt, request.subject, prefixes),
+            self.encode("{} is a", request.subject, [""]),
+        )
 
     def bare_prompt(self, request: TextRequest) -> Prompts:
         return self.encode(request.prompt, request.subject, [""])
@@ -363,11 +367,20 @@ class TextTask:
 
 @torch.inference_mode()
 def sample_text(
-    model: TransformerBridge, tokenizer: Any, n: int, length: int, seed: int, top_k: int = 5
+    model: TransformerBridge,
+    tokenizer: Any,
+    n: int,
+    length: int,
+    seed: int,
+    top_k: int = 5,
+    use_cache: bool = True,
 ) -> list[str]:
     """``n`` texts of ``length`` tokens sampled from the model (top-k), starting from BOS/EOS.
 
-    Seeded by ``seed`` through a local generator (no global RNG); same seed, same texts.
+    Seeded by ``seed`` through a local generator (no global RNG); same seed, same texts. With
+    ``use_cache`` each step feeds only the new token, with the Hugging Face key/value cache of
+    the tokens before it (GPT-2, Llama: logits equal the full pass's to ~1e-6); a model that
+    returns no cache (Mamba through TransformerLens) reruns the whole prefix at every step.
     """
     if n == 0:
         return []
@@ -377,8 +390,18 @@ def sample_text(
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     tokens = torch.full((n, 1), start, dtype=torch.long)
+    past: Any = None
     for _ in range(length):
-        logits = model(tokens.to(device))[:, -1].float().cpu()
+        if past is not None:  # only the newest token, after the cached ones
+            logits, past = model(
+                tokens[:, -1:].to(device), past_key_values=past, return_type="logits_and_cache"
+            )
+        elif use_cache:
+            logits, past = model(tokens.to(device), return_type="logits_and_cache")
+            use_cache = past is not None
+        else:
+            logits = model(tokens.to(device))
+        logits = logits[:, -1].float().cpu()
         top = logits.topk(top_k, dim=-1)
         pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)
         tokens = torch.cat([tokens, top.indices.gather(1, pick)], 1)

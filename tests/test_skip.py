@@ -52,6 +52,24 @@ def test_skipping_frozen_blocks_gives_the_same_deltas(problems, hooks, options):
     assert any(d.norm() > 0 for r in short for d in r.deltas)
 
 
+def test_an_earlier_edit_below_the_skipped_blocks_stays_in_effect(problems):
+    """A sequence's earlier edits are hooks on the model (``edited``): one below the first
+    edited block fires in the first pass only, and its effect rides in the cached residual."""
+    model, probs, config = problems
+    shift = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+    def earlier(act, hook):
+        return act + 0.5 * shift
+
+    kw = config.optimisation()
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", earlier)]):
+        full = optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw, skip_frozen=False)
+        short = optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw)
+    _close(full, short)
+    plain = optimize_many(model, ["blocks.1.hook_mlp_out"], probs, **kw)
+    assert not torch.allclose(plain[0].delta, short[0].delta)  # the earlier edit mattered
+
+
 def test_the_blocks_below_do_not_run(problems):
     model, probs, config = problems
     calls = []

@@ -1,15 +1,28 @@
-"""The geometry study's table and figure from its reproductions (README, "Other geometries").
+"""The geometry study's tables and figures from its reproductions (README, "Other geometries").
 
-    for g in ring64 torus grid mixed; do
+The cpu regime (presets of 64 entities, the cpu recipe for 6000 steps):
+
+    for g in ring64 torus grid mixed tree ring-tree; do
       kgshatter reproduce --preset $g --out runs/geo-$g --methods rome,memit \
-        --distances 1,2,3,4,6,8 --sequential 0 --seeds 0,1
+        --distances 1,2,3,4,6,8 --sequential 0 --seeds 0,1     # tree: 1,2,3,4,5,6
     done
     python docs/geometry-study/study.py runs/geo-ring64 runs/geo-torus runs/geo-grid \
-        runs/geo-mixed
+        runs/geo-mixed runs/geo-tree runs/geo-ring-tree
 
-writes ``study.json`` and ``study.png`` next to this file and prints the table. Per geometry,
-method and edit distance d: the accuracy drop (points, mean of direct / logical / compositional)
-of every order and R(D*) x100 of every order, from each reproduction's ``summary.json``.
+The fidelity study's regime (the compressed recipe at N = 64, hops 1-2, 20k steps):
+
+    base="--preset compressed --from-scratch --set kg.n_entities=64 --set kg.max_hops=2"
+    kgshatter reproduce $base --out runs/geo-c-ring64 ...          # the same sweep flags
+    kgshatter reproduce $base --set kg.structure=tree --set kg.branching=3 --out runs/geo-c-tree ...
+    kgshatter reproduce $base --set kg.structure=grid --set kg.width=8 --out runs/geo-c-grid ...
+    python docs/geometry-study/study.py --name study-compressed ring64=runs/geo-c-ring64 \
+        tree=runs/geo-c-tree grid=runs/geo-c-grid
+
+writes ``NAME.json`` and ``NAME.png`` (``--name``, default ``study``) next to this file and
+prints the table. An argument is a reproduction's folder, or ``LABEL=FOLDER`` to name its
+column (default: its preset). Per geometry, method and edit distance d: the accuracy drop
+(points, mean of direct / logical / compositional) of every order and R(D*) x100 of every
+order, from each reproduction's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -45,25 +58,28 @@ def load(folder: Path) -> dict:
     return out
 
 
-def main(folders: list[str]) -> None:
+def main(folders: list[str], name: str = "study") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loaded = [load(Path(p)) for p in folders]
-    study = {entry["preset"]: entry for entry in loaded}
+    study = {}
+    for arg in folders:  # FOLDER, or LABEL=FOLDER (the label replaces the preset's name)
+        label, _, folder = arg.rpartition("=")
+        entry = load(Path(folder))
+        study[label or entry["preset"]] = entry
     here = Path(__file__).parent
-    (here / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    (here / f"{name}.json").write_text(json.dumps(study, indent=1) + "\n")
     orders = ("I", "II", "III")
     fig, axes = plt.subplots(2, len(study), figsize=(4.2 * len(study), 7), squeeze=False)
-    for col, entry in enumerate(study.values()):
+    for col, (label, entry) in enumerate(study.items()):
         rome = entry["methods"]["rome"]["by_distance"]
         ds = list(rome)
         for o, style in zip(orders, ("o-", "s--", "^:"), strict=True):
             axes[0, col].plot(ds, [rome[d]["drop"][o] for d in ds], style, label=f"order {o}")
             axes[1, col].plot(ds, [rome[d]["R_x100"][o] for d in ds], style, label=f"order {o}")
-        axes[0, col].set_title(f"{entry['preset']}: ROME", fontsize=10)
+        axes[0, col].set_title(f"{label}: ROME", fontsize=10)
         axes[0, col].set_ylabel("accuracy drop (points)")
         axes[1, col].set_ylabel("R(D*) x100")
         axes[1, col].set_xlabel("edit distance d")
@@ -71,9 +87,9 @@ def main(folders: list[str]) -> None:
             ax.set_xticks(ds)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(here / "study.png", dpi=110)
-    for name, entry in study.items():
-        print(f"\n{entry['preset']} ({name}), representations at {entry['site']}")
+    fig.savefig(here / f"{name}.png", dpi=110)
+    for label, entry in study.items():
+        print(f"\n{label} (preset {entry['preset']}), representations at {entry['site']}")
         for method, m in entry["methods"].items():
             fit = m["fit_drop_on_R"]
             print(f"  {method}: r^2 of drop on R {fit['r2']:.2f} over {fit['n']} edits")
@@ -84,4 +100,8 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--name"]:
+        main(args[2:], args[1])
+    else:
+        main(args)

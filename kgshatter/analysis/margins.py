@@ -38,7 +38,8 @@ def ring_margins(
     graph = evaluator.graph
     if graph.shape(order) != "ring":
         raise ValueError(
-            f"ring_margins reads margins along a ring; order {graph.order_name(order)} is a torus"
+            f"ring_margins reads margins along a ring; order {graph.order_name(order)} is a "
+            f"{graph.shape(order)}"
         )
     n = graph.n_entities
     half = n // 2
