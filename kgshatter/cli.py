@@ -582,7 +582,9 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             f"{r['median_seconds']['kgshatter']:.1f} s ({ratios['kgshatter']:.2f}x), without "
             f"starting at the edited block {r['median_seconds']['kgshatter-full-passes']:.1f} s "
             f"({ratios['kgshatter-full-passes']:.2f}x); deltas differ by "
-            f"{r['delta_rel_difference']['kgshatter']:.1e} (relative)"
+            f"{r['delta_rel_difference']['kgshatter']:.1e} (relative); prefix sampling "
+            f"{r['prefix_sampling_seconds']['kv_cache']:.1f} s with the KV cache, "
+            f"{r['prefix_sampling_seconds']['full_passes']:.1f} s without"
         )
     if args.pretrained_dir:
         result["pretrained_gpt2_xl"] = g = pretrained_benchmark(

@@ -14,8 +14,10 @@ the same prompts, with the same hyperparameters and the same number of updates, 
   bridge, with and without starting at the edited block (``skip_frozen``),
 
 interleaved (plain, kgshatter, kgshatter without the skip, then again) so machine noise hits
-all alike, and checks the three deltas agree. This is a benchmark, not a test: it returns
-numbers (``kgshatter edit-benchmark --rome-reference`` prints them and writes JSON).
+all alike, and checks the three deltas agree; then the sampling of a text task's context
+prefixes (:func:`kgshatter.text.sample_text`) with and without the KV cache. This is a
+benchmark, not a test: it returns numbers (``kgshatter edit-benchmark --rome-reference``
+prints them and writes JSON).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def rome_reference_benchmark(
 
     from kgshatter.editing.targets import optimize_targets
     from kgshatter.pretrained import _tiny_tokenizer, load_pretrained
+    from kgshatter.text import sample_text
 
     fields: dict[str, Any] = dict(SMALL_GPT2 if shape is None else shape)
     config = GPT2Config(**fields)
@@ -130,7 +133,8 @@ def rome_reference_benchmark(
     with tempfile.TemporaryDirectory() as tmp:  # through the loader, as a checkpoint is
         hf.save_pretrained(tmp)
         _tiny_tokenizer("byte").save_pretrained(tmp)
-        bridge = load_pretrained(tmp).model
+        loaded = load_pretrained(tmp)
+        bridge, tokenizer = loaded.model, loaded.tokenizer
     hf.requires_grad_(False)
     # the bare prompt: the first row, cut to 4 tokens and right-padded (padding follows `last`)
     last = torch.full((n_prompts,), prompt_len - 1)
@@ -164,6 +168,13 @@ def rome_reference_benchmark(
             deltas[name] = delta
     medians = {k: statistics.median(v) for k, v in times.items()}
     ref = deltas["plain"]
+    # the context prefixes a text task samples from the model, with and without the KV cache
+    sampling: dict[str, float] = {}
+    texts = {}
+    for use_cache in (True, False):
+        start = time.perf_counter()
+        texts[use_cache] = sample_text(bridge, tokenizer, 20, 10, seed, use_cache=use_cache)
+        sampling["kv_cache" if use_cache else "full_passes"] = time.perf_counter() - start
     return {
         "shape": fields,
         "parameters": sum(p.numel() for p in hf.parameters()),
@@ -178,4 +189,7 @@ def rome_reference_benchmark(
         "delta_rel_difference": {
             k: float((d - ref).norm() / ref.norm().clamp(min=1e-12)) for k, d in deltas.items()
         },
+        "prefix_sampling_seconds": sampling,  # 20 prefixes of 10 tokens
+        "prefix_sampling_speedup": sampling["full_passes"] / sampling["kv_cache"],
+        "prefix_sampling_same_texts": texts[True] == texts[False],
     }

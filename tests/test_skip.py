@@ -126,5 +126,6 @@ def test_the_plain_pytorch_reference_on_hugging_face_gives_the_same_delta():
     assert result["layer"] == 1 and result["rows_per_pass"] == 22
     for name, difference in result["delta_rel_difference"].items():
         assert difference < 1e-4, name
+    assert result["prefix_sampling_same_texts"]
     with pytest.raises(ValueError, match="layer must be in 0..3"):
         rome_reference_benchmark(shape=shape, layer=4)
