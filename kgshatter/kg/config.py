@@ -94,48 +94,41 @@ class KGConfig(ConfigDict):
             )
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
-        if self.structure not in LATTICES:
-            if self.width is not None:
-                raise ValueError(
-                    f"width is a lattice's (torus, grid, mixed); a {self.structure} graph has "
-                    f"none (got width={self.width})"
-                )
-        else:
-            if self.width is None:
-                raise ValueError(
-                    f"a {self.structure} graph needs width, the lattice's columns (a divisor of "
-                    f"n_entities={self.n_entities}: {_divisors(self.n_entities, self.max_hops)})"
-                )
-            check_int("width", self.width, 1)
-            allowed = _divisors(self.n_entities, self.max_hops)
-            if self.width not in allowed:
-                raise ValueError(
-                    f"width must divide n_entities={self.n_entities} with both sides above "
-                    f"2 * max_hops = {2 * self.max_hops}; allowed: {allowed or 'none'}, got "
-                    f"{self.width}"
-                )
-        if self.structure not in TREES:
-            if self.branching is not None:
-                raise ValueError(
-                    f"branching is a tree's (tree, ring-tree); a {self.structure} graph has "
-                    f"none (got branching={self.branching})"
-                )
-        else:
-            allowed = _branchings(self.n_entities, self.max_hops)
-            if self.branching is None:
-                raise ValueError(
-                    f"a {self.structure} graph needs branching, the children per inner node "
-                    f"(one that n_entities - 1 = {self.n_entities - 1} is a multiple of, with "
-                    f"leaves more than max_hops={self.max_hops} levels down: {allowed or 'none'})"
-                )
-            check_int("branching", self.branching, 2)
-            if self.branching not in allowed:
-                raise ValueError(
-                    f"branching must divide n_entities - 1 = {self.n_entities - 1} (a full tree) "
-                    f"and leave the deepest leaf more than max_hops={self.max_hops} levels down; "
-                    f"allowed: {allowed or 'none'}, got {self.branching}"
-                )
+        self._check_size(
+            "width",
+            LATTICES,
+            "the lattice's columns",
+            "a divisor of n_entities="
+            f"{self.n_entities} with both sides above 2 * max_hops = "
+            f"{2 * self.max_hops}",
+            _divisors(self.n_entities, self.max_hops),
+            1,
+        )
+        self._check_size("branching", TREES, "the children per inner node", "a divisor of "
+                         f"n_entities - 1 = {self.n_entities - 1} (a full tree) that leaves the "
+                         f"deepest leaf more than max_hops={self.max_hops} levels down",
+                         _branchings(self.n_entities, self.max_hops), 2)  # fmt: skip
         check_int("seed", self.seed, 0)
+
+    def _check_size(self, name: str, owners: tuple[str, ...], meaning: str, rule: str,
+                    allowed: list[int], minimum: int) -> None:  # fmt: skip
+        """``width`` / ``branching``: given exactly for the structures in ``owners``, and one
+        of ``allowed`` (``rule`` says which ones fit)."""
+        value = getattr(self, name)
+        if self.structure not in owners:
+            if value is not None:
+                raise ValueError(
+                    f"{name} belongs to {', '.join(owners)} graphs; a {self.structure} graph "
+                    f"has none (got {name}={value})"
+                )
+            return
+        if value is None:
+            raise ValueError(
+                f"a {self.structure} graph needs {name}, {meaning} ({rule}: {allowed or 'none'})"
+            )
+        check_int(name, value, minimum)
+        if value not in allowed:
+            raise ValueError(f"{name} must be {rule}; allowed: {allowed or 'none'}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """As :class:`ConfigDict`, without ``width`` / ``branching`` when unset (a cyclic
