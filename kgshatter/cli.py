@@ -639,7 +639,7 @@ def _points(value: float | None) -> str:
 
 
 def format_rings(summary: dict[str, dict[str, Any]]) -> str:
-    lines = ["ring / lattice structure (best site per metric)"]
+    lines = ["structure of each order: ring, lattice or tree (best site per metric)"]
     for order, metrics in summary.items():
         cells = ", ".join(f"{m} {v['value']:.2f} @ {v['site']}" for m, v in metrics.items())
         lines.append(f"  {order}: {cells}")

@@ -276,8 +276,8 @@ def write_report(
     lines += [
         f"Run `{s['run']['run_dir']}` (step {s['run']['step']}, graph "
         f"{s['run']['graph_fingerprint']}), representations at `{s['site']}` "
-        f"({s.get('position', 'relation')} token of `x o_C1`, on a lattice `x o_E1`, mean over "
-        "contexts).",
+        f"({s.get('position', 'relation')} token of `x o_C1`, on a lattice `x o_E1`, on a tree "
+        "`x o_U1`, mean over contexts).",
         _times_line(seconds),
         "",
         "## Findings (ROME, the paper's main method)",
