@@ -11,9 +11,12 @@ Mamba and TransformerLens-native bridges are tested: ``tests/test_skip.py``); th
 those of the full pass up to float rounding. On GPT-2-XL with ROME at layer 17 this saves 17 of
 the 48 blocks' forward work per step (the backward pass never reached them).
 
-Hooks at the skipped blocks do not fire inside :meth:`BlockSkip.running`, which is why
-:meth:`BlockSkip.plan` declines when a hook the caller keeps active during the optimisation
-would sit below or at the injection point.
+Hooks at the skipped blocks do not fire inside :meth:`BlockSkip.running`. A hook already on
+the model (a sequence's earlier edits, installed by ``edited``) fires in the first pass, so
+an edit below the skipped blocks keeps its effect through the cached residual (tested); a hook
+with side effects there (a capture) sees that pass only. :meth:`BlockSkip.plan` declines when
+a hook the caller passes for the optimisation's passes would sit below or at the injection
+point.
 """
 
 from __future__ import annotations
