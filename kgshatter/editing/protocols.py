@@ -58,7 +58,9 @@ def sample_requests(
     ``counterfactual``: the target lies ``distance`` steps clockwise or anticlockwise (seeded
     coin) from the true answer on the relation's ring; ``distance`` must be in
     ``1 .. N // 2``. On a torus order the target is drawn (seeded) among the entities exactly
-    ``distance`` lattice steps from the true answer, ``distance`` in ``1 .. w // 2 + h // 2``.
+    ``distance`` lattice steps from the true answer, ``distance`` in ``1 .. w // 2 + h // 2``;
+    on a grid or a tree among those ``distance`` away in its own metric, from the facts whose
+    answer has one. A tree's steps down (several answers) are never edited: only its steps up.
     ``corrective``: facts ``model`` answers wrongly (softmax averaged over ``n_prefixes``
     contexts from ``sampler``), target = the graph's answer; fewer than ``n`` are returned when
     the model makes fewer mistakes.
