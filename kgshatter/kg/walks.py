@@ -4,7 +4,10 @@ A training sequence is a random walk ``x0 r1 x1 r2 x2 ...`` with ``x_{t+1} = r_{
 relations from every order mix in one walk. With probability ``composition_prob`` a step is
 written as a two-hop composition ``x r1 r2 z`` with the middle entity dropped (our reading of
 the paper's "max composition length 2"). Held-out facts and held-out two-hop queries are never
-emitted: every step is drawn only from the graph's trained masks.
+emitted: every step is drawn only from the graph's trained masks. A step of a relation with
+several answers (a tree's step down) goes to one of them, drawn uniformly; walks written
+backward arrive by a step up from a uniformly drawn child (only graphs with such relations draw
+these extra numbers, so every other graph's walks are the bytes they were).
 
 Sequences are sampled on the fly from a generator seeded by ``(seed, step)``, so batch ``s`` is
 the same bytes whether a run was interrupted or not.
