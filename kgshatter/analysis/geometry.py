@@ -47,13 +47,19 @@ def probe_r2(reps, positions: np.ndarray, n: int, folds: int = 5, seed: int = 0)
     Features are centred and divided by one overall scale (not per feature), so the probe is
     invariant to rotations and translations of the representation.
     """
+    theta = ring_angle(positions, n)
+    return ridge_probe_r2(reps, np.stack([np.cos(theta), np.sin(theta)], axis=1), folds, seed)
+
+
+def ridge_probe_r2(reps, targets: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of a ridge probe from the representations onto ``targets`` [N, k]
+    (the ring, lattice and tree probes; features centred and divided by one overall scale)."""
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
 
     x = _np(reps)
     x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
-    theta = ring_angle(positions, n)
-    y = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    y = np.asarray(targets, dtype=float)
     probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
     pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
@@ -157,20 +163,13 @@ def lattice_probe_r2(reps, coords: np.ndarray, shape: tuple[int, int], folds: in
 
     ``coords`` is [N, 2] (row, column).
     """
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
-
-    x = _np(reps)
-    x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
     coords = np.asarray(coords, dtype=float)
     if wrap:
         rows, cols = 2 * np.pi * coords[:, 0] / shape[0], 2 * np.pi * coords[:, 1] / shape[1]
         y = np.stack([np.cos(rows), np.sin(rows), np.cos(cols), np.sin(cols)], axis=1)
     else:
         y = coords
-    probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
-    pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
-    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    return ridge_probe_r2(reps, y, folds, seed)
 
 
 def lattice_neighbour_fraction(reps, distances: np.ndarray, radius: int = 1) -> float:
@@ -255,15 +254,7 @@ def tree_coordinates(distances: np.ndarray, components: int = 4) -> np.ndarray:
 
 def tree_probe_r2(reps, distances: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 of a ridge probe onto :func:`tree_coordinates`."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
-
-    x = _np(reps)
-    x = (x - x.mean(0)) / max(float(x.std()), 1e-12)
-    y = tree_coordinates(distances)
-    probe = RidgeCV(alphas=np.logspace(-3, 4, 15))
-    pred = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
-    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    return ridge_probe_r2(reps, tree_coordinates(distances), folds, seed)
 
 
 def tree_metrics(reps, distances: np.ndarray, seed: int = 0) -> dict[str, float]:

@@ -342,8 +342,11 @@ class KnowledgeGraph:
         )
 
     @cached_property
-    def _inverse_index(self) -> np.ndarray:
-        return np.array([self.inverse(r.index).index for r in self.relations], dtype=np.int64)
+    def inverse_index(self) -> np.ndarray:
+        """[R] the index of each relation's :meth:`inverse`."""
+        return _readonly(
+            np.array([self.inverse(r.index).index for r in self.relations], dtype=np.int64)
+        )
 
     def accepts(self, relations: Any, subjects: Any, answers: Any) -> np.ndarray:
         """Whether each ``answers[i]`` is a right answer of the fact ``(subjects[i],
@@ -357,7 +360,7 @@ class KnowledgeGraph:
         inside = (y >= 0) & (y < self.n_entities)
         safe = np.where(inside, y, 0)
         single = self.table[r, x] == y
-        multi = self.table[self._inverse_index[r], safe] == x
+        multi = self.table[self.inverse_index[r], safe] == x
         return inside & (self.table[r, x] >= 0) & np.where(self.multi_valued[r], multi, single)
 
     def answers(self, relation: str | int, entity: str | int) -> np.ndarray:
@@ -366,7 +369,7 @@ class KnowledgeGraph:
         if not self.multi_valued[r.index]:
             y = self.table[r.index, x]
             return np.array([y] if y >= 0 else [], dtype=np.int64)
-        return np.flatnonzero(self.table[self._inverse_index[r.index]] == x)
+        return np.flatnonzero(self.table[self.inverse_index[r.index]] == x)
 
     def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
         """How far apart two answers lie in the structure of ``relation``'s order (paper's d:

@@ -68,7 +68,7 @@ class WalkSampler:
         safe = table.clamp(min=0)
         trained = torch.from_numpy(graph.trained_facts_mask.copy())  # [R, N]
         comp = torch.from_numpy(graph.trained_compositions_mask.copy())  # [R1, R2, N]
-        inverse = torch.tensor([graph.inverse(r.index).index for r in graph.relations])
+        inverse = torch.from_numpy(graph.inverse_index.copy())
         two = safe[:, safe].permute(1, 0, 2).reshape(nr * nr, n)  # [(r1, r2), x] -> r2(r1(x))
         # forward: from x, relation r is allowed if (x, r) is trained and leads to table[r, x]
         self._fwd1 = (_cumulative(trained.T), safe)
@@ -200,7 +200,7 @@ def _choices(
         row = []
         for x in range(n):
             if backward:  # p with x among r(p): the answers of the inverse fact, trained ones
-                ps = graph.answers(graph.inverse(r.index).index, x)
+                ps = graph.answers(int(graph.inverse_index[r.index]), x)
                 row.append(ps[trained[r.index, torch.from_numpy(ps)].numpy()] if ps.size else ps)
             else:
                 row.append(graph.answers(r.index, x) if trained[r.index, x] else np.array([]))
