@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -409,10 +410,25 @@ def _reset_peak() -> bool:
         return False
 
 
+GPT2_XL_SOURCES = ("huggingface", "native")
+
+
 def gpt2_xl_rome_benchmark(
-    n_edits: int = 2, stats_samples: int = 64, prompt_len: int = 10, cache_dir: str | None = None
+    n_edits: int = 2,
+    stats_samples: int = 64,
+    prompt_len: int = 10,
+    cache_dir: str | None = None,
+    source: str = "huggingface",
 ) -> dict[str, Any]:
     """ROME on a model of GPT-2-XL's exact shape (random weights, built here) on this machine.
+
+    ``source="huggingface"`` (default): a Hugging Face ``GPT2LMHeadModel`` of GPT-2-XL's
+    config, saved and loaded by :func:`kgshatter.pretrained.load_pretrained`, the model a
+    researcher edits; every edit is timed with the prompt-prefix key/value cache
+    (:class:`~kgshatter.editing.prefix.PrefixCache`) and without it (inside
+    :func:`~kgshatter.editing.prefix.disabled`), alternating, so the ratio is side by side.
+    ``source="native"``: the TransformerLens-native bridge of the same shape (untied head),
+    which has no key/value cache, timed once per edit.
 
     The same code path as the synthetic study: the prompts are walks over a small graph whose
     tokens are ids in GPT-2's vocabulary, the edit is computed with the ``gpt2-xl`` ROME preset
@@ -422,6 +438,7 @@ def gpt2_xl_rome_benchmark(
     the process's resident-set high-water mark during the edits (reset before them), divided by
     the model's parameter bytes.
     """
+    import gc
     import tempfile
 
     from kgshatter.editing import (
@@ -431,15 +448,23 @@ def gpt2_xl_rome_benchmark(
         compute_rome,
         model_identity,
     )
+    from kgshatter.editing import prefix as prefix_cache
     from kgshatter.editing.protocols import sample_requests
     from kgshatter.hooks import edited
     from kgshatter.kg.config import KGConfig
     from kgshatter.kg.walks import WalkConfig
 
+    if source not in GPT2_XL_SOURCES:
+        raise ValueError(f"source must be one of {GPT2_XL_SOURCES}, got {source!r}")
     rss_start = _rss_kib("VmRSS")
     start = time.perf_counter()
-    model = build_model(GPT2_XL_SHAPE, GPT2_XL_VOCAB)
+    with tempfile.TemporaryDirectory() as checkpoint:
+        if source == "native":
+            model = build_model(GPT2_XL_SHAPE, GPT2_XL_VOCAB)
+        else:
+            model = _hf_gpt2_xl(checkpoint)
     model.eval()
+    gc.collect()
     build_seconds = time.perf_counter() - start
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     graph = KnowledgeGraph.from_config(KGConfig(n_entities=32, n_orders=2, max_hops=2, seed=0))
@@ -448,6 +473,7 @@ def gpt2_xl_rome_benchmark(
     start = time.perf_counter()
     model_id = model_identity(model)
     identity_seconds = time.perf_counter() - start
+    variants = ["prefix_cache", "full_positions"] if source == "huggingface" else ["default"]
     with tempfile.TemporaryDirectory() as tmp:
         cache = CovarianceCache(cache_dir or tmp)
         start = time.perf_counter()
@@ -456,20 +482,28 @@ def gpt2_xl_rome_benchmark(
         requests = sample_requests(graph, "counterfactual", n_edits, seed=0, distance=2)
         rss_before = _rss_kib("VmRSS")
         peak_reset = _reset_peak()
-        seconds, efficacy = [], []
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
+        efficacy: dict[str, list[float]] = {v: [] for v in variants}
+        deltas: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
         for request in requests:
-            task = SyntheticTask(sampler, cache)  # fresh: statistics come from the disk cache
-            start = time.perf_counter()
-            edit = compute_rome(model, task, request, config, model_id=model_id)
-            seconds.append(time.perf_counter() - start)
-            tokens = task.prompts(request, 4, seed=99)[0].tokens
-            with torch.inference_mode(), edited(model, edit):
-                hit = model(tokens)[:, -1].argmax(-1) == request.target
-                efficacy.append(float(hit.float().mean()))
+            for variant in variants:
+                task = SyntheticTask(sampler, cache)  # fresh: statistics come from the disk cache
+                off = prefix_cache.disabled() if variant == "full_positions" else nullcontext()
+                start = time.perf_counter()
+                with off:
+                    edit = compute_rome(model, task, request, config, model_id=model_id)
+                seconds[variant].append(time.perf_counter() - start)
+                deltas[variant].append(edit.deltas[0].dense)
+                tokens = task.prompts(request, 4, seed=99)[0].tokens
+                with torch.inference_mode(), edited(model, edit):
+                    hit = model(tokens)[:, -1].argmax(-1) == request.target
+                    efficacy[variant].append(float(hit.float().mean()))
         peak = _rss_kib("VmHWM")
-    seconds_sorted = sorted(seconds)
-    return {
+    medians = {v: statistics.median(t) for v, t in seconds.items()}
+    result: dict[str, Any] = {
+        "source": source,
         "shape": GPT2_XL_SHAPE.to_dict() | {"d_vocab": GPT2_XL_VOCAB},
+        "tied_embeddings": source == "huggingface",
         "parameters": sum(p.numel() for p in model.parameters()),
         "model_bytes": model_bytes,
         "threads": torch.get_num_threads(),
@@ -480,7 +514,8 @@ def gpt2_xl_rome_benchmark(
         "prompt_len": prompt_len,
         "config": config.to_dict(),
         "seconds_per_edit": seconds,
-        "median_seconds_per_edit": seconds_sorted[len(seconds) // 2],
+        "median_seconds_per_edit": medians[variants[0]],
+        "median_seconds": medians,
         "cache_hits": cache.hits,
         "efficacy_random_model": efficacy,  # fraction of 4 prompts; a random model, not a goal
         "peak_reset": peak_reset,
@@ -490,6 +525,36 @@ def gpt2_xl_rome_benchmark(
         "peak_over_model": peak * 1024 / model_bytes,
         "peak_above_start_over_model": (peak - rss_start) * 1024 / model_bytes,
     }
+    if source == "huggingface":
+        result["speedup_prefix_cache"] = medians["full_positions"] / medians["prefix_cache"]
+        result["target_delta_rel_difference"] = max(
+            float((a - b).norm() / b.norm().clamp(min=1e-12))
+            for a, b in zip(deltas["prefix_cache"], deltas["full_positions"], strict=True)
+        )
+    return result
+
+
+def _hf_gpt2_xl(checkpoint: str) -> TransformerBridge:
+    """A random Hugging Face GPT-2 of GPT-2-XL's config (seed 0), through the loader."""
+    import gc
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kgshatter.pretrained import _tiny_tokenizer, load_pretrained
+
+    shape = GPT2_XL_SHAPE
+    config = GPT2Config(
+        n_layer=shape.n_layers, n_embd=shape.d_model, n_head=shape.n_heads,
+        n_inner=shape.d_mlp, n_positions=shape.n_ctx, vocab_size=GPT2_XL_VOCAB,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(config)
+    hf.save_pretrained(checkpoint)
+    del hf
+    gc.collect()
+    _tiny_tokenizer("byte").save_pretrained(checkpoint)
+    return load_pretrained(checkpoint).model
 
 
 def pretrained_benchmark(

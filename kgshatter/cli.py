@@ -563,13 +563,21 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(format_edit_benchmark(result["synthetic"]))
     if args.gpt2_xl:
-        result["gpt2_xl_shape"] = gpt2_xl_rome_benchmark(n_edits=args.gpt2_xl_edits)
-        g = result["gpt2_xl_shape"]
-        print(
-            f"GPT-2-XL shape ({g['parameters'] / 1e9:.2f}B parameters, random weights): ROME "
-            f"{g['median_seconds_per_edit']:.1f} s per edit (cached statistics), peak memory "
-            f"{g['peak_over_model']:.2f}x the model's size"
+        result["gpt2_xl_shape"] = g = gpt2_xl_rome_benchmark(
+            n_edits=args.gpt2_xl_edits, source=args.gpt2_xl_source
         )
+        print(
+            f"GPT-2-XL shape ({g['source']}, {g['parameters'] / 1e9:.2f}B parameters, random "
+            f"weights): ROME {g['median_seconds_per_edit']:.1f} s per edit (cached "
+            f"statistics), peak memory {g['peak_over_model']:.2f}x the model's size"
+        )
+        if "speedup_prefix_cache" in g:
+            print(
+                f"  without the prompt-prefix key/value cache "
+                f"{g['median_seconds']['full_positions']:.1f} s per edit: "
+                f"{g['speedup_prefix_cache']:.2f}x; weight deltas differ by "
+                f"{g['target_delta_rel_difference']:.1e} (relative)"
+            )
     if args.rome_reference:
         from kgshatter.rome_speed import rome_reference_benchmark
 
@@ -827,6 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpt2-xl", action="store_true", help="also time ROME on a GPT-2-XL-shaped model"
     )
     p.add_argument("--gpt2-xl-edits", type=_positive, default=2, help="edits timed on that model")
+    p.add_argument(
+        "--gpt2-xl-source", choices=("huggingface", "native"), default="huggingface",
+        help="--gpt2-xl: a Hugging Face GPT-2 through the loader (each edit timed with and "
+        "without the prompt-prefix key/value cache) or the TransformerLens-native bridge",
+    )  # fmt: skip
     p.add_argument(
         "--rome-reference",
         action="store_true",

@@ -95,13 +95,19 @@ class BlockSkip:
 
         return (self.hook_name, record)
 
-    def injector(self, rows: Callable[[], torch.Tensor]) -> tuple[str, Callable[..., Any]]:
-        """A hook that replaces block ``start``'s input by the cached residual of ``rows()``."""
+    def injector(
+        self, rows: Callable[[], torch.Tensor], column: Callable[[], int] = lambda: 0
+    ) -> tuple[str, Callable[..., Any]]:
+        """A hook that replaces block ``start``'s input by the cached residual of ``rows()``,
+        from column ``column()`` on (a pass that starts later in the sequence, as with a
+        :class:`~kgshatter.editing.prefix.PrefixCache`), as many columns as the pass has."""
 
         def inject(residual: torch.Tensor, hook: Any) -> torch.Tensor:
             if self.residual is None:
                 raise RuntimeError("BlockSkip: no residual recorded (run the recorder first)")
-            return self.residual[rows()].to(residual.dtype)
+            first = column()
+            cached = self.residual[rows(), first : first + residual.shape[1]]
+            return cached.to(residual.dtype)
 
         return (self.hook_name, inject)
 

@@ -13,7 +13,7 @@ model's weights are never written and receive no gradients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, frozen_weights
+from kgshatter.editing.prefix import PrefixCache
 from kgshatter.editing.skip import BlockSkip
 
 if TYPE_CHECKING:
@@ -168,11 +169,15 @@ def optimize_many(
     NLL's weight drops to 0.1 for the next pass (back to 1 when it no longer is), and the
     optimisation stops there if the KL term is at most 0.01.
 
-    Two shortcuts leave the result unchanged up to float rounding (``tests/test_skip.py``):
-    the unembedding runs only where a loss term reads the logits, and with ``skip_frozen`` (the
-    default) the optimisation steps start at the lowest edited block, on the residual the first
-    pass cached there (:class:`~kgshatter.editing.skip.BlockSkip`; the blocks below are frozen
-    and see no delta). ``skip_frozen=False`` runs every block at every step.
+    Three shortcuts leave the result unchanged up to float rounding (``tests/test_skip.py``,
+    ``tests/test_pretrained.py``): the unembedding runs only where a loss term reads the
+    logits; with ``skip_frozen`` (the default) the optimisation steps start at the lowest
+    edited block, on the residual the first pass cached there
+    (:class:`~kgshatter.editing.skip.BlockSkip`; the blocks below are frozen and see no
+    delta), and on a model with a Hugging Face key/value cache (GPT-2, Llama) at each row's
+    delta position, on the keys and values the first pass cached for the columns before it
+    (:class:`~kgshatter.editing.prefix.PrefixCache`; rows are then run grouped by that
+    position). ``skip_frozen=False`` runs every block and position at every step.
     """
     if nll_schedule not in NLL_SCHEDULES:
         raise ValueError(f"nll_schedule must be one of {NLL_SCHEDULES}, got {nll_schedule!r}")
@@ -221,7 +226,8 @@ def optimize_many(
     rw_count = torch.tensor(n_rw, dtype=torch.float32, device=device)
     es_count = torch.tensor(n_es, dtype=torch.float32, device=device).clamp(min=1)
     store: dict[str, torch.Tensor] = {}
-    rows_now: dict[str, torch.Tensor] = {"rows": torch.arange(len(batch), device=device)}
+    # the rows a pass runs, and the column its first token has in the batch
+    rows_now: dict[str, Any] = {"rows": torch.arange(len(batch), device=device), "offset": 0}
 
     def reader(name: str):
         def read_at(activation: torch.Tensor, hook: Any) -> None:
@@ -230,11 +236,15 @@ def optimize_many(
         return read_at
 
     skip = BlockSkip.plan(model, hooks, [name for name, _ in fwd_hooks]) if skip_frozen else None
+    prefix = PrefixCache.plan(model) if skip_frozen else None
     first_pass = [*fwd_hooks, *[(h, reader(h)) for h in hooks]]
     if skip is not None:
         first_pass.append(skip.recorder())
     with torch.no_grad():  # each row's first answer token
-        logits0 = _logits_at(model, tokens, read[:, None], first_pass)[:, 0]
+        logits0, cache = _logits_at(model, tokens, read[:, None], first_pass, keep=prefix)
+        logits0 = logits0[:, 0]
+    if prefix is not None:
+        prefix.record(cache)
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
     h0s, means = [], []
     for h in hooks:
@@ -259,7 +269,7 @@ def optimize_many(
         def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             out = activation.clone()
             sel = rows_now["rows"]
-            idx, owners = at[sel], group[sel]
+            idx, owners = at[sel] - rows_now["offset"], group[sel]
             stacked = torch.stack([deltas[g][k] for g in range(n_groups)])  # [G, d]
             rows = torch.arange(len(idx), device=device)
             out[rows, idx] = out[rows, idx] + stacked[owners].to(activation.dtype)
@@ -269,7 +279,7 @@ def optimize_many(
 
     editing_hooks = [*fwd_hooks, *[(h, adder(k)) for k, h in enumerate(hooks)]]
     if skip is not None:
-        editing_hooks.append(skip.injector(lambda: rows_now["rows"]))
+        editing_hooks.append(skip.injector(lambda: rows_now["rows"], lambda: rows_now["offset"]))
     chunk_rows = micro_batch or len(batch)
     losses: list[list[float]] = [[] for _ in range(n_groups)]
     nll_factor = torch.ones(n_groups, device=device)  # the NLL's weight per problem
@@ -297,11 +307,16 @@ def optimize_many(
             missed = torch.zeros(n_groups, device=device)  # rows whose argmax is not the target
             # the rows of the problems still optimising (a stopped one's rows are not run)
             live = torch.tensor(active, device=device)[group].nonzero().squeeze(1)
-            for start in range(0, len(live), chunk_rows):
-                sel = live[start : start + chunk_rows]
-                rows_now["rows"] = sel
-                # [rows, width, vocab]
-                logits = _logits_at(model, tokens[sel], answer_at[sel], editing_hooks).float()
+            for sel, split in _passes(live, at, chunk_rows, prefix):
+                rows_now["rows"], rows_now["offset"] = sel, split
+                # [rows, width, vocab]; with the prefix cache only columns split .. the last
+                # read one run (the rows' first edited position onwards)
+                end = int(answer_at[sel].max()) + 1 if prefix is not None else tokens.shape[1]
+                past = prefix.past(sel, split) if prefix is not None and split > 0 else None
+                logits, _ = _logits_at(
+                    model, tokens[sel, split:end], answer_at[sel] - split, editing_hooks, past
+                )
+                logits = logits.float()
                 owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
                 if is_rw.any():
@@ -376,27 +391,48 @@ def optimize_many(
     ]
 
 
+def _passes(
+    live: torch.Tensor, at: torch.Tensor, chunk_rows: int, prefix: PrefixCache | None
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """The forward passes of one step: ``(rows, first column)``; all columns in micro-batches
+    of ``chunk_rows``, or with a prefix cache rows grouped by their first edited column."""
+    if prefix is not None:
+        yield from prefix.groups(live, at, chunk_rows)
+        return
+    for start in range(0, len(live), chunk_rows):
+        yield live[start : start + chunk_rows], 0
+
+
 def _logits_at(
     model: TransformerBridge,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     fwd_hooks: Sequence[tuple[str, Any]],
-) -> torch.Tensor:
+    past: Any = None,
+    keep: PrefixCache | None = None,
+) -> tuple[torch.Tensor, Any]:
     """Logits ``[rows, k, vocab]`` at ``positions[rows, k]`` of each row, with ``fwd_hooks``
-    active; the unembedding runs at those positions only (a hook on its input, where the model
-    has one)."""
+    active, and the model's key/value cache when ``keep`` asks for it (else None); the
+    unembedding runs at those positions only (a hook on its input, where the model has one).
+    ``past``: the key/value cache of the columns before ``tokens`` (a
+    :class:`~kgshatter.editing.prefix.PrefixCache`'s)."""
     rows, seq = tokens.shape
     flat = (torch.arange(rows, device=tokens.device)[:, None] * seq + positions).flatten()
     hooks = cast(list[Any], list(fwd_hooks))
+    kwargs: dict[str, Any] = {} if keep is None else keep.first_pass_kwargs()
+    if past is not None:
+        kwargs["past_key_values"] = past
     if "unembed.hook_in" not in model.hook_dict:
-        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return logits.reshape(rows * seq, -1)[flat].view(rows, positions.shape[1], -1)
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+        logits, cache = out if keep is not None else (out, None)
+        return logits.reshape(rows * seq, -1)[flat].view(rows, positions.shape[1], -1), cache
 
-    def keep(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+    def keep_rows(resid: torch.Tensor, hook: Any) -> torch.Tensor:
         return resid.reshape(-1, resid.shape[-1]).index_select(0, flat).unsqueeze(0)
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[*hooks, ("unembed.hook_in", keep)])
-    return logits.view(rows, positions.shape[1], -1)
+    out = model.run_with_hooks(tokens, fwd_hooks=[*hooks, ("unembed.hook_in", keep_rows)], **kwargs)
+    logits, cache = out if keep is not None else (out, None)
+    return logits.view(rows, positions.shape[1], -1), cache
 
 
 def _check_finite(loss: torch.Tensor, lr: float) -> None:
