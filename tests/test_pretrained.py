@@ -113,9 +113,13 @@ def test_edits_succeed_and_undo_exactly(loaded, family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, family):
-    """``kgshatter.editing.skip`` on Hugging Face blocks: the same deltas with and without
-    running the blocks below the edit (tests/test_skip.py does the native bridge)."""
+@pytest.mark.parametrize("reference", [False, True])
+def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, family, reference):
+    """``kgshatter.editing.skip`` and ``kgshatter.editing.prefix`` on Hugging Face blocks: the
+    same deltas with and without running the blocks below the edit and the columns before each
+    row's delta position (tests/test_skip.py does the native bridge). Reference mode's bare
+    rows start at another position than the prefixed ones, so the rows run in groups."""
+    from kgshatter.editing.prefix import PrefixCache, disabled
     from kgshatter.editing.targets import TargetProblem, optimize_many
     from kgshatter.sites import edit_sites
 
@@ -124,15 +128,34 @@ def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, f
     hook = edit_sites("mixer" if family == "mamba" else "mlp", 2)[1].hook_name
     text_task = TextTask(model, pm.tokenizer, corpus(), seq_len=32)
     request = cyclic_task("months", pm.tokenizer).counterfactuals(1, seed=0, distance=2)[0]
-    prompts, essence = text_task.prompts(request, 3, seed=0)
+    make = text_task.reference_prompts if reference else text_task.prompts
+    prompts, essence = make(request, 4, seed=0)
     problem = TargetProblem(prompts, text_task.target_tokens(request), essence)
-    kw = {"steps": 4, "lr": 0.5, "kl_factor": 0.0625, "weight_decay": 0.5}
-    kw |= {"clamp_norm_factor": 4.0, "position": "subject"}
+    kw = {"steps": 4, "lr": 0.5, "kl_factor": 0.0625, "weight_decay": 0.5, "micro_batch": 2}
+    kw |= {"clamp_norm_factor": 4.0, "position": "subject", "reference": reference}
+    shapes: list[tuple[int, int]] = []
+    upper = ("blocks.3.hook_out", lambda act, hook: shapes.append(tuple(act.shape[:2])))
     full = optimize_many(model, [hook], [problem], **kw, skip_frozen=False)[0]
-    short = optimize_many(model, [hook], [problem], **kw)[0]
+    with model.hooks(fwd_hooks=[upper]):
+        short = optimize_many(model, [hook], [problem], **kw)[0]
+    widths = [w for rows, w in shapes if (rows, w) != (1, 1)]  # not the one-token probes
     assert full.delta.norm() > 0
     torch.testing.assert_close(short.delta, full.delta, rtol=1e-4, atol=1e-6)
     assert short.losses == pytest.approx(full.losses, rel=1e-4)
+    first = prompts.index("subject")
+    if family == "mamba":  # no key/value cache: every pass runs every column
+        with torch.no_grad():
+            _, cache = model(prompts.tokens, return_type="logits_and_cache")
+        assert PrefixCache.from_first_pass(cache) is None
+        assert set(widths) == {prompts.tokens.shape[1]}
+    else:  # the first pass runs all columns, the later ones from the delta position on
+        assert widths[0] == prompts.tokens.shape[1] and int(first.max()) > 0
+        assert max(widths[1:]) <= int((prompts.last - first).max()) + len(problem.tokens)
+        assert max(widths[1:]) < widths[0]
+        shapes.clear()
+        with disabled(), model.hooks(fwd_hooks=[upper]):
+            optimize_many(model, [hook], [problem], **kw)
+        assert {w for rows, w in shapes if (rows, w) != (1, 1)} == {prompts.tokens.shape[1]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

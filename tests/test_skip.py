@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kgshatter.editing import ROMEConfig, SyntheticTask
+from kgshatter.editing.prefix import PrefixCache
 from kgshatter.editing.protocols import sample_requests
 from kgshatter.editing.skip import BlockSkip, block_of
 from kgshatter.editing.targets import optimize_many, prepare_problems
@@ -93,6 +94,9 @@ def test_the_blocks_below_do_not_run(problems):
 
 def test_plan_declines_where_skipping_would_change_something(trained_tiny):
     model = trained_tiny.model
+    with torch.no_grad():  # the native bridge keeps no key/value cache: no prefix shortcut
+        _, cache = model(torch.zeros((1, 3), dtype=torch.long), return_type="logits_and_cache")
+    assert PrefixCache.from_first_pass(cache) is None
     assert block_of("blocks.12.mlp.hook_out") == 12 and block_of("hook_embed") is None
     assert BlockSkip.plan(model, ["blocks.0.hook_mlp_out"]) is None  # nothing below
     assert BlockSkip.plan(model, ["hook_embed"]) is None

@@ -96,17 +96,20 @@ class BlockSkip:
         return (self.hook_name, record)
 
     def injector(
-        self, rows: Callable[[], torch.Tensor], column: Callable[[], int] = lambda: 0
+        self,
+        rows: Callable[[], torch.Tensor],
+        columns: Callable[[], torch.Tensor | None] = lambda: None,
     ) -> tuple[str, Callable[..., Any]]:
         """A hook that replaces block ``start``'s input by the cached residual of ``rows()``,
-        from column ``column()`` on (a pass that starts later in the sequence, as with a
-        :class:`~kgshatter.editing.prefix.PrefixCache`), as many columns as the pass has."""
+        at each row's batch columns ``columns()`` (``[rows, n]``; None: all of them), for a
+        pass that runs only some columns (a :class:`~kgshatter.editing.prefix.PrefixCache`)."""
 
         def inject(residual: torch.Tensor, hook: Any) -> torch.Tensor:
             if self.residual is None:
                 raise RuntimeError("BlockSkip: no residual recorded (run the recorder first)")
-            first = column()
-            cached = self.residual[rows(), first : first + residual.shape[1]]
+            cached, cols = self.residual[rows()], columns()
+            if cols is not None:
+                cached = cached[torch.arange(len(cached), device=cols.device)[:, None], cols]
             return cached.to(residual.dtype)
 
         return (self.hook_name, inject)

@@ -13,7 +13,7 @@ model's weights are never written and receive no gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -226,8 +226,8 @@ def optimize_many(
     rw_count = torch.tensor(n_rw, dtype=torch.float32, device=device)
     es_count = torch.tensor(n_es, dtype=torch.float32, device=device).clamp(min=1)
     store: dict[str, torch.Tensor] = {}
-    # the rows a pass runs, and the column its first token has in the batch
-    rows_now: dict[str, Any] = {"rows": torch.arange(len(batch), device=device), "offset": 0}
+    # the rows a pass runs and, with a prefix cache, the batch columns it runs ([rows, span])
+    rows_now: dict[str, Any] = {"rows": torch.arange(len(batch), device=device), "columns": None}
 
     def reader(name: str):
         def read_at(activation: torch.Tensor, hook: Any) -> None:
@@ -236,15 +236,15 @@ def optimize_many(
         return read_at
 
     skip = BlockSkip.plan(model, hooks, [name for name, _ in fwd_hooks]) if skip_frozen else None
-    prefix = PrefixCache.plan(model) if skip_frozen else None
     first_pass = [*fwd_hooks, *[(h, reader(h)) for h in hooks]]
     if skip is not None:
         first_pass.append(skip.recorder())
-    with torch.no_grad():  # each row's first answer token
-        logits0, cache = _logits_at(model, tokens, read[:, None], first_pass, keep=prefix)
+    with torch.no_grad():  # each row's first answer token, and the model's key/value cache
+        extra = PrefixCache.FIRST_PASS if skip_frozen else {}
+        logits0, cache = _logits_at(model, tokens, read[:, None], first_pass, **extra)
         logits0 = logits0[:, 0]
-    if prefix is not None:
-        prefix.record(cache)
+    prefix = PrefixCache.from_first_pass(cache) if skip_frozen else None
+    del cache
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
     h0s, means = [], []
     for h in hooks:
@@ -268,8 +268,10 @@ def optimize_many(
     def adder(k: int):
         def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             out = activation.clone()
-            sel = rows_now["rows"]
-            idx, owners = at[sel] - rows_now["offset"], group[sel]
+            sel, columns = rows_now["rows"], rows_now["columns"]
+            # a pass on a prefix cache starts at each row's delta position
+            idx = at[sel] if columns is None else torch.zeros_like(at[sel])
+            owners = group[sel]
             stacked = torch.stack([deltas[g][k] for g in range(n_groups)])  # [G, d]
             rows = torch.arange(len(idx), device=device)
             out[rows, idx] = out[rows, idx] + stacked[owners].to(activation.dtype)
@@ -279,7 +281,7 @@ def optimize_many(
 
     editing_hooks = [*fwd_hooks, *[(h, adder(k)) for k, h in enumerate(hooks)]]
     if skip is not None:
-        editing_hooks.append(skip.injector(lambda: rows_now["rows"], lambda: rows_now["offset"]))
+        editing_hooks.append(skip.injector(lambda: rows_now["rows"], lambda: rows_now["columns"]))
     chunk_rows = micro_batch or len(batch)
     losses: list[list[float]] = [[] for _ in range(n_groups)]
     nll_factor = torch.ones(n_groups, device=device)  # the NLL's weight per problem
@@ -307,15 +309,24 @@ def optimize_many(
             missed = torch.zeros(n_groups, device=device)  # rows whose argmax is not the target
             # the rows of the problems still optimising (a stopped one's rows are not run)
             live = torch.tensor(active, device=device)[group].nonzero().squeeze(1)
-            for sel, split in _passes(live, at, chunk_rows, prefix):
-                rows_now["rows"], rows_now["offset"] = sel, split
-                # [rows, width, vocab]; with the prefix cache only columns split .. the last
-                # read one run (the rows' first edited position onwards)
-                end = int(answer_at[sel].max()) + 1 if prefix is not None else tokens.shape[1]
-                past = prefix.past(sel, split) if prefix is not None and split > 0 else None
-                logits, _ = _logits_at(
-                    model, tokens[sel, split:end], answer_at[sel] - split, editing_hooks, past
-                )
+            if prefix is not None:  # each row runs from its delta position to its last read
+                span = int((answer_at[live].max(1).values + 1 - at[live]).max())
+                per_pass = prefix.rows_per_pass(micro_batch, tokens.shape[1], span, len(live))
+            else:
+                per_pass = chunk_rows
+            for start in range(0, len(live), per_pass):
+                sel = live[start : start + per_pass]
+                rows_now["rows"] = sel
+                if prefix is None:
+                    run, where, kwargs = tokens[sel], answer_at[sel], {}
+                else:
+                    columns = prefix.columns(at[sel], span, tokens.shape[1])
+                    rows_now["columns"] = columns
+                    run = tokens[sel[:, None], columns]
+                    where = answer_at[sel] - at[sel][:, None]
+                    kwargs = prefix.past(sel, at[sel], span)
+                # [rows, width, vocab]
+                logits, _ = _logits_at(model, run, where, editing_hooks, **kwargs)
                 logits = logits.float()
                 owners, is_rw = group[sel], rewrite[sel]
                 chunk = torch.zeros((), device=device)
@@ -391,47 +402,33 @@ def optimize_many(
     ]
 
 
-def _passes(
-    live: torch.Tensor, at: torch.Tensor, chunk_rows: int, prefix: PrefixCache | None
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """The forward passes of one step: ``(rows, first column)``; all columns in micro-batches
-    of ``chunk_rows``, or with a prefix cache rows grouped by their first edited column."""
-    if prefix is not None:
-        yield from prefix.groups(live, at, chunk_rows)
-        return
-    for start in range(0, len(live), chunk_rows):
-        yield live[start : start + chunk_rows], 0
-
-
 def _logits_at(
     model: TransformerBridge,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     fwd_hooks: Sequence[tuple[str, Any]],
-    past: Any = None,
-    keep: PrefixCache | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """Logits ``[rows, k, vocab]`` at ``positions[rows, k]`` of each row, with ``fwd_hooks``
-    active, and the model's key/value cache when ``keep`` asks for it (else None); the
-    unembedding runs at those positions only (a hook on its input, where the model has one).
-    ``past``: the key/value cache of the columns before ``tokens`` (a
-    :class:`~kgshatter.editing.prefix.PrefixCache`'s)."""
+    active, and the model's key/value cache when ``return_type="logits_and_cache"`` asks for
+    it (else None); the unembedding runs at those positions only (a hook on its input, where
+    the model has one). ``kwargs`` go to the model's forward (also a
+    :class:`~kgshatter.editing.prefix.PrefixCache`'s cache of the columns before ``tokens``,
+    mask and positions)."""
     rows, seq = tokens.shape
     flat = (torch.arange(rows, device=tokens.device)[:, None] * seq + positions).flatten()
     hooks = cast(list[Any], list(fwd_hooks))
-    kwargs: dict[str, Any] = {} if keep is None else keep.first_pass_kwargs()
-    if past is not None:
-        kwargs["past_key_values"] = past
+    keep = kwargs.get("return_type") == "logits_and_cache"
     if "unembed.hook_in" not in model.hook_dict:
         out = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
-        logits, cache = out if keep is not None else (out, None)
+        logits, cache = out if keep else (out, None)
         return logits.reshape(rows * seq, -1)[flat].view(rows, positions.shape[1], -1), cache
 
     def keep_rows(resid: torch.Tensor, hook: Any) -> torch.Tensor:
         return resid.reshape(-1, resid.shape[-1]).index_select(0, flat).unsqueeze(0)
 
     out = model.run_with_hooks(tokens, fwd_hooks=[*hooks, ("unembed.hook_in", keep_rows)], **kwargs)
-    logits, cache = out if keep is not None else (out, None)
+    logits, cache = out if keep else (out, None)
     return logits.view(rows, positions.shape[1], -1), cache
 
 
