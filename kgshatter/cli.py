@@ -569,7 +569,12 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
         print(
             f"GPT-2-XL shape ({g['source']}, {g['parameters'] / 1e9:.2f}B parameters, random "
             f"weights): ROME {g['median_seconds_per_edit']:.1f} s per edit (cached "
-            f"statistics), peak memory {g['peak_over_model']:.2f}x the model's size"
+            f"statistics), peak memory {g['peak_over_model']:.2f}x the model's parameters"
+            + (
+                f" ({g['peak_over_checkpoint']:.2f}x the checkpoint's weights)"
+                if "peak_over_checkpoint" in g
+                else ""
+            )
         )
         if "speedup_prefix_cache" in g:
             print(
