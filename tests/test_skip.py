@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kgshatter.editing import ROMEConfig, SyntheticTask
-from kgshatter.editing.prefix import PrefixCache
+from kgshatter.editing.prefix import NativePrefix, PrefixCache, disabled
 from kgshatter.editing.protocols import sample_requests
 from kgshatter.editing.skip import BlockSkip, block_of
 from kgshatter.editing.targets import optimize_many, prepare_problems
@@ -30,9 +30,12 @@ def problems(trained_tiny, tiny_sampler):
 
 
 def _close(a, b):
+    """Equal up to float rounding: Adam scales each coordinate's step to ``lr`` whatever its
+    gradient, so rounding in a near-zero gradient moves that coordinate by up to ~1e-4 of the
+    delta's scale over a few steps (the tolerance of the Hugging Face checks)."""
     for ra, rb in zip(a, b, strict=True):
         for da, db in zip(ra.deltas, rb.deltas, strict=True):
-            torch.testing.assert_close(da, db, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-6)
         assert ra.losses == pytest.approx(rb.losses, rel=1e-5, abs=1e-7)
 
 
@@ -40,6 +43,7 @@ def _close(a, b):
     "hooks, options",
     [
         (["blocks.1.hook_mlp_out"], {}),
+        (["blocks.0.hook_mlp_out"], {}),  # nothing below to skip; the prefix cache still runs
         (["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"], {"micro_batch": 3}),
         (["blocks.1.hook_resid_post"], {"reference": True}),
     ],
@@ -92,11 +96,40 @@ def test_the_blocks_below_do_not_run(problems):
     assert "forward" not in model.blocks[0].__dict__
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_later_passes_run_only_the_columns_from_the_delta_on(problems, layer):
+    """``kgshatter.editing.prefix.NativePrefix``: after the first pass every row runs from its
+    delta position (the subject) to its last read one; inside ``disabled()`` all columns."""
+    model, probs, config = problems
+    shapes: list[tuple[int, int]] = []
+    upper = ("blocks.1.hook_out", lambda act, hook: shapes.append(tuple(act.shape[:2])))
+    kw = config.optimisation() | {"steps": 3}
+    hook = f"blocks.{layer}.hook_mlp_out"
+    with model.hooks(fwd_hooks=[upper]):
+        optimize_many(model, [hook], probs, **kw)
+    width = max(p.prompts.tokens.shape[1] for p in probs)
+    subject = min(int(p.prompts.index("subject").min()) for p in probs)
+    widths = [w for rows, w in shapes if (rows, w) != (1, 1)]  # not the output-kind probe
+    assert widths[0] == width and subject > 0
+    assert max(widths[1:]) <= width - subject
+    shapes.clear()
+    with disabled(), model.hooks(fwd_hooks=[upper]):
+        optimize_many(model, [hook], probs, **kw)
+    assert {w for rows, w in shapes if (rows, w) != (1, 1)} == {width}
+
+
 def test_plan_declines_where_skipping_would_change_something(trained_tiny):
     model = trained_tiny.model
-    with torch.no_grad():  # the native bridge keeps no key/value cache: no prefix shortcut
+    with torch.no_grad():  # the native bridge keeps no Hugging Face cache: its own shortcut
         _, cache = model(torch.zeros((1, 3), dtype=torch.long), return_type="logits_and_cache")
     assert PrefixCache.from_first_pass(cache) is None
+    assert NativePrefix.plan(model) is not None
+    # a hook on an attention pattern would see a rectangular one: declined
+    assert NativePrefix.plan(model, ["blocks.1.attn.hook_pattern"]) is None
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: None)]):
+        assert NativePrefix.plan(model) is None
+    with disabled():
+        assert NativePrefix.plan(model) is None
     assert block_of("blocks.12.mlp.hook_out") == 12 and block_of("hook_embed") is None
     assert BlockSkip.plan(model, ["blocks.0.hook_mlp_out"]) is None  # nothing below
     assert BlockSkip.plan(model, ["hook_embed"]) is None

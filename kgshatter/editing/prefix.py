@@ -24,7 +24,7 @@ which also runs the blocks below the edit).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,14 +46,15 @@ def disabled() -> Iterator[None]:
 
 
 class PrefixCache:
-    """Per layer, the keys and values of every row and position of the first pass.
+    """Per layer, the keys and values of every row and position of the first pass, in the
+    model's own (Hugging Face) cache format.
 
     Use: run the first pass with :attr:`FIRST_PASS` among its keyword arguments and hand the
     cache it returns to :meth:`from_first_pass` (None where the model keeps no key/value cache,
     so no pass is spent finding out); then run each pass on :meth:`columns` of its rows with
-    :meth:`past`'s keyword arguments. Rows with different splits share a pass: each row's
-    cached columns are left-padded to the longest and the padding masked, with every position
-    given explicitly.
+    :meth:`past`'s keyword arguments, inside :meth:`running`. Rows with different splits share
+    a pass: each row's cached columns are left-padded to the longest and the padding masked,
+    with every position given explicitly.
     """
 
     #: what the first pass passes to the model's forward to get its key/value cache back
@@ -84,6 +85,12 @@ class PrefixCache:
             return n_rows
         return max(micro_batch, micro_batch * width // max(span, 1))
 
+    @staticmethod
+    def columns(splits: torch.Tensor, span: int, width: int) -> torch.Tensor:
+        """``[rows, span]``: the batch columns a pass runs, from each row's split (past the
+        batch's last column, its last column again: padding after the read positions)."""
+        return (splits[:, None] + torch.arange(span, device=splits.device)).clamp(max=width - 1)
+
     def past(self, rows: torch.Tensor, splits: torch.Tensor, span: int) -> dict[str, Any]:
         """Keyword arguments for a pass of ``rows`` over ``span`` columns each, from column
         ``splits[i]`` of row ``rows[i]``: a fresh ``DynamicCache`` of their columns
@@ -92,28 +99,178 @@ class PrefixCache:
         positions of the columns run. Empty when no row has a prefix."""
         from transformers import DynamicCache
 
-        longest = int(splits.max())
-        if longest == 0:
+        padded = _left_padded(self.layers, rows, splits)
+        if padded is None:
             return {}
-        width = self.layers[0][0].shape[2]
-        j = torch.arange(longest, device=splits.device)
-        pad = (longest - splits)[:, None]
-        source = (j[None] - pad).clamp(min=0)  # padded column -> the row's own column
+        layers, valid = padded
         cache = DynamicCache()
-        for index, (keys, values) in enumerate(self.layers):
-            picked_keys = keys[rows[:, None], :, source].permute(0, 2, 1, 3)
-            picked_values = values[rows[:, None], :, source].permute(0, 2, 1, 3)
-            cache.update(picked_keys, picked_values, index)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
         suffix = torch.ones(len(rows), span, dtype=torch.long, device=splits.device)
-        mask = torch.cat([(j[None] >= pad).long(), suffix], 1)
-        positions = self.columns(splits, span, width)
+        mask = torch.cat([valid.long(), suffix], 1)
+        positions = self.columns(splits, span, self.layers[0][0].shape[2])
         return {"past_key_values": cache, "attention_mask": mask, "position_ids": positions}
 
-    @staticmethod
-    def columns(splits: torch.Tensor, span: int, width: int) -> torch.Tensor:
-        """``[rows, span]``: the batch columns a pass runs, from each row's split (past the
-        batch's last column, its last column again: padding after the read positions)."""
-        return (splits[:, None] + torch.arange(span, device=splits.device)).clamp(max=width - 1)
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Nothing to install: the model's own attention reads ``past_key_values``."""
+        yield
+
+
+class NativePrefix(PrefixCache):
+    """:class:`PrefixCache` for TransformerLens-native bridges (``boot_native``: the models
+    kgshatter trains), whose attention keeps no key/value cache.
+
+    The first pass runs inside :meth:`recording` (forward hooks on every attention's key and
+    value projections keep their outputs); the later passes inside :meth:`running`, where each
+    block's attention is replaced by the same computation over the cached keys and values of
+    the columns before the pass's (left-padded and masked as in :class:`PrefixCache`) and its
+    own. The blocks' input at the columns run is the first pass's residual
+    (:class:`~kgshatter.editing.skip.BlockSkip` from block 0), so the embedding's positions
+    are right. :meth:`plan` declines anything but plain causal multi-head attention with
+    absolute positions and no hook on an attention pattern or score (a model with
+    ``layer0_attention="self"`` keeps one).
+    """
+
+    def __init__(self, attentions: list[Any]) -> None:
+        super().__init__([])
+        self.attentions = attentions
+        self._pass: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
+
+    @classmethod
+    def plan(cls, model: Any, kept_hooks: Sequence[str] = ()) -> NativePrefix | None:
+        if not _ENABLED[0]:
+            return None
+        try:
+            from transformer_lens.model_bridge.sources.native.model import NativeAttention
+        except ImportError:  # pragma: no cover - another TransformerLens layout
+            return None
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            return None
+        attentions = [getattr(block.attn, "original_component", None) for block in blocks]
+        for attn in attentions:
+            if not isinstance(attn, NativeAttention):
+                return None
+            if attn.rotary is not None or attn.kv_repeats != 1 or not attn.causal:
+                return None
+            if attn.attn_scores_soft_cap > 0:
+                return None
+        scored = ("attn.hook_pattern", "attn.hook_attn_scores")
+        if any(name.endswith(scored) for name in kept_hooks):
+            return None
+        for name, point in model.hook_dict.items():
+            if name.endswith(scored) and (point._forward_hooks or point._backward_hooks):
+                return None
+        return cls(attentions)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep every attention's keys and values ``[batch, heads, pos, d_head]``."""
+        seen: list[dict[str, torch.Tensor]] = [{} for _ in self.attentions]
+
+        def keeper(store: dict[str, torch.Tensor], name: str, attn: Any) -> Any:
+            def keep(module: Any, inputs: Any, output: torch.Tensor) -> None:
+                batch, seq = output.shape[:2]
+                store[name] = output.detach().view(batch, seq, attn.n_heads, attn.d_head)
+                store[name] = store[name].transpose(1, 2)
+
+            return keep
+
+        handles = []
+        for store, attn in zip(seen, self.attentions, strict=True):
+            handles.append(attn.k.register_forward_hook(keeper(store, "k", attn)))
+            handles.append(attn.v.register_forward_hook(keeper(store, "v", attn)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.layers = [(store["k"], store["v"]) for store in seen if store]
+
+    def past(self, rows: torch.Tensor, splits: torch.Tensor, span: int) -> dict[str, Any]:
+        """Sets the cached columns for the next pass; the model's forward needs no argument."""
+        if len(self.layers) != len(self.attentions):
+            raise RuntimeError("NativePrefix: nothing recorded (run the first pass first)")
+        padded = _left_padded(self.layers, rows, splits)
+        if padded is None:
+            empty = torch.zeros((len(rows), 0), dtype=torch.bool, device=splits.device)
+            none = [(k[rows, :, :0], v[rows, :, :0]) for k, v in self.layers]
+            self._pass = (none, empty)
+        else:
+            self._pass = padded
+        return {}
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Every attention reads the cached columns :meth:`past` set (restored on exit)."""
+        own = [attn.__dict__.get("forward") for attn in self.attentions]
+        for index, attn in enumerate(self.attentions):
+            attn.__dict__["forward"] = self._forward(index, attn)
+        try:
+            yield
+        finally:
+            for attn, previous in zip(self.attentions, own, strict=True):
+                if previous is None:
+                    attn.__dict__.pop("forward", None)
+                else:
+                    attn.__dict__["forward"] = previous
+
+    def _forward(self, index: int, attn: Any) -> Any:
+        """NativeAttention's computation (TransformerLens 4.3, the configurations :meth:`plan`
+        accepts) with the cached keys and values of the columns before the pass's."""
+
+        def forward(
+            hidden_states: torch.Tensor,
+            attention_mask: Any = None,
+            position_ids: Any = None,
+            pattern_fn: Any = None,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if self._pass is None:
+                raise RuntimeError("NativePrefix: no cached columns set for this pass")
+            layers, valid = self._pass
+            batch, seq, _ = hidden_states.shape
+            heads, d_head = attn.n_heads, attn.d_head
+            q = attn.q(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            k = attn.k(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            v = attn.v(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            k = torch.cat([layers[index][0].to(k.dtype), k], 2)
+            v = torch.cat([layers[index][1].to(v.dtype), v], 2)
+            scores = torch.matmul(q, k.transpose(-2, -1)) / attn.scale
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+            hidden = ~valid[:, None, None, :].expand(batch, 1, seq, valid.shape[1])
+            block_mask = torch.cat([hidden, causal.expand(batch, 1, seq, seq)], -1)
+            scores = scores.masked_fill(block_mask, float("-inf"))
+            pattern = torch.softmax(scores, dim=-1).masked_fill(block_mask, 0.0)
+            if pattern_fn is not None:
+                pattern = pattern_fn(pattern)
+            out = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+            return attn.o(out), pattern
+
+        return forward
+
+
+def _left_padded(
+    layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, splits: torch.Tensor
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None:
+    """Per layer the keys and values ``[rows, heads, longest, d_head]`` of columns
+    ``0 .. splits[i]-1`` of each row, right-aligned (padding first), and ``[rows, longest]``
+    True where a column is the row's own; None when no row has a prefix."""
+    longest = int(splits.max())
+    if longest == 0:
+        return None
+    j = torch.arange(longest, device=splits.device)
+    pad = (longest - splits)[:, None]
+    source = (j[None] - pad).clamp(min=0)  # padded column -> the row's own column
+    picked = [
+        (
+            keys[rows[:, None], :, source].permute(0, 2, 1, 3),
+            values[rows[:, None], :, source].permute(0, 2, 1, 3),
+        )
+        for keys, values in layers
+    ]
+    return picked, j[None] >= pad
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -66,16 +66,19 @@ class BlockSkip:
         model: TransformerBridge,
         hooks: Sequence[str],
         kept_hooks: Sequence[str] = (),
+        from_zero: bool = False,
     ) -> BlockSkip | None:
         """A skip for deltas at ``hooks``, or None when it would save nothing or change
-        something: a hook outside the blocks, a first edited block 0, or one of ``kept_hooks``
-        (hooks active during the later passes) at or below the injection point."""
+        something: a hook outside the blocks, a first edited block 0 (unless ``from_zero``:
+        then nothing is skipped, but the cached residual still enters block 0, as a pass over
+        some columns only needs), or one of ``kept_hooks`` (hooks active during the later
+        passes) at or below the injection point."""
         blocks = getattr(model, "blocks", None)
         layers = [block_of(h) for h in hooks]
         if blocks is None or not layers or any(layer is None for layer in layers):
             return None
         start = min(layer for layer in layers if layer is not None)
-        if start == 0 or start >= len(blocks):
+        if (start == 0 and not from_zero) or start >= len(blocks):
             return None
         for name in kept_hooks:
             layer = block_of(name)
@@ -117,6 +120,9 @@ class BlockSkip:
     @contextmanager
     def running(self) -> Iterator[None]:
         """Blocks ``0 .. start-1`` pass their input through untouched (restored on exit)."""
+        if self.start == 0:
+            yield
+            return
         if self._tuple_output is None:
             self._tuple_output = self._probe_output_kind()
         blocks = list(self.model.blocks)[: self.start]

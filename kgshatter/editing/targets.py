@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, frozen_weights
-from kgshatter.editing.prefix import PrefixCache
+from kgshatter.editing.prefix import NativePrefix, PrefixCache
 from kgshatter.editing.skip import BlockSkip
 
 if TYPE_CHECKING:
@@ -235,15 +235,20 @@ def optimize_many(
 
         return read_at
 
-    skip = BlockSkip.plan(model, hooks, [name for name, _ in fwd_hooks]) if skip_frozen else None
+    kept = [name for name, _ in fwd_hooks]
+    native = NativePrefix.plan(model, kept) if skip_frozen else None
+    skip = BlockSkip.plan(model, hooks, kept, from_zero=native is not None) if skip_frozen else None
+    if skip is None:  # a native prefix pass needs the cached residual at its columns
+        native = None
     first_pass = [*fwd_hooks, *[(h, reader(h)) for h in hooks]]
     if skip is not None:
         first_pass.append(skip.recorder())
-    with torch.no_grad():  # each row's first answer token, and the model's key/value cache
+    # each row's first answer token, and the model's keys and values
+    with torch.no_grad(), native.recording() if native is not None else nullcontext():
         extra = PrefixCache.FIRST_PASS if skip_frozen else {}
         logits0, cache = _logits_at(model, tokens, read[:, None], first_pass, **extra)
         logits0 = logits0[:, 0]
-    prefix = PrefixCache.from_first_pass(cache) if skip_frozen else None
+    prefix = native or (PrefixCache.from_first_pass(cache) if skip_frozen else None)
     del cache
     # h0 per problem and hook: the mean over its rewriting rows, or its first (bare) row
     h0s, means = [], []
@@ -288,7 +293,11 @@ def optimize_many(
     nll_values = [float("inf")] * n_groups
     active = [True] * n_groups
     power = 1 if relative else 2
-    with frozen_weights(model), skip.running() if skip is not None else nullcontext():
+    with (
+        frozen_weights(model),
+        skip.running() if skip is not None else nullcontext(),
+        prefix.running() if prefix is not None else nullcontext(),
+    ):
         for _ in range(steps):
             opt.zero_grad()
             # the loss is a sum over prompts, so micro-batches accumulate exact gradients while
