@@ -336,41 +336,51 @@ def sweep_benchmark(
     batches: tuple[int, ...] = (1, 12),
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The editing sweep's edits per second at each ``edit_batch``, side by side on the same
-    rows, and how far their ``table.csv`` values differ (``seconds`` excluded). Statistics are
-    computed once beforehand (cached in the run directory), so neither pays for them."""
+    """The editing sweep's edits per second at each ``edit_batch``, with and without the
+    prompt-prefix shortcut of the target optimisation (``"B"`` and ``"B-full-positions"``,
+    inside :func:`kgshatter.editing.prefix.disabled`), side by side on the same rows, and how
+    far their ``table.csv`` values differ from the first variant's (``seconds`` excluded).
+    Statistics are computed once beforehand (cached in the run directory), so none pays for
+    them. Speed-ups are over ``"<first batch>-full-positions"``, the sweep without either
+    lever."""
     import csv
     import shutil
     import tempfile
 
+    from kgshatter.editing import prefix as prefix_cache
     from kgshatter.sweep import SweepConfig, run_sweep
 
     config = config or SweepConfig(kinds=("counterfactual",), sequential_edits=0)
     results: dict[str, Any] = {"run_dir": str(run_dir), "sweep": config.to_dict(), "batches": {}}
     tables = {}
+    variants = [(f"{b}-full-positions", b, False) for b in batches]
+    variants += [(str(b), b, True) for b in batches]
     work = Path(tempfile.mkdtemp(prefix="kgshatter-sweep-bench-"))
     try:
         warm = SweepConfig.from_dict({**config.to_dict(), "n_edits": 1, "distances": [1]})
         run_sweep(run_dir, work / "warm", warm, progress=False)  # statistics into the cache
-        for b in batches:
+        for name, b, shortcut in variants:
             start = time.perf_counter()
-            res = run_sweep(run_dir, work / f"b{b}", config, progress=False, edit_batch=b)
+            with nullcontext() if shortcut else prefix_cache.disabled():
+                res = run_sweep(run_dir, work / name, config, progress=False, edit_batch=b)
             seconds = time.perf_counter() - start
             n = sum(1 for r in res.rows if "efficacy" in r)
-            results["batches"][str(b)] = {
+            results["batches"][name] = {
                 "seconds": round(seconds, 2),
                 "edits": n,
                 "edits_per_second": round(n / seconds, 3),
+                "edit_batch": b,
+                "prefix_cache": shortcut,
             }
-            with open(work / f"b{b}" / "table.csv", newline="") as f:
-                tables[b] = list(csv.DictReader(f))
+            with open(work / name / "table.csv", newline="") as f:
+                tables[name] = list(csv.DictReader(f))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base, *others = batches
+    base, *others = [name for name, _, _ in variants]
     diffs = {}
-    for b in others:
+    for name in others:
         worst = 0.0
-        for r0, r1 in zip(tables[base], tables[b], strict=True):
+        for r0, r1 in zip(tables[base], tables[name], strict=True):
             for k, v in r0.items():
                 if k == "seconds" or v == r1[k]:
                     continue
@@ -378,9 +388,9 @@ def sweep_benchmark(
                     worst = max(worst, abs(float(v) - float(r1[k])))
                 except ValueError:
                     worst = math.inf  # a non-numeric cell differs
-        diffs[str(b)] = worst
-    rates = {b: results["batches"][str(b)]["edits_per_second"] for b in batches}
-    results["speedup"] = {str(b): round(rates[b] / rates[base], 3) for b in others}
+        diffs[name] = worst
+    rates = {name: results["batches"][name]["edits_per_second"] for name, _, _ in variants}
+    results["speedup"] = {name: round(rates[name] / rates[base], 3) for name in others}
     results["max_abs_table_difference"] = diffs
     results["threads"] = torch.get_num_threads()
     if out is not None:

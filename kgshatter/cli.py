@@ -551,9 +551,10 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             **dict[str, Any](editor_defaults(preset)),
         )  # fmt: skip
         result["sweep"] = s = sweep_benchmark(args.run_dir, config)
-        for b, v in s["batches"].items():
-            print(f"sweep, edit_batch {b}: {v['edits']} edits in {v['seconds']:.1f} s "
-                  f"({v['edits_per_second']:.2f} edits/s)")  # fmt: skip
+        for v in s["batches"].values():
+            shortcut = "" if v["prefix_cache"] else ", every position at every step"
+            print(f"sweep, edit_batch {v['edit_batch']}{shortcut}: {v['edits']} edits in "
+                  f"{v['seconds']:.1f} s ({v['edits_per_second']:.2f} edits/s)")  # fmt: skip
         print(f"speed-up {s['speedup']}; largest table.csv difference "
               f"{s['max_abs_table_difference']}")  # fmt: skip
     elif args.run_dir:
@@ -859,7 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="instead: the sweep's edits per second one edit at a time vs in groups of 12, "
-        "same rows, with the largest table.csv difference",
+        "each with and without the prompt-prefix shortcut, same rows, with the largest "
+        "table.csv difference",
     )
     p.add_argument("--sweep-edits", type=_positive, default=12, help="--sweep: edits per distance")
     p.add_argument(

@@ -205,9 +205,17 @@ def is_tied(model: TransformerBridge) -> bool:
 
 
 def attend_to_self(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-    """Replace an attention pattern [batch, head, query, key] by the identity."""
-    eye = torch.eye(pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+    """Replace an attention pattern [batch, head, query, key] by the identity.
+
+    With fewer queries than keys (a pass over the last columns on cached keys and values,
+    :mod:`kgshatter.editing.prefix`), the queries are the last keys: query ``i`` attends to key
+    ``keys - queries + i``, the key/value-cache convention (``kv_cache_safe``)."""
+    queries, keys = pattern.shape[-2:]
+    eye = torch.eye(keys, dtype=pattern.dtype, device=pattern.device)[keys - queries :]
     return eye.expand_as(pattern).clone()
+
+
+attend_to_self.kv_cache_safe = True  # type: ignore[attr-defined]
 
 
 def model_state(model: TransformerBridge) -> dict[str, torch.Tensor]:

@@ -118,6 +118,26 @@ def test_later_passes_run_only_the_columns_from_the_delta_on(problems, layer):
     assert {w for rows, w in shapes if (rows, w) != (1, 1)} == {width}
 
 
+def test_attention_to_self_keeps_its_meaning_on_cached_columns(problems, tiny_run, tiny_graph):
+    """``layer0_attention="self"`` (the fidelity preset's) rewrites block 0's pattern; its hook
+    declares the key/value-cache convention, so the prefix shortcut runs and gives the full
+    passes' deltas."""
+    from kgshatter.models import attend_to_self, build_model
+
+    _, probs, config = problems
+    square = attend_to_self(torch.rand(2, 3, 5, 5), None)
+    assert torch.equal(attend_to_self(torch.rand(2, 3, 2, 5), None), square[:, :, 3:])
+    model_config = dataclasses.replace(tiny_run.model, layer0_attention="self")
+    model = build_model(model_config, tiny_graph.n_entities + tiny_graph.n_relations)
+    assert NativePrefix.plan(model) is not None
+    kw = config.optimisation() | {"steps": 4}
+    hook = "blocks.0.hook_mlp_out"
+    _close(
+        optimize_many(model, [hook], probs, **kw, skip_frozen=False),
+        optimize_many(model, [hook], probs, **kw),
+    )
+
+
 def test_plan_declines_where_skipping_would_change_something(trained_tiny):
     model = trained_tiny.model
     with torch.no_grad():  # the native bridge keeps no Hugging Face cache: its own shortcut

@@ -128,8 +128,8 @@ class NativePrefix(PrefixCache):
     own. The blocks' input at the columns run is the first pass's residual
     (:class:`~kgshatter.editing.skip.BlockSkip` from block 0), so the embedding's positions
     are right. :meth:`plan` declines anything but plain causal multi-head attention with
-    absolute positions and no hook on an attention pattern or score (a model with
-    ``layer0_attention="self"`` keeps one).
+    absolute positions, and any hook on an attention pattern or score that does not declare
+    ``kv_cache_safe`` (the one ``layer0_attention="self"`` installs does).
     """
 
     def __init__(self, attentions: list[Any]) -> None:
@@ -148,7 +148,12 @@ class NativePrefix(PrefixCache):
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             return None
-        attentions = [getattr(block.attn, "original_component", None) for block in blocks]
+        attentions = []
+        for block in blocks:
+            try:  # a Mamba block has a mixer, no attention
+                attentions.append(getattr(block.attn, "original_component", None))
+            except AttributeError:
+                return None
         for attn in attentions:
             if not isinstance(attn, NativeAttention):
                 return None
@@ -160,7 +165,7 @@ class NativePrefix(PrefixCache):
         if any(name.endswith(scored) for name in kept_hooks):
             return None
         for name, point in model.hook_dict.items():
-            if name.endswith(scored) and (point._forward_hooks or point._backward_hooks):
+            if name.endswith(scored) and not _kv_cache_safe(point):
                 return None
         return cls(attentions)
 
@@ -249,6 +254,18 @@ class NativePrefix(PrefixCache):
             return attn.o(out), pattern
 
         return forward
+
+
+def _kv_cache_safe(point: Any) -> bool:
+    """Whether every hook on ``point`` declares ``kv_cache_safe`` (it handles a pattern with
+    fewer queries than keys, queries being the last keys, e.g.
+    :func:`kgshatter.models.attend_to_self`); True without hooks."""
+    if point._backward_hooks:
+        return False
+    handles = getattr(point, "fwd_hooks", [])
+    if len(point._forward_hooks) != len(handles):  # a hook registered past TransformerLens
+        return False
+    return all(getattr(h.user_hook, "kv_cache_safe", False) for h in handles)
 
 
 def _left_padded(
