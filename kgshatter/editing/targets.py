@@ -174,10 +174,15 @@ def optimize_many(
     logits; with ``skip_frozen`` (the default) the optimisation steps start at the lowest
     edited block, on the residual the first pass cached there
     (:class:`~kgshatter.editing.skip.BlockSkip`; the blocks below are frozen and see no
-    delta), and on a model with a Hugging Face key/value cache (GPT-2, Llama) at each row's
-    delta position, on the keys and values the first pass cached for the columns before it
-    (:class:`~kgshatter.editing.prefix.PrefixCache`; rows are then run grouped by that
-    position). ``skip_frozen=False`` runs every block and position at every step.
+    delta), and each row at its delta position, on the keys and values the first pass cached
+    for the columns before it (:mod:`kgshatter.editing.prefix`: the Hugging Face key/value
+    cache on GPT-2 and Llama, recorded keys and values on TransformerLens-native bridges; rows
+    with different delta positions share a pass, their cached columns left-padded and masked;
+    ``micro_batch`` then bounds the tokens a pass holds, ``micro_batch`` full rows' worth). A
+    long optimisation that does not converge can amplify the rounding into a different end
+    point, as reordering its micro-batches also does (README, "Speed: training at the paper's
+    shape"). ``skip_frozen=False`` runs every block and position at every step;
+    :func:`kgshatter.editing.prefix.disabled` only the positions.
     """
     if nll_schedule not in NLL_SCHEDULES:
         raise ValueError(f"nll_schedule must be one of {NLL_SCHEDULES}, got {nll_schedule!r}")
