@@ -240,11 +240,11 @@ class NativePrefix(PrefixCache):
             q = attn.q(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
             k = attn.k(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
             v = attn.v(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
-            k = torch.cat([layers[index][0].to(k.dtype), k], 2)
-            v = torch.cat([layers[index][1].to(v.dtype), v], 2)
+            k = torch.cat([layers[index][0].to(k.device, k.dtype), k], 2)
+            v = torch.cat([layers[index][1].to(v.device, v.dtype), v], 2)
             scores = torch.matmul(q, k.transpose(-2, -1)) / attn.scale
             causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-            hidden = ~valid[:, None, None, :].expand(batch, 1, seq, valid.shape[1])
+            hidden = ~valid.to(q.device)[:, None, None, :].expand(batch, 1, seq, valid.shape[1])
             block_mask = torch.cat([hidden, causal.expand(batch, 1, seq, seq)], -1)
             scores = scores.masked_fill(block_mask, float("-inf"))
             pattern = torch.softmax(scores, dim=-1).masked_fill(block_mask, 0.0)
@@ -280,13 +280,10 @@ def _left_padded(
     j = torch.arange(longest, device=splits.device)
     pad = (longest - splits)[:, None]
     source = (j[None] - pad).clamp(min=0)  # padded column -> the row's own column
-    picked = [
-        (
-            keys[rows[:, None], :, source].permute(0, 2, 1, 3),
-            values[rows[:, None], :, source].permute(0, 2, 1, 3),
-        )
-        for keys, values in layers
-    ]
+    picked = []
+    for keys, values in layers:  # each layer's own device (a model split across devices)
+        r, src = rows.to(keys.device)[:, None], source.to(keys.device)
+        picked.append((keys[r, :, src].permute(0, 2, 1, 3), values[r, :, src].permute(0, 2, 1, 3)))
     return picked, j[None] >= pad
 
 
