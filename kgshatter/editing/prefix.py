@@ -139,6 +139,10 @@ class NativePrefix(PrefixCache):
 
     @classmethod
     def plan(cls, model: Any, kept_hooks: Sequence[str] = ()) -> NativePrefix | None:
+        """A shortcut for ``model``, or None: not a TransformerLens-native bridge, an
+        attention :meth:`_forward` does not reproduce, a hook on a pattern or score (on the
+        model, or among ``kept_hooks``, the hooks passed for the optimisation) not declared
+        ``kv_cache_safe``, or inside :func:`disabled`."""
         if not _ENABLED[0]:
             return None
         try:
@@ -177,8 +181,8 @@ class NativePrefix(PrefixCache):
         def keeper(store: dict[str, torch.Tensor], name: str, attn: Any) -> Any:
             def keep(module: Any, inputs: Any, output: torch.Tensor) -> None:
                 batch, seq = output.shape[:2]
-                store[name] = output.detach().view(batch, seq, attn.n_heads, attn.d_head)
-                store[name] = store[name].transpose(1, 2)
+                heads = output.detach().view(batch, seq, attn.n_heads, attn.d_head)
+                store[name] = heads.transpose(1, 2)
 
             return keep
 
