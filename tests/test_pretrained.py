@@ -118,7 +118,7 @@ def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, f
     """``kgshatter.editing.skip`` and ``kgshatter.editing.prefix`` on Hugging Face blocks: the
     same deltas with and without running the blocks below the edit and the columns before each
     row's delta position (tests/test_skip.py does the native bridge). Reference mode's bare
-    rows start at another position than the prefixed ones, so the rows run in groups."""
+    rows start at another position than the prefixed ones, so they share passes left-padded."""
     from kgshatter.editing.prefix import PrefixCache, disabled
     from kgshatter.editing.targets import TargetProblem, optimize_many
     from kgshatter.sites import edit_sites
@@ -138,7 +138,7 @@ def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, f
     full = optimize_many(model, [hook], [problem], **kw, skip_frozen=False)[0]
     with model.hooks(fwd_hooks=[upper]):
         short = optimize_many(model, [hook], [problem], **kw)[0]
-    widths = [w for rows, w in shapes if (rows, w) != (1, 1)]  # not the one-token probes
+    widths = [w for rows, w in shapes if (rows, w) != (1, 1)]  # not the output-kind probe
     assert full.delta.norm() > 0
     torch.testing.assert_close(short.delta, full.delta, rtol=1e-4, atol=1e-6)
     assert short.losses == pytest.approx(full.losses, rel=1e-4)

@@ -12,9 +12,11 @@ left-padded and masked as in batched generation; positions continue from each ro
 (``tests/test_pretrained.py``). On GPT-2-XL with ROME's 10-token prompts each row runs 2 of
 its 10 columns.
 
-It needs a model that returns a Hugging Face :class:`~transformers.DynamicCache` (GPT-2 and
-Llama bridges); for others (TransformerLens-native bridges, Mamba)
-:meth:`PrefixCache.from_first_pass` declines and the passes run every position. Hooks active
+On a model that returns a Hugging Face :class:`~transformers.DynamicCache` (GPT-2 and Llama
+bridges) the cache is the model's own; TransformerLens-native bridges (the models kgshatter
+trains) keep none, and :class:`NativePrefix` records the keys and values and runs their
+attention over them; for others (Mamba) :meth:`PrefixCache.from_first_pass` declines and the
+passes run every position. Hooks active
 during the optimisation must act on each position alone, as every edit kgshatter installs
 does (a weight delta, or a vector added at given positions, which the caller shifts to the
 columns run); a hook that mixes positions, or reads a square attention pattern, would see only
@@ -29,6 +31,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from kgshatter.editing.skip import replaced_forwards
 
 _ENABLED = [True]
 
@@ -99,10 +103,9 @@ class PrefixCache:
         positions of the columns run. Empty when no row has a prefix."""
         from transformers import DynamicCache
 
-        padded = _left_padded(self.layers, rows, splits)
-        if padded is None:
+        layers, valid = _left_padded(self.layers, rows, splits)
+        if valid.shape[1] == 0:
             return {}
-        layers, valid = padded
         cache = DynamicCache()
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
@@ -201,29 +204,15 @@ class NativePrefix(PrefixCache):
         """Sets the cached columns for the next pass; the model's forward needs no argument."""
         if len(self.layers) != len(self.attentions):
             raise RuntimeError("NativePrefix: nothing recorded (run the first pass first)")
-        padded = _left_padded(self.layers, rows, splits)
-        if padded is None:
-            empty = torch.zeros((len(rows), 0), dtype=torch.bool, device=splits.device)
-            none = [(k[rows, :, :0], v[rows, :, :0]) for k, v in self.layers]
-            self._pass = (none, empty)
-        else:
-            self._pass = padded
+        self._pass = _left_padded(self.layers, rows, splits)
         return {}
 
     @contextmanager
     def running(self) -> Iterator[None]:
         """Every attention reads the cached columns :meth:`past` set (restored on exit)."""
-        own = [attn.__dict__.get("forward") for attn in self.attentions]
-        for index, attn in enumerate(self.attentions):
-            attn.__dict__["forward"] = self._forward(index, attn)
-        try:
+        forwards = [self._forward(index, attn) for index, attn in enumerate(self.attentions)]
+        with replaced_forwards(self.attentions, forwards):
             yield
-        finally:
-            for attn, previous in zip(self.attentions, own, strict=True):
-                if previous is None:
-                    attn.__dict__.pop("forward", None)
-                else:
-                    attn.__dict__["forward"] = previous
 
     def _forward(self, index: int, attn: Any) -> Any:
         """NativeAttention's computation (TransformerLens 4.3, the configurations :meth:`plan`
@@ -274,13 +263,11 @@ def _kv_cache_safe(point: Any) -> bool:
 
 def _left_padded(
     layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, splits: torch.Tensor
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None:
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Per layer the keys and values ``[rows, heads, longest, d_head]`` of columns
     ``0 .. splits[i]-1`` of each row, right-aligned (padding first), and ``[rows, longest]``
-    True where a column is the row's own; None when no row has a prefix."""
+    True where a column is the row's own (``longest`` 0 when no row has a prefix)."""
     longest = int(splits.max())
-    if longest == 0:
-        return None
     j = torch.arange(longest, device=splits.device)
     pad = (longest - splits)[:, None]
     source = (j[None] - pad).clamp(min=0)  # padded column -> the row's own column

@@ -132,19 +132,8 @@ class BlockSkip:
             hidden = args[0] if args else kwargs["hidden_states"]
             return (hidden,) if as_tuple else hidden
 
-        # the instance's __dict__ directly: a bridge component's __setattr__ would forward
-        # ``forward`` to the module it wraps, whose hooks would then still fire
-        own = [block.__dict__.get("forward") for block in blocks]
-        for block in blocks:
-            block.__dict__["forward"] = stub
-        try:
+        with replaced_forwards(blocks, [stub] * len(blocks)):
             yield
-        finally:
-            for block, previous in zip(blocks, own, strict=True):
-                if previous is None:
-                    block.__dict__.pop("forward", None)  # the class's forward again
-                else:
-                    block.__dict__["forward"] = previous
 
     def _probe_output_kind(self) -> bool:
         """Whether a block returns a tuple (TransformerLens-native, older HF) or a tensor."""
@@ -157,6 +146,28 @@ class BlockSkip:
         finally:
             handle.remove()
         return seen[0]
+
+
+@contextmanager
+def replaced_forwards(
+    modules: Sequence[Any], forwards: Sequence[Callable[..., Any]]
+) -> Iterator[None]:
+    """Each module's ``forward`` replaced by its counterpart in ``forwards``, restored on exit
+    (a forward someone else had put in the instance comes back too).
+
+    Set in the instance's ``__dict__`` directly: a bridge component's ``__setattr__`` would
+    pass ``forward`` on to the module it wraps, whose hooks would then still fire."""
+    own = [module.__dict__.get("forward") for module in modules]
+    for module, forward in zip(modules, forwards, strict=True):
+        module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        for module, previous in zip(modules, own, strict=True):
+            if previous is None:
+                module.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                module.__dict__["forward"] = previous
 
 
 def _canonical(model: TransformerBridge, name: str) -> Any:
