@@ -13,7 +13,8 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -330,6 +331,20 @@ def edit_benchmark(
     return results
 
 
+@contextmanager
+def without_shortcuts() -> Iterator[None]:
+    """Every forward pass as TransformerLens computes it: no prompt-prefix shortcut
+    (:func:`kgshatter.editing.prefix.disabled`), no last block over the read positions only
+    (:func:`kgshatter.readout.disabled`), TransformerLens's own attention forward
+    (:func:`kgshatter.models.native_attention`). The same values up to float rounding."""
+    from kgshatter import readout
+    from kgshatter.editing import prefix
+    from kgshatter.models import native_attention
+
+    with prefix.disabled(), readout.disabled(), native_attention():
+        yield
+
+
 def sweep_benchmark(
     run_dir: str | Path,
     config: Any = None,
@@ -337,23 +352,23 @@ def sweep_benchmark(
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """The editing sweep's edits per second at each ``edit_batch``, with and without the
-    prompt-prefix shortcut of the target optimisation (``"B"`` and ``"B-full-positions"``,
-    inside :func:`kgshatter.editing.prefix.disabled`), side by side on the same rows, and how
-    far their ``table.csv`` values differ from the first variant's (``seconds`` excluded).
-    Statistics are computed once beforehand (cached in the run directory), so none pays for
-    them. Speed-ups are over ``"<first batch>-full-positions"``, the sweep without either
-    lever."""
+    forward-pass shortcuts (``"B"`` and ``"B-no-shortcuts"``, the latter inside
+    :func:`without_shortcuts`: the prompt-prefix shortcut of the target optimisation, the
+    last block computed only where it is read, the lean attention), side by side on the
+    same rows, and how far their ``table.csv`` values differ from the first variant's
+    (``seconds`` excluded). Statistics are computed once beforehand (cached in the run
+    directory), so none pays for them. Speed-ups are over ``"<first batch>-no-shortcuts"``,
+    the sweep without any lever (the prompts of the scorer are kept in every variant)."""
     import csv
     import shutil
     import tempfile
 
-    from kgshatter.editing import prefix as prefix_cache
     from kgshatter.sweep import SweepConfig, run_sweep
 
     config = config or SweepConfig(kinds=("counterfactual",), sequential_edits=0)
     results: dict[str, Any] = {"run_dir": str(run_dir), "sweep": config.to_dict(), "batches": {}}
     tables = {}
-    variants = [(f"{b}-full-positions", b, False) for b in batches]
+    variants = [(f"{b}-no-shortcuts", b, False) for b in batches]
     variants += [(str(b), b, True) for b in batches]
     work = Path(tempfile.mkdtemp(prefix="kgshatter-sweep-bench-"))
     try:
@@ -361,7 +376,7 @@ def sweep_benchmark(
         run_sweep(run_dir, work / "warm", warm, progress=False)  # statistics into the cache
         for name, b, shortcut in variants:
             start = time.perf_counter()
-            with nullcontext() if shortcut else prefix_cache.disabled():
+            with nullcontext() if shortcut else without_shortcuts():
                 res = run_sweep(run_dir, work / name, config, progress=False, edit_batch=b)
             seconds = time.perf_counter() - start
             n = sum(1 for r in res.rows if "efficacy" in r)
@@ -370,7 +385,7 @@ def sweep_benchmark(
                 "edits": n,
                 "edits_per_second": round(n / seconds, 3),
                 "edit_batch": b,
-                "prefix_cache": shortcut,
+                "shortcuts": shortcut,
             }
             with open(work / name / "table.csv", newline="") as f:
                 tables[name] = list(csv.DictReader(f))

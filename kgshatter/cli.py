@@ -552,7 +552,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result["sweep"] = s = sweep_benchmark(args.run_dir, config)
         for v in s["batches"].values():
-            shortcut = "" if v["prefix_cache"] else ", every position at every step"
+            shortcut = "" if v["shortcuts"] else ", without the forward-pass shortcuts"
             print(f"sweep, edit_batch {v['edit_batch']}{shortcut}: {v['edits']} edits in "
                   f"{v['seconds']:.1f} s ({v['edits_per_second']:.2f} edits/s)")  # fmt: skip
         print(f"speed-up {s['speedup']}; largest table.csv difference "

@@ -8,7 +8,10 @@ names (``blocks.0.mlp.hook_post``, ``blocks.1.hook_resid_post``, ...) and the sa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +121,7 @@ def build_model(
     )
     model = bridge.boot_native(cfg)
     use_native_layernorm(model)
+    use_lean_attention(model)
     native = model.original_model
     if not config.bias:
         for block in native.layers:
@@ -159,6 +163,103 @@ def use_native_layernorm(model: TransformerBridge, enabled: bool = True) -> Any:
     return model
 
 
+def use_lean_attention(model: TransformerBridge, enabled: bool = True) -> Any:
+    """Run every TransformerLens-native attention through :func:`lean_attention_forward`:
+    the same outputs and gradients, bit for bit, with the scores scaled and masked in place
+    and without the second pass over the pattern that only fully masked rows need.
+
+    The native attention allocates four ``[batch, heads, query, key]`` tensors per call (scaled
+    scores, masked scores, pattern, masked pattern); in the narrow models of the study (12
+    heads of 2 dimensions) those dominate the forward pass: the evaluations of the editing
+    sweep spend most of their time there (README, "Speed"). Set as the attention's class
+    (:class:`LeanAttention`, a subclass), so copies and pickles keep it; ``enabled=False``
+    restores TransformerLens's class (the benchmark's baseline). Padding masks, rotary
+    positions, grouped keys, soft-capped scores and non-causal attention run TransformerLens's
+    own forward unchanged.
+    """
+    from transformer_lens.model_bridge.sources.native.model import NativeAttention
+
+    lean = _lean_attention_class()
+    for module in model.modules():
+        if isinstance(module, NativeAttention):
+            module.__class__ = lean if enabled else NativeAttention
+    return model
+
+
+def __getattr__(name: str) -> Any:
+    # LeanAttention is built on first use (TransformerLens is imported lazily); pickle and
+    # copy find it here by name
+    if name == "LeanAttention":
+        return _lean_attention_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_LEAN = [True]
+
+
+@contextlib.contextmanager
+def native_attention() -> Iterator[None]:
+    """Inside, every :class:`LeanAttention` runs TransformerLens's own forward (the same
+    values, more slowly: the benchmark's baseline); restored on exit."""
+    previous = _LEAN[0]
+    _LEAN[0] = False
+    try:
+        yield
+    finally:
+        _LEAN[0] = previous
+
+
+@functools.cache
+def _lean_attention_class() -> type:
+    from transformer_lens.model_bridge.sources.native.model import NativeAttention
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
+    class LeanAttention(NativeAttention):  # type: ignore[misc, valid-type]
+        """TransformerLens's ``NativeAttention`` (4.3) with a forward that computes its
+        outputs in fewer tensor passes (:func:`use_lean_attention`)."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None,
+            pattern_fn: Any = None,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            plain = (
+                _LEAN[0]
+                and attention_mask is None
+                and self.rotary is None
+                and self.kv_repeats == 1
+                and not softcap_enabled(self.attn_scores_soft_cap)
+                and self.causal
+            )
+            if not plain:
+                return super().forward(
+                    hidden_states, attention_mask, position_ids, pattern_fn, **kwargs
+                )
+            batch, seq, _ = hidden_states.shape
+            heads, d_head = self.n_heads, self.d_head
+            q = self.q(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            k = self.k(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            v = self.v(hidden_states).view(batch, seq, heads, d_head).transpose(1, 2)
+            # the matmul's backward needs q and k, not its output: scaling and masking it in
+            # place are the native out-of-place ops' values without two more allocations
+            scores = torch.matmul(q, k.transpose(-2, -1)).div_(self.scale)
+            scores.masked_fill_(self.causal_mask[:seq, :seq], float("-inf"))
+            # every query sees itself, so no row is fully masked and the softmax is already 0
+            # where the native forward zeroes the pattern a second time
+            pattern = torch.softmax(scores, dim=-1)
+            if pattern_fn is not None:
+                pattern = pattern_fn(pattern)
+            out = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+            return self.o(out), pattern
+
+    LeanAttention.__module__ = __name__
+    LeanAttention.__qualname__ = "LeanAttention"
+    return LeanAttention
+
+
 def logits_at(
     model: TransformerBridge, tokens: torch.Tensor, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -187,10 +288,15 @@ def logits_at(
 
 def last_position_logits(model: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token logits ``[batch, vocab]`` at the last position of each row of ``tokens``,
-    with the unembedding computed there only (what every evaluation query reads)."""
+    with the unembedding, and where :func:`kgshatter.readout.last_columns` applies the last
+    block too, computed there only (what every evaluation query reads)."""
+    from kgshatter.readout import last_columns
+
     batch, seq = tokens.shape
-    rows = torch.arange(batch, device=tokens.device) * seq + (seq - 1)
-    return logits_at(model, tokens, rows)
+    with last_columns(model, 1) as only_last:
+        width = 1 if only_last else seq
+        rows = torch.arange(batch, device=tokens.device) * width + (width - 1)
+        return logits_at(model, tokens, rows)
 
 
 def _original(module: Any) -> Any:

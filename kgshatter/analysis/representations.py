@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 
 from kgshatter.kg.walks import WalkSampler, step_generator
+from kgshatter.readout import last_columns
 from kgshatter.sites import Site
 
 if TYPE_CHECKING:
@@ -58,9 +59,10 @@ def collect_representations(
     pos = -1 if position == "relation" else -2
     out: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
     for start in range(0, flat.shape[0], batch_size):
-        _, cache = model.run_with_cache(
-            flat[start : start + batch_size], names_filter=lambda n: n in names
-        )
+        with last_columns(model, -pos):  # the last block's sites are read at pos only
+            _, cache = model.run_with_cache(
+                flat[start : start + batch_size], names_filter=lambda n: n in names
+            )
         for s in sites:
             at = -2 if s.component == "embed" else pos
             out[s].append(cache[s.hook_name][:, at].float().cpu())

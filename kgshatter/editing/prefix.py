@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kgshatter.editing.skip import replaced_forwards
+from kgshatter.readout import hooks_declare, replaced_forwards
 
 _ENABLED = [True]
 
@@ -172,7 +172,7 @@ class NativePrefix(PrefixCache):
         if any(name.endswith(scored) for name in kept_hooks):
             return None
         for name, point in model.hook_dict.items():
-            if name.endswith(scored) and not _kv_cache_safe(point):
+            if name.endswith(scored) and not hooks_declare(point, "kv_cache_safe"):
                 return None
         return cls(attentions)
 
@@ -247,18 +247,6 @@ class NativePrefix(PrefixCache):
             return attn.o(out), pattern
 
         return forward
-
-
-def _kv_cache_safe(point: Any) -> bool:
-    """Whether every hook on ``point`` declares ``kv_cache_safe`` (it handles a pattern with
-    fewer queries than keys, queries being the last keys, e.g.
-    :func:`kgshatter.models.attend_to_self`); True without hooks."""
-    if point._backward_hooks:
-        return False
-    handles = getattr(point, "fwd_hooks", [])
-    if len(point._forward_hooks) != len(handles):  # a hook registered past TransformerLens
-        return False
-    return all(getattr(h.user_hook, "kv_cache_safe", False) for h in handles)
 
 
 def _left_padded(

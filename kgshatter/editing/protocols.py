@@ -196,6 +196,7 @@ class EditScorer:
         self.baseline = evaluator.accuracy(model)
         # (subject, relation) -> answered right by the unedited model (prepare_neighbourhood)
         self._right_before: dict[tuple[int, int], bool] = {}
+        self._prompt_memo: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
     # -- CounterFact's neighbourhood, synthetic: facts sharing the subject or the relation ----
     def neighbour_facts(
@@ -230,11 +231,21 @@ class EditScorer:
         device = next(model.parameters()).device
         parts = []
         for start in range(0, len(facts), chunk):
-            tokens = torch.cat([request_prompts(self.sampler, x, r, n_prompts, seed)
+            tokens = torch.cat([self._prompts(x, r, n_prompts, seed)
                                 for x, r in facts[start : start + chunk]])  # fmt: skip
             logits = last_position_logits(model, tokens.to(device))
             parts.append(torch.softmax(logits.float(), -1).cpu())
         return torch.cat(parts).view(len(facts), n_prompts, -1)
+
+    def _prompts(self, subject: int, relation: int, n_prompts: int, seed: int) -> torch.Tensor:
+        """:func:`request_prompts` of a fact, kept: every edit of a sweep asks the same
+        neighbour facts after the same seeded contexts, and sampling the walks in Python cost
+        more than the forward passes on them."""
+        key = (subject, relation, n_prompts, seed)
+        if key not in self._prompt_memo:
+            tokens = request_prompts(self.sampler, subject, relation, n_prompts, seed)
+            self._prompt_memo[key] = tokens
+        return self._prompt_memo[key]
 
     def _right(self, model: TransformerBridge, facts: Sequence[tuple[int, int]]) -> list[bool]:
         """Whether the averaged softmax over ``neighbour_prompts`` contexts picks each fact's

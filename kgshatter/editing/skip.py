@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kgshatter.readout import replaced_forwards
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -146,28 +148,6 @@ class BlockSkip:
         finally:
             handle.remove()
         return seen[0]
-
-
-@contextmanager
-def replaced_forwards(
-    modules: Sequence[Any], forwards: Sequence[Callable[..., Any]]
-) -> Iterator[None]:
-    """Each module's ``forward`` replaced by its counterpart in ``forwards``, restored on exit
-    (a forward someone else had put in the instance comes back too).
-
-    Set in the instance's ``__dict__`` directly: a bridge component's ``__setattr__`` would
-    pass ``forward`` on to the module it wraps, whose hooks would then still fire."""
-    own = [module.__dict__.get("forward") for module in modules]
-    for module, forward in zip(modules, forwards, strict=True):
-        module.__dict__["forward"] = forward
-    try:
-        yield
-    finally:
-        for module, previous in zip(modules, own, strict=True):
-            if previous is None:
-                module.__dict__.pop("forward", None)  # the class's forward again
-            else:
-                module.__dict__["forward"] = previous
 
 
 def _canonical(model: TransformerBridge, name: str) -> Any:
