@@ -9,6 +9,7 @@ of floats, ready for JSON.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,8 @@ from kgshatter.sites import Site, all_sites
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+    from kgshatter.readout import FrozenPrefix
 
 # where the ring code is strongest in trained models (MLP hidden layer) and the block outputs
 RING_COMPONENTS = ("mlp_post", "resid_post")
@@ -82,6 +85,8 @@ class Evaluator:
             for split in SPLITS
         }
         self._ring_tokens: dict[int, torch.Tensor] = {}
+        # set by an edit sweep: accuracy passes start from the unedited model's residual
+        self.frozen: FrozenPrefix | None = None
 
     @classmethod
     def for_run(
@@ -93,7 +98,9 @@ class Evaluator:
         """``{split: {order: accuracy, "all": accuracy}}``."""
         result = {}
         for split, qs in self.queries.items():
-            probs = query_probs(model, qs, self.config.batch_size)
+            frozen = self.frozen if self.frozen is not None and self.frozen.model is model else None
+            with frozen.running() if frozen is not None else nullcontext():
+                probs = query_probs(model, qs, self.config.batch_size)
             right = qs.correct(self.graph, probs.argmax(-1))
             result[split] = accuracy_by_order(right, qs.order, self.graph)
         return result

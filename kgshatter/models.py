@@ -214,7 +214,7 @@ def _lean_attention_class() -> type:
     from transformer_lens.model_bridge.sources.native.model import NativeAttention
     from transformer_lens.utilities.activation_functions import softcap_enabled
 
-    class LeanAttention(NativeAttention):  # type: ignore[misc, valid-type]
+    class LeanAttention(NativeAttention):
         """TransformerLens's ``NativeAttention`` (4.3) with a forward that computes its
         outputs in fewer tensor passes (:func:`use_lean_attention`)."""
 

@@ -1,4 +1,5 @@
-"""Forward passes whose last block computes only the positions that are read.
+"""Evaluation passes that compute less: the last block only where it is read, and a frozen
+prefix reused across edits (:class:`FrozenPrefix`).
 
 An evaluation reads the next-token logits at the last position of each query, and the
 representations of the sweep are read at the last two; in a causal model the last block's
@@ -16,12 +17,13 @@ of the final norm and the unembedding; the shortcut applies only when every such
 declares that it acts per position (``per_position``, which the edits kgshatter installs
 do) or, on an attention pattern or score, that it handles fewer queries than keys with the
 queries being the last keys (``kv_cache_safe``, e.g. :func:`kgshatter.models.attend_to_self`);
-otherwise, and for any other model, the full pass runs. :func:`disabled` turns the shortcut
-off (the benchmark's baseline).
+otherwise, and for any other model, the full pass runs. :func:`disabled` turns both
+shortcuts off (the benchmark's baseline).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -159,6 +161,168 @@ def _attention_forward(attention: Any, n: int) -> Callable[..., Any]:
         return attention.o(out), pattern
 
     return forward
+
+
+# the points of block ``s`` that fire after its attention (what a frozen prefix still runs)
+_AFTER_ATTENTION = ("ln2.", "mlp.", "hook_mlp_in", "hook_mlp_out", "hook_resid_mid",
+                    "hook_resid_post", "hook_out")  # fmt: skip
+
+
+class FrozenPrefix:
+    """The unedited model's residual stream after block ``block``'s attention, kept per token
+    batch, so that passes over the same batches with hooks only above that point (an edit of
+    block ``block``'s MLP or higher) start from it.
+
+    An edit sweep scores every edit on the same query sets and representation queries
+    (:class:`kgshatter.evaluate.Evaluator`, the sweep's ring tokens); the embedding, the
+    blocks below ``block`` and ``block``'s attention compute the same values for each of
+    them. Inside :meth:`running`, a pass whose tokens were seen before (under the same
+    weights and the same permanent hooks below the point) skips them: the blocks below pass
+    their input through, block ``block`` adds its MLP to the kept residual, and every hook from
+    ``blocks.{block}.ln2`` on fires as usual; the values are those of the full pass, bit for bit
+    (the kept residual is that pass's own). A pass with a temporary hook below the point, a
+    padding mask or unseen tokens runs in full and, hook-free below, is kept (up to
+    ``max_bytes`` in all). Only passes without gradients (``torch.inference_mode`` or
+    ``no_grad``) and without autocast are kept or reused. A permanent hook below the point
+    (the ``layer0_attention="self"`` hook) is part of the model: it does not fire on a pass
+    that starts from a kept residual. TransformerLens-native bridges only (:meth:`plan`);
+    :func:`disabled` turns it off.
+    """
+
+    def __init__(self, model: TransformerBridge, block: int, max_bytes: int) -> None:
+        self.model = model
+        self.block = block
+        self.max_bytes = max_bytes
+        self._kept: dict[bytes, torch.Tensor] = {}
+        self._bytes = 0
+        self._state: tuple | None = None
+        self._key: bytes | None = None
+        self._hit: torch.Tensor | None = None
+
+    @classmethod
+    def plan(
+        cls, model: TransformerBridge, block: int, max_bytes: int = 1 << 30
+    ) -> FrozenPrefix | None:
+        """A frozen prefix through ``block``'s attention, or None where it does not apply: a
+        model other than a TransformerLens-native bridge, a block without an MLP, or the last
+        block (whose positions :func:`last_columns` trims)."""
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not 0 <= block < len(blocks) - 1:
+            return None
+        from transformer_lens.model_bridge.sources.native.model import NativeBlock
+
+        natives = [_original(b) for b in list(blocks)[: block + 1]]
+        if any(type(b) is not NativeBlock for b in natives) or natives[-1].cfg.attn_only:
+            return None
+        return cls(model, block, max_bytes)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Passes inside start from the kept residual where they can (restored on exit)."""
+        if not _ENABLED[0]:
+            yield
+            return
+        natives = [_original(b) for b in list(self.model.blocks)[: self.block + 1]]
+        forwards = [self._below(b) for b in natives[:-1]] + [self._frozen(natives[-1])]
+        root = self.model.original_model
+        handle = root.register_forward_pre_hook(self._look_up, with_kwargs=True)
+        try:
+            with replaced_forwards(natives, forwards):
+                yield
+        finally:
+            handle.remove()
+            self._key = self._hit = None
+
+    def _look_up(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Before a pass: its key (None: not to be kept or reused) and the kept residual."""
+        self._key = self._hit = None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(tokens, torch.Tensor) or kwargs.get("attention_mask") is not None:
+            return
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("position_ids") is not None:
+            return
+        if torch.is_grad_enabled() or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+            return  # a kept residual carries no graph and one precision
+        state = self._model_state()
+        if state is None:
+            return
+        if state != self._state:  # new weights or permanent hooks: nothing kept holds
+            self._kept.clear()
+            self._bytes = 0
+            self._state = state
+        digest = hashlib.blake2b(tokens.detach().cpu().numpy().tobytes(), digest_size=16)
+        digest.update(repr((tuple(tokens.shape), str(tokens.dtype))).encode())
+        self._key = digest.digest()
+        self._hit = self._kept.get(self._key)
+
+    def _model_state(self) -> tuple | None:
+        """What the kept residuals depend on besides the tokens: every parameter (identity
+        and in-place version) and the permanent hooks below the point; None while a
+        temporary hook sits there."""
+        below = f"blocks.{self.block}."
+        permanent = []
+        for name, point in self.model.hook_dict.items():
+            block = _block_of(name)
+            if block is not None and block > self.block:
+                continue
+            if block == self.block and name[len(below) :].startswith(_AFTER_ATTENTION):
+                continue
+            if block is None and not name.startswith(("embed.", "pos_embed.", "hook_embed",
+                                                      "hook_pos_embed")):  # fmt: skip
+                continue
+            if point._backward_hooks:
+                return None
+            handles = getattr(point, "fwd_hooks", [])
+            if len(point._forward_hooks) != len(handles):
+                return None
+            for h in handles:
+                if not h.is_permanent:
+                    return None
+                permanent.append((name, id(h.user_hook)))
+        weights = tuple((id(p), p._version) for p in self.model.parameters())
+        return (weights, tuple(sorted(set(permanent))))
+
+    def _below(self, block: Any) -> Callable[..., Any]:
+        """A block under the point: passes its input through on a pass that starts above."""
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._hit is not None:
+                return (hidden_states,)
+            return type(block).forward(block, hidden_states, *args, **kwargs)
+
+        return forward
+
+    def _frozen(self, block: Any) -> Callable[..., Any]:
+        """TransformerLens 4.3's ``NativeBlock.forward``, its attention's result kept or
+        reused."""
+
+        def forward(
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor]:
+            mid = self._hit
+            if mid is None:
+                attn_out, _pattern = block.attn(
+                    block.ln1(hidden_states), attention_mask=attention_mask,
+                    position_ids=position_ids,
+                )  # fmt: skip
+                mid = hidden_states + attn_out
+                size = mid.numel() * mid.element_size()
+                if self._key is not None and self._bytes + size <= self.max_bytes:
+                    self._kept[self._key] = mid.detach()
+                    self._bytes += size
+            return (mid + block.mlp(block.ln2(mid)),)
+
+        return forward
+
+
+def _block_of(hook_name: str) -> int | None:
+    if not hook_name.startswith("blocks."):
+        return None
+    head = hook_name.split(".", 2)[1]
+    return int(head) if head.isdigit() else None
 
 
 def hooks_declare(point: Any, marks: str | Sequence[str]) -> bool:

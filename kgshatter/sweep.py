@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +30,11 @@ import torch
 
 from kgshatter.analysis.geometry import structure_isomap, structure_neighbours
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
-from kgshatter.analysis.shattering import fit_line, shattering
+from kgshatter.analysis.shattering import distance_matrix, distance_shattering, fit_line
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
+from kgshatter.readout import FrozenPrefix
 from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
@@ -319,6 +321,13 @@ class SweepContext:
         self.sampler = WalkSampler(graph, self.run.walks)
         self.task = SyntheticTask(self.sampler, CovarianceCache(Path(run_dir) / "cache"))
         evaluator = Evaluator.for_run(self.run, graph, max_queries=config.max_queries)
+        # every edit is scored on the same queries, and nothing below the lowest edited MLP
+        # changes: those passes start from the unedited residual after its block's attention
+        edit_layers = [
+            getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods
+        ]
+        lowest = min(min(layers) for layers in edit_layers)
+        self.frozen = evaluator.frozen = FrozenPrefix.plan(model, lowest)
         self.scorer = EditScorer(model, evaluator, n_prompts=config.efficacy_prompts)
         sites = [s for s in all_sites(n_layers, RING_COMPONENTS) if s.component != "embed"]
         if chosen is not None and chosen not in sites:
@@ -333,6 +342,13 @@ class SweepContext:
         # a site where every entity has the same representation (e.g. one that cannot see the
         # subject) has no geometry: R is undefined there and recorded as NaN
         self.flat = {(o, s) for o in base for s in sites if float(base[o][s].std(0).max()) < 1e-12}
+        # D0 of R(D*), once for every edit
+        self.base_distances = {
+            (o, s): distance_matrix(base[o][s])
+            for o in base
+            for s in sites
+            if (o, s) not in self.flat
+        }
         live = [s for s in sites if not any((o, s) in self.flat for o in base)]
         if chosen is not None and chosen not in live:
             raise ValueError(f"every entity has the same representation at {chosen}; pick a "
@@ -341,10 +357,6 @@ class SweepContext:
             raise ValueError("the model's entity representations coincide at every site")
         # a site the edits cannot reach (the key of the lowest edited W_out, or below it)
         # shows R = 0 whatever the edit did: "auto" never picks one
-        edit_layers = [
-            getattr(m.config(config.editor_preset), "edit_layers", (0,)) for m in methods
-        ]
-        lowest = min(min(layers) for layers in edit_layers)
         reachable = [
             s
             for s in live
@@ -361,10 +373,12 @@ class SweepContext:
         self._entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def representations(self, m: Any) -> dict[int, dict[Site, torch.Tensor]]:
-        return {
-            o: collect_representations(m, self.tokens[o], self.sites, position=self.config.position)
-            for o in self.tokens
-        }
+        frozen = self.frozen if self.frozen is not None and self.frozen.model is m else None
+        with frozen.running() if frozen is not None else nullcontext():
+            return {
+                o: collect_representations(m, self.tokens[o], self.sites, self.config.position)
+                for o in self.tokens
+            }
 
     def measure(self, m: Any) -> dict[str, Any]:
         """R(D*) per order and site, and the ring's neighbours and Isomap at the chosen site."""
@@ -373,9 +387,11 @@ class SweepContext:
         out_m: dict[str, Any] = {}
         for o, name in enumerate(self.orders):
             for s in self.sites:
-                out_m[f"R.{name}@{s}"] = (
-                    math.nan if (o, s) in self.flat else shattering(self.base[o][s], after[o][s])
-                )
+                if (o, s) in self.flat:
+                    out_m[f"R.{name}@{s}"] = math.nan
+                else:
+                    d1 = distance_matrix(after[o][s])
+                    out_m[f"R.{name}@{s}"] = distance_shattering(self.base_distances[o, s], d1)
             out_m[f"R.{name}"] = out_m[f"R.{name}@{site}"]
             out_m[f"neighbours.{name}"] = structure_neighbours(after[o][site], graph, o)
             out_m[f"isomap.{name}"] = structure_isomap(after[o][site], graph, o)

@@ -155,3 +155,150 @@ def test_a_training_step_on_cuda(tmp_path):
     run = tiny.replace(train=TrainConfig.from_dict(dict(tiny.train.to_dict(), steps=2)))
     result = train(run, None, progress=False, device="cuda")
     assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+
+
+def _outputs_and_grads(model, tokens, **kwargs):
+    model.zero_grad()
+    logits = model(tokens, **kwargs)
+    logits.float().pow(2).mean().backward()
+    return logits.detach().clone(), [None if p.grad is None else p.grad.clone()
+                                     for p in model.parameters()]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer0", ["causal", "self"])
+def test_lean_attention_gives_the_native_bytes(layer0):
+    """LeanAttention's logits and gradients are TransformerLens's own, bit for bit (so a
+    trained model's bytes do not depend on it); copies keep the class; a padding mask takes
+    the native path."""
+    import copy
+
+    from transformer_lens.model_bridge.sources.native.model import NativeAttention
+
+    from kgshatter.models import LeanAttention, native_attention, use_lean_attention
+
+    config = ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8,
+                         layer0_attention=layer0)  # fmt: skip
+    model = build_model(config, 20)
+    attention = model.blocks[0].attn.original_component
+    assert type(attention) is LeanAttention
+    tokens = torch.randint(0, 20, (6, 8), generator=torch.Generator().manual_seed(0))
+    lean = _outputs_and_grads(model, tokens)
+    with native_attention():
+        native = _outputs_and_grads(model, tokens)
+    use_lean_attention(model, enabled=False)
+    assert type(attention) is NativeAttention
+    reverted = _outputs_and_grads(model, tokens)
+    use_lean_attention(model)
+    for other in (native, reverted):
+        assert torch.equal(lean[0], other[0])
+        for a, b in zip(lean[1], other[1], strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    twin = copy.deepcopy(model)
+    assert type(twin.blocks[1].attn.original_component) is LeanAttention
+    with torch.no_grad():
+        assert torch.equal(twin(tokens), model(tokens))
+        mask = torch.ones(6, 8, dtype=torch.long)
+        mask[0, :3] = 0
+        with native_attention():
+            padded = model(tokens, attention_mask=mask)
+        assert torch.equal(model(tokens, attention_mask=mask), padded)
+
+
+def test_the_last_block_over_the_read_positions_only():
+    """readout.last_columns: the last-position logits and the representations equal the full
+    pass's (an edit's hooks at either block, per position); a hook that does not declare
+    ``per_position`` in the last block or after it keeps the full pass; one below does not."""
+    from kgshatter import readout
+    from kgshatter.analysis.representations import collect_representations
+    from kgshatter.hooks import low_rank_delta
+    from kgshatter.models import last_position_logits
+    from kgshatter.sites import Site
+
+    config = ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8)
+    model = build_model(config, 20)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (12, 8), generator=g)
+    sites = [Site.parse(s) for s in ("embed", "0.mlp_post", "1.mlp_post", "1.resid_post")]
+    for layer in (0, 1):
+        a, b = torch.randn(48, 1, generator=g), torch.randn(24, 1, generator=g)
+        hooks = low_rank_delta(f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out",
+                               a, b)  # fmt: skip
+        with model.hooks(fwd_hooks=hooks):
+            with readout.last_columns(model, 1) as applies:
+                assert applies
+            short = last_position_logits(model, tokens)
+            reps = collect_representations(model, tokens.view(4, 3, 8), sites, "entity")
+            with readout.disabled():
+                with readout.last_columns(model, 1) as applies:
+                    assert not applies
+                full = last_position_logits(model, tokens)
+                reps_full = collect_representations(model, tokens.view(4, 3, 8), sites, "entity")
+        assert short.shape == full.shape == (12, 20)
+        torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+        for s in sites:
+            torch.testing.assert_close(reps[s], reps_full[s], rtol=1e-5, atol=1e-6)
+    for name, applies in [("blocks.1.hook_resid_post", False), ("ln_final.hook_normalized",
+                          False), ("blocks.0.hook_resid_post", True)]:  # fmt: skip
+        with model.hooks(fwd_hooks=[(name, lambda act, hook: act)]):
+            with readout.last_columns(model, 1) as got:
+                assert got is applies, name
+    # a pattern hook that handles fewer queries than keys (attention to self) is kept
+    one = build_model(ModelConfig(n_layers=1, d_model=24, n_heads=12, d_mlp=48, n_ctx=8,
+                                  layer0_attention="self"), 20)  # fmt: skip
+    with readout.last_columns(one, 1) as applies:
+        assert applies
+    with readout.disabled():
+        full = last_position_logits(one, tokens)
+    torch.testing.assert_close(last_position_logits(one, tokens), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer0", ["causal", "self"])
+def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
+    """readout.FrozenPrefix: a pass over tokens seen before, with an edit's hooks at block 0's
+    MLP, skips block 0's attention and gives the full pass's logits bit for bit; a temporary
+    hook below the point, new weights or a pass with gradients run block 0's attention again
+    (and stay exact)."""
+    from kgshatter import readout
+    from kgshatter.hooks import low_rank_delta
+
+    config = ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8,
+                         layer0_attention=layer0)  # fmt: skip
+    model = build_model(config, 20)
+    frozen = readout.FrozenPrefix.plan(model, 0)
+    assert frozen is not None and readout.FrozenPrefix.plan(model, 1) is None  # the last block
+    calls = []
+    model.blocks[0].attn.original_component.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (6, 8), generator=g)
+    edit = low_rank_delta("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
+                          torch.randn(48, 1, generator=g), torch.randn(24, 1, generator=g))  # fmt: skip
+
+    def passes(*hooks):
+        with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+            full = model(tokens)
+            with frozen.running():
+                short = model(tokens)
+        return full, short
+
+    with torch.inference_mode(), frozen.running():
+        model(tokens)  # kept
+    calls.clear()
+    full, short = passes(*edit)
+    assert calls == [1] and torch.equal(full, short)  # only the full pass ran the attention
+    calls.clear()
+    full, short = passes(*edit, ("blocks.0.attn.hook_z", lambda act, hook: 2 * act))
+    assert calls == [1, 1] and torch.equal(full, short)
+    with torch.no_grad():
+        model.blocks[0].attn.original_component.q.weight.add_(0.5)
+    calls.clear()
+    full, short = passes(*edit)
+    assert calls == [1, 1] and torch.equal(full, short)
+    calls.clear()
+    full, short = passes(*edit)  # the last short pass kept the new weights' residual
+    assert calls == [1] and torch.equal(full, short)
+    calls.clear()
+    with frozen.running():
+        model(tokens)  # with gradients: not reused
+    with readout.disabled(), torch.inference_mode(), frozen.running():
+        model(tokens)  # turned off
+    assert calls == [1, 1]

@@ -225,13 +225,17 @@ def test_older_run_records_without_new_model_fields_still_resume(tmp_path):
 
 
 def test_batched_single_edits_give_the_same_table_and_resume_exactly(tiny_run_dir, tmp_path):
-    """Single edits computed in groups (shared target optimisation) give the table of edits
-    computed one at a time, to 1e-5; a sweep killed inside a group recomputes the whole group,
-    so its rows are the uninterrupted sweep's bytes."""
+    """Single edits computed in groups (shared target optimisation) with the forward-pass
+    shortcuts give the table of edits computed one at a time on full passes, to 1e-5; a sweep
+    killed inside a group recomputes the whole group, so its rows are the uninterrupted
+    sweep's bytes."""
+    from kgshatter.benchmark import without_shortcuts
+
     config = SweepConfig(methods=("rome", "alphaedit", "pmet"), kinds=("counterfactual",),
                          n_edits=3, distances=(1, 2), sequential_edits=0, n_samples=1000,
                          max_queries=16, efficacy_prompts=4)  # fmt: skip
-    one = run_sweep(tiny_run_dir, tmp_path / "one", config, progress=False, edit_batch=1)
+    with without_shortcuts():
+        one = run_sweep(tiny_run_dir, tmp_path / "one", config, progress=False, edit_batch=1)
     grouped = run_sweep(tiny_run_dir, tmp_path / "grouped", config, progress=False, edit_batch=3)
     assert len(one.rows) == len(grouped.rows) == 3 * 2 * 3
     for a, b in zip(one.rows, grouped.rows, strict=True):

@@ -37,7 +37,12 @@ def shattering(before, after) -> float:
     >>> round(shattering(x, x @ q + 5.0), 6)  # rotation and translation (float32 rounding)
     0.0
     """
-    d0, d1 = distance_matrix(before), distance_matrix(after)
+    return distance_shattering(distance_matrix(before), distance_matrix(after))
+
+
+def distance_shattering(d0: torch.Tensor, d1: torch.Tensor) -> float:
+    """R(D*) from the two distance matrices (:func:`distance_matrix`): a sweep computes
+    ``D0`` once for all its edits."""
     if d0.shape != d1.shape:
         raise ValueError(f"before has {d0.shape[0]} items, after has {d1.shape[0]}")
     norm = float(d0.norm())
