@@ -25,7 +25,12 @@ from torch import nn
 from kgshatter.io import write_json_atomic
 from kgshatter.kg.graph import KnowledgeGraph
 from kgshatter.kg.walks import WalkSampler
-from kgshatter.models import ModelConfig, build_model, use_native_layernorm
+from kgshatter.models import (
+    ModelConfig,
+    build_model,
+    use_lean_attention,
+    use_native_layernorm,
+)
 from kgshatter.presets import RunConfig
 
 if TYPE_CHECKING:
@@ -118,8 +123,9 @@ def throughput_benchmark(
     precision); ``plain``: the same step on :class:`PlainDecoder`; ``bridge-all-logits``: the
     bridge with logits at every position (:func:`all_positions_loss`, the loss before logits
     were restricted to the loss positions); ``bridge-bf16``: the bridge under bfloat16
-    autocast; ``bridge-previous``: the step before this benchmark's levers (all-position logits
-    and TransformerLens's Python LayerNorm), the baseline of ``speedup_over_previous``.
+    autocast; ``bridge-previous``: the step before this benchmark's levers (all-position
+    logits, TransformerLens's Python LayerNorm and its attention forward), the baseline of
+    ``speedup_over_previous``.
     Timed in interleaved blocks so machine noise hits all alike; ``out``: JSON.
     """
     from kgshatter.training import loss_fn
@@ -141,6 +147,7 @@ def throughput_benchmark(
         model = build_model(run.model, d_vocab)
         if name == "bridge-previous":
             use_native_layernorm(model, enabled=False)
+            use_lean_attention(model, enabled=False)
         return model
 
     models: dict[str, Any] = {name: build(name) for name in variants}
