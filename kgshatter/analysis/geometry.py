@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kgshatter.analysis.shattering import distance_matrix
+
 ISOMAP_NEIGHBORS = 3
 
 
@@ -106,8 +108,12 @@ def embed_2d(reps, method: str = "isomap", n_neighbors: int = ISOMAP_NEIGHBORS) 
             # a small neighbourhood may split the graph; Isomap then joins the components itself
             warnings.filterwarnings("ignore", message=".*connected components.*")
             warnings.filterwarnings("ignore", category=SparseEfficiencyWarning)
-            isomap = Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2)
-            return isomap.fit_transform(x)
+            # on the exact distances (the ones R(D*) uses) rather than scikit-learn's own
+            # neighbour search: the same embedding to 1e-15, without the OpenMP pool that
+            # competes with torch's threads (3x slower inside an edit sweep on 2 cores)
+            isomap = Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2,
+                            metric="precomputed")  # fmt: skip
+            return isomap.fit_transform(distance_matrix(x).numpy())
     raise ValueError(f"method must be 'isomap' or 'pca', got {method!r}")
 
 
