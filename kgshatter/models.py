@@ -164,7 +164,7 @@ def use_native_layernorm(model: TransformerBridge, enabled: bool = True) -> Any:
 
 
 def use_lean_attention(model: TransformerBridge, enabled: bool = True) -> Any:
-    """Run every TransformerLens-native attention through :func:`lean_attention_forward`:
+    """Run every TransformerLens-native attention through :class:`LeanAttention`'s forward:
     the same outputs and gradients, bit for bit, with the scores scaled and masked in place
     and without the second pass over the pattern that only fully masked rows need.
 

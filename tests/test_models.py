@@ -208,9 +208,10 @@ def test_the_last_block_over_the_read_positions_only():
     """readout.last_columns: the last-position logits and the representations equal the full
     pass's (an edit's hooks at either block, per position); a hook that does not declare
     ``per_position`` in the last block or after it keeps the full pass; one below does not."""
+    from kgshatter.hooks import low_rank_delta
+
     from kgshatter import readout
     from kgshatter.analysis.representations import collect_representations
-    from kgshatter.hooks import low_rank_delta
     from kgshatter.models import last_position_logits
     from kgshatter.sites import Site
 
@@ -258,8 +259,9 @@ def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
     MLP, skips block 0's attention and gives the full pass's logits bit for bit; a temporary
     hook below the point, new weights or a pass with gradients run block 0's attention again
     (and stay exact)."""
-    from kgshatter import readout
     from kgshatter.hooks import low_rank_delta
+
+    from kgshatter import readout
 
     config = ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8,
                          layer0_attention=layer0)  # fmt: skip
@@ -270,8 +272,8 @@ def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
     model.blocks[0].attn.original_component.register_forward_hook(lambda *a: calls.append(1))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 20, (6, 8), generator=g)
-    edit = low_rank_delta("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
-                          torch.randn(48, 1, generator=g), torch.randn(24, 1, generator=g))  # fmt: skip
+    a, b = torch.randn(48, 1, generator=g), torch.randn(24, 1, generator=g)
+    edit = low_rank_delta("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", a, b)
 
     def passes(*hooks):
         with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
