@@ -8,10 +8,9 @@ names (``blocks.0.mlp.hook_post``, ``blocks.1.hook_resid_post``, ...) and the sa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,16 +196,12 @@ def __getattr__(name: str) -> Any:
 _LEAN = [True]
 
 
-@contextlib.contextmanager
-def native_attention() -> Iterator[None]:
+def native_attention() -> AbstractContextManager[None]:
     """Inside, every :class:`LeanAttention` runs TransformerLens's own forward (the same
     values, more slowly: the benchmark's baseline); restored on exit."""
-    previous = _LEAN[0]
-    _LEAN[0] = False
-    try:
-        yield
-    finally:
-        _LEAN[0] = previous
+    from kgshatter.readout import switched_off
+
+    return switched_off(_LEAN)
 
 
 @functools.cache

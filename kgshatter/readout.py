@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,15 +38,20 @@ _PATTERN_POINTS = ("attn.hook_pattern", "attn.hook_attn_scores")
 _AFTER_BLOCKS = ("ln_final.", "unembed.", "hook_unembed")  # they see n positions too
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """Every pass inside runs every position of every block (restored on exit)."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = False
+    return switched_off(_ENABLED)
+
+
+@contextmanager
+def switched_off(flag: list[bool]) -> Iterator[None]:
+    """A module's on/off switch ``flag[0]`` set False inside, restored on exit."""
+    previous = flag[0]
+    flag[0] = False
     try:
         yield
     finally:
-        _ENABLED[0] = previous
+        flag[0] = previous
 
 
 @contextmanager

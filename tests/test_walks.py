@@ -127,3 +127,23 @@ def test_walk_config_errors():
         WalkConfig(composition_prob=1.0)
     with pytest.raises(ValueError, match="n_ctx"):
         WalkConfig(n_ctx=2)
+
+
+@pytest.mark.parametrize("structure", ["cyclic", "tree"])
+def test_prompts_of_many_facts_in_one_walk_are_each_facts_own(structure):
+    """request_prompts_many samples many seeded prompt sets in one loop (each fact with its
+    own generator) and gives the bytes of one request_prompts call per fact, on a ring and on
+    a tree (whose steps draw an extra number)."""
+    from kgshatter.editing.requests import request_prompts, request_prompts_many
+
+    extra = {"branching": 3} if structure == "tree" else {}
+    graph = KnowledgeGraph.from_config(
+        KGConfig(n_entities=40, n_orders=1, max_hops=2, structure=structure, **extra)
+    )
+    sampler = WalkSampler(graph, WalkConfig(n_ctx=12, composition_prob=0.5))
+    facts = [(x, r) for x in (0, 5, 17, 39) for r in range(graph.n_relations) if r % 2 == 0]
+    many = request_prompts_many(sampler, facts, 3, seed=4)
+    one_by_one = torch.cat([request_prompts(sampler, x, r, 3, seed=4) for x, r in facts])
+    assert torch.equal(many, one_by_one)
+    with pytest.raises(ValueError, match="generators need as many sizes"):
+        sampler.query_tokens(many[:2, -1], many[:2, -1:] * 0, [torch.Generator()] * 2, [1])

@@ -27,26 +27,20 @@ which also runs the blocks below the edit).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
-from kgshatter.readout import hooks_declare, replaced_forwards
+from kgshatter.readout import hooks_declare, replaced_forwards, switched_off
 
 _ENABLED = [True]
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """Target optimisations inside the block run every position (side-by-side benchmarks;
     hooks that mix positions). Restored on exit."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = False
-    try:
-        yield
-    finally:
-        _ENABLED[0] = previous
+    return switched_off(_ENABLED)
 
 
 class PrefixCache:

@@ -26,7 +26,7 @@ import torch
 from kgshatter.editing import Method, get_method
 from kgshatter.editing.core import AlreadyAnswered, EditTask, Request
 from kgshatter.editing.edit import Edit, model_identity
-from kgshatter.editing.requests import EditRequest, request_prompts
+from kgshatter.editing.requests import EditRequest, request_prompts_many
 from kgshatter.evaluate import Evaluator, query_probs
 from kgshatter.hooks import edited
 from kgshatter.kg.graph import KnowledgeGraph
@@ -229,23 +229,25 @@ class EditScorer:
         """Next-token probabilities ``[fact, prompt, vocab]`` after ``n_prompts`` contexts of
         each ``(subject, relation)`` fact (``chunk`` facts per forward pass)."""
         device = next(model.parameters()).device
+        self._sample_prompts(facts, n_prompts, seed)
         parts = []
         for start in range(0, len(facts), chunk):
-            tokens = torch.cat([self._prompts(x, r, n_prompts, seed)
+            tokens = torch.cat([self._prompt_memo[x, r, n_prompts, seed]
                                 for x, r in facts[start : start + chunk]])  # fmt: skip
             logits = last_position_logits(model, tokens.to(device))
             parts.append(torch.softmax(logits.float(), -1).cpu())
         return torch.cat(parts).view(len(facts), n_prompts, -1)
 
-    def _prompts(self, subject: int, relation: int, n_prompts: int, seed: int) -> torch.Tensor:
-        """:func:`request_prompts` of a fact, kept: every edit of a sweep asks the same
-        neighbour facts after the same seeded contexts, and sampling the walks in Python cost
-        more than the forward passes on them."""
-        key = (subject, relation, n_prompts, seed)
-        if key not in self._prompt_memo:
-            tokens = request_prompts(self.sampler, subject, relation, n_prompts, seed)
-            self._prompt_memo[key] = tokens
-        return self._prompt_memo[key]
+    def _sample_prompts(self, facts: Sequence[tuple[int, int]], n_prompts: int, seed: int) -> None:
+        """:func:`request_prompts` of the facts not seen yet, kept: every edit of a sweep asks
+        the same neighbour facts after the same seeded contexts, and the walks (sampled in one
+        loop for all new facts) cost more than the forward passes on them."""
+        new = sorted({f for f in facts if (*f, n_prompts, seed) not in self._prompt_memo})
+        if not new:
+            return
+        tokens = request_prompts_many(self.sampler, new, n_prompts, seed)
+        for (x, r), rows in zip(new, tokens.split(n_prompts), strict=True):
+            self._prompt_memo[x, r, n_prompts, seed] = rows
 
     def _right(self, model: TransformerBridge, facts: Sequence[tuple[int, int]]) -> list[bool]:
         """Whether the averaged softmax over ``neighbour_prompts`` contexts picks each fact's

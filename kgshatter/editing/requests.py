@@ -7,6 +7,7 @@ the end.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,19 @@ def request_prompts(
     sampler: WalkSampler, subject: int, relation: int, n_prompts: int, seed: int = 0
 ) -> Int[torch.Tensor, "prompt n_ctx"]:
     """``n_prompts`` full-length prompts ``<context leading into subject> subject relation``."""
-    g = step_generator(seed, 1 << 22 | subject * sampler.graph.n_relations + relation)
-    subjects = torch.full((n_prompts,), subject, dtype=torch.long)
-    return sampler.query_tokens(subjects, torch.full((n_prompts, 1), relation), g)
+    return request_prompts_many(sampler, [(subject, relation)], n_prompts, seed)
+
+
+def request_prompts_many(
+    sampler: WalkSampler, facts: Sequence[tuple[int, int]], n_prompts: int, seed: int = 0
+) -> Int[torch.Tensor, "fact_prompt n_ctx"]:
+    """:func:`request_prompts` of every ``(subject, relation)`` fact, concatenated: the same
+    bytes, sampled in one walk (each fact keeps its own seeded generator)."""
+    n_rel = sampler.graph.n_relations
+    generators = [step_generator(seed, 1 << 22 | x * n_rel + r) for x, r in facts]
+    subjects = torch.tensor([x for x, _ in facts], dtype=torch.long).repeat_interleave(n_prompts)
+    relations = torch.tensor([r for _, r in facts], dtype=torch.long).repeat_interleave(n_prompts)
+    if len(generators) == 1:
+        return sampler.query_tokens(subjects, relations[:, None], generators[0])
+    sizes = [n_prompts] * len(facts)
+    return sampler.query_tokens(subjects, relations[:, None], generators, sizes)

@@ -103,17 +103,24 @@ class WalkSampler:
         self,
         start: Int[torch.Tensor, " batch"],
         n_tokens: int,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         backward: bool = False,
+        sizes: list[int] | None = None,
     ) -> Int[torch.Tensor, "batch n_tokens"]:
         """Walk from ``start`` until every row has ``n_tokens`` tokens.
 
         Forward rows read ``x r y r y ...``; backward rows are written away from ``start`` and
         flipped, so they read ``... y r y r x`` and end at ``start``.
+
+        ``generator`` may be a list, one per consecutive group of rows (``sizes`` of them):
+        each group's rows are then the bytes a walk of that group alone with its generator
+        gives (a group draws its numbers only while one of its rows is unfinished), so many
+        seeded prompt sets can be sampled in one loop.
         """
         n = self.graph.n_entities
         (w1, d1), (w2, d2) = (self._bwd1, self._bwd2) if backward else (self._fwd1, self._fwd2)
         b = start.shape[0]
+        draw = _Draws(generator, sizes, b)
         buf = torch.zeros(b, n_tokens + 3, dtype=torch.long)
         rows = torch.arange(b)
         buf[:, 0] = start
@@ -121,14 +128,15 @@ class WalkSampler:
         cur = start.clone()
         p = self.config.composition_prob
         while bool((pos < n_tokens).any()):
-            u = torch.rand(3, b, generator=generator, dtype=torch.float64)
+            groups = draw.unfinished(pos < n_tokens)
+            u = draw(groups, 3)
             two = (u[0] < p) & (w2[cur, -1] > 0)
             r1 = _inverse_cdf(w1[cur], u[1])
             pair = _inverse_cdf(w2[cur], u[2])
             one = d1[r1, cur]
             if self._multi is not None:  # one of the step's answers, uniformly (a tree's children)
                 choices, counts = self._multi[1 if backward else 0]
-                pick = torch.rand(b, generator=generator, dtype=torch.float64)
+                pick = draw(groups, None)
                 k = (pick * counts[r1, cur]).long().clamp(max=choices.shape[2] - 1)
                 one = choices[r1, cur, k]
             nxt = torch.where(two, d2[pair, cur], one)
@@ -168,22 +176,31 @@ class WalkSampler:
         return self.batch(batch_size, step_generator(seed, step))
 
     def contexts(
-        self, ends: Int[torch.Tensor, " n"], length: int, generator: torch.Generator
+        self,
+        ends: Int[torch.Tensor, " n"],
+        length: int,
+        generator: torch.Generator | list[torch.Generator],
+        sizes: list[int] | None = None,
     ) -> Int[torch.Tensor, "n length"]:
-        """Random walk contexts of ``length`` tokens whose last token is ``ends`` (an entity)."""
-        return self._walk(ends, length, generator, backward=True)
+        """Random walk contexts of ``length`` tokens whose last token is ``ends`` (an entity);
+        several generators: see :meth:`_walk`."""
+        return self._walk(ends, length, generator, backward=True, sizes=sizes)
 
     def query_tokens(
         self,
         subjects: Int[torch.Tensor, " n"],
         relations: Int[torch.Tensor, "n hops"],
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
+        sizes: list[int] | None = None,
     ) -> Int[torch.Tensor, "n n_ctx"]:
         """Full-length queries: a context leading into each subject, then its relation(s).
 
         ``relations`` are relation indices (one column for ``x r``, two for ``x r1 r2``).
+        ``generator`` a list: one per consecutive group of ``sizes`` rows, each group's rows
+        the bytes its own call would give.
         """
-        ctx = self.contexts(subjects, self.config.n_ctx - relations.shape[1], generator)
+        n_ctx = self.config.n_ctx - relations.shape[1]
+        ctx = self.contexts(subjects, n_ctx, generator, sizes)
         return torch.cat([ctx, relations + self.graph.n_entities], dim=1)
 
 
@@ -220,6 +237,45 @@ def _choices(
 def _cumulative(allowed: torch.Tensor) -> torch.Tensor:
     """Per row, the running count of allowed choices (float64; last column = row total)."""
     return allowed.double().cumsum(-1).contiguous()
+
+
+class _Draws:
+    """Uniform numbers for :meth:`WalkSampler._walk`: from one generator for every row, or
+    from each group's own generator for its rows (drawn in the order each generator would
+    see alone: a group's numbers, then its tree pick, per step it takes part in)."""
+
+    def __init__(
+        self, generator: torch.Generator | list[torch.Generator], sizes: list[int] | None, b: int
+    ) -> None:
+        if isinstance(generator, torch.Generator):
+            self.generators, self.sizes = [generator], [b]
+        else:
+            if sizes is None or len(sizes) != len(generator) or sum(sizes) != b:
+                raise ValueError(f"{len(generator)} generators need as many sizes summing to {b}")
+            self.generators, self.sizes = list(generator), list(sizes)
+        self.bounds = np.cumsum([0, *self.sizes]).tolist()
+        self.group_of = torch.repeat_interleave(
+            torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long)
+        )
+
+    def unfinished(self, live: torch.Tensor) -> list[int]:
+        """The groups with a row still to walk (every group for a single generator)."""
+        if len(self.generators) == 1:
+            return [0]
+        counts = torch.bincount(self.group_of[live], minlength=len(self.sizes))
+        return torch.nonzero(counts).flatten().tolist()
+
+    def __call__(self, groups: list[int], k: int | None) -> torch.Tensor:
+        if len(self.generators) == 1:
+            shape = (self.sizes[0],) if k is None else (k, self.sizes[0])
+            return torch.rand(*shape, generator=self.generators[0], dtype=torch.float64)
+        out = torch.zeros((self.bounds[-1],) if k is None else (k, self.bounds[-1]),
+                          dtype=torch.float64)  # fmt: skip
+        for i in groups:
+            lo, hi = self.bounds[i], self.bounds[i + 1]
+            shape = (hi - lo,) if k is None else (k, hi - lo)
+            out[..., lo:hi] = torch.rand(*shape, generator=self.generators[i], dtype=torch.float64)
+        return out
 
 
 def _inverse_cdf(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
