@@ -261,9 +261,9 @@ class FrozenPrefix:
         self._hit = self._kept.get(self._key)
 
     def _model_state(self) -> tuple | None:
-        """What the kept residuals depend on besides the tokens: every parameter (identity
-        and in-place version) and the permanent hooks below the point; None while a
-        temporary hook sits there."""
+        """What the kept residuals depend on besides the tokens: every parameter (identity,
+        in-place version, dtype, device) and the permanent hooks below the point; None while
+        a temporary hook sits there."""
         below = f"blocks.{self.block}."
         permanent = []
         for name, point in self.model.hook_dict.items():
@@ -284,7 +284,8 @@ class FrozenPrefix:
                 if not h.is_permanent:
                     return None
                 permanent.append((name, id(h.user_hook)))
-        weights = tuple((id(p), p._version) for p in self.model.parameters())
+        # a move or cast replaces a parameter's data without a new identity or version
+        weights = tuple((id(p), p._version, p.dtype, p.device) for p in self.model.parameters())
         return (weights, tuple(sorted(set(permanent))))
 
     def _below(self, block: Any) -> Callable[..., Any]:
