@@ -144,8 +144,8 @@ def default_edit_batch(model: TransformerBridge) -> int:
     """12 for narrow models (d_model <= 32), 1 otherwise: grouping pays only where one
     request's forward passes are too small to keep the CPU busy. Measured on 2 cores
     (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits, with the forward-pass
-    shortcuts): the ``compressed`` model (d_model 24) sweeps 2.5x faster in groups of 12; the
-    ``cpu`` model (d_model 64) 1.05-1.15x, within the run-to-run noise (README, "Speed").
+    shortcuts): the ``compressed`` model (d_model 24) sweeps 2.3-2.5x faster in groups of 12;
+    the ``cpu`` model (d_model 64) 1.05-1.15x, close to the run-to-run noise (README, "Speed").
     """
     return 12 if model.cfg.d_model <= 32 else 1
 
