@@ -103,17 +103,21 @@ def embed_2d(reps, method: str = "isomap", n_neighbors: int = ISOMAP_NEIGHBORS) 
     if method == "isomap":
         from scipy.sparse import SparseEfficiencyWarning
         from sklearn.manifold import Isomap
+        from threadpoolctl import threadpool_limits
 
         with warnings.catch_warnings():
             # a small neighbourhood may split the graph; Isomap then joins the components itself
             warnings.filterwarnings("ignore", message=".*connected components.*")
             warnings.filterwarnings("ignore", category=SparseEfficiencyWarning)
             # on the exact distances (the ones R(D*) uses) rather than scikit-learn's own
-            # neighbour search: the same embedding to 1e-15, without its thread pool, which
-            # competes with torch's (17 ms per call instead of 5 inside an edit sweep)
+            # neighbour search, and with one BLAS thread: the same embedding to 1e-15, without
+            # thread pools that compete with torch's (inside an edit sweep on 2 cores the
+            # neighbour search took 17 ms per call instead of 5, the eigen-solver 21 ms
+            # instead of 2)
             isomap = Isomap(n_neighbors=min(n_neighbors, len(x) - 1), n_components=2,
                             metric="precomputed")  # fmt: skip
-            return isomap.fit_transform(distance_matrix(x).numpy())
+            with threadpool_limits(limits=1, user_api="blas"):
+                return isomap.fit_transform(distance_matrix(x).numpy())
     raise ValueError(f"method must be 'isomap' or 'pca', got {method!r}")
 
 
