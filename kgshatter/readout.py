@@ -39,7 +39,8 @@ _AFTER_BLOCKS = ("ln_final.", "unembed.", "hook_unembed")  # they see n position
 
 
 def disabled() -> AbstractContextManager[None]:
-    """Every pass inside runs every position of every block (restored on exit)."""
+    """Every pass inside runs in full: every position of every block, nothing kept by a
+    :class:`FrozenPrefix` (restored on exit)."""
     return switched_off(_ENABLED)
 
 
