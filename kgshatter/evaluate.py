@@ -9,7 +9,6 @@ of floats, ready for JSON.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -96,13 +95,14 @@ class Evaluator:
 
     def accuracy(self, model: TransformerBridge) -> dict[str, dict[str, float | None]]:
         """``{split: {order: accuracy, "all": accuracy}}``."""
+        from kgshatter.readout import frozen_running
+
         result = {}
-        for split, qs in self.queries.items():
-            frozen = self.frozen if self.frozen is not None and self.frozen.model is model else None
-            with frozen.running() if frozen is not None else nullcontext():
+        with frozen_running(self.frozen, model):
+            for split, qs in self.queries.items():
                 probs = query_probs(model, qs, self.config.batch_size)
-            right = qs.correct(self.graph, probs.argmax(-1))
-            result[split] = accuracy_by_order(right, qs.order, self.graph)
+                right = qs.correct(self.graph, probs.argmax(-1))
+                result[split] = accuracy_by_order(right, qs.order, self.graph)
         return result
 
     def ring_tokens(self, order: int) -> torch.Tensor:

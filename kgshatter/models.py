@@ -207,7 +207,8 @@ def native_attention() -> AbstractContextManager[None]:
 @functools.cache
 def _lean_attention_class() -> type:
     from transformer_lens.model_bridge.sources.native.model import NativeAttention
-    from transformer_lens.utilities.activation_functions import softcap_enabled
+
+    from kgshatter.readout import plain_attention
 
     class LeanAttention(NativeAttention):
         """TransformerLens's ``NativeAttention`` (4.3) with a forward that computes its
@@ -221,15 +222,7 @@ def _lean_attention_class() -> type:
             pattern_fn: Any = None,
             **kwargs: Any,
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            plain = (
-                _LEAN[0]
-                and attention_mask is None
-                and self.rotary is None
-                and self.kv_repeats == 1
-                and not softcap_enabled(self.attn_scores_soft_cap)
-                and self.causal
-            )
-            if not plain:
+            if not (_LEAN[0] and attention_mask is None and plain_attention(self)):
                 return super().forward(
                     hidden_states, attention_mask, position_ids, pattern_fn, **kwargs
                 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 _ENABLED = [True]
-_PATTERN_POINTS = ("attn.hook_pattern", "attn.hook_attn_scores")
+# a block's hooks on its attention pattern and scores (shapes that depend on the queries run)
+PATTERN_POINTS = ("attn.hook_pattern", "attn.hook_attn_scores")
 _AFTER_BLOCKS = ("ln_final.", "unembed.", "hook_unembed")  # they see n positions too
 
 
@@ -76,10 +77,8 @@ def _plan(model: TransformerBridge, n: int) -> tuple[Any, Any] | None:
     not apply."""
     if not _ENABLED[0] or n < 1:
         return None
-    native = getattr(model, "original_model", None)
-    layers = getattr(native, "layers", None)
     blocks = getattr(model, "blocks", None)
-    if layers is None or blocks is None or not len(blocks):
+    if blocks is None or not len(blocks):
         return None
     from transformer_lens.model_bridge.sources.native.model import NativeAttention, NativeBlock
 
@@ -87,11 +86,11 @@ def _plan(model: TransformerBridge, n: int) -> tuple[Any, Any] | None:
     if type(block) is not NativeBlock or block.cfg.attn_only:
         return None
     attention = _original(block.attn)
-    if not isinstance(attention, NativeAttention) or not _plain(attention):
+    if not isinstance(attention, NativeAttention) or not plain_attention(attention):
         return None
     prefix = f"blocks.{len(blocks) - 1}."
     for name, point in model.hook_dict.items():
-        if name.startswith(prefix) and name[len(prefix) :] in _PATTERN_POINTS:
+        if name.startswith(prefix) and name[len(prefix) :] in PATTERN_POINTS:
             marks: tuple[str, ...] = ("kv_cache_safe",)
         elif name.startswith((prefix, *_AFTER_BLOCKS)):
             marks = ("per_position", "kv_cache_safe")
@@ -102,8 +101,11 @@ def _plan(model: TransformerBridge, n: int) -> tuple[Any, Any] | None:
     return block, attention
 
 
-def _plain(attention: Any) -> bool:
-    """Causal attention without rotary positions, grouped keys or soft-capped scores."""
+def plain_attention(attention: Any) -> bool:
+    """Whether a TransformerLens-native attention is causal, without rotary positions,
+    grouped keys or soft-capped scores: the configurations kgshatter's own attention forwards
+    reproduce (:class:`kgshatter.models.LeanAttention`, :func:`last_columns`,
+    :class:`kgshatter.editing.prefix.NativePrefix`)."""
     from transformer_lens.utilities.activation_functions import softcap_enabled
 
     return (
@@ -276,10 +278,8 @@ class FrozenPrefix:
             if block is None and not name.startswith(("embed.", "pos_embed.", "hook_embed",
                                                       "hook_pos_embed")):  # fmt: skip
                 continue
-            if point._backward_hooks:
-                return None
-            handles = getattr(point, "fwd_hooks", [])
-            if len(point._forward_hooks) != len(handles):
+            handles = _forward_handles(point)
+            if handles is None:
                 return None
             for h in handles:
                 if not h.is_permanent:
@@ -325,6 +325,13 @@ class FrozenPrefix:
         return forward
 
 
+def frozen_running(frozen: FrozenPrefix | None, model: Any) -> AbstractContextManager[None]:
+    """``frozen.running()`` when ``frozen`` is a prefix of ``model``; otherwise nothing."""
+    if frozen is not None and frozen.model is model:
+        return frozen.running()
+    return nullcontext()
+
+
 def _block_of(hook_name: str) -> int | None:
     if not hook_name.startswith("blocks."):
         return None
@@ -337,12 +344,22 @@ def hooks_declare(point: Any, marks: str | Sequence[str]) -> bool:
     attributes ``marks`` set true (True without hooks); any backward hook, or a forward hook
     registered past TransformerLens, counts as not declaring."""
     marks = (marks,) if isinstance(marks, str) else tuple(marks)
-    if point._backward_hooks:
-        return False
-    handles = getattr(point, "fwd_hooks", [])
-    if len(point._forward_hooks) != len(handles):
+    handles = _forward_handles(point)
+    if handles is None:
         return False
     return all(any(getattr(h.user_hook, m, False) for m in marks) for h in handles)
+
+
+def _forward_handles(point: Any) -> list[Any] | None:
+    """TransformerLens's handles of the forward hooks on ``point``; None when it also holds a
+    backward hook or a forward hook registered past TransformerLens (which says nothing about
+    itself)."""
+    if point._backward_hooks:
+        return None
+    handles = getattr(point, "fwd_hooks", [])
+    if len(point._forward_hooks) != len(handles):
+        return None
+    return list(handles)
 
 
 @contextmanager

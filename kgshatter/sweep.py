@@ -21,7 +21,6 @@ import math
 import os
 import statistics
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from kgshatter.analysis.shattering import distance_matrix, distance_shattering, 
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
-from kgshatter.readout import FrozenPrefix
+from kgshatter.readout import FrozenPrefix, frozen_running
 from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.sites import Site, all_sites, edit_sites
 from kgshatter.validation import ConfigDict, check_choice, check_int
@@ -374,8 +373,7 @@ class SweepContext:
         self._entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def representations(self, m: Any) -> dict[int, dict[Site, torch.Tensor]]:
-        frozen = self.frozen if self.frozen is not None and self.frozen.model is m else None
-        with frozen.running() if frozen is not None else nullcontext():
+        with frozen_running(self.frozen, m):
             return {
                 o: collect_representations(m, self.tokens[o], self.sites, self.config.position)
                 for o in self.tokens

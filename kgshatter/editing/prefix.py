@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from kgshatter.readout import hooks_declare, replaced_forwards, switched_off
+from kgshatter.readout import (
+    PATTERN_POINTS,
+    hooks_declare,
+    plain_attention,
+    replaced_forwards,
+    switched_off,
+)
 
 _ENABLED = [True]
 
@@ -156,17 +162,12 @@ class NativePrefix(PrefixCache):
             except AttributeError:
                 return None
         for attn in attentions:
-            if not isinstance(attn, NativeAttention):
+            if not isinstance(attn, NativeAttention) or not plain_attention(attn):
                 return None
-            if attn.rotary is not None or attn.kv_repeats != 1 or not attn.causal:
-                return None
-            if attn.attn_scores_soft_cap > 0:
-                return None
-        scored = ("attn.hook_pattern", "attn.hook_attn_scores")
-        if any(name.endswith(scored) for name in kept_hooks):
+        if any(name.endswith(PATTERN_POINTS) for name in kept_hooks):
             return None
         for name, point in model.hook_dict.items():
-            if name.endswith(scored) and not hooks_declare(point, "kv_cache_safe"):
+            if name.endswith(PATTERN_POINTS) and not hooks_declare(point, "kv_cache_safe"):
                 return None
         return cls(attentions)
 

@@ -86,7 +86,4 @@ def request_prompts_many(
     generators = [step_generator(seed, 1 << 22 | x * n_rel + r) for x, r in facts]
     subjects = torch.tensor([x for x, _ in facts], dtype=torch.long).repeat_interleave(n_prompts)
     relations = torch.tensor([r for _, r in facts], dtype=torch.long).repeat_interleave(n_prompts)
-    if len(generators) == 1:
-        return sampler.query_tokens(subjects, relations[:, None], generators[0])
-    sizes = [n_prompts] * len(facts)
-    return sampler.query_tokens(subjects, relations[:, None], generators, sizes)
+    return sampler.query_tokens(subjects, relations[:, None], generators, [n_prompts] * len(facts))
