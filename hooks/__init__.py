@@ -113,9 +113,11 @@ def low_rank_delta(
         return activation + (key @ aa) @ b.to(key.dtype).to(key.device).T
 
     # both act on each position alone: a pass that runs some positions only may keep them
-    # (kgshatter.readout.last_columns)
-    read_key.per_position = True  # type: ignore[attr-defined]
-    add_delta.per_position = True  # type: ignore[attr-defined]
+    # (kgshatter.readout.last_columns); the first only reads, the second writes nothing it is
+    # handed: a pass may hand them kept activations (kgshatter.readout.FrozenPrefix)
+    read_key.per_position = add_delta.per_position = True  # type: ignore[attr-defined]
+    read_key.read_only = True  # type: ignore[attr-defined]
+    add_delta.pure = True  # type: ignore[attr-defined]
     return [(key_hook, read_key), (out_hook, add_delta)]
 
 

@@ -176,10 +176,23 @@ _AFTER_ATTENTION = ("ln2.", "mlp.", "hook_mlp_in", "hook_mlp_out", "hook_resid_m
                     "hook_resid_post", "hook_out")  # fmt: skip
 
 
+class _Kept:
+    """What a frozen prefix keeps of one token batch: the residual after block ``s``'s
+    attention (``mid``) and, once a pass has let it see them, the unedited input of the MLP's
+    out-projection (``key``) and that projection's output (``out``)."""
+
+    __slots__ = ("mid", "key", "out")
+
+    def __init__(self, mid: torch.Tensor) -> None:
+        self.mid = mid
+        self.key: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+
 class FrozenPrefix:
-    """The unedited model's residual stream after block ``block``'s attention, kept per token
-    batch, so that passes over the same batches with hooks only above that point (an edit of
-    block ``block``'s MLP or higher) start from it.
+    """The unedited model's residual stream after block ``block``'s attention, and its MLP's
+    key and output, kept per token batch, so that passes over the same batches with hooks only
+    above that point (an edit of block ``block``'s MLP or higher) start from them.
 
     An edit sweep scores every edit on the same query sets and representation queries
     (:class:`kgshatter.evaluate.Evaluator`, the sweep's ring tokens); the embedding, the
@@ -195,17 +208,27 @@ class FrozenPrefix:
     (the ``layer0_attention="self"`` hook) is part of the model: it does not fire on a pass
     that starts from a kept residual. TransformerLens-native bridges only (:meth:`plan`);
     :func:`disabled` turns it off.
+
+    The MLP of block ``block`` is skipped too where an edit of its out-projection only reads
+    that projection's input (a low-rank delta ``W += a b^T`` adds ``(key @ a) @ b^T`` to its
+    output: :func:`kgshatter.hooks.low_rank_delta`): when no hook sits between the kept
+    residual and the out-projection's input (``ln2``, the MLP's input and in-projection) and
+    every hook on that input declares ``read_only`` (it returns ``None`` or its input, and
+    writes nothing), the kept key goes through that point's hooks and the kept output through
+    the out-projection's and the MLP's output hooks, which see what the full pass gives them.
+    A hook that does not declare ``pure`` (it never writes the tensor it is handed) gets a copy
+    of a kept tensor, so nothing kept is changed in place.
     """
 
     def __init__(self, model: TransformerBridge, block: int, max_bytes: int) -> None:
         self.model = model
         self.block = block
         self.max_bytes = max_bytes
-        self._kept: dict[bytes, torch.Tensor] = {}
+        self._kept: dict[bytes, _Kept] = {}
         self._bytes = 0
         self._state: tuple | None = None
         self._key: bytes | None = None
-        self._hit: torch.Tensor | None = None
+        self._hit: _Kept | None = None
 
     @classmethod
     def plan(
@@ -300,8 +323,9 @@ class FrozenPrefix:
         return forward
 
     def _frozen(self, block: Any) -> Callable[..., Any]:
-        """TransformerLens 4.3's ``NativeBlock.forward``, its attention's result kept or
-        reused."""
+        """TransformerLens 4.3's ``NativeBlock.forward``, its attention's result (and its MLP's
+        key and output, see the class docstring) kept or reused."""
+        points = _MlpPoints(block)
 
         def forward(
             hidden_states: torch.Tensor,
@@ -309,20 +333,97 @@ class FrozenPrefix:
             position_ids: torch.Tensor | None = None,
             **kwargs: Any,
         ) -> tuple[torch.Tensor]:
-            mid = self._hit
-            if mid is None:
+            kept = self._hit
+            if kept is None:
                 attn_out, _pattern = block.attn(
                     block.ln1(hidden_states), attention_mask=attention_mask,
                     position_ids=position_ids,
                 )  # fmt: skip
                 mid = hidden_states + attn_out
-                size = mid.numel() * mid.element_size()
-                if self._key is not None and self._bytes + size <= self.max_bytes:
-                    self._kept[self._key] = mid.detach()
-                    self._bytes += size
-            return (mid + block.mlp(block.ln2(mid)),)
+                if self._key is None or not self._fits(mid):
+                    return (mid + block.mlp(block.ln2(mid)),)
+                kept = self._kept[self._key] = _Kept(mid.detach())
+            mid = kept.mid
+            if not points.reads_key_only():
+                if not _all_pure(points.before):
+                    mid = mid.clone()  # a hook may write the residual it is handed
+                return (mid + block.mlp(block.ln2(mid)),)
+            if kept.key is None:
+                return (mid + self._mlp_kept(block, mid, kept, points),)
+            assert kept.out is not None and points.key is not None
+            points.key(kept.key)  # its hooks only read
+            out = kept.out if _all_pure(points.out) else kept.out.clone()
+            return (mid + block.mlp.hook_out(block.mlp.out.hook_out(out)),)
 
         return forward
+
+    def _mlp_kept(self, block: Any, mid: torch.Tensor, kept: _Kept, points: _MlpPoints) -> Any:
+        """``block.mlp(block.ln2(mid))``, keeping its out-projection's input and output (as
+        they are before the output's hooks run)."""
+        assert points.key is not None and points.out_in is not None
+        seen: dict[str, torch.Tensor] = {}
+        copy = not _all_pure(points.out)
+
+        def key(module: Any, args: tuple, output: torch.Tensor) -> None:
+            seen["key"] = output
+
+        def out(module: Any, args: tuple) -> None:
+            seen["out"] = args[0].clone() if copy else args[0]
+
+        handles = [points.key.register_forward_hook(key),
+                   points.out_in.register_forward_pre_hook(out)]  # fmt: skip
+        try:
+            result = block.mlp(block.ln2(mid))
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) == 2 and self._fits(seen["key"], seen["out"]):
+            kept.key, kept.out = seen["key"].detach(), seen["out"].detach()
+        return result
+
+    def _fits(self, *tensors: torch.Tensor) -> bool:
+        """Whether ``tensors`` fit under ``max_bytes`` (counted when they do)."""
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self._bytes + size > self.max_bytes:
+            return False
+        self._bytes += size
+        return True
+
+
+class _MlpPoints:
+    """The hook points of a native block after its attention that a frozen prefix tells
+    apart: those between the residual and the MLP's out-projection (``before``: ``ln2``, the
+    MLP's input and in-projection), the out-projection's input (``key``), and those handed its
+    output (``out_in``, the projection's own, and ``out``: that and the MLP's). ``key`` and
+    the rest are None for an MLP whose out-projection is not a TransformerLens
+    ``LinearBridge`` with its own input and output hooks (its MLP always runs)."""
+
+    def __init__(self, block: Any) -> None:
+        from transformer_lens.hook_points import HookPoint
+
+        mlp = block.mlp
+        out_proj = getattr(mlp, "out", None)
+        key, out_in = getattr(out_proj, "hook_in", None), getattr(out_proj, "hook_out", None)
+        out_hook = getattr(mlp, "hook_out", None)
+        found = all(isinstance(p, HookPoint) for p in (key, out_in, out_hook))
+        after = {id(key), id(out_in), id(out_hook)} if found else set()
+        self.before = [m for part in (block.ln2, mlp) for m in part.modules()
+                       if isinstance(m, HookPoint) and id(m) not in after]  # fmt: skip
+        self.key = key if found else None
+        self.out_in = out_in if found else None
+        self.out = [out_in, out_hook] if found else []
+
+    def reads_key_only(self) -> bool:
+        """Whether this pass's MLP output can come from a kept pass: no hook before the key,
+        and every hook on the key ``read_only``."""
+        if self.key is None or any(_forward_handles(p) != [] for p in self.before):
+            return False
+        return hooks_declare(self.key, "read_only")
+
+
+def _all_pure(points: Sequence[Any]) -> bool:
+    """Whether every hook on ``points`` declares that it writes nothing it is handed."""
+    return all(hooks_declare(p, ("pure", "read_only")) for p in points)
 
 
 def frozen_running(frozen: FrozenPrefix | None, model: Any) -> AbstractContextManager[None]:

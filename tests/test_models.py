@@ -304,3 +304,63 @@ def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
     with readout.disabled(), torch.inference_mode(), frozen.running():
         model(tokens)  # turned off
     assert calls == [1, 1]
+
+
+def test_a_frozen_prefix_reuses_the_mlp_an_edit_only_reads():
+    """readout.FrozenPrefix: with an edit that only reads block 0's MLP key (a low-rank delta),
+    a pass over kept tokens adds the delta to the kept MLP output without running the MLP,
+    bit for bit; a hook before the key runs it again; a hook that writes the kept output in
+    place sees a copy (later passes stay exact)."""
+    from kgshatter.hooks import low_rank_delta
+
+    from kgshatter import readout
+    from kgshatter.analysis.representations import collect_representations
+    from kgshatter.sites import Site
+
+    model = build_model(ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8), 20)
+    frozen = readout.FrozenPrefix.plan(model, 0)
+    assert frozen is not None
+    calls = []
+    model.blocks[0].mlp.original_component.fc_in.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 20, (6, 8), generator=g)
+    a, b = torch.randn(48, 1, generator=g), torch.randn(24, 1, generator=g)
+    edit = low_rank_delta("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", a, b)
+
+    def in_place(act, hook):
+        act[:, 0] += 1.0  # writes the tensor it is handed
+        return act
+
+    def passes(*hooks):
+        with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+            full = model(tokens)
+            with frozen.running():
+                short = model(tokens)
+        return full, short
+
+    # the short pass keeps the residual, the key and the output (before the hook writes it)
+    full, short = passes(("blocks.0.hook_mlp_out", in_place), *edit)
+    assert torch.equal(full, short)
+    for hooks, mlp_runs in [
+        (edit, 0),
+        ([*edit, ("blocks.0.ln2.hook_normalized", lambda act, hook: act)], 1),
+        ([("blocks.0.hook_mlp_out", in_place), *edit], 0),
+        (edit, 0),  # the in-place hook wrote a copy
+        ([("blocks.0.hook_resid_mid", in_place)], 1),
+        (edit, 0),
+    ]:
+        calls.clear()
+        full, short = passes(*hooks)
+        assert torch.equal(full, short) and len(calls) == 1 + mlp_runs
+    # the sweep's representations read the key as well: the MLP does not run for them
+    sites = [Site(0, "mlp_post"), Site(0, "resid_post"), Site(1, "resid_post")]
+    with torch.inference_mode(), frozen.running():
+        collect_representations(model, tokens[:, None], sites)
+        calls.clear()
+        with model.hooks(fwd_hooks=edit):
+            reps = collect_representations(model, tokens[:, None], sites)
+    assert calls == []
+    with readout.disabled(), model.hooks(fwd_hooks=edit):
+        full_reps = collect_representations(model, tokens[:, None], sites)
+    for s in sites[:2]:
+        assert torch.equal(reps[s], full_reps[s])

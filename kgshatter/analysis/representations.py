@@ -2,13 +2,13 @@
 
 Default *(choice)*: the representation of entity x for order o is the hidden state at the last
 position of the query ``x o_C1`` written after random-walk contexts, averaged over contexts.
-All requested sites come from one cached forward pass, so a layer sweep costs one pass.
+All requested sites are read in one forward pass, so a layer sweep costs one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -58,14 +58,26 @@ def collect_representations(
     flat = tokens.reshape(items * k, seq).to(_device(model))
     pos = -1 if position == "relation" else -2
     out: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
+    seen: dict[str, torch.Tensor] = {}
+
+    def reader(name: str) -> Callable[..., None]:
+        def read(activation: torch.Tensor, hook: Any) -> None:
+            seen[name] = activation  # under the name asked for (an alias has another)
+
+        # it only reads: a pass may hand it kept activations (kgshatter.readout.FrozenPrefix)
+        read.read_only = read.per_position = True  # type: ignore[attr-defined]
+        return read
+
+    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+        (name, reader(name)) for name in sorted(names)
+    ]
     for start in range(0, flat.shape[0], batch_size):
         with last_columns(model, -pos):  # the last block's sites are read at pos only
-            _, cache = model.run_with_cache(
-                flat[start : start + batch_size], names_filter=lambda n: n in names
-            )
+            model.run_with_hooks(flat[start : start + batch_size], fwd_hooks=hooks)
         for s in sites:
             at = -2 if s.component == "embed" else pos
-            out[s].append(cache[s.hook_name][:, at].float().cpu())
+            out[s].append(seen[s.hook_name][:, at].float().cpu().clone())
+        seen.clear()
     return {s: torch.cat(v).reshape(items, k, -1).mean(1) for s, v in out.items()}
 
 
