@@ -29,6 +29,7 @@ from kgshatter.models import (
     ModelConfig,
     build_model,
     use_lean_attention,
+    use_lean_normalization,
     use_native_layernorm,
 )
 from kgshatter.presets import RunConfig
@@ -148,6 +149,7 @@ def throughput_benchmark(
         if name == "bridge-previous":
             use_native_layernorm(model, enabled=False)
             use_lean_attention(model, enabled=False)
+            use_lean_normalization(model, enabled=False)
         return model
 
     models: dict[str, Any] = {name: build(name) for name in variants}
@@ -342,13 +344,14 @@ def edit_benchmark(
 def without_shortcuts() -> Iterator[None]:
     """Every forward pass as TransformerLens computes it: no prompt-prefix shortcut
     (:func:`kgshatter.editing.prefix.disabled`), no last block over the read positions only
-    (:func:`kgshatter.readout.disabled`), TransformerLens's own attention forward
-    (:func:`kgshatter.models.native_attention`). The same values up to float rounding."""
+    (:func:`kgshatter.readout.disabled`), TransformerLens's own attention
+    and normalisation forwards (:func:`kgshatter.models.native_forwards`). The same values up
+    to float rounding."""
     from kgshatter import readout
     from kgshatter.editing import prefix
-    from kgshatter.models import native_attention
+    from kgshatter.models import native_forwards
 
-    with prefix.disabled(), readout.disabled(), native_attention():
+    with prefix.disabled(), readout.disabled(), native_forwards():
         yield
 
 

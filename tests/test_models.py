@@ -166,40 +166,56 @@ def _outputs_and_grads(model, tokens, **kwargs):
 
 
 @pytest.mark.parametrize("layer0", ["causal", "self"])
-def test_lean_attention_gives_the_native_bytes(layer0):
-    """LeanAttention's logits and gradients are TransformerLens's own, bit for bit (so a
-    trained model's bytes do not depend on it); copies keep the class; a padding mask takes
-    the native path."""
+def test_lean_attention_and_normalization_give_the_native_bytes(layer0):
+    """LeanAttention's and LeanNormalization's logits and gradients are TransformerLens's own,
+    bit for bit (so a trained model's bytes do not depend on them); copies keep the classes; a
+    padding mask, and a hook on a norm's statistics, take the native path."""
     import copy
 
     from transformer_lens.model_bridge.sources.native.model import NativeAttention
 
-    from kgshatter.models import LeanAttention, native_attention, use_lean_attention
+    from kgshatter.models import (
+        LeanAttention,
+        LeanNormalization,
+        native_forwards,
+        use_lean_attention,
+        use_lean_normalization,
+    )
 
     config = ModelConfig(n_layers=2, d_model=24, n_heads=12, d_mlp=48, n_ctx=8,
                          layer0_attention=layer0)  # fmt: skip
     model = build_model(config, 20)
     attention = model.blocks[0].attn.original_component
-    assert type(attention) is LeanAttention
+    assert type(attention) is LeanAttention and type(model.blocks[1].ln2) is LeanNormalization
     tokens = torch.randint(0, 20, (6, 8), generator=torch.Generator().manual_seed(0))
     lean = _outputs_and_grads(model, tokens)
-    with native_attention():
+    with native_forwards():
         native = _outputs_and_grads(model, tokens)
     use_lean_attention(model, enabled=False)
-    assert type(attention) is NativeAttention
+    use_lean_normalization(model, enabled=False)
+    assert type(attention) is NativeAttention and type(model.ln_final) is not LeanNormalization
     reverted = _outputs_and_grads(model, tokens)
     use_lean_attention(model)
+    use_lean_normalization(model)
     for other in (native, reverted):
         assert torch.equal(lean[0], other[0])
         for a, b in zip(lean[1], other[1], strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
     twin = copy.deepcopy(model)
     assert type(twin.blocks[1].attn.original_component) is LeanAttention
+    assert type(twin.blocks[0].ln1) is LeanNormalization
+    # a hook on a norm's statistics takes TransformerLens's path: its edit takes effect
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=[("blocks.1.ln1.hook_normalized", lambda a, hook: 2 * a)]):
+            doubled = model(tokens)
+            with native_forwards():
+                assert torch.equal(model(tokens), doubled)
+        assert not torch.equal(doubled, model(tokens))
     with torch.no_grad():
         assert torch.equal(twin(tokens), model(tokens))
         mask = torch.ones(6, 8, dtype=torch.long)
         mask[0, :3] = 0
-        with native_attention():
+        with native_forwards():
             padded = model(tokens, attention_mask=mask)
         assert torch.equal(model(tokens, attention_mask=mask), padded)
 
