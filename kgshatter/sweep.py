@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kgshatter.analysis.geometry import structure_isomap, structure_neighbours
+from kgshatter.analysis.geometry import one_blas_thread, structure_isomap, structure_neighbours
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.analysis.shattering import distance_matrix, distance_shattering, fit_line
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
@@ -140,13 +140,14 @@ def editor_defaults(preset: str) -> dict[str, str]:
 
 
 def default_edit_batch(model: TransformerBridge) -> int:
-    """12 for narrow models (d_model <= 32), 1 otherwise: grouping pays only where one
-    request's forward passes are too small to keep the CPU busy. Measured on 2 cores
-    (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits, with the forward-pass
-    shortcuts): the ``compressed`` model (d_model 24) sweeps 2.3-2.5x faster in groups of 12;
-    the ``cpu`` model (d_model 64) 1.05-1.15x, close to the run-to-run noise (README, "Speed").
+    """12 for the study's small models (d_model <= 64), 1 otherwise: grouping pays where one
+    request's forward passes are too small to keep the CPU busy. Measured on 2 cores with the
+    forward-pass shortcuts (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits): the
+    ``compressed`` model (d_model 24) sweeps 2.3-2.5x faster in groups of 12, the ``cpu``
+    model (d_model 64) 1.23-1.25x; on ``cpu`` in groups of 6, MEMIT 1.04x, AlphaEdit 1.20x,
+    PMET 1.07x, constrained fine-tuning 0.97x (README, "Speed"). Wider models are unmeasured.
     """
-    return 12 if model.cfg.d_model <= 32 else 1
+    return 12 if model.cfg.d_model <= 64 else 1
 
 
 def check_distances(distances: tuple[int, ...], kg: Any) -> None:
@@ -382,6 +383,10 @@ class SweepContext:
     def measure(self, m: Any) -> dict[str, Any]:
         """R(D*) per order and site, and the ring's neighbours and Isomap at the chosen site."""
         after = self.representations(m)
+        with one_blas_thread():  # small matrices, next to torch's threads
+            return self._measure(after)
+
+    def _measure(self, after: dict[int, dict[Site, torch.Tensor]]) -> dict[str, Any]:
         graph, site = self.graph, self.site
         out_m: dict[str, Any] = {}
         for o, name in enumerate(self.orders):
