@@ -453,9 +453,9 @@ def hooks_declare(point: Any, marks: str | Sequence[str]) -> bool:
 
 def _forward_handles(point: Any) -> list[Any] | None:
     """TransformerLens's handles of the forward hooks on ``point``; None when it also holds a
-    backward hook or a forward hook registered past TransformerLens (which says nothing about
-    itself)."""
-    if point._backward_hooks:
+    backward hook, or a forward (pre-)hook registered past TransformerLens (which says nothing
+    about itself)."""
+    if point._backward_hooks or point._forward_pre_hooks:
         return None
     handles = getattr(point, "fwd_hooks", [])
     if len(point._forward_hooks) != len(handles):

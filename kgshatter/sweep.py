@@ -144,7 +144,7 @@ def default_edit_batch(model: TransformerBridge) -> int:
     request's forward passes are too small to keep the CPU busy. Measured on 2 cores with the
     forward-pass shortcuts (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits): the
     ``compressed`` model (d_model 24) sweeps 2.3-2.5x faster in groups of 12, the ``cpu``
-    model (d_model 64) 1.23-1.25x; on ``cpu`` in groups of 6, MEMIT 1.04x, AlphaEdit 1.20x,
+    model (d_model 64) 1.23-1.34x; on ``cpu`` in groups of 6, MEMIT 1.04x, AlphaEdit 1.20x,
     PMET 1.07x, constrained fine-tuning 0.97x (README, "Speed"). Wider models are unmeasured.
     """
     return 12 if model.cfg.d_model <= 64 else 1
