@@ -269,6 +269,15 @@ def test_the_last_block_over_the_read_positions_only():
     torch.testing.assert_close(last_position_logits(one, tokens), full, rtol=1e-5, atol=1e-6)
 
 
+def _full_and_frozen(model, frozen, tokens, hooks):
+    """The logits of a full pass and of a pass inside ``frozen.running()``, under ``hooks``."""
+    with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
+        full = model(tokens)
+        with frozen.running():
+            short = model(tokens)
+    return full, short
+
+
 @pytest.mark.parametrize("layer0", ["causal", "self"])
 def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
     """readout.FrozenPrefix: a pass over tokens seen before, with an edit's hooks at block 0's
@@ -292,11 +301,7 @@ def test_a_frozen_prefix_gives_the_full_pass_bytes(layer0):
     edit = low_rank_delta("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", a, b)
 
     def passes(*hooks):
-        with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
-            full = model(tokens)
-            with frozen.running():
-                short = model(tokens)
-        return full, short
+        return _full_and_frozen(model, frozen, tokens, hooks)
 
     with torch.inference_mode(), frozen.running():
         model(tokens)  # kept
@@ -348,11 +353,7 @@ def test_a_frozen_prefix_reuses_the_mlp_an_edit_only_reads():
         return act
 
     def passes(*hooks):
-        with torch.inference_mode(), model.hooks(fwd_hooks=list(hooks)):
-            full = model(tokens)
-            with frozen.running():
-                short = model(tokens)
-        return full, short
+        return _full_and_frozen(model, frozen, tokens, hooks)
 
     # the short pass keeps the residual, the key and the output (before the hook writes it)
     full, short = passes(("blocks.0.hook_mlp_out", in_place), *edit)
