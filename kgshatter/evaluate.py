@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kgshatter.analysis.geometry import structure_metrics
+from kgshatter.analysis.geometry import one_blas_thread, structure_metrics
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.kg.graph import KnowledgeGraph, relation_name
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
@@ -126,10 +126,11 @@ class Evaluator:
             reps = collect_representations(
                 model, self.ring_tokens(o), sites, batch_size=self.config.batch_size
             )
-            result[self.graph.order_name(o)] = {
-                str(s): structure_metrics(r, self.graph, o, seed=self.config.seed)
-                for s, r in reps.items()
-            }
+            with one_blas_thread():  # probes of a few hundred entities, next to torch
+                result[self.graph.order_name(o)] = {
+                    str(s): structure_metrics(r, self.graph, o, seed=self.config.seed)
+                    for s, r in reps.items()
+                }
         return result
 
     def __call__(self, model: TransformerBridge, rings: bool = True) -> dict[str, Any]:
