@@ -238,6 +238,8 @@ def _lean_normalization_class() -> type:
         NormalizationBridge,
     )
 
+    from kgshatter.readout import unhooked
+
     class LeanNormalization(NormalizationBridge):
         """TransformerLens's ``NormalizationBridge`` (4.3) that skips the statistics its hook
         points would see when nothing hooks them (:func:`use_lean_normalization`)."""
@@ -248,8 +250,8 @@ def _lean_normalization_class() -> type:
                 _LEAN[0]
                 and component is not None
                 and not isinstance(component, torch.nn.Identity)
-                and _unhooked(self.hook_scale)
-                and _unhooked(self.hook_normalized)
+                and unhooked(self.hook_scale)
+                and unhooked(self.hook_normalized)
             ):
                 return super()._hf_autograd_forward_with_hooks(x)
             result = component(x)  # what TransformerLens returns when no hook edits them
@@ -258,19 +260,6 @@ def _lean_normalization_class() -> type:
     LeanNormalization.__module__ = __name__
     LeanNormalization.__qualname__ = "LeanNormalization"
     return LeanNormalization
-
-
-def _unhooked(point: Any) -> bool:
-    """Whether nothing hooks the TransformerLens hook point ``point`` (through
-    TransformerLens or torch)."""
-    return not (
-        point.fwd_hooks
-        or point.bwd_hooks
-        or point._forward_hooks
-        or point._forward_pre_hooks
-        or point._backward_hooks
-        or point._backward_pre_hooks
-    )
 
 
 @functools.cache

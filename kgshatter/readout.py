@@ -416,7 +416,7 @@ class _MlpPoints:
     def reads_key_only(self) -> bool:
         """Whether this pass's MLP output can come from a kept pass: no hook before the key,
         and every hook on the key ``read_only``."""
-        if self.key is None or any(_forward_handles(p) != [] for p in self.before):
+        if self.key is None or not all(unhooked(p) for p in self.before):
             return False
         return hooks_declare(self.key, "read_only")
 
@@ -449,6 +449,19 @@ def hooks_declare(point: Any, marks: str | Sequence[str]) -> bool:
     if handles is None:
         return False
     return all(any(getattr(h.user_hook, m, False) for m in marks) for h in handles)
+
+
+def unhooked(point: Any) -> bool:
+    """Whether nothing hooks the TransformerLens hook point ``point``, through TransformerLens
+    or torch (forward, pre-forward or backward)."""
+    return not (
+        point.fwd_hooks
+        or point.bwd_hooks
+        or point._forward_hooks
+        or point._forward_pre_hooks
+        or point._backward_hooks
+        or point._backward_pre_hooks
+    )
 
 
 def _forward_handles(point: Any) -> list[Any] | None:
