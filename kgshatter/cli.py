@@ -98,6 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(
         run, args.out, resume=args.resume, device=args.device, progress=not args.quiet,
         checkpoint_seconds=_checkpoint_seconds(args.checkpoint_minutes),
+        init_from=args.init_from,
     )  # fmt: skip
     last = result.history[-1] if result.history else {}
     print(format_accuracy(last.get("accuracy", {})))
@@ -692,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PART.FIELD=VALUE",
         help="override a preset field, e.g. --set train.steps=2000 (repeatable)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="warm start: begin from this run's newest checkpoint (or a checkpoint folder or "
+        "weights file) with a fresh optimiser and this run's schedule; same graph and shape",
     )
     _runtime_options(p)
     _checkpoint_option(p)

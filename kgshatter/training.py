@@ -6,6 +6,8 @@ A run directory holds::
     graph.json                    the knowledge graph (rings and splits)
     checkpoints/step_0001000/     model.safetensors, optimizer.pt, state.json (step, history)
     history.json                  the evaluation history of the finished run
+    init.safetensors              a warm start's initial weights (``init_from``; run.json names
+                                  their source and SHA-256)
 
 Every file is written through a temp name and renamed; a checkpoint folder is renamed into place
 only once complete, so a killed run never leaves a half-written checkpoint. Batches depend only on
@@ -110,9 +112,94 @@ def autocast(run: RunConfig, device: torch.device) -> Any:
     )
 
 
+# ---------------------------------------------------------------------- warm starts
+INIT_FILE = "init.safetensors"
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Initial weights for a new run: a finished or running run's newest checkpoint.
+
+    A warm start trains a model further under a new schedule (fresh optimiser, step 0, the new
+    run's ``train`` config): a run whose cosine schedule ended while accuracy was still rising
+    continues without retraining from scratch. The weights are copied into the new run directory
+    (``init.safetensors``) so the run stays self-contained and resumable.
+    """
+
+    weights: Path
+    sha256: str
+    source: str
+    source_step: int | None
+    graph_fingerprint: str | None
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike[str]) -> WarmStart:
+        """A run directory (its newest checkpoint), a checkpoint folder or a safetensors file."""
+        import hashlib
+
+        p = Path(path)
+        graph_fp: str | None = None
+        step: int | None = None
+        if (p / "run.json").is_file():
+            record = read_json(p / "run.json", "run record")
+            graph_fp = record.get("graph_fingerprint")
+            found = checkpoints(p)
+            if not found:
+                raise ValueError(f"--init-from {p}: the run has no checkpoint to start from")
+            p = found[-1]
+        if p.is_dir():
+            if not (p / "model.safetensors").is_file():
+                raise ValueError(
+                    f"--init-from {p}: not a run directory, checkpoint folder or .safetensors file"
+                )
+            if (p / "state.json").is_file():
+                step = _read_state(p)["step"]
+            if graph_fp is None and (p.parent.parent / "run.json").is_file():
+                graph_fp = read_json(p.parent.parent / "run.json", "run record").get(
+                    "graph_fingerprint"
+                )
+            p = p / "model.safetensors"
+        elif not p.is_file():
+            raise ValueError(
+                f"--init-from {p}: no such file or directory (give a run directory, a checkpoint "
+                f"folder or a .safetensors file)"
+            )
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        return cls(p, digest, str(path), step, graph_fp)
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "source_step": self.source_step, "sha256": self.sha256}
+
+
 # ---------------------------------------------------------------------- run directories
-def _run_record(run: RunConfig, graph: KnowledgeGraph) -> dict[str, Any]:
-    return {"format": RUN_FORMAT, "config": run.to_dict(), "graph_fingerprint": graph.fingerprint}
+def _run_record(
+    run: RunConfig, graph: KnowledgeGraph, init: WarmStart | None = None
+) -> dict[str, Any]:
+    record = {"format": RUN_FORMAT, "config": run.to_dict(), "graph_fingerprint": graph.fingerprint}
+    if init is not None:
+        record["init"] = init.record()
+    return record
+
+
+def _check_init(out_dir: Path, existing: dict[str, Any], init: WarmStart | None) -> Path | None:
+    """The warm-start weights an existing run directory starts from (``None``: from scratch)."""
+    recorded = existing.get("init")
+    if init is not None and (recorded is None or recorded.get("sha256") != init.sha256):
+        raise ValueError(
+            f"{out_dir} holds a run that did not start from {init.source}; choose a new --out, or "
+            f"resume it without --init-from"
+        )
+    if recorded is None:
+        return None
+    copy = out_dir / INIT_FILE
+    if not copy.is_file():  # killed between the run record and the copy
+        if init is None:
+            raise ValueError(
+                f"{copy} is missing; pass --init-from {recorded.get('source')} to restore it"
+            )
+        shutil.copyfile(init.weights, copy.with_suffix(".tmp"))
+        os.replace(copy.with_suffix(".tmp"), copy)
+    return copy
 
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json")
@@ -143,8 +230,14 @@ def checkpoints(out_dir: str | os.PathLike[str], warn: bool = False) -> list[Pat
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resume: bool) -> bool:
-    """Check ``out_dir`` may hold this run; returns whether a checkpoint is there to resume."""
+def _prepare_out_dir(
+    out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resume: bool, init: WarmStart | None
+) -> tuple[bool, Path | None]:
+    """Check ``out_dir`` may hold this run.
+
+    Returns whether a checkpoint is there to resume and the warm-start weights the run starts
+    from (``None``: from scratch).
+    """
     record = out_dir / "run.json"
     if record.exists():
         existing = read_json(record, "run record", required=("config",))
@@ -160,6 +253,7 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
             )
         if existing.get("graph_fingerprint") != graph.fingerprint:
             raise ValueError(f"{out_dir} holds a run on a different graph; choose a new --out")
+        init_weights = _check_init(out_dir, existing, init)
         if not (out_dir / "graph.json").is_file():  # killed right after the run record
             graph.save(out_dir / "graph.json")
         elif KnowledgeGraph.load(out_dir / "graph.json").fingerprint != graph.fingerprint:
@@ -176,7 +270,7 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
                 f"{out_dir} already holds this run with checkpoints; pass --resume (resume=True) "
                 f"to continue it, or choose a new --out"
             )
-        return bool(checkpoints(out_dir, warn=True))
+        return bool(checkpoints(out_dir, warn=True)), init_weights
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
             f"{out_dir} exists and is not a kgshatter run directory (no run.json); refusing to "
@@ -184,9 +278,11 @@ def _prepare_out_dir(out_dir: Path, run: RunConfig, graph: KnowledgeGraph, resum
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     # the run record first: a kill before graph.json leaves a folder recognised as this run
-    write_json_atomic(record, _run_record(run, graph))
+    write_json_atomic(record, _run_record(run, graph, init))
     graph.save(out_dir / "graph.json")
-    return False
+    if init is None:
+        return False, None
+    return False, _check_init(out_dir, _run_record(run, graph, init), init)
 
 
 def save_checkpoint(
@@ -285,6 +381,7 @@ def train(
     device: str | torch.device | None = None,
     max_steps: int | None = None,
     checkpoint_seconds: float | None = 300.0,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``run`` from scratch (or resume it) and return the model, graph and history.
 
@@ -294,15 +391,28 @@ def train(
     ``checkpoint_seconds`` have passed since the last one (``None``: by steps only), so a slow
     machine never leaves more than a few minutes of work unsaved. Where checkpoints fall does
     not change the trained weights: a resumed run equals an uninterrupted one.
+
+    ``init_from`` (a run directory, checkpoint folder or weights file; :class:`WarmStart`)
+    starts from those weights instead of a fresh initialisation, with a fresh optimiser and this
+    run's schedule from step 0. The source must be a model of this run's shape on this run's
+    graph. A warm-started run directory resumes like any other (``init_from`` may be omitted).
     """
     if checkpoint_seconds is not None and not checkpoint_seconds > 0:
         raise ValueError(f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds}")
     from tqdm.auto import tqdm
 
     graph = KnowledgeGraph.from_config(run.kg)
+    init = WarmStart.resolve(init_from) if init_from is not None else None
+    if init is not None and init.graph_fingerprint not in (None, graph.fingerprint):
+        raise ValueError(
+            f"--init-from {init.source} was trained on another graph (fingerprint "
+            f"{init.graph_fingerprint}, this run's is {graph.fingerprint}): kg settings must match"
+        )
     sampler = WalkSampler(graph, run.walks)
     evaluator = Evaluator.for_run(run, graph)
     model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
+    if init is not None:  # refuses weights of another shape before anything is written
+        load_weights(model, init.weights)
     optimizer = make_optimizer(model, run)
     t = run.train
     state: dict[str, Any] = {
@@ -314,7 +424,12 @@ def train(
         "tokens": 0,
     }
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and _prepare_out_dir(out, run, graph, resume):
+    resumable, init_weights = (
+        _prepare_out_dir(out, run, graph, resume, init) if out is not None else (False, None)
+    )
+    if init_weights is not None and not resumable:
+        load_weights(model, init_weights)
+    if out is not None and resumable:
         ckpt = checkpoints(out)[-1]
         load_weights(model, ckpt / "model.safetensors")
         _load_optimizer(optimizer, ckpt / "optimizer.pt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import pairwise
 
@@ -253,3 +254,51 @@ def test_crash_windows_resume_cleanly(tmp_path):
     assert_same_weights(weights(resumed.model), weights(plain.model))
     assert (out / "graph.json").is_file()
     assert not stale_dir.exists() and not stale_file.exists() and live_file.exists()
+
+
+def test_warm_start_continues_from_a_run_and_resumes_exactly(tmp_path):
+    """--init-from: the source's weights, a fresh optimiser and schedule; self-contained, exact."""
+    source = train(short_run(20), tmp_path / "src", progress=False)
+    run = short_run(40).replace(
+        train=TrainConfig.from_dict(dict(short_run(40).train.to_dict(), lr=1e-3))
+    )
+    # zero steps of training would leave the source's weights: check the start point itself
+    start = train(run, None, progress=False, init_from=tmp_path / "src", max_steps=0)
+    assert_same_weights(weights(start.model), weights(source.model))
+    full = train(run, tmp_path / "warm", progress=False, init_from=tmp_path / "src")
+    record = json.loads((tmp_path / "warm" / "run.json").read_text())
+    assert record["init"]["source_step"] == 20 and len(record["init"]["sha256"]) == 64
+    assert (tmp_path / "warm" / "init.safetensors").is_file()
+    # a differently initialised model: warm and cold differ
+    cold = train(run, None, progress=False)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(weights(full.model).values(), weights(cold.model).values(), strict=True)
+    )
+    # interrupted after its first checkpoint, resumed without --init-from: the same bytes
+    train(run, tmp_path / "cut", progress=False, init_from=tmp_path / "src", max_steps=20)
+    resumed = train(run, tmp_path / "cut", resume=True, progress=False)
+    assert_same_weights(weights(full.model), weights(resumed.model))
+    # killed before its first checkpoint: resumes from the copied initial weights
+    train(run, tmp_path / "early", progress=False, init_from=tmp_path / "src", max_steps=0)
+    early = train(run, tmp_path / "early", resume=True, progress=False)
+    assert_same_weights(weights(full.model), weights(early.model))
+
+
+def test_warm_start_refuses_mismatches(tmp_path):
+    train(short_run(20), tmp_path / "src", progress=False)
+    run = short_run(20)
+    other_graph = run.replace(kg=dataclasses.replace(run.kg, seed=run.kg.seed + 1))
+    with pytest.raises(ValueError, match="another graph"):
+        train(other_graph, tmp_path / "a", progress=False, init_from=tmp_path / "src")
+    wider = run.replace(model=dataclasses.replace(run.model, d_model=2 * run.model.d_model))
+    with pytest.raises(ValueError, match="do not fit this model"):
+        train(wider, tmp_path / "b", progress=False, init_from=tmp_path / "src")
+    with pytest.raises(ValueError, match="no such file or directory"):
+        train(run, tmp_path / "c", progress=False, init_from=tmp_path / "missing")
+    for name in ("a", "b", "c"):  # nothing written by a refused start
+        assert not (tmp_path / name).exists()
+    # a run started from scratch is not silently continued from other weights
+    train(run, tmp_path / "scratch", progress=False, max_steps=0)
+    with pytest.raises(ValueError, match="did not start from"):
+        train(run, tmp_path / "scratch", resume=True, progress=False, init_from=tmp_path / "src")
