@@ -76,20 +76,20 @@ _EXPORTS: dict[str, str] = {
     "ring_metrics": "kgshatter.analysis.geometry",
     "ring_figure": "kgshatter.plotting",
     # the sweep and the report
-    "SweepConfig": "kgshatter.sweep",
-    "run_sweep": "kgshatter.sweep",
-    "reproduce": "kgshatter.reproduction",
+    "SweepConfig": "kgshatter.studies.sweep",
+    "run_sweep": "kgshatter.studies.sweep",
+    "reproduce": "kgshatter.studies.reproduction",
     # pretrained models and the months replication
-    "PretrainedModel": "kgshatter.pretrained",
-    "TINY_TEXT": "kgshatter.pretrained",
-    "load_pretrained": "kgshatter.pretrained",
-    "tiny_checkpoint": "kgshatter.pretrained",
-    "TextCorpus": "kgshatter.text",
-    "TextTask": "kgshatter.text",
-    "city_country_task": "kgshatter.naturalistic",
-    "cyclic_task": "kgshatter.naturalistic",
-    "MonthsConfig": "kgshatter.months",
-    "run_months": "kgshatter.months",
+    "PretrainedModel": "kgshatter.pretrained.loading",
+    "TINY_TEXT": "kgshatter.pretrained.loading",
+    "load_pretrained": "kgshatter.pretrained.loading",
+    "tiny_checkpoint": "kgshatter.pretrained.loading",
+    "TextCorpus": "kgshatter.pretrained.text",
+    "TextTask": "kgshatter.pretrained.text",
+    "city_country_task": "kgshatter.pretrained.facts",
+    "cyclic_task": "kgshatter.pretrained.facts",
+    "MonthsConfig": "kgshatter.studies.months",
+    "run_months": "kgshatter.studies.months",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -144,8 +144,6 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
         WalkSampler,
     )
     from kgshatter.models import ModelConfig, build_model
-    from kgshatter.months import MonthsConfig, run_months
-    from kgshatter.naturalistic import city_country_task, cyclic_task
     from kgshatter.plotting import ring_figure
     from kgshatter.presets import (
         PRESETS,
@@ -155,9 +153,16 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
         apply_overrides,
         get_preset,
     )
-    from kgshatter.pretrained import TINY_TEXT, PretrainedModel, load_pretrained, tiny_checkpoint
-    from kgshatter.reproduction import reproduce
+    from kgshatter.pretrained.facts import city_country_task, cyclic_task
+    from kgshatter.pretrained.loading import (
+        TINY_TEXT,
+        PretrainedModel,
+        load_pretrained,
+        tiny_checkpoint,
+    )
+    from kgshatter.pretrained.text import TextCorpus, TextTask
     from kgshatter.sites import Site
-    from kgshatter.sweep import SweepConfig, run_sweep
-    from kgshatter.text import TextCorpus, TextTask
+    from kgshatter.studies.months import MonthsConfig, run_months
+    from kgshatter.studies.reproduction import reproduce
+    from kgshatter.studies.sweep import SweepConfig, run_sweep
     from kgshatter.training import TrainResult, load_run, train

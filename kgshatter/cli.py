@@ -178,8 +178,8 @@ def write_ring_figure(
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from kgshatter.reproduction import describe, reproduce
-    from kgshatter.sweep import SweepConfig, editor_defaults
+    from kgshatter.studies.reproduction import describe, reproduce
+    from kgshatter.studies.sweep import SweepConfig, editor_defaults
 
     if args.geometry is not None:
         if args.preset is not None:
@@ -212,7 +212,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     set_threads(args.threads)
     if args.workers is not None or args.ray_address is not None:
-        from kgshatter.distributed import require_ray
+        from kgshatter.studies.distributed import require_ray
 
         require_ray()  # before any training
     result, report = reproduce(
@@ -226,7 +226,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from kgshatter.fidelity import run_study
+    from kgshatter.studies.fidelity import run_study
 
     base = apply_overrides(get_preset(args.preset), args.set or [])
     variants: dict[str, list[str]] = {}
@@ -271,9 +271,9 @@ def _distances(text: str, flag: str = "--distance") -> tuple[int, ...]:
 
 
 def _cmd_months(args: argparse.Namespace) -> int:
-    from kgshatter.months import MonthsConfig, resolve_preset, run_months
-    from kgshatter.pretrained import TINY_TEXT, load_pretrained, tiny_checkpoint
-    from kgshatter.text import TextCorpus
+    from kgshatter.pretrained.loading import TINY_TEXT, load_pretrained, tiny_checkpoint
+    from kgshatter.pretrained.text import TextCorpus
+    from kgshatter.studies.months import MonthsConfig, resolve_preset, run_months
 
     distances = _distances(args.distance) if args.task != "cities" else ()
     config = MonthsConfig(
@@ -294,7 +294,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out)
     device_map = _device_map(args.device_map)
     if device_map is not None:  # checked before the tiny checkpoint or any weight is written
-        from kgshatter.pretrained import check_device_map
+        from kgshatter.pretrained.loading import check_device_map
 
         if args.device is not None:
             raise ValueError("give --device or --device-map, not both")
@@ -302,7 +302,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
     corpus = TextCorpus.from_files(args.corpus) if args.corpus else None
     items: Any = ()
     if args.mmlu:
-        from kgshatter.mmlu import load_items
+        from kgshatter.pretrained.mmlu import load_items
 
         items = load_items(args.mmlu, limit=args.mmlu_limit)
     set_threads(args.threads)
@@ -363,7 +363,7 @@ def _quiet_hugging_face() -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from kgshatter.benchmark import THROUGHPUT_VARIANTS, throughput_benchmark
+    from kgshatter.bench.training import THROUGHPUT_VARIANTS, throughput_benchmark
 
     run = apply_overrides(get_preset(args.preset), args.set)
     variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
@@ -526,7 +526,8 @@ NOTHING_TO_BENCHMARK = (
 
 def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
 
-    from kgshatter.benchmark import edit_benchmark, gpt2_xl_rome_benchmark, pretrained_benchmark
+    from kgshatter.bench.editing import edit_benchmark
+    from kgshatter.bench.pretrained import gpt2_xl_rome_benchmark, pretrained_benchmark
     from kgshatter.editing import get_method
     from kgshatter.io import write_json_atomic
 
@@ -541,8 +542,8 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
     if args.sweep:
         if not args.run_dir:
             raise ValueError("--sweep needs RUN_DIR, the trained run to sweep")
-        from kgshatter.benchmark import sweep_benchmark
-        from kgshatter.sweep import SweepConfig, editor_defaults
+        from kgshatter.bench.editing import sweep_benchmark
+        from kgshatter.studies.sweep import SweepConfig, editor_defaults
         from kgshatter.training import load_run
 
         preset = load_run(args.run_dir)[0].name
@@ -585,7 +586,7 @@ def _cmd_edit_benchmark(args: argparse.Namespace) -> int:
             f"{g['target_delta_rel_difference']:.1e} (relative)"
         )
     if args.rome_reference:
-        from kgshatter.rome_speed import rome_reference_benchmark
+        from kgshatter.bench.rome_reference import rome_reference_benchmark
 
         result["rome_reference"] = r = rome_reference_benchmark(repeats=args.repeats)
         ratios = r["ratio_over_plain"]

@@ -153,9 +153,7 @@ def use_native_layernorm(model: TransformerBridge, enabled: bool = True) -> Any:
     (README, "Speed"). ``enabled=False`` restores the Python LayerNorm (the benchmark's
     baseline).
     """
-    from transformer_lens.model_bridge.generalized_components.normalization import (
-        NormalizationBridge,
-    )
+    from kgshatter.tl_compat import NormalizationBridge
 
     for module in model.modules():
         if isinstance(module, NormalizationBridge):
@@ -177,7 +175,7 @@ def use_lean_attention(model: TransformerBridge, enabled: bool = True) -> Any:
     positions, grouped keys, soft-capped scores and non-causal attention run TransformerLens's
     own forward unchanged.
     """
-    from transformer_lens.model_bridge.sources.native.model import NativeAttention
+    from kgshatter.tl_compat import NativeAttention
 
     lean = _lean_attention_class()
     for module in model.modules():
@@ -199,9 +197,7 @@ def use_lean_normalization(model: TransformerBridge, enabled: bool = True) -> An
     about 8% of the time (README, "Speed"). Set as the class of
     each exact ``NormalizationBridge`` (copies and pickles keep it); ``enabled=False`` restores
     TransformerLens's class."""
-    from transformer_lens.model_bridge.generalized_components.normalization import (
-        NormalizationBridge,
-    )
+    from kgshatter.tl_compat import NormalizationBridge
 
     lean = _lean_normalization_class()
     for module in model.modules():
@@ -234,11 +230,8 @@ def native_forwards() -> AbstractContextManager[None]:
 
 @functools.cache
 def _lean_normalization_class() -> type:
-    from transformer_lens.model_bridge.generalized_components.normalization import (
-        NormalizationBridge,
-    )
-
     from kgshatter.readout import unhooked
+    from kgshatter.tl_compat import NormalizationBridge
 
     class LeanNormalization(NormalizationBridge):
         """TransformerLens's ``NormalizationBridge`` (4.3) that skips the statistics its hook
@@ -264,9 +257,8 @@ def _lean_normalization_class() -> type:
 
 @functools.cache
 def _lean_attention_class() -> type:
-    from transformer_lens.model_bridge.sources.native.model import NativeAttention
-
     from kgshatter.readout import plain_attention
+    from kgshatter.tl_compat import NativeAttention
 
     class LeanAttention(NativeAttention):
         """TransformerLens's ``NativeAttention`` (4.3) with a forward that computes its

@@ -229,7 +229,7 @@ PRESETS["cpu-subject"] = PRESETS["cpu"].replace(
 # (d_model 24, 12 heads of 2) with nanoGPT's tied embeddings, the subject processed at its own
 # token (first block attends to itself, as cpu-subject), 20k steps. Its answers live on the
 # rings (logit margins grow with the distance along the ring), so subject-token edits damage
-# every order and more with distance. Trained once and shipped (kgshatter/bundled/compressed).
+# every order and more with distance. Trained once and shipped (kgshatter/studies/runs/compressed).
 PRESETS["compressed"] = PRESETS["cpu-subject"].replace(
     name="compressed",
     model=dataclasses.replace(

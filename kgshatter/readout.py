@@ -80,7 +80,7 @@ def _plan(model: TransformerBridge, n: int) -> tuple[Any, Any] | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
         return None
-    from transformer_lens.model_bridge.sources.native.model import NativeAttention, NativeBlock
+    from kgshatter.tl_compat import NativeAttention, NativeBlock
 
     block = _original(blocks[len(blocks) - 1])
     if type(block) is not NativeBlock or block.cfg.attn_only:
@@ -106,7 +106,7 @@ def plain_attention(attention: Any) -> bool:
     grouped keys or soft-capped scores: the configurations kgshatter's own attention forwards
     reproduce (:class:`kgshatter.models.LeanAttention`, :func:`last_columns`,
     :class:`kgshatter.editing.prefix.NativePrefix`)."""
-    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from kgshatter.tl_compat import softcap_enabled
 
     return (
         attention.rotary is None
@@ -240,7 +240,7 @@ class FrozenPrefix:
         blocks = getattr(model, "blocks", None)
         if blocks is None or not 0 <= block < len(blocks) - 1:
             return None
-        from transformer_lens.model_bridge.sources.native.model import NativeBlock
+        from kgshatter.tl_compat import NativeBlock
 
         natives = [_original(b) for b in list(blocks)[: block + 1]]
         if any(type(b) is not NativeBlock for b in natives) or natives[-1].cfg.attn_only:
@@ -399,7 +399,7 @@ class _MlpPoints:
     ``LinearBridge`` with its own input and output hooks (its MLP always runs)."""
 
     def __init__(self, block: Any) -> None:
-        from transformer_lens.hook_points import HookPoint
+        from kgshatter.tl_compat import HookPoint
 
         mlp = block.mlp
         out_proj = getattr(mlp, "out", None)

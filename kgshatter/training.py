@@ -305,9 +305,25 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+    complete = checkpoints(out_dir)
+    # older folders missing a file (a prune killed mid-delete by an earlier version) go too
+    broken = [
+        p
+        for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p not in complete and (_step_of(p) or state["step"]) < state["step"]
+    ]
+    for old in complete[:-keep] + broken:
+        # renamed aside first: a kill mid-delete leaves a temporary that the next open removes,
+        # never a half-deleted step_ folder
+        aside = root / f".tmp-{old.name}-{os.getpid()}"
+        os.replace(old, aside)
+        shutil.rmtree(aside)
     return final
+
+
+def _step_of(folder: Path) -> int | None:
+    digits = folder.name[len(CHECKPOINT_PREFIX) :]
+    return int(digits) if digits.isdigit() else None
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:

@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from kgshatter.bundled import BUNDLED_DIR, bundled_run, install_bundled
 from kgshatter.cli import build_parser
 from kgshatter.evaluate import Evaluator
 from kgshatter.presets import get_preset
-from kgshatter.sweep import editor_defaults
+from kgshatter.studies.shipped import BUNDLED_DIR, bundled_run, install_bundled
+from kgshatter.studies.sweep import editor_defaults
 from kgshatter.training import load_run, train
 
 

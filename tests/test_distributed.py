@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kgshatter.sweep import SweepConfig, run_sweep
+from kgshatter.studies.sweep import SweepConfig, run_sweep
 
 CONFIG = SweepConfig(methods=("rome",), kinds=("counterfactual",), n_edits=2,
                      distances=(1, 2), sequential_edits=2, n_samples=1000, max_queries=16,

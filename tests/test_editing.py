@@ -388,3 +388,49 @@ def test_edits_are_values(edits):
     assert isinstance(edit.deltas, tuple) and "null_space_dims" in edit.info
     changed = dataclasses.replace(edit, info={**edit.info, "note": 1})
     assert changed.info["note"] == 1 and "note" not in edit.info
+
+
+def test_factors_written_in_place_are_refused_and_never_reach_running_hooks(setup, edits, tmp_path):
+    """An Edit is a value: its factors' in-place writes are refused at every use, and the hooks
+    of an active ``edited()`` hold copies a write cannot reach."""
+    import dataclasses
+
+    from kgshatter.editing.edit import LayerDelta
+
+    model = setup[0]
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(0))
+    original = edits["rome"]
+    d = original.deltas[0]
+    edit = dataclasses.replace(original, deltas=[LayerDelta(d.layer, d.a.clone(), d.b.clone())])
+    with torch.no_grad():
+        with edited(model, edit):
+            before = model(tokens)
+            edit.deltas[0].a.mul_(2)  # a write while the hooks run
+            during = model(tokens)
+    assert torch.equal(before, during)
+    with pytest.raises(ValueError, match="written in place"):
+        with edited(model, edit):
+            pass
+    with pytest.raises(ValueError, match="written in place"):
+        edit.apply_to_weights(model)
+    with pytest.raises(ValueError, match="written in place"):
+        edit.save(tmp_path / "e")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_load_checks_the_factors_hash(edits, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    edits["memit"].save(tmp_path / "e")
+    assert len(json.loads((tmp_path / "e.json").read_text())["sha256"]) == 64
+    tensors = load_file(tmp_path / "e.safetensors")
+    tensors["0.a"] = tensors["0.a"] * 1.5  # a valid file with other values
+    save_file(tensors, tmp_path / "e.safetensors")
+    with pytest.raises(ValueError, match="do not match the SHA-256"):
+        Edit.load(tmp_path / "e")
+    meta = json.loads((tmp_path / "e.json").read_text())
+    del meta["sha256"]  # files saved before the hash existed still load
+    (tmp_path / "e.json").write_text(json.dumps(meta))
+    assert torch.equal(Edit.load(tmp_path / "e").deltas[0].a, tensors["0.a"])

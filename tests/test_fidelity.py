@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kgshatter.cli import main
-from kgshatter.fidelity import fidelity_checks
+from kgshatter.studies.fidelity import fidelity_checks
 
 ORDERS = ("I", "II", "III")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kgshatter.benchmark import PlainDecoder
+from kgshatter.bench.training import PlainDecoder
 from kgshatter.models import ModelConfig, build_model, is_tied, load_weights, save_weights
 
 CFG = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=8)

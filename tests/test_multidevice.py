@@ -19,7 +19,7 @@ SPLIT = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from kgshatter.pretrained import load_pretrained, tiny_checkpoint
+    from kgshatter.pretrained.loading import load_pretrained, tiny_checkpoint
 
     root = tmp_path_factory.mktemp("multi")
     path = tiny_checkpoint("gpt2", root / "gpt2")
@@ -49,9 +49,9 @@ def test_edits_on_a_split_model(models):
 
     from kgshatter.editing import LayerDelta, get_method
     from kgshatter.editing.edit import Edit
-    from kgshatter.naturalistic import cyclic_task
-    from kgshatter.pretrained import TINY_TEXT
-    from kgshatter.text import TextCorpus, TextTask
+    from kgshatter.pretrained.facts import cyclic_task
+    from kgshatter.pretrained.loading import TINY_TEXT
+    from kgshatter.pretrained.text import TextCorpus, TextTask
 
     whole, split = models
     rome = get_method("rome")
@@ -83,7 +83,7 @@ def test_edits_on_a_split_model(models):
 
 
 def test_bad_device_maps_are_one_line_errors(tmp_path):
-    from kgshatter.pretrained import load_pretrained, tiny_checkpoint
+    from kgshatter.pretrained.loading import load_pretrained, tiny_checkpoint
 
     path = tiny_checkpoint("gpt2", tmp_path / "gpt2")
     cases = [

@@ -15,9 +15,9 @@ from kgshatter.hooks import edited
 from kgshatter.editing import get_method
 from kgshatter.editing.core import AlreadyAnswered, Prompts, answer_logits, check_changes_answer
 from kgshatter.editing.targets import optimize_targets
-from kgshatter.naturalistic import TreeTask, cyclic_task
-from kgshatter.pretrained import TINY_TEXT, load_pretrained, tiny_checkpoint
-from kgshatter.text import TextCorpus, TextRequest, TextTask
+from kgshatter.pretrained.facts import TreeTask, cyclic_task
+from kgshatter.pretrained.loading import TINY_TEXT, load_pretrained, tiny_checkpoint
+from kgshatter.pretrained.text import TextCorpus, TextRequest, TextTask
 
 PROMPT = "{} is a city in the country of"
 

@@ -75,4 +75,4 @@ def test_wheel_top_level_is_only_kgshatter(tmp_path):
         "COMMAND.md",
         "checkpoints/step_0020000/model.safetensors",
     ):
-        assert f"kgshatter/bundled/compressed/{part}" in names
+        assert f"kgshatter/studies/runs/compressed/{part}" in names

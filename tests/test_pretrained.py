@@ -15,16 +15,23 @@ from kgshatter.hooks import edited
 
 from kgshatter.cli import main
 from kgshatter.editing import CovarianceCache, get_method
-from kgshatter.mmlu import MMLUItem, evaluate, load_items, parse_answer, score, zeroeval_prompt
-from kgshatter.naturalistic import city_country_task, cyclic_task
-from kgshatter.pretrained import (
+from kgshatter.pretrained.facts import city_country_task, cyclic_task
+from kgshatter.pretrained.loading import (
     TINY_TEXT,
     PretrainedUnavailable,
     load_pretrained,
     tiny_checkpoint,
 )
+from kgshatter.pretrained.mmlu import (
+    MMLUItem,
+    evaluate,
+    load_items,
+    parse_answer,
+    score,
+    zeroeval_prompt,
+)
+from kgshatter.pretrained.text import TextCorpus, TextRequest, TextTask
 from kgshatter.sites import Site
-from kgshatter.text import TextCorpus, TextRequest, TextTask
 
 FAMILIES = ("gpt2", "llama", "mamba")
 
@@ -160,7 +167,7 @@ def test_target_optimisation_from_the_edited_block_equals_the_full_one(loaded, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_sampling_with_a_kv_cache_gives_the_same_texts(loaded, family):
-    from kgshatter.text import sample_text
+    from kgshatter.pretrained.text import sample_text
 
     pm = loaded[family]
     cached = sample_text(pm.model, pm.tokenizer, 4, 6, seed=3)
@@ -288,7 +295,7 @@ def test_bad_checkpoints_are_refused(tmp_path, checkpoints, monkeypatch):
         load_pretrained("gpt2-xl")
     with pytest.raises(ValueError, match="dtype"):
         load_pretrained(checkpoints["gpt2"], dtype="int8")
-    monkeypatch.setattr("kgshatter.pretrained.available_bytes", lambda device: 1000)
+    monkeypatch.setattr("kgshatter.pretrained.loading.available_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="GiB"):
         load_pretrained(checkpoints["gpt2"])
 
@@ -413,7 +420,7 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
 def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypatch):
     """Which (model, method) pairs have a preset is known from the name: no weight is loaded
     (loading would need the hub here) before the one-line error."""
-    import kgshatter.pretrained as pretrained_module
+    import kgshatter.pretrained.loading as pretrained_module
 
     def no_loading(*a, **k):
         raise AssertionError("load_pretrained was called")
@@ -428,7 +435,7 @@ def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypa
     assert "no editing preset is known for model 'gpt2'" in capsys.readouterr().err
     assert main(["months", "--model", "gpt2-xl", "--preset", "nope", "--out", out]) == 2
     assert "nope" in capsys.readouterr().err
-    from kgshatter.months import resolve_preset
+    from kgshatter.studies.months import resolve_preset
 
     assert resolve_preset("meta-llama/Meta-Llama-3-8B", "rome") == "llama3-8b"  # EasyEdit's
     assert resolve_preset("tiny:gpt2", "memit") == "tiny-pretrained"
@@ -448,8 +455,8 @@ def test_run_protocol_serves_text_tasks(loaded, monkeypatch, tmp_path):
     skipped record, and the months replication writes it as a skipped row."""
     from kgshatter.editing import core
     from kgshatter.editing.protocols import run_protocol
-    from kgshatter.months import MonthsConfig, run_months
-    from kgshatter.naturalistic import FactScorer
+    from kgshatter.pretrained.facts import FactScorer
+    from kgshatter.studies.months import MonthsConfig, run_months
 
     pm = loaded["gpt2"]
     task = cyclic_task("months", pm.tokenizer)

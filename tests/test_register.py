@@ -36,7 +36,7 @@ def half_rome():
 
 
 def test_a_registered_method_runs_in_the_sweep(half_rome, tiny_run_dir, tmp_path):
-    from kgshatter.sweep import SweepConfig, run_sweep
+    from kgshatter.studies.sweep import SweepConfig, run_sweep
 
     assert get_method("half-rome") is half_rome
     config = SweepConfig(methods=("half-rome", "rome"), kinds=("counterfactual",), n_edits=1,

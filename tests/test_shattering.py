@@ -13,7 +13,7 @@ import torch
 from kgshatter.analysis.geometry import neighbour_fraction
 from kgshatter.analysis.shattering import distance_matrix, fit_line, shattering
 from kgshatter.cli import main
-from kgshatter.sweep import SweepConfig, run_sweep
+from kgshatter.studies.sweep import SweepConfig, run_sweep
 
 
 def ring(n=24, d=6, seed=0):
@@ -229,7 +229,7 @@ def test_batched_single_edits_give_the_same_table_and_resume_exactly(tiny_run_di
     shortcuts give the table of edits computed one at a time on full passes, to 1e-5; a sweep
     killed inside a group recomputes the whole group, so its rows are the uninterrupted
     sweep's bytes."""
-    from kgshatter.benchmark import without_shortcuts
+    from kgshatter.bench.editing import without_shortcuts
 
     config = SweepConfig(methods=("rome", "alphaedit", "pmet"), kinds=("counterfactual",),
                          n_edits=3, distances=(1, 2), sequential_edits=0, n_samples=1000,

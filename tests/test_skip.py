@@ -177,7 +177,7 @@ def test_the_plain_pytorch_reference_on_hugging_face_gives_the_same_delta():
     """kgshatter's reference-mode target optimisation on the bridge against the paper's loop
     written with a plain torch hook on the Hugging Face model of the same weights
     (``kgshatter edit-benchmark --rome-reference`` times the two)."""
-    from kgshatter.rome_speed import rome_reference_benchmark
+    from kgshatter.bench.rome_reference import rome_reference_benchmark
 
     shape = {"n_layer": 4, "n_embd": 32, "n_head": 4, "n_positions": 32}
     result = rome_reference_benchmark(shape=shape, steps=4, repeats=1, prompt_len=8)

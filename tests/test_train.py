@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path, monkeypatch):
 def test_loss_at_entity_positions_equals_the_all_positions_loss(plain):
     """Logits computed only where the loss is give the same loss and gradients as logits at
     every position, masked afterwards (the loss before the restriction)."""
-    from kgshatter.benchmark import PlainDecoder, all_positions_loss
+    from kgshatter.bench.training import PlainDecoder, all_positions_loss
     from kgshatter.kg.graph import KnowledgeGraph
     from kgshatter.kg.walks import WalkSampler
     from kgshatter.models import build_model
@@ -302,3 +302,39 @@ def test_warm_start_refuses_mismatches(tmp_path):
     train(run, tmp_path / "scratch", progress=False, max_steps=0)
     with pytest.raises(ValueError, match="did not start from"):
         train(run, tmp_path / "scratch", resume=True, progress=False, init_from=tmp_path / "src")
+
+
+def test_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A prune killed mid-delete leaves a temporary, not a step_ folder without its weights;
+    one such folder left by an earlier version is pruned at the next checkpoint."""
+    import shutil
+    from pathlib import Path
+
+    import kgshatter.training as training
+
+    run = short_run(80)
+    out = tmp_path / "r"
+    train(run, out, progress=False, max_steps=40)  # checkpoints at 20 and 40 (keep 2)
+    half = out / "checkpoints" / "step_0000010"  # an earlier version's half-deleted folder
+    half.mkdir()
+    (half / "state.json").write_text("{}")
+
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name.startswith(".tmp-step_0000020"):
+            raise KeyboardInterrupt  # the process dies inside the prune's delete
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed pruning step_20 after the step-60 save
+        train(run, out, resume=True, progress=False, max_steps=60)
+    monkeypatch.setattr(training.shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    steps = [n for n in names if n.startswith("step_")]
+    for n in steps:  # every step_ folder left is complete (or the old half-deleted one)
+        assert n == "step_0000010" or (out / "checkpoints" / n / "model.safetensors").is_file()
+    assert any(n.startswith(".tmp-step_") for n in names)
+    train(run, out, resume=True, progress=False)
+    assert not half.exists()
+    assert [p.name for p in checkpoints(out)] == ["step_0000060", "step_0000080"]

@@ -8,9 +8,10 @@ Every method is a small solve step over these pieces (README, "Editing"):
 - a *task* supplies prompts, statistics and names for its requests. :class:`SyntheticTask` does
   so for a model trained on a knowledge graph (prompts = random-walk contexts leading into the
   subject; C from validation walks, cached on disk and in memory);
-  :class:`kgshatter.text.TextTask` for a pretrained model (prompts after prefixes sampled from
-  the model; C from a text corpus). Editors call only the methods both have (``prompts``,
-  ``stats``, ``bare_prompt``, ``target_tokens``, ``fact``, ``describe``, ``request_from_dict``);
+  :class:`kgshatter.pretrained.text.TextTask` for a pretrained model (prompts after prefixes
+  sampled from the model; C from a text corpus). Editors call only the methods both have
+  (``prompts``, ``stats``, ``bare_prompt``, ``target_tokens``, ``fact``, ``describe``,
+  ``request_from_dict``);
 - :func:`mean_keys` / :func:`mean_activations`: activations at one position, averaged over a
   request's prompts, optionally with earlier edits applied as hooks;
 - :func:`check_changes_answer`: refuse a request the model already satisfies.
@@ -21,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
 
 from kgshatter.editing.covariance import CovarianceCache, SecondMoment, StatsKey, second_moment
-from kgshatter.editing.requests import EditRequest, request_prompts
+from kgshatter.editing.requests import EditRequest, TextRequest, request_prompts
 from kgshatter.kg.walks import WalkSampler
 from kgshatter.sites import Site, edit_module, edit_sites
 from kgshatter.validation import ConfigDict, check_bool, check_choice, check_float, check_int
@@ -35,11 +36,9 @@ from kgshatter.validation import ConfigDict, check_bool, check_choice, check_flo
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-if TYPE_CHECKING:
-    from kgshatter.text import TextRequest
 
 # a request a task understands: a graph fact (SyntheticTask) or a text fact (TextTask)
-Request = Union[EditRequest, "TextRequest"]
+Request = EditRequest | TextRequest
 
 # where keys are read and values written: the subject's last token, or the prompt's last token
 # (in a synthetic prompt "... x r" the relation token)
@@ -254,8 +253,9 @@ def check_layers(name: str, layers: Sequence[int]) -> None:
 
 class EditTask(Protocol):
     """What every editing method reads from a task: its prompts, target token and key
-    statistics. :class:`SyntheticTask` (a trained graph) and :class:`kgshatter.text.TextTask`
-    (a pretrained model and a corpus) implement it; a new domain implements these methods."""
+    statistics. :class:`SyntheticTask` (a trained graph) and
+    :class:`kgshatter.pretrained.text.TextTask` (a pretrained model and a corpus) implement it;
+    a new domain implements these methods."""
 
     def prompts(
         self, request: Any, n_prompts: int, seed: int

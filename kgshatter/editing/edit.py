@@ -113,6 +113,20 @@ class LayerDelta:
                 f"LayerDelta.b must be a 2-D tensor with a's rank {a.shape[1]} columns, got "
                 f"{getattr(b, 'shape', b)!r}"
             )
+        # torch has no read-only tensors: the factors' version counters (bumped by every in-place
+        # write) are recorded here and checked wherever the edit is used
+        object.__setattr__(self, "_versions", self._version_now())
+
+    def _version_now(self) -> tuple[int, int | None]:
+        return self.a._version, None if self.b is None else self.b._version
+
+    def check_unchanged(self) -> None:
+        """Refuse factors written in place since this delta was made (an edit is a value)."""
+        if self._version_now() != getattr(self, "_versions", None):
+            raise ValueError(
+                f"the layer-{self.layer} delta's factors were written in place after the edit was "
+                f"made (e.g. a.mul_()); an Edit is a value: build a new LayerDelta and Edit instead"
+            )
 
     @property
     def dense(self) -> Float[torch.Tensor, "d_mlp d_model"]:
@@ -190,27 +204,34 @@ class Edit:
 
         pairs: list[tuple[str, Any]] = []
         for d in self.deltas:
+            d.check_unchanged()
             key, out = edit_sites(self.module, d.layer)
-            pairs += low_rank_delta(key.hook_name, out.hook_name, d.a, d.b)
+            # the hooks hold copies: a write to the factors while they run cannot reach them
+            b = None if d.b is None else d.b.clone()
+            pairs += low_rank_delta(key.hook_name, out.hook_name, d.a.clone(), b)
         return pairs
 
     def apply_to_weights(self, model: TransformerBridge, force: bool = False) -> WeightPatch:
         """Add the deltas to the weights in place; ``restore()`` on the handle undoes it exactly.
         Refused on another model than the edit's own unless ``force`` (:meth:`check_model`)."""
         self.check_model(model, force)
+        for d in self.deltas:
+            d.check_unchanged()
         return WeightPatch(model, self.deltas, self.module)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """``PATH.safetensors`` (factors) and ``PATH.json`` (everything else), atomically."""
+        """``PATH.safetensors`` (factors) and ``PATH.json`` (everything else, with the factors'
+        SHA-256, checked by :meth:`load`), atomically."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, d in enumerate(self.deltas):
-            tensors[f"{i}.a"] = d.a.contiguous().cpu()
+            d.check_unchanged()
+            tensors[f"{i}.a"] = d.a.detach().contiguous().cpu()
             if d.b is not None:
-                tensors[f"{i}.b"] = d.b.contiguous().cpu()
+                tensors[f"{i}.b"] = d.b.detach().contiguous().cpu()
         write_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "format": EDIT_FORMAT,
@@ -222,6 +243,7 @@ class Edit:
             "module": self.module,
             "info": _plain(self.info),
             "fingerprint": self.fingerprint,
+            "sha256": _factors_digest(tensors),
         }
         write_json_atomic(path.with_suffix(".json"), meta)
         return path.with_suffix(".json")
@@ -249,6 +271,11 @@ class Edit:
                 f"edit metadata at {meta_path}: layers must be a list of layer indices"
             )
         tensors, _ = load_safetensors(tensor_path, "edit factors")
+        if "sha256" in meta and meta["sha256"] != _factors_digest(tensors):
+            raise ValueError(
+                f"edit factors at {tensor_path} do not match the SHA-256 in {meta_path}: changed "
+                f"or replaced since the edit was saved"
+            )
         expected = {f"{i}.a" for i in range(len(layers))}
         allowed = expected | {f"{i}.b" for i in range(len(layers))}
         if not expected <= set(tensors) or not set(tensors) <= allowed:
@@ -273,6 +300,16 @@ class Edit:
             )
         except (ValueError, TypeError) as e:
             raise ValueError(f"edit at {meta_path} is inconsistent: {e}") from None
+
+
+def _factors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # model -> {weight key -> _PatchedWeight}: every patch written into one of the model's matrices

@@ -149,7 +149,7 @@ class NativePrefix(PrefixCache):
         if not _ENABLED[0]:
             return None
         try:
-            from transformer_lens.model_bridge.sources.native.model import NativeAttention
+            from kgshatter.tl_compat import NativeAttention
         except ImportError:  # pragma: no cover - another TransformerLens layout
             return None
         blocks = getattr(model, "blocks", None)

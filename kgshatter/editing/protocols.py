@@ -142,7 +142,7 @@ class Collateral:
 
 class Scorer(Protocol):
     """What :func:`run_protocol` asks of a scorer: :class:`EditScorer` for a trained graph,
-    :class:`kgshatter.naturalistic.FactScorer` for facts of a pretrained model. Every measure
+    :class:`kgshatter.pretrained.facts.FactScorer` for facts of a pretrained model. Every measure
     is taken with the edits so far applied (hooks on ``model``)."""
 
     def describe(self, requests: Sequence[Any]) -> list[dict[str, Any]]:
@@ -435,8 +435,8 @@ def run_protocol(
     """Edit ``requests`` under ``protocol`` and score after every edit (see module doc).
 
     The same loop serves a trained graph (:class:`SyntheticTask` with an :class:`EditScorer`)
-    and a pretrained model (:class:`kgshatter.text.TextTask` with a
-    :class:`kgshatter.naturalistic.FactScorer`).
+    and a pretrained model (:class:`kgshatter.pretrained.text.TextTask` with a
+    :class:`kgshatter.pretrained.facts.FactScorer`).
 
     ``measure(model)``, if given, runs at every scoring point with the edits applied, and its
     result is stored under ``"measures"`` (the shattering sweep reads representations here).

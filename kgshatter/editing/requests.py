@@ -1,4 +1,6 @@
-"""Edit requests on the synthetic graph: "x r -> y'" and the prompts that express them.
+"""Edit requests: a fact of the synthetic graph, "x r -> y'" (:class:`EditRequest`, with the
+prompts that express it), and a fact in text (:class:`TextRequest`, for pretrained models; its
+prompts come from :class:`kgshatter.pretrained.text.TextTask`).
 
 A request's prompt is ``... x r`` written after random-walk contexts that lead into ``x``
 (the paper's editing protocol); the subject's last (only) token is ``x``, one position before
@@ -87,3 +89,44 @@ def request_prompts_many(
     subjects = torch.tensor([x for x, _ in facts], dtype=torch.long).repeat_interleave(n_prompts)
     relations = torch.tensor([r for _, r in facts], dtype=torch.long).repeat_interleave(n_prompts)
     return sampler.query_tokens(subjects, relations[:, None], generators, [n_prompts] * len(facts))
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """Make the model complete ``prompt.format(subject)`` with ``target``.
+
+    ``prompt`` holds ``{}`` where the subject goes (``"{} is followed 8 months later by"``);
+    ``target`` is the new completion without its leading space (``"September"``); ``old`` the
+    completion being replaced, when known.
+    """
+
+    prompt: str
+    subject: str
+    target: str
+    old: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt.count("{}") != 1:
+            raise ValueError(
+                f"a request prompt holds exactly one '{{}}' for the subject, got {self.prompt!r}"
+            )
+        if not self.subject.strip() or not self.target.strip():
+            raise ValueError(f"subject and target must be non-empty, got {self!r}")
+        if self.prompt.endswith(" "):
+            raise ValueError(f"a request prompt must not end in a space: {self.prompt!r}")
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def describe(self) -> str:
+        old = f" (was {self.old})" if self.old else ""
+        return f"{self.text} -> {self.target}{old}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target": self.target,
+            "old": self.old,
+        }

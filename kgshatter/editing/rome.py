@@ -112,7 +112,8 @@ ROME_PRESETS = {
     # settings are GPT-2-XL's (our derivation: no reference config exists in kgshatter's
     # sources)
     "mamba-2.8b": dataclasses.replace(_GPT2_XL, layer=15),
-    # tiny random checkpoints (kgshatter.pretrained.tiny_checkpoint): measured, see spread.py
+    # tiny random checkpoints (kgshatter.pretrained.loading.tiny_checkpoint): measured, see
+    # spread.py
     "tiny-pretrained": ROMEConfig(
         layer=2, position="relation", n_prompts=5, steps=30, n_samples=4096
     ),

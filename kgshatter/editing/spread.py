@@ -136,7 +136,7 @@ _SUBJECT: dict[str, Any] = {
 # the fidelity study's editors (README, "The fidelity study"): the target optimisation in
 # units of ||h0|| like ROME's synthetic-relative presets
 _RELATIVE: dict[str, Any] = {"relative": True, "lr": 0.05, "steps": 200}
-# the tiny random checkpoints of kgshatter.pretrained.tiny_checkpoint (tests, tutorials):
+# the tiny random checkpoints of kgshatter.pretrained.loading.tiny_checkpoint (tests, tutorials):
 # measured, the relation (last) position edits them; at the subject token the random
 # attention carries too little to the last token for any delta to move the answer
 _TINY: dict[str, Any] = {

@@ -34,8 +34,8 @@ from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
 from kgshatter.readout import FrozenPrefix, frozen_running
-from kgshatter.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.sites import Site, all_sites, edit_sites
+from kgshatter.studies.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SWEEP_FORMAT = "kgshatter.sweep/1"
+SWEEP_FORMAT = "kgshatter.studies.sweep/1"
 KIND_CHOICES = ("corrective", "counterfactual")
 
 
@@ -191,7 +191,7 @@ def run_sweep(
 
     ``workers`` / ``ray_address``: spread the units of work (a group of single edits, or a
     sequence) over Ray actors, each loading the model and statistics once
-    (:mod:`kgshatter.distributed`; ``pip install 'kgshatter[ray]'``): ``workers=N`` starts a
+    (:mod:`kgshatter.studies.distributed`; ``pip install 'kgshatter[ray]'``): ``workers=N`` starts a
     local cluster of N, ``ray_address`` joins an existing one. This process stays the only
     writer of ``rows.jsonl``, so resume and de-duplication are as without workers. A unit that
     raises gives rows whose ``skipped`` field holds the error, and the sweep goes on.
@@ -245,10 +245,13 @@ def run_sweep(
                 result = err
             finished(unit, result)
     else:
-        from kgshatter.distributed import run_units
+        from kgshatter.studies.distributed import run_units
 
         args = (str(run_dir), config.to_dict(), device, ctx.edit_batch)
-        run_units(units, args, finished, workers=workers, address=ray_address)
+        run_units(
+            units, sweep_context, args, finished,
+            methods=list(config.methods), workers=workers, address=ray_address,
+        )  # fmt: skip
     bar.close()
     order = {k: i for i, k in enumerate(k for job in jobs for k in job["keys"])}
     rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
@@ -291,10 +294,17 @@ def _units(jobs: list[dict[str, Any]], done: set[tuple], edit_batch: int) -> lis
     return units
 
 
+def sweep_context(
+    run_dir: str, config: dict[str, Any], device: str | None, edit_batch: int
+) -> SweepContext:
+    """A :class:`SweepContext` from plain arguments (how each Ray worker builds its own)."""
+    return SweepContext(run_dir, SweepConfig.from_dict(config), device, edit_batch)
+
+
 class SweepContext:
     """What one process needs to run units of a sweep: the trained model, its task and
     scorer, the unedited representations and the measures. The driver builds one; each Ray
-    worker builds its own from the same arguments (:mod:`kgshatter.distributed`)."""
+    worker builds its own from the same arguments (:mod:`kgshatter.studies.distributed`)."""
 
     def __init__(
         self,

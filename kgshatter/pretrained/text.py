@@ -34,53 +34,13 @@ from kgshatter.editing.covariance import (
     StatsKey,
     second_moment,
 )
+from kgshatter.editing.requests import TextRequest
 from kgshatter.io import read_json, read_jsonl
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_bool, check_int
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
-
-
-@dataclass(frozen=True)
-class TextRequest:
-    """Make the model complete ``prompt.format(subject)`` with ``target``.
-
-    ``prompt`` holds ``{}`` where the subject goes (``"{} is followed 8 months later by"``);
-    ``target`` is the new completion without its leading space (``"September"``); ``old`` the
-    completion being replaced, when known.
-    """
-
-    prompt: str
-    subject: str
-    target: str
-    old: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.prompt.count("{}") != 1:
-            raise ValueError(
-                f"a request prompt holds exactly one '{{}}' for the subject, got {self.prompt!r}"
-            )
-        if not self.subject.strip() or not self.target.strip():
-            raise ValueError(f"subject and target must be non-empty, got {self!r}")
-        if self.prompt.endswith(" "):
-            raise ValueError(f"a request prompt must not end in a space: {self.prompt!r}")
-
-    @property
-    def text(self) -> str:
-        return self.prompt.format(self.subject)
-
-    def describe(self) -> str:
-        old = f" (was {self.old})" if self.old else ""
-        return f"{self.text} -> {self.target}{old}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "subject": self.subject,
-            "target": self.target,
-            "old": self.old,
-        }
 
 
 def subject_last_token(tokenizer: Any, text: str, start: int, end: int) -> tuple[list[int], int]:

@@ -17,7 +17,7 @@ from kgshatter.io import write_atomic
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
-from kgshatter.sweep import SweepResult, accuracy_drop
+from kgshatter.studies.sweep import SweepResult, accuracy_drop
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -287,7 +287,7 @@ def write_report(
         verdict = {True: "**holds**", False: "**does not hold**", None: "not measurable"}[holds]
         lines.append(f"- {claim}: {verdict} ({evidence}).")
     if "rome" in s["methods"]:
-        from kgshatter.fidelity import fidelity_checks
+        from kgshatter.studies.fidelity import fidelity_checks
 
         lines += ["", '## The fidelity targets (README, "The fidelity study")', ""]
         for check in fidelity_checks(s):

@@ -3,12 +3,13 @@
 ``run_sweep(..., workers=N)`` (``kgshatter reproduce --workers N``) starts a local Ray cluster
 of N workers; ``ray_address=ADDR`` (``--ray-address ADDR``) joins an existing one, e.g. one
 started with ``ray start --head`` on a GPU machine and ``ray start --address ...`` on the
-others. Each actor builds a :class:`kgshatter.sweep.SweepContext` once (it loads the run, its
-cached statistics and the unedited representations) and then takes units of work one at a
-time; the driver hands out the units, and is the only process writing ``rows.jsonl``. The
-sweep's editing methods are sent to the workers, so one added with
-:func:`kgshatter.editing.register_method` in the driver runs there too (its functions must be
-picklable by Ray's cloudpickle). Ray is an optional extra: ``pip install 'kgshatter[ray]'``.
+others. Each actor builds its context once (the sweep passes
+:func:`kgshatter.studies.sweep.sweep_context`, which loads the run, its cached statistics and the
+unedited representations) and then takes units of work one at a time; the driver hands out
+the units, and is the only process writing ``rows.jsonl``. The sweep's editing methods are sent
+to the workers, so one added with :func:`kgshatter.editing.register_method` in the driver runs
+there too (its functions must be picklable by Ray's cloudpickle). Ray is an optional extra:
+``pip install 'kgshatter[ray]'``.
 """
 
 from __future__ import annotations
@@ -34,27 +35,27 @@ def require_ray() -> Any:
 
 
 class SweepWorker:
-    """A Ray actor: one :class:`~kgshatter.sweep.SweepContext`, built once, running units."""
+    """A Ray actor: one context, built once by ``make_context(*context_args)``, running units.
+
+    This module knows nothing of the sweep: any context with a ``run_unit(unit) -> rows``
+    method runs here (the sweep's is :class:`~kgshatter.studies.sweep.SweepContext`)."""
 
     def __init__(
         self,
-        run_dir: str,
-        config: dict[str, Any],
-        device: str | None,
-        edit_batch: int,
+        make_context: Callable[..., Any],
+        context_args: tuple[Any, ...],
         threads: int,
         methods: dict[str, Any],
     ) -> None:
         import torch
 
         from kgshatter.editing import METHODS, register_method
-        from kgshatter.sweep import SweepConfig, SweepContext
 
         torch.set_num_threads(threads)
         for name, method in methods.items():  # methods registered in the driver only
             if METHODS.get(name) != method:
                 register_method(method, replace=True)
-        self.context = SweepContext(run_dir, SweepConfig.from_dict(config), device, edit_batch)
+        self.context = make_context(*context_args)
 
     def run_unit(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
         return self.context.run_unit(unit)
@@ -62,18 +63,23 @@ class SweepWorker:
 
 def run_units(
     units: list[dict[str, Any]],
-    context_args: tuple[str, dict[str, Any], str | None, int],
+    make_context: Callable[..., Any],
+    context_args: tuple[Any, ...],
     finished: Callable[[dict[str, Any], list[dict[str, Any]] | BaseException], None],
     *,
+    methods: list[str],
     workers: int | None = None,
     address: str | None = None,
     threads: int = 1,
 ) -> None:
     """Run ``units`` on Ray actors, calling ``finished(unit, rows or error)`` in this process
-    as each one completes (in completion order). ``workers``: actors to start (default: one
-    per CPU of the cluster); ``address``: an existing cluster (``None``: a local one, shut down
-    afterwards). A unit whose worker raises is passed on as its exception; a worker that dies
-    is replaced once per unit before the unit counts as failed."""
+    as each one completes (in completion order). Each actor builds its context once with
+    ``make_context(*context_args)`` (a module-level function, pickled by reference); the editing
+    ``methods`` named are sent along, so a method registered only in this process runs there.
+    ``workers``: actors to start (default: one per CPU of the cluster); ``address``: an
+    existing cluster (``None``: a local one, shut down afterwards). A unit whose worker raises
+    is passed on as its exception; a worker that dies is replaced once per unit before the
+    unit counts as failed."""
     ray = require_ray()
     if not units:
         return
@@ -87,15 +93,14 @@ def run_units(
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = min(n, len(units))
         actor_class = ray.remote(num_cpus=1)(SweepWorker)
-        run_dir, config, device, edit_batch = context_args
         from kgshatter.editing import get_method
 
         # the sweep's methods travel to the workers (pickled): one registered with
         # register_method in this process runs there too
-        methods = {name: get_method(name) for name in config["methods"]}
+        sent = {name: get_method(name) for name in methods}
 
         def new_actor() -> Any:
-            return actor_class.remote(run_dir, config, device, edit_batch, threads, methods)
+            return actor_class.remote(make_context, context_args, threads, sent)
 
         actors = [new_actor() for _ in range(n)]
         log.info("sweep: %d units of work on %d Ray workers", len(units), n)

@@ -16,7 +16,7 @@ from typing import Any
 
 from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
-from kgshatter.sweep import SweepConfig, SweepResult, check_distances, run_sweep
+from kgshatter.studies.sweep import SweepConfig, SweepResult, check_distances, run_sweep
 
 log = logging.getLogger("kgshatter")
 
@@ -34,11 +34,11 @@ def reproduce(
 ) -> tuple[SweepResult, Path]:
     """Train ``run`` into ``OUT/run`` (resuming), sweep the edits, write figures and report.
 
-    A preset whose trained run ships with kgshatter (:mod:`kgshatter.bundled`) starts from that
-    checkpoint unless ``from_scratch``. ``workers`` / ``ray_address`` run the sweep on Ray
-    (:func:`kgshatter.sweep.run_sweep`).
+    A preset whose trained run ships with kgshatter (:mod:`kgshatter.studies.shipped`) starts
+    from that checkpoint unless ``from_scratch``. ``workers`` / ``ray_address`` run the sweep on Ray
+    (:func:`kgshatter.studies.sweep.run_sweep`).
     """
-    from kgshatter.bundled import install_bundled
+    from kgshatter.studies.shipped import install_bundled
     from kgshatter.training import train
 
     sweep = sweep or SweepConfig()
@@ -66,7 +66,7 @@ def reproduce(
     start = time.perf_counter()
     log.info("drawing the figures and writing %s", out / "report.md")
     panels = _example_rings(out / "run", result, sweep, device)
-    from kgshatter.report import make_figures, settings_lines, write_report
+    from kgshatter.studies.report import make_figures, settings_lines, write_report
 
     figures = make_figures(result, panels)
     if panels:
@@ -104,8 +104,8 @@ def _example_rings(
     from kgshatter.editing import CovarianceCache, EditRequest, SyntheticTask, get_method
     from kgshatter.evaluate import Evaluator
     from kgshatter.kg.walks import WalkSampler
-    from kgshatter.report import rings_before_after
     from kgshatter.sites import Site
+    from kgshatter.studies.report import rings_before_after
     from kgshatter.training import load_run
 
     method = "rome" if "rome" in sweep.methods else sweep.methods[0]
@@ -138,7 +138,7 @@ def _example_rings(
 
 def describe(result: SweepResult) -> str:
     """A few lines for the terminal."""
-    from kgshatter.report import findings
+    from kgshatter.studies.report import findings
 
     lines = []
     for claim, holds, evidence in findings(result.summary):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kgshatter.io import remove_stale_temporaries
-from kgshatter.rowlog import append_row, check_or_write_header, read_rows
+from kgshatter.studies.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
 if TYPE_CHECKING:
@@ -44,10 +44,10 @@ MODEL_PRESETS = {
 def preset_for(name: str) -> str | None:
     """The editing preset for a checkpoint name or path (``None`` if none is known).
 
-    A local directory written by :func:`kgshatter.pretrained.tiny_checkpoint` (it holds the
+    A local directory written by :func:`kgshatter.pretrained.loading.tiny_checkpoint` (it holds the
     tiny-random marker) gets ``"tiny-pretrained"``.
     """
-    from kgshatter.pretrained import TINY_MARKER
+    from kgshatter.pretrained.loading import TINY_MARKER
 
     if name.startswith("tiny:") or (Path(name) / TINY_MARKER).is_file():
         return "tiny-pretrained"
@@ -106,7 +106,7 @@ class MonthsConfig(ConfigDict):
     # fluency (n-gram entropy of continuations about the subject): tokens generated per prompt
     # before and after each edit (0: not measured)
     fluency_tokens: int = 24
-    # how an answer is read among the candidates (kgshatter.naturalistic.FactTask): its first
+    # how an answer is read among the candidates (kgshatter.pretrained.facts.FactTask): its first
     # token, its whole token sequence, or "auto" (first token where those are distinct)
     scoring: str = "auto"
 
@@ -117,7 +117,7 @@ class MonthsConfig(ConfigDict):
         check_int("mmlu_every", self.mmlu_every, 1)
         check_int("mmlu_max_new_tokens", self.mmlu_max_new_tokens, 1)
         check_int("fluency_tokens", self.fluency_tokens, 0)
-        from kgshatter.naturalistic import SCORINGS
+        from kgshatter.pretrained.facts import SCORINGS
 
         check_choice("scoring", self.scoring, SCORINGS)
         if self.n_samples is not None:
@@ -149,7 +149,7 @@ def run_months(
     mmlu_items: Any = (),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the replication on a :class:`~kgshatter.pretrained.PretrainedModel`; returns the
+    """Run the replication on a :class:`~kgshatter.pretrained.loading.PretrainedModel`; returns the
     summary (also written to ``out/summary.json``).
 
     Resumable like the sweep: ``out/months.json`` pins the model, the configuration and the
@@ -161,9 +161,9 @@ def run_months(
     from kgshatter.editing import CovarianceCache, get_method
     from kgshatter.editing.protocols import run_protocol
     from kgshatter.io import write_json_atomic
-    from kgshatter.naturalistic import CyclicTask, FactScorer, natural_task
+    from kgshatter.pretrained.facts import CyclicTask, FactScorer, natural_task
+    from kgshatter.pretrained.text import TextTask
     from kgshatter.sites import Site
-    from kgshatter.text import TextTask
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def _fluency(
 ) -> float | None:
     if not config.fluency_tokens:
         return None
-    from kgshatter.analysis.fluency import generation_fluency
+    from kgshatter.pretrained.fluency import generation_fluency
 
     return generation_fluency(model, tokenizer, prompts, config.fluency_tokens)
 
@@ -349,7 +349,7 @@ def _ring(reps: Any, task: Any) -> dict[str, float]:
 def _mmlu(
     model: TransformerBridge, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
 ) -> dict[str, Any]:
-    from kgshatter.mmlu import evaluate
+    from kgshatter.pretrained.mmlu import evaluate
 
     result = evaluate(model, tokenizer, items, config.mmlu_max_new_tokens, progress=progress)
     return {"accuracy": result.accuracy, "no_answer_rate": result.no_answer_rate, "n": result.n}

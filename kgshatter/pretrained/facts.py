@@ -2,10 +2,11 @@
 (city -> country), with the synthetic study's measurements (the paper's naturalistic study).
 
 A :class:`FactTask` holds queries ``prompt.format(subject) -> answer`` over a fixed set of
-candidate answers. It builds counterfactual :class:`~kgshatter.text.TextRequest`\\ s, scores
-accuracy (the answer among the candidates, read from each candidate's first token), edit
-success, and the subjects' representations at any :class:`~kgshatter.sites.Site`, so R(D*)
-and the ring metrics of :mod:`kgshatter.analysis` apply unchanged.
+candidate answers. It builds counterfactual text requests
+(:class:`~kgshatter.editing.requests.TextRequest`), scores accuracy (the answer among the
+candidates, read from each candidate's first token), edit success, and the subjects'
+representations at any :class:`~kgshatter.sites.Site`, so R(D*) and the ring metrics of
+:mod:`kgshatter.analysis` apply unchanged.
 
 - :func:`cyclic_task` (``"months"``, ``"days"``): queries "January is followed 8 months later
   by" -> "September" for every item and hop 1..n-1; a counterfactual at distance d moves the
@@ -25,8 +26,8 @@ import torch
 from jaxtyping import Float
 
 from kgshatter.editing.core import Prompts, last_logits
+from kgshatter.pretrained.text import TextRequest, continuation_tokens, encode_prompts
 from kgshatter.sites import Site
-from kgshatter.text import TextRequest, continuation_tokens, encode_prompts
 from kgshatter.validation import check_choice, check_int
 
 if TYPE_CHECKING:

@@ -442,7 +442,7 @@ def tiny_checkpoint(family: str, path: str | os.PathLike[str], seed: int = 0) ->
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / TINY_MARKER).write_text(
-        "random weights written by kgshatter.pretrained.tiny_checkpoint\n"
+        "random weights written by kgshatter.pretrained.loading.tiny_checkpoint\n"
     )
     return path
 

@@ -5,7 +5,7 @@ distance d and lands on every order alike. This module states that finding as me
 targets (:func:`fidelity_checks`, the thresholds of the README's "The fidelity study") and runs
 a controlled study (:func:`run_study`): variants of one base preset, each differing from it in
 the fields it names, each trained (resumably) and edited with ROME at d = 1..4 by the ordinary
-sweep (:func:`kgshatter.sweep.run_sweep`), at the relation token and at the subject token.
+sweep (:func:`kgshatter.studies.sweep.run_sweep`), at the relation token and at the subject token.
 
 Besides accuracy and R(D*), each variant records its answer margins along order I
 (:func:`kgshatter.analysis.margins.ring_margins`: what an edit at distance d must overcome) and
@@ -251,7 +251,12 @@ def run_study(
     from kgshatter.analysis.margins import ring_margins
     from kgshatter.editing import get_method
     from kgshatter.evaluate import Evaluator
-    from kgshatter.sweep import SweepConfig, check_distances, representation_position, run_sweep
+    from kgshatter.studies.sweep import (
+        SweepConfig,
+        check_distances,
+        representation_position,
+        run_sweep,
+    )
     from kgshatter.training import train
 
     for editor in editors:

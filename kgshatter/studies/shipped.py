@@ -1,6 +1,6 @@
 """Trained runs shipped inside the package, so the main job need not retrain them.
 
-``kgshatter/bundled/<preset>/`` is an ordinary run directory (``run.json``, ``graph.json``,
+``kgshatter/studies/runs/<preset>/`` is an ordinary run directory (``run.json``, ``graph.json``,
 ``history.json``, ``checkpoints/step_*/``) written by ``kgshatter train --preset <preset>``;
 its ``COMMAND.md`` gives the command, seed and machine. :func:`install_bundled` copies it into
 a reproduction's ``run/`` folder when the preset's config is exactly the one it was trained
@@ -18,7 +18,7 @@ from kgshatter.presets import RunConfig
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DIR = Path(__file__).parent / "runs"
 
 
 def bundled_run(run: RunConfig) -> Path | None:

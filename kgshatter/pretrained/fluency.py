@@ -44,7 +44,7 @@ def generation_fluency(
 ) -> float:
     """Mean :func:`ngram_entropy` of greedy continuations of ``prompts`` (hooks on ``model``,
     such as an edit, are active)."""
-    from kgshatter.mmlu import generate
+    from kgshatter.pretrained.mmlu import generate
 
     texts = generate(model, tokenizer, prompts, max_new_tokens, chat=False, progress=False)
     return sum(ngram_entropy(t) for t in texts) / len(texts)

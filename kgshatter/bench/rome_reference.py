@@ -1,7 +1,7 @@
 """ROME's target optimisation, kgshatter against the paper's algorithm in plain PyTorch.
 
 One random GPT-2 is built as a Hugging Face model; a copy of the same weights is saved and
-loaded as a TransformerBridge by :func:`kgshatter.pretrained.load_pretrained`. On
+loaded as a TransformerBridge by :func:`kgshatter.pretrained.loading.load_pretrained`. On
 the same prompts, with the same hyperparameters and the same number of updates, this times
 
 - ``plain``: the algorithm of Meng et al. 2022 (ROME, section 3.1 and appendix; kmeng01/rome's
@@ -15,7 +15,7 @@ the same prompts, with the same hyperparameters and the same number of updates, 
 
 interleaved (plain, kgshatter, kgshatter without the skip, then again) so machine noise hits
 all alike, and checks the three deltas agree; then the sampling of a text task's context
-prefixes (:func:`kgshatter.text.sample_text`) with and without the KV cache. This is a
+prefixes (:func:`kgshatter.pretrained.text.sample_text`) with and without the KV cache. This is a
 benchmark, not a test: it returns numbers (``kgshatter edit-benchmark --rome-reference``
 prints them and writes JSON).
 """
@@ -112,8 +112,8 @@ def rome_reference_benchmark(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from kgshatter.editing.targets import optimize_targets
-    from kgshatter.pretrained import _tiny_tokenizer, load_pretrained
-    from kgshatter.text import sample_text
+    from kgshatter.pretrained.loading import _tiny_tokenizer, load_pretrained
+    from kgshatter.pretrained.text import sample_text
 
     fields: dict[str, Any] = dict(SMALL_GPT2 if shape is None else shape)
     config = GPT2Config(**fields)

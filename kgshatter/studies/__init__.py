@@ -1,0 +1,11 @@
+"""The paper's studies, built on the library below them (graph, models, training, editing).
+
+- :mod:`~kgshatter.studies.sweep` (with its executors :mod:`~kgshatter.studies.distributed` and
+  the crash-safe row log :mod:`~kgshatter.studies.rowlog`): edits at every distance and method,
+  accuracy and R(D*) per edit, summaries;
+- :mod:`~kgshatter.studies.reproduction` and :mod:`~kgshatter.studies.report`: ``kgshatter
+  reproduce`` end to end (train or reuse a shipped run, :mod:`~kgshatter.studies.shipped`; sweep;
+  figures and ``report.md``);
+- :mod:`~kgshatter.studies.fidelity`: the fidelity study (variants against the paper's targets);
+- :mod:`~kgshatter.studies.months`: the naturalistic replication on a pretrained model.
+"""
