@@ -43,7 +43,7 @@ def default_threads() -> int:
 
     torch's default (every core) collapses as soon as another process wants a core: on 2 cores
     a training step of the ``cpu`` preset ran 3.5x slower at 2 threads beside one busy process
-    and 1.3x faster alone (README, "Threads").
+    and 1.3x faster alone (docs/speed.md, "Threads").
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -1009,7 +1009,7 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=_positive,
         default=None,
-        help="torch CPU threads (default: half the cores, at least 1; README, 'Threads')",
+        help="torch CPU threads (default: half the cores, at least 1; docs/speed.md, 'Threads')",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -39,7 +39,7 @@ class ModelConfig(ConfigDict):
     ``blocks.0.attn.hook_pattern``. The subject's information then reaches the relation token
     only through a later attention layer, after the first MLP has processed it at the subject
     token: the routing the paper's subject-token edits assume. The standard model copies the
-    subject's embedding in layer 0 instead (README, "Representation shattering").
+    subject's embedding in layer 0 instead (docs/shattering.md).
 
     ``tied_embeddings=True`` makes the unembedding the transpose of the token embedding, one
     parameter (nanoGPT's default, so presumably the paper's; the ``cpu`` model is untied).
@@ -150,7 +150,7 @@ def use_native_layernorm(model: TransformerBridge, enabled: bool = True) -> Any:
     rounding) and a hook that edits them still takes effect; without hooks, the normalisation is
     one fused kernel and the statistics are computed without a graph. Training steps of the
     small models are otherwise spent largely in the Python LayerNorm's dozen elementwise ops
-    (README, "Speed"). ``enabled=False`` restores the Python LayerNorm (the benchmark's
+    (docs/speed.md). ``enabled=False`` restores the Python LayerNorm (the benchmark's
     baseline).
     """
     from kgshatter.tl_compat import NormalizationBridge
@@ -169,7 +169,7 @@ def use_lean_attention(model: TransformerBridge, enabled: bool = True) -> Any:
     The native attention allocates four ``[batch, heads, query, key]`` tensors per call (scaled
     scores, masked scores, pattern, masked pattern); in the narrow models of the study (12
     heads of 2 dimensions) those dominate the forward pass: the evaluations of the editing
-    sweep spend most of their time there (README, "Speed"). Set as the attention's class
+    sweep spend most of their time there (docs/speed.md). Set as the attention's class
     (:class:`LeanAttention`, a subclass), so copies and pickles keep it; ``enabled=False``
     restores TransformerLens's class (the benchmark's baseline). Padding masks, rotary
     positions, grouped keys, soft-capped scores and non-causal attention run TransformerLens's
@@ -194,7 +194,7 @@ def use_lean_normalization(model: TransformerBridge, enabled: bool = True) -> An
     no hook there, :class:`LeanNormalization` returns that result without the six passes: the
     same bytes (outputs and gradients); 0.73 ms against 2.09 ms per call on ``[1024, 16, 64]``
     without gradients (2 cores). In an edit sweep of the ``cpu`` model the six passes were
-    about 8% of the time (README, "Speed"). Set as the class of
+    about 8% of the time (docs/speed.md). Set as the class of
     each exact ``NormalizationBridge`` (copies and pickles keep it); ``enabled=False`` restores
     TransformerLens's class."""
     from kgshatter.tl_compat import NormalizationBridge

@@ -38,7 +38,7 @@ class TrainConfig(ConfigDict):
     ``precision="bfloat16"`` runs the forward and backward passes under ``torch.autocast``
     (matrix products in bfloat16; weights, optimiser state and the loss stay float32): 2.2x
     the steps per second of a d_model-256 model on a CPU with AVX-512 BF16, 1.2x at d_model 64,
-    none at d_model 24, whose time is not in matrix products (README, "Speed").
+    none at d_model 24, whose time is not in matrix products (docs/speed.md).
     """
 
     steps: int = 150_000
@@ -171,9 +171,9 @@ PRESETS: dict[str, RunConfig] = {
         ),
         eval=EvalConfig(max_queries=4000),
     ),
-    # Recipe and evidence: README "Learning the rings on a CPU". Weight decay 1.0 is the lever
-    # that turns memorisation into generalisation (grokking); half of the walk steps written as
-    # two-hop compositions lifts compositional inference from 0.27 to 0.49 at 1000 steps.
+    # Recipe and evidence: docs/fidelity.md, "Learning the rings on a CPU". Weight decay 1.0 is
+    # the lever that turns memorisation into generalisation (grokking); half of the walk steps
+    # written as two-hop compositions lifts compositional inference from 0.27 to 0.49 at 1000 steps.
     "cpu": RunConfig(
         name="cpu",
         kg=KGConfig(n_entities=128, n_orders=3, max_hops=4),
@@ -215,7 +215,7 @@ PRESETS: dict[str, RunConfig] = {
 }
 
 
-# An experiment (README, "Representation shattering"): the cpu recipe with the first block's
+# An experiment (docs/shattering.md): the cpu recipe with the first block's
 # attention restricted to each token itself, so the subject is processed at its own position
 # and edits at the subject token (the paper's) can change answers. Same accuracy (100 / 100 /
 # 99.9 at 10k steps); ROME at the subject token then damages every order alike.
@@ -225,7 +225,7 @@ PRESETS["cpu-subject"] = PRESETS["cpu"].replace(
 )
 
 
-# The fidelity study's best model (README, "The fidelity study"): the paper's reported width
+# The fidelity study's best model (docs/fidelity.md): the paper's reported width
 # (d_model 24, 12 heads of 2) with nanoGPT's tied embeddings, the subject processed at its own
 # token (first block attends to itself, as cpu-subject), 20k steps. Its answers live on the
 # rings (logit margins grow with the distance along the ring), so subject-token edits damage
@@ -241,7 +241,7 @@ PRESETS["compressed"] = PRESETS["cpu-subject"].replace(
 )
 
 
-# Other geometries (README, "Other geometries"): the cpu recipe for 6000 steps on an 8 x 8 torus
+# Other geometries (docs/geometries.md): the cpu recipe for 6000 steps on an 8 x 8 torus
 # per order (relations 1-2 steps east / west / south / north), on an 8 x 8 grid (the lattice
 # without wrapping) and on a mixed graph (I and III rings of 64, II a torus), each trained on 2
 # CPU cores in minutes.

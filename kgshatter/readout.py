@@ -8,7 +8,7 @@ query, attention output or MLP. Inside :func:`last_columns`, the last block of a
 TransformerLens-native bridge (the models kgshatter trains) computes its keys and values at
 every position and everything else at the last ``n`` only, so its output, the final norm and
 the unembedding hold ``n`` positions. In a two-block model of the study that is most of the
-second block's work per query (README, "Speed").
+second block's work per query (docs/speed.md).
 
 The logits and activations read are those of the full pass up to float rounding (the same
 matrix products over fewer rows). Every hook in the last block sees ``n`` positions where it

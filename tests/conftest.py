@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny preset, its graph, and one tiny model trained once per session."""
+"""Shared fixtures (the tiny preset, its graph, one tiny model trained once per session) and
+the test tiers (docs/testing.md): every collected test is marked ``unit`` or ``integration``
+unless it is already ``slow``, ``pretrained`` or ``gpu``."""
 
 from __future__ import annotations
 
@@ -7,6 +9,27 @@ import torch
 
 from kgshatter.kg import KnowledgeGraph, WalkSampler
 from kgshatter.presets import get_preset
+
+# fixtures that train (or hold) a model: a test that requests one is an integration test
+TRAINED_FIXTURES = {"trained_tiny", "tiny_run_dir"}
+# modules whose tests train, run the command line, notebooks or a wheel build, or build
+# pretrained-format checkpoints themselves
+INTEGRATION_MODULES = {
+    "test_acceptance.py", "test_bundled.py", "test_cli.py", "test_distributed.py",
+    "test_errors.py", "test_fidelity.py", "test_multidevice.py", "test_multitoken.py",
+    "test_packaging.py", "test_pretrained.py", "test_readme.py", "test_train.py",
+    "test_tutorials.py",
+}  # fmt: skip
+OWN_TIERS = {"slow", "pretrained", "gpu"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if OWN_TIERS & set(item.keywords):
+            continue
+        trains = TRAINED_FIXTURES & set(getattr(item, "fixturenames", ()))
+        integration = trains or item.path.name in INTEGRATION_MODULES
+        item.add_marker("integration" if integration else "unit")
 
 
 @pytest.fixture(scope="session", autouse=True)

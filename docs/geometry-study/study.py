@@ -1,4 +1,4 @@
-"""The geometry study's tables and figures from its reproductions (README, "Other geometries").
+"""The geometry study's tables and figures from its reproductions (docs/geometries.md).
 
 The cpu regime (presets of 64 entities, the cpu recipe for 6000 steps):
 

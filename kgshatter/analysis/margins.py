@@ -5,7 +5,7 @@ logit gap ``logit(y) - logit(y')`` over the two entities y' that lie d steps fro
 A model whose answers live on the ring (neighbours of the answer score almost as high as the
 answer) has small gaps at d = 1 that grow with d; a lookup table scores every wrong entity
 alike. The gap is what a counterfactual edit at distance d has to overcome, so only a model
-whose margins grow with d can need edits that grow with d (README, "The fidelity study":
+whose margins grow with d can need edits that grow with d (docs/fidelity.md:
 the tied d_model-24 model's gaps are 2.2 / 6.3 / 9.2 / 10.3 at d = 1..4, the untied ``cpu``
 recipe's about 11 at every d).
 """

@@ -1,6 +1,6 @@
 """The shared editing core: configs' common fields, the task (prompts + statistics), keys.
 
-Every method is a small solve step over these pieces (README, "Editing"):
+Every method is a small solve step over these pieces (docs/editing.md):
 
 - :class:`TargetConfig`: the fields every optimisation-based editor shares;
 - :class:`Prompts`: right-padded prompt tokens with, per row, the subject's last token and the
@@ -150,7 +150,7 @@ class TargetConfig(ConfigDict):
 
     ``reference=True`` follows the reference implementations step for step (kmeng01/rome's
     ``compute_v``, kmeng01/memit's ``compute_z`` and ``compute_ks``), where kgshatter's defaults
-    depart from them (README, "Editing: reference mode"): the prompts are the bare one plus
+    depart from them (docs/editing.md, "Reference mode"): the prompts are the bare one plus
     ``n_prompts - 1`` prefixed ones and one bare essence prompt (``task.reference_prompts``);
     ``h0`` is the bare prompt's activation; the KL is read at the essence prompt's subject; the
     optimisation stops on the total loss and makes ``steps - 1`` updates. The presets named after

@@ -1,6 +1,6 @@
 """Second-moment statistics ``C = E[k k^T]`` of MLP keys, with an on-disk cache.
 
-Computing C is the slowest step users meet (README, "Editing"); it is done once per
+Computing C is the slowest step users meet (docs/editing.md); it is done once per
 (model, layer, hook, corpus, sample count, dtype) and cached. One eigendecomposition serves every
 method: ROME's ``C^-1 k``, MEMIT's ``lambda C`` and AlphaEdit's null-space projector.
 """

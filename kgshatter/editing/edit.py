@@ -3,7 +3,7 @@
 An edit never changes a model by itself. ``kgshatter.hooks.edited(model, edit)`` applies it as
 hooks for the duration of a ``with`` block; ``edit.apply_to_weights(model)`` writes it into the
 weights and returns a handle whose ``restore()`` puts the exact original bytes back
-(README, "Editing").
+(docs/editing.md).
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class _PatchedWeight:
 class WeightPatch:
     """An edit written into the weights; ``restore()`` (or leaving ``with``) undoes it exactly.
 
-    Patches may be restored in any order (README, "Editing"). A restore that finds the matrix
+    Patches may be restored in any order (docs/editing.md). A restore that finds the matrix
     changed by something else since the patches were written (an optimiser step, a manual
     write) is refused with an error instead of overwriting that change.
     """

@@ -65,13 +65,13 @@ class ROMEConfig(TargetConfig):
 
 ROME_PRESETS = {
     # The synthetic study edits the first block's W_out (the paper's editing protocol); 40 steps and
-    # the relation position are measured choices for the cpu model (README, "Editing").
+    # the relation position are measured choices for the cpu model (docs/editing.md).
     "synthetic": ROMEConfig(),
     # for models whose subject token carries the subject (the cpu-subject preset): measured on
     # that model, 100 steps and clamp 0.5 give efficacy 0.88-1.0 (clamp 4: 0.0-0.25 and -86 to
     # -94 points of collateral damage)
     "synthetic-subject": ROMEConfig(position="subject", steps=100, clamp_norm_factor=0.5),
-    # the fidelity study (README, "The fidelity study"): the optimisation in units of ||h0||
+    # the fidelity study (docs/fidelity.md): the optimisation in units of ||h0||
     # (relative=True), so the size of an edit is free to follow what the edit needs; measured
     # on the d_model-24 tied model: 100% efficacy at d = 1..4 (the reference form: 0-25%)
     "synthetic-relative": ROMEConfig(relative=True, lr=0.05, steps=200),

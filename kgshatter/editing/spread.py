@@ -5,7 +5,7 @@ in ascending order: keys K at layer l (averaged over each request's prompts), th
 R = target - current value at L with the lower layers' updates already in place, spread over the
 remaining layers, and a least-squares solve for the layer's update ``dW_l = A_l R_l`` (rank <=
 number of requests). They differ only in where the target lives and in the solve
-(README, "Editing"):
+(docs/editing.md):
 
 - MEMIT (Meng et al. 2023): target on ``hook_resid_post`` of L; spread R / (layers left);
   ``A = (lambda C + K K^T)^-1 K``.
@@ -133,7 +133,7 @@ _SUBJECT: dict[str, Any] = {
     "clamp_norm_factor": 0.5,
     "layers": (0,),
 }
-# the fidelity study's editors (README, "The fidelity study"): the target optimisation in
+# the fidelity study's editors (docs/fidelity.md): the target optimisation in
 # units of ||h0|| like ROME's synthetic-relative presets
 _RELATIVE: dict[str, Any] = {"relative": True, "lr": 0.05, "steps": 200}
 # the tiny random checkpoints of kgshatter.pretrained.loading.tiny_checkpoint (tests, tutorials):

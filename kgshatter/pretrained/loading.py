@@ -5,7 +5,7 @@ Mamba 2.8B. :func:`load_pretrained` takes a hub name (online, or already in the 
 Face cache) or a local ``save_pretrained`` directory (offline) and returns a
 ``TransformerBridge`` over the Hugging Face model with **raw weights**: no folding or centring,
 because the reference ROME/MEMIT hyperparameters assume the original weight space
-(README, "Pretrained models"). Memory is estimated from the config (on the meta device) before
+(docs/pretrained.md). Memory is estimated from the config (on the meta device) before
 any weight is read, and a load that would not fit is refused.
 
 :func:`tiny_checkpoint` writes a small random checkpoint of each family, with a tokenizer built
@@ -202,7 +202,7 @@ def load_pretrained(
     with Hugging Face accelerate (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict from
     module names to ``"cpu"``, ``"disk"``, ``"cuda:N"`` or a GPU index; ``"disk"`` needs
     ``offload_folder``); hooks and edits as hooks work on the split model, weight patches are
-    refused on offloaded matrices (README, "Pretrained models"). With ``check_memory`` the
+    refused on offloaded matrices (docs/pretrained.md). With ``check_memory`` the
     load is refused before any weight is read when the estimate exceeds the free memory of the
     device (or, for a map without disk offload, of all the map's devices together). Nothing
     stays half-loaded: on any failure the partial model is released before the error

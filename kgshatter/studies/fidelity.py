@@ -35,7 +35,7 @@ from kgshatter.presets import RunConfig, apply_overrides
 
 log = logging.getLogger(__name__)
 
-# the thresholds (README, "The fidelity study")
+# the thresholds (docs/fidelity.md)
 MIN_BASELINE = {"direct": 0.95, "logical": 0.90, "compositional": 0.60}
 MIN_EFFICACY = 0.9  # ours: the targets presume edits that succeed
 MIN_FAR_DROP = 20.0  # points of direct accuracy lost at the farthest distance

@@ -289,7 +289,7 @@ def write_report(
     if "rome" in s["methods"]:
         from kgshatter.studies.fidelity import fidelity_checks
 
-        lines += ["", '## The fidelity targets (README, "The fidelity study")', ""]
+        lines += ["", "## The fidelity targets (docs/fidelity.md)", ""]
         for check in fidelity_checks(s):
             verdict = {True: "met", False: "**not met**", None: "not measurable"}[check.holds]
             lines.append(f"- {check.claim}: {verdict} ({check.evidence}).")

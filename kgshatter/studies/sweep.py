@@ -145,7 +145,7 @@ def default_edit_batch(model: TransformerBridge) -> int:
     forward-pass shortcuts (``kgshatter edit-benchmark RUN --sweep``, ROME, 48 edits): the
     ``compressed`` model (d_model 24) sweeps 2.3-2.5x faster in groups of 12, the ``cpu``
     model (d_model 64) 1.23-1.34x; on ``cpu`` in groups of 6, MEMIT 1.04x, AlphaEdit 1.20x,
-    PMET 1.07x, constrained fine-tuning 0.97x (README, "Speed"). Wider models are unmeasured.
+    PMET 1.07x, constrained fine-tuning 0.97x (docs/speed.md). Wider models are unmeasured.
     """
     return 12 if model.cfg.d_model <= 64 else 1
 
@@ -413,7 +413,7 @@ class SweepContext:
         return out_m
 
     def measure_edit(self, edit: Any) -> dict[str, float]:
-        """What the compression hypothesis predicts (README, "The fidelity study"): how far the
+        """What the compression hypothesis predicts (docs/fidelity.md): how far the
         edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||)
         and how much of that lands on every other entity whose key overlaps (``spill``)."""
         delta, req = edit.deltas[0], edit.requests[0]
