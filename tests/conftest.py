@@ -20,7 +20,7 @@ INTEGRATION_MODULES = {
     "test_packaging.py", "test_pretrained.py", "test_readme.py", "test_train.py",
     "test_tutorials.py",
 }  # fmt: skip
-OWN_TIERS = {"slow", "pretrained", "gpu"}
+OWN_TIERS = {"slow", "pretrained", "packaged_weights", "gpu"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

