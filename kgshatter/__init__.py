@@ -88,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "TextTask": "kgshatter.pretrained.text",
     "city_country_task": "kgshatter.pretrained.facts",
     "cyclic_task": "kgshatter.pretrained.facts",
+    "export_lora": "kgshatter.pretrained.export",
+    "export_merged": "kgshatter.pretrained.export",
     "MonthsConfig": "kgshatter.studies.months",
     "run_months": "kgshatter.studies.months",
 }
@@ -153,6 +155,7 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
         apply_overrides,
         get_preset,
     )
+    from kgshatter.pretrained.export import export_lora, export_merged
     from kgshatter.pretrained.facts import city_country_task, cyclic_task
     from kgshatter.pretrained.loading import (
         TINY_TEXT,

@@ -511,3 +511,53 @@ def test_run_protocol_serves_text_tasks(loaded, monkeypatch, tmp_path):
     assert summary["per_distance"]["2"]["n"] == 1 and summary["per_distance"]["2"]["skipped"] == 1
     again = run_months(pm, config, tmp_path / "m", corpus=corpus(), progress=False)
     assert again["per_distance"] == summary["per_distance"]  # nothing recomputed on a rerun
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edits_export_as_merged_weights_and_a_peft_lora_adapter(loaded, family, tmp_path):
+    """Both exports, loaded in plain transformers / PEFT, give the bridge's edited logits; two
+    edits of one matrix make one adapter of summed rank; a dense (FT-L) delta has no LoRA."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kgshatter.pretrained.export import export_lora, export_merged
+
+    pm = loaded[family]
+    task = cyclic_task("months", pm.tokenizer)
+    text_task = TextTask(pm.model, pm.tokenizer, corpus(), seq_len=32)
+    requests = task.counterfactuals(2, seed=1, distance=3)
+    rome = get_method("rome")
+    edits = [
+        rome.compute(pm.model, text_task, r, rome.config("tiny-pretrained"), model_id=pm.model_id)
+        for r in requests
+    ]
+    tokens = text_task.bare_prompt(requests[0]).tokens
+    with torch.no_grad(), edited(pm.model, *edits):
+        want = pm.model(tokens)
+    extra = {} if family == "mamba" else {"attn_implementation": "eager"}
+
+    merged = export_merged(pm, edits, tmp_path / "merged")
+    hf = AutoModelForCausalLM.from_pretrained(merged, **extra).eval()
+    base = AutoModelForCausalLM.from_pretrained(pm.source, **extra).eval()
+    with torch.no_grad():
+        assert (hf(tokens).logits - want).abs().max() < 1e-4
+        assert (base(tokens).logits - want).abs().max() > 1e-3  # the edit changed something
+
+    if family == "mamba":
+        with pytest.raises(ValueError, match="PEFT refuses LoRA on Mamba"):
+            export_lora(pm, edits, tmp_path / "lora")
+        return
+    adapter = export_lora(pm, edits, tmp_path / "lora")
+    record = json.loads((adapter / "adapter_config.json").read_text())
+    assert record["r"] == 2 and record["lora_alpha"] == 2  # two rank-1 edits of one matrix
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        assert (peft_model(tokens).logits - want).abs().max() < 1e-4
+
+    ft = get_method("ft")
+    dense = ft.compute(pm.model, text_task, requests[0], ft.config("tiny-pretrained"))
+    with pytest.raises(ValueError, match="dense, not low-rank"):
+        export_lora(pm, dense, tmp_path / "ft")
+    with pytest.raises(ValueError, match="exists"):
+        export_merged(pm, edits, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "merged"]  # nothing half-written
