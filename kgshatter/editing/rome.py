@@ -76,6 +76,10 @@ ROME_PRESETS = {
     # on the d_model-24 tied model: 100% efficacy at d = 1..4 (the reference form: 0-25%)
     "synthetic-relative": ROMEConfig(relative=True, lr=0.05, steps=200),
     "synthetic-subject-relative": ROMEConfig(position="subject", relative=True, lr=0.05, steps=200),
+    # the paper's "layer 1" read 0-indexed (as ROME's configs count): the second block of a
+    # 2-block model. On the 2,048-entity d_model-24 model its edits grow with d where block 0's
+    # are one size at every d (docs/fidelity.md, "At the paper's scale")
+    "synthetic-relative-block1": ROMEConfig(relative=True, lr=0.05, steps=200, layer=1),
     # kmeng01/rome hparams/ROME/gpt2-xl.json: layer 17, 20 steps, lr 0.5, wd 0.5, clamp 4,
     # KL 0.0625, 1 + 10 + 10 context templates, second moment on.
     "gpt2-xl": (
