@@ -366,13 +366,8 @@ class SweepContext:
                              f"site among {[str(s) for s in live]}")  # fmt: skip
         if not live:
             raise ValueError("the model's entity representations coincide at every site")
-        # a site the edits cannot reach (the key of the lowest edited W_out, or below it)
-        # shows R = 0 whatever the edit did: "auto" never picks one
-        reachable = [
-            s
-            for s in live
-            if not (s.component == "mlp_post" and s.layer is not None and s.layer <= lowest)
-        ]
+        # a site the edits cannot reach shows R = 0 whatever the edit did: "auto" never picks one
+        reachable = reachable_sites(live, lowest)
         self.site = chosen or best_ring_site(base, graph, reachable or live)
         self.baseline_rings = {
             name: {
@@ -491,6 +486,29 @@ class SweepContext:
             )
             rows.append(_flatten(record, job, index=i, step=0 if unit["group"] else i))
         return rows
+
+
+def reachable_sites(sites: list[Site], lowest: int) -> list[Site]:
+    """The sites an edit of block ``lowest``'s ``W_out`` (or of later blocks) can change: not
+    the MLP keys up to that block (``W_out`` reads them), nor the residual streams of earlier
+    blocks.
+
+    >>> [str(s) for s in reachable_sites(
+    ...     [Site(0, "mlp_post"), Site(0, "resid_post"), Site(1, "mlp_post"),
+    ...      Site(1, "resid_post")], lowest=1)]
+    ['1.resid_post']
+    >>> [str(s) for s in reachable_sites([Site(0, "mlp_post"), Site(0, "resid_post")], 0)]
+    ['0.resid_post']
+    """
+    return [
+        s
+        for s in sites
+        if s.layer is None
+        or not (
+            (s.component == "mlp_post" and s.layer <= lowest)
+            or (s.component == "resid_post" and s.layer < lowest)
+        )
+    ]
 
 
 def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites: list[Site]):
