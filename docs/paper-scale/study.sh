@@ -9,7 +9,7 @@ set -euo pipefail
 RUN=$1; OUT=$2; THREADS=${3:-1}
 SHAPE=(--set kg.n_entities=2048 --set model.d_model=24 --set model.n_heads=12 --set model.d_mlp=96)
 SETS=("${SHAPE[@]}" ${EXTRA_SETS:-})
-sweep() {  # name method editor-preset
+sweep() {  # name methods editor-preset (a sweep whose OUT/<name> is complete is reused)
   local name=$1 method=$2 preset=$3
   mkdir -p "$OUT/$name"
   [ -d "$OUT/$name/run" ] || cp -r "$RUN" "$OUT/$name/run"
@@ -19,3 +19,4 @@ sweep() {  # name method editor-preset
 sweep memit-relative memit synthetic-relative
 sweep rome-block1-relative rome synthetic-relative-block1
 sweep rome-block0-relative rome synthetic-relative
+sweep alphaedit-pmet-relative alphaedit,pmet synthetic-relative
