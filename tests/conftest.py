@@ -4,6 +4,13 @@ unless it is already ``slow``, ``pretrained`` or ``gpu``."""
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("KGSHATTER_TYPECHECK") == "1":  # jaxtyping shapes checked at run time
+    from jaxtyping import install_import_hook
+
+    install_import_hook("kgshatter", "beartype.beartype")
+
 import pytest
 import torch
 

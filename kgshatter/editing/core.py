@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -251,6 +251,7 @@ def check_layers(name: str, layers: Sequence[int]) -> None:
         raise ValueError(f"{name} must be strictly ascending without repeats, got {layers}")
 
 
+@runtime_checkable
 class EditTask(Protocol):
     """What every editing method reads from a task: its prompts, target token and key
     statistics. :class:`SyntheticTask` (a trained graph) and

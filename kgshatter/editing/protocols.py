@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -140,6 +140,7 @@ class Collateral:
     accuracy_change: Accuracy
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """What :func:`run_protocol` asks of a scorer: :class:`EditScorer` for a trained graph,
     :class:`kgshatter.pretrained.facts.FactScorer` for facts of a pretrained model. Every measure
