@@ -34,24 +34,28 @@ for path in sys.argv[1:]:
     import statistics
     from pathlib import Path
 
-    rows = [
+    table = [
         r
         for r in csv.DictReader(open(Path(path).with_name("table.csv")))
         if r["protocol"] == "single" and r.get("efficacy") and not r.get("skipped")
     ]
-    sites = sorted({k.split("@")[1] for k in rows[0] if k.startswith("R.I@")})
-    for site in sites:
-        by_d: dict[str, list[dict[str, str]]] = {}
-        for r in rows:
-            by_d.setdefault(r["kind"][:4] + r["sweep_distance"], []).append(r)
-        line = []
-        for label, rs in sorted(by_d.items()):
-            mean = {
-                o: 100 * statistics.mean(float(r[f"R.{o}@{site}"]) for r in rs)
-                for o in ("I", "II", "III")
-            }
-            line.append(f"{label} {mean['I']:.1f}/{mean['II']:.1f}/{mean['III']:.1f}")
-        x = [statistics.mean(float(r[f"R.{o}@{site}"]) for o in ("I", "II", "III")) for r in rows]
-        y = [-100 * float(r["acc.direct.all"]) for r in rows]
-        r2 = statistics.correlation(x, y) ** 2 if len(set(x)) > 1 else float("nan")
-        print(f"   R x100 I/II/III at {site}: " + "; ".join(line) + f"; r^2 {r2:.2f}")
+    sites = sorted({k.split("@")[1] for k in table[0] if k.startswith("R.I@")})
+    for method in sorted({r["method"] for r in table}):
+        rows = [r for r in table if r["method"] == method]
+        for site in sites:
+            by_d: dict[str, list[dict[str, str]]] = {}
+            for r in rows:
+                by_d.setdefault(r["kind"][:4] + r["sweep_distance"], []).append(r)
+            line = []
+            for label, rs in sorted(by_d.items()):
+                mean = {
+                    o: 100 * statistics.mean(float(r[f"R.{o}@{site}"]) for r in rs)
+                    for o in ("I", "II", "III")
+                }
+                line.append(f"{label} {mean['I']:.1f}/{mean['II']:.1f}/{mean['III']:.1f}")
+            x = [
+                statistics.mean(float(r[f"R.{o}@{site}"]) for o in ("I", "II", "III")) for r in rows
+            ]
+            y = [-100 * float(r["acc.direct.all"]) for r in rows]
+            r2 = statistics.correlation(x, y) ** 2 if len(set(x)) > 1 else float("nan")
+            print(f"   {method} R x100 I/II/III at {site}: " + "; ".join(line) + f"; r^2 {r2:.2f}")
