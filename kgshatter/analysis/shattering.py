@@ -73,7 +73,9 @@ class LineFit:
     n: int
 
 
-def fit_line(x: Sequence[float], y: Sequence[float]) -> LineFit:
+def fit_line(
+    x: Sequence[float | int] | np.ndarray, y: Sequence[float | int] | np.ndarray
+) -> LineFit:
     """Ordinary least squares of ``y`` on ``x``; ``r2`` = 1 - SS_res / SS_tot.
 
     >>> f = fit_line([0, 1, 2, 3], [1, 3, 5, 7])

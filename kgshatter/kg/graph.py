@@ -39,6 +39,9 @@ from kgshatter.kg.tree import tree_ancestor, tree_depth, tree_distances
 GRAPH_FORMAT = "kgshatter.graph/1"
 ROLES = ("edit", "retain", "test")
 
+# a relation or entity as a name ("I_C1", "e0042") or an index (Python or numpy integer)
+NameOrIndex = str | int | np.integer
+
 _ROMAN = [(10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
 
 
@@ -246,7 +249,7 @@ class KnowledgeGraph:
         self._check_order(order)
         return ROLES[order] if order < len(ROLES) else "extra"
 
-    def relation(self, name_or_index: str | int) -> Relation:
+    def relation(self, name_or_index: NameOrIndex) -> Relation:
         if isinstance(name_or_index, str):
             try:
                 return self._by_name[name_or_index]
@@ -266,7 +269,7 @@ class KnowledgeGraph:
         width = len(str(self.n_entities - 1))
         return f"e{entity:0{width}d}"
 
-    def entity(self, name_or_index: str | int) -> int:
+    def entity(self, name_or_index: NameOrIndex) -> int:
         """Entity index from a name such as ``e0042`` or from an index."""
         if isinstance(name_or_index, str):
             body = name_or_index[1:] if name_or_index.startswith("e") else ""
@@ -280,23 +283,23 @@ class KnowledgeGraph:
         return int(name_or_index)
 
     # ------------------------------------------------------------------ algebra
-    def apply(self, relation: str | int, entity: str | int) -> int:
+    def apply(self, relation: NameOrIndex, entity: NameOrIndex) -> int:
         """``r(x)``: the entity the fact ``(x, r, ?)`` points to."""
         return int(self.table[self.relation(relation).index, self.entity(entity)])
 
-    def inverse(self, relation: str | int) -> Relation:
+    def inverse(self, relation: NameOrIndex) -> Relation:
         """The inverse relation: ``I_C2`` <-> ``I_A2`` (``E`` <-> ``W``, ``S`` <-> ``N``)."""
         r = self.relation(relation)
         return self.relation(
             relation_name(r.order, -r.direction, r.hops, r.axis, self.shape(r.order))
         )
 
-    def compose(self, first: str | int, second: str | int) -> np.ndarray:
+    def compose(self, first: NameOrIndex, second: NameOrIndex) -> np.ndarray:
         """Table of ``second(first(x))`` for every x, shape [N]."""
         a, b = self.relation(first), self.relation(second)
         return self.table[b.index, self.table[a.index]]
 
-    def closed_form(self, first: str | int, second: str | int) -> Relation | None:
+    def closed_form(self, first: NameOrIndex, second: NameOrIndex) -> Relation | None:
         """The single relation equal to ``first`` then ``second``, if one exists.
 
         Within one order ``C_i`` then ``C_j`` is ``C_(i+j)`` (while ``i + j <= max_hops``);
@@ -363,7 +366,7 @@ class KnowledgeGraph:
         multi = self.table[self.inverse_index[r], safe] == x
         return inside & (self.table[r, x] >= 0) & np.where(self.multi_valued[r], multi, single)
 
-    def answers(self, relation: str | int, entity: str | int) -> np.ndarray:
+    def answers(self, relation: NameOrIndex, entity: NameOrIndex) -> np.ndarray:
         """Every right answer of ``(entity, relation)``, sorted (empty where none exists)."""
         r, x = self.relation(relation), self.entity(entity)
         if not self.multi_valued[r.index]:
@@ -371,7 +374,7 @@ class KnowledgeGraph:
             return np.array([y] if y >= 0 else [], dtype=np.int64)
         return np.flatnonzero(self.table[self.inverse_index[r.index]] == x)
 
-    def edit_distance(self, relation: str | int, y: str | int, y_new: str | int) -> int:
+    def edit_distance(self, relation: NameOrIndex, y: NameOrIndex, y_new: NameOrIndex) -> int:
         """How far apart two answers lie in the structure of ``relation``'s order (paper's d:
         the cyclic distance on a ring; on a torus the wrapped Manhattan distance, on a grid the
         Manhattan distance)."""
