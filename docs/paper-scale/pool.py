@@ -1,6 +1,6 @@
 """Per-distance means and the r^2 of the direct drop on R over several sweeps' single edits.
 
-    python docs/paper-scale/pool.py SITE SWEEP_DIR [SWEEP_DIR ...]
+python docs/paper-scale/pool.py SITE SWEEP_DIR [SWEEP_DIR ...]
 """
 
 import csv
