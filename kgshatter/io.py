@@ -23,6 +23,41 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     return path
 
 
+def write_dir_atomic(
+    path: str | os.PathLike[str], fill: Callable[[Path], object], replace: bool = False
+) -> Path:
+    """Call ``fill(tmp_dir)`` on a new empty folder beside ``path`` and rename it onto ``path``
+    only once complete, so ``path`` never holds a partial folder. ``replace``: an existing
+    ``path`` is removed just before the rename (else it is left to the caller to refuse). The
+    temporary is named ``.tmp-NAME-PID``: removed on failure here, and after a kill by
+    :func:`remove_stale_temporaries`."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if replace and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -32,9 +32,12 @@ import torch.nn.functional as F
 from kgshatter.evaluate import Evaluator
 from kgshatter.io import (
     check_finite,
+    file_sha256,
     load_torch_file,
     read_json,
     remove_stale_temporaries,
+    write_atomic,
+    write_dir_atomic,
     write_json_atomic,
 )
 from kgshatter.kg.graph import KnowledgeGraph
@@ -135,8 +138,6 @@ class WarmStart:
     @classmethod
     def resolve(cls, path: str | os.PathLike[str]) -> WarmStart:
         """A run directory (its newest checkpoint), a checkpoint folder or a safetensors file."""
-        import hashlib
-
         p = Path(path)
         graph_fp: str | None = None
         step: int | None = None
@@ -164,8 +165,7 @@ class WarmStart:
                 f"--init-from {p}: no such file or directory (give a run directory, a checkpoint "
                 f"folder or a .safetensors file)"
             )
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        return cls(p, digest, str(path), step, graph_fp)
+        return cls(p, file_sha256(p), str(path), step, graph_fp)
 
     def record(self) -> dict[str, Any]:
         return {"source": self.source, "source_step": self.source_step, "sha256": self.sha256}
@@ -197,8 +197,8 @@ def _check_init(out_dir: Path, existing: dict[str, Any], init: WarmStart | None)
             raise ValueError(
                 f"{copy} is missing; pass --init-from {recorded.get('source')} to restore it"
             )
-        shutil.copyfile(init.weights, copy.with_suffix(".tmp"))
-        os.replace(copy.with_suffix(".tmp"), copy)
+        weights = init.weights
+        write_atomic(copy, lambda tmp: shutil.copyfile(weights, tmp))
     return copy
 
 
@@ -215,19 +215,19 @@ def checkpoints(out_dir: str | os.PathLike[str], warn: bool = False) -> list[Pat
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
+    found: list[tuple[int, Path]] = []
     for p in root.iterdir():
         if not p.is_dir() or not p.name.startswith(CHECKPOINT_PREFIX):
             continue
-        digits = p.name[len(CHECKPOINT_PREFIX) :]
+        step = _step_of(p)
         missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
-        if not digits.isdigit() or missing:
+        if step is None or missing:
             if warn:
-                why = "not a step_<number> folder" if not digits.isdigit() else f"missing {missing}"
+                why = "not a step_<number> folder" if step is None else f"missing {missing}"
                 log.warning("ignoring %s: %s", p, why)
             continue
-        found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+        found.append((step, p))
+    return [p for _, p in sorted(found)]
 
 
 def _prepare_out_dir(
@@ -296,15 +296,13 @@ def save_checkpoint(
     root = out_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    write_json_atomic(tmp / "state.json", state)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        save_weights(model, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json_atomic(tmp / "state.json", state)
+
+    write_dir_atomic(final, fill, replace=True)
     complete = checkpoints(out_dir)
     # older folders missing a file (a prune killed mid-delete by an earlier version) go too
     broken = [

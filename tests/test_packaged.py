@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kgshatter.pretrained.packaged as packaged
+from kgshatter.io import file_sha256
 from kgshatter.pretrained.loading import load_pretrained
 
 
@@ -47,7 +48,7 @@ def test_gguf_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
 
     def convert(gguf, out, fail=False):
         calls.append(gguf)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # save_pretrained writes into a given folder
         (out / "config.json").write_text("{}")
         if fail:
             raise KeyboardInterrupt  # killed mid-conversion
@@ -61,7 +62,7 @@ def test_gguf_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(packaged, "convert_gguf", convert)
     folder = packaged.gguf_checkpoint(source, "m", cache)
     record = json.loads((folder / packaged.RECORD).read_text())
-    assert record["sha256"] == packaged._sha256(source) and folder.name.startswith("m-")
+    assert record["sha256"] == file_sha256(source) and folder.name.startswith("m-")
     assert packaged.gguf_checkpoint(source, "m", cache) == folder and len(calls) == 2  # cached
     source.write_bytes(b"GGUF weights v2")  # another file: a folder of its own
     assert packaged.gguf_checkpoint(source, "m", cache) != folder and len(calls) == 3

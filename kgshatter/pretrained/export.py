@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from kgshatter.io import write_dir_atomic
 from kgshatter.sites import edit_weight
 
 if TYPE_CHECKING:
@@ -71,25 +71,19 @@ def _check(pm: PretrainedModel, edits: Sequence[Edit], out: Path) -> None:
 
 
 def _write(out: Path, fill: Any, pm: PretrainedModel, edits: Sequence[Edit], kind: str) -> Path:
+    record = {
+        "kind": kind,
+        "base": pm.source,
+        "base_model_id": pm.model_id,
+        "edits": [{"method": e.method, "requests": [dict(r) for r in e.requests]} for e in edits],
+    }
+
+    def fill_with_record(folder: Path) -> None:
+        fill(folder)
+        (folder / RECORD).write_text(json.dumps(record, indent=1, default=str))
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        record = {
-            "kind": kind,
-            "base": pm.source,
-            "base_model_id": pm.model_id,
-            "edits": [
-                {"method": e.method, "requests": [dict(r) for r in e.requests]} for e in edits
-            ],
-        }
-        (tmp / RECORD).write_text(json.dumps(record, indent=1, default=str))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_dir_atomic(out, fill_with_record)  # _check refused an existing out
 
 
 def export_merged(

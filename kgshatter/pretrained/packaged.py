@@ -16,13 +16,13 @@ version) gets a folder of its own.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from kgshatter.io import file_sha256, write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ def packaged_gguf(name: str) -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_checkpoint(
     gguf: str | os.PathLike[str],
     name: str | None = None,
@@ -104,7 +96,7 @@ def gguf_checkpoint(
     gguf = Path(gguf)
     if not gguf.is_file():
         raise FileNotFoundError(f"no GGUF file at {gguf}")
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     label = name or gguf.stem
     folder = cache_root(cache_dir) / "checkpoints" / f"{label}-{digest[:16]}"
     record = folder / RECORD
@@ -118,19 +110,16 @@ def gguf_checkpoint(
             f"{folder} does not hold the conversion of {gguf} (its record differs): delete it"
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, folder)
-    try:
+
+    def fill(tmp: Path) -> None:
         convert_gguf(gguf, tmp)
         (tmp / RECORD).write_text(
             json.dumps({"source": str(gguf), "sha256": digest, "name": label}, indent=1)
         )
-        if folder.exists():  # a stale incomplete folder (no record): replaced
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # a stale folder without a record (an older, interrupted layout) is replaced
+    write_dir_atomic(folder, fill, replace=True)
     return folder
 
 
