@@ -431,7 +431,7 @@ def _start(
         else:
             log.info("resuming %s from step %d of %d", out, state["step"], steps)
     else:
-        if init_weights is not None:
+        if init_weights is not None and init is None:  # resumed without --init-from: the copy
             load_weights(model, init_weights)
         log.info("training %s for %d steps into %s", run.name, steps, out)
     return graph, model, optimizer, state, out
