@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from kgshatter.hooks import edited
@@ -227,6 +228,78 @@ def test_months_task_queries_and_requests(loaded):
     assert 0 <= metrics["paraphrase"] <= 1 and 0 <= metrics["neighbourhood"] <= 1
 
 
+def test_months_list_phrasing(loaded):
+    """The list phrasing: the next item in four wordings; the first is edited, the others are
+    its paraphrases, and accuracy leaves the edited fact out in every wording."""
+    from kgshatter.pretrained.facts import FactScorer
+
+    pm = loaded["llama"]
+    task = cyclic_task("months", pm.tokenizer, phrasing="list")
+    assert len(task.queries) == 4 * 12 and {q.hop for q in task.queries} == {1}
+    q = task.query("December", 1)
+    assert q.prompt.format(q.subject) == "The months in order: December," and q.answer == "January"
+    with pytest.raises(ValueError, match="next item only"):
+        task.query("May", 2)
+    for d in (1, 4, 6):
+        requests = task.counterfactuals(12, seed=d, distance=d)
+        assert len({(r.subject, r.target) for r in requests}) == 12
+        assert all(r.prompt == "The months in order: {}," and task.distance(r) == d
+                   for r in requests)  # fmt: skip
+    request = task.request(q, "March")
+    para = task.paraphrases(request)
+    assert [p.prompt.format(p.subject) for p in para] == [
+        "Months of the year: December,", "Here are the months: December,",
+        "Months in sequence: December,",
+    ]  # fmt: skip
+    # accuracy without the edited fact drops all four of its wordings
+    scorer = FactScorer(task, pm.model)
+    preds = task.predictions(pm.model)
+    kept = [
+        p == q.answer for p, q in zip(preds, task.queries, strict=True) if q.subject != "December"
+    ]
+    assert task.accuracy(pm.model, exclude=[request]) == pytest.approx(sum(kept) / len(kept))
+    assert scorer.baseline == pytest.approx(len(scorer.known) / 48)
+    # counterfactuals drawn among given queries only, and too few is one line
+    among = [qq for qq in task.queries if qq.subject in ("May", "June")]
+    assert {r.subject for r in task.counterfactuals(2, 0, 3, among=among)} == {"May", "June"}
+    with pytest.raises(ValueError, match="only 2 facts can be edited among the ones given"):
+        task.counterfactuals(3, 0, 3, among=among)
+    with pytest.raises(ValueError, match="phrasing must be one of"):
+        cyclic_task("months", pm.tokenizer, phrasing="poem")
+    from kgshatter.pretrained.facts import natural_task
+
+    with pytest.raises(ValueError, match="cities task has one phrasing"):
+        natural_task("cities", pm.tokenizer, phrasing="list")
+
+
+def test_causal_trace_restores_exactly_at_the_last_layer(loaded):
+    """Restoring the residual stream after the last block at the last token gives the clean
+    probability (the effect is clean - corrupted); tokens before the subject are never
+    restored; restoring the last block at an earlier token changes nothing."""
+    from kgshatter.pretrained.tracing import TOKEN_GROUPS, TracePrompt, causal_trace
+
+    pm = loaded["gpt2"]
+    prompts = [TracePrompt("The months in order: {},", "January", "February"),
+               TracePrompt("In {} we", "New York", "are")]  # fmt: skip
+    result = causal_trace(pm.model, pm.tokenizer, prompts, n_noise=2, seed=3)
+    last = pm.model.cfg.n_layers - 1
+    resid = result.effects["resid"]
+    assert resid.shape == (pm.model.cfg.n_layers, len(TOKEN_GROUPS))
+    assert resid[last, TOKEN_GROUPS.index("last token")] == pytest.approx(
+        result.clean - result.corrupted, abs=1e-5
+    )
+    assert abs(resid[last, TOKEN_GROUPS.index("subject last")]) < 1e-6
+    assert result.counts[TOKEN_GROUPS.index("subject middle")] == 1  # "New York": 2+ tokens
+    again = causal_trace(pm.model, pm.tokenizer, prompts, n_noise=2, seed=3)
+    assert all(np.array_equal(again.effects[k], v, equal_nan=True)
+               for k, v in result.effects.items())  # fmt: skip
+    assert 0 <= result.best_layer("mlp") < pm.model.cfg.n_layers
+    with pytest.raises(ValueError, match="kind must be one of"):
+        causal_trace(pm.model, pm.tokenizer, prompts, kinds=("mlp", "heads"))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        causal_trace(pm.model, pm.tokenizer, [])
+
+
 def test_tokenizer_without_the_months_is_refused():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -240,6 +313,28 @@ def test_tokenizer_without_the_months_is_refused():
     # whole-sequence scoring cannot help either: this tokenizer maps months to the same ids
     with pytest.raises(ValueError, match="cannot be told apart"):
         cyclic_task("months", fast)
+
+
+def test_self_sampled_corpus_is_seeded_cached_and_extends(loaded, tmp_path):
+    from kgshatter.pretrained.text import SampledCorpus
+
+    pm = loaded["llama"]
+    corpus = SampledCorpus(pm.model, pm.tokenizer, pm.model_id, length=16, batch=4, seed=1,
+                           cache_dir=tmp_path)  # fmt: skip
+    first = corpus.texts_for(64)  # one batch of 4 texts x 16 tokens
+    assert len(first) == 4 and len(list(tmp_path.glob("sampled-*.json"))) == 1
+    more = corpus.texts_for(65)
+    assert more[:4] == first and len(more) == 8  # extends the same texts
+    again = SampledCorpus(pm.model, pm.tokenizer, pm.model_id, length=16, batch=4, seed=1,
+                          cache_dir=tmp_path)  # fmt: skip
+    assert again.texts_for(100) == more and again.fingerprint == corpus.fingerprint
+    other = SampledCorpus(pm.model, pm.tokenizer, pm.model_id, length=16, batch=4, seed=2)
+    assert other.texts_for(64) != first and other.fingerprint != corpus.fingerprint
+    windows = corpus.token_windows(pm.tokenizer, 8, 40)
+    assert windows.shape == (5, 8)
+    task = TextTask(pm.model, pm.tokenizer, corpus, CovarianceCache(tmp_path / "c"), seq_len=8)
+    stats = task.stats(pm.model, 1, 40, 0, pm.model_id)
+    assert stats.key.corpus.startswith("text:sampled-")
 
 
 def test_city_country_tree_edit(loaded):
@@ -384,6 +479,13 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert summary["scoring"] == "first-token"  # "auto" on months with distinct first tokens
     report = (out / "report.md").read_text()
     assert "tiny random checkpoint" in report and (out / "rings.png").is_file()
+    # the ring per layer and the causal trace of known facts (a random model knows a few)
+    assert (out / "ring_layers.png").is_file() and "ring_layers.png" in report
+    assert summary["facts"] == "all" and summary["phrasing"] == "hop"
+    assert summary["known"] <= summary["queries"] == 132
+    if summary["known"]:
+        trace = json.loads((out / "tracing.json").read_text())
+        assert len(trace["prompts"]) == min(12, summary["known"]) and "Causal tracing" in report
     rows_path = out / "rows.jsonl"
     rows = rows_path.read_text().splitlines()
     assert len(rows) == 4

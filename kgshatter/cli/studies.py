@@ -124,6 +124,9 @@ def _cmd_months(args: argparse.Namespace) -> int:
         mmlu_max_new_tokens=args.mmlu_tokens,
         fluency_tokens=args.fluency_tokens,
         scoring=args.scoring,
+        phrasing=args.phrasing,
+        facts=args.facts,
+        trace_prompts=args.trace,
     )
     out = check_output_dir(args.out)
     device_map = _device_map(args.device_map)
@@ -254,7 +257,8 @@ def add_months(sub: Any) -> None:
     p.add_argument("--n", type=_positive, default=4, help="edits per distance")
     p.add_argument("--seed", type=_natural, default=0)
     p.add_argument("--site", default=None, help="representation site, e.g. 20.resid_post")
-    p.add_argument("--corpus", nargs="+", default=None, help="text files for the statistics C")
+    p.add_argument("--corpus", nargs="+", default=None, help="text files for the statistics C "
+                   "(default: text sampled from the model itself)")  # fmt: skip
     p.add_argument("--samples", type=_positive, default=None, help="corpus tokens for C")
     p.add_argument("--cache", default=None, help="statistics cache (default OUT/cache)")
     p.add_argument("--mmlu", default=None, help="MMLU-Redux items (.jsonl/.json, or hub:SUBJECT)")
@@ -274,6 +278,23 @@ def add_months(sub: Any) -> None:
         choices=["auto", "first-token", "sequence"],
         help="how an answer is read among the candidates: its first token, its whole token "
         "sequence (candidates may share first tokens), or auto (first token where distinct)",
+    )
+    p.add_argument(
+        "--phrasing",
+        default="auto",
+        choices=["auto", "hop", "list"],
+        help="months/days questions: hop ('January is followed 2 months later by'), list "
+        "('The months in order: January,' -> next), auto (list for SmolLM2, else hop)",
+    )
+    p.add_argument(
+        "--facts",
+        default="auto",
+        choices=["auto", "known", "all"],
+        help="facts to edit: known (answered right before editing), all, auto (known; all on "
+        "a tiny random checkpoint)",
+    )
+    p.add_argument(
+        "--trace", type=_natural, default=12, help="facts traced causally before editing (0: none)"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(

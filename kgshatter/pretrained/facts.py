@@ -8,8 +8,11 @@ candidates, read from each candidate's first token), edit success, and the subje
 representations at any :class:`~kgshatter.sites.Site`, so R(D*) and the ring metrics of
 :mod:`kgshatter.analysis` apply unchanged.
 
-- :func:`cyclic_task` (``"months"``, ``"days"``): queries "January is followed 8 months later
-  by" -> "September" for every item and hop 1..n-1; a counterfactual at distance d moves the
+- :func:`cyclic_task` (``"months"``, ``"days"``), in one of two phrasings: ``"hop"`` (the
+  paper's questions), "January is followed 8 months later by" -> "September" for every item and
+  hop 1..n-1; ``"list"``, the next item in a written list, "The months in order: January," ->
+  "February", in four wordings (what a small model such as SmolLM2-135M answers: it gets 12 of
+  12 months in list form and 1 of 12 hop questions). A counterfactual at distance d moves the
   answer d steps along the ring (paper: d = 1..3).
 - :func:`city_country_task`: the paper's preliminary tree case, "Paris is a city in the country
   of" -> "France"; a counterfactual moves the city to another country.
@@ -17,7 +20,7 @@ representations at any :class:`~kgshatter.sites.Site`, so R(D*) and the ring met
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,6 +52,24 @@ MONTHS = (
 )
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 CYCLES = {"months": (MONTHS, "month"), "days": (DAYS, "day")}
+PHRASINGS = ("hop", "list")
+# the "list" phrasing: the next item of a written list, in four wordings; the first is the one
+# edited, the others are its paraphrases (SmolLM2-135M: 12/12, 12/12, 12/12, 12/12 months and
+# 6/7 days in each; docs/pretrained.md)
+LIST_WORDINGS = {
+    "months": (
+        "The months in order: {},",
+        "Months of the year: {},",
+        "Here are the months: {},",
+        "Months in sequence: {},",
+    ),
+    "days": (
+        "The days in order: {},",
+        "Days of the week: {},",
+        "Here are the days: {},",
+        "Days in sequence: {},",
+    ),
+}
 # contexts in which a subject's representation is read (at its last token): the subject's
 # state depends only on the text before it, so the contexts vary what precedes it (*choice*)
 CONTEXTS = {
@@ -160,9 +181,33 @@ class FactTask:
             )
         return request
 
-    def counterfactuals(self, n: int, seed: int, distance: int | None = None) -> list[TextRequest]:
-        """``n`` distinct counterfactual requests (seeded); see the subclass for ``distance``."""
+    def counterfactuals(
+        self,
+        n: int,
+        seed: int,
+        distance: int | None = None,
+        among: Collection[Query] | None = None,
+    ) -> list[TextRequest]:
+        """``n`` distinct counterfactual requests (seeded), drawn from ``among`` when given;
+        see the subclass for ``distance``."""
         raise NotImplementedError
+
+    def _pool(self, prompts: Collection[str] | None, among: Collection[Query] | None,
+              n: int) -> list[Query]:  # fmt: skip
+        """The queries a counterfactual may rewrite: in ``prompts`` (all if None), in ``among``
+        (all if None); at least ``n`` of them, else one line saying how many there are."""
+        check_int("n", n, 1)
+        pool = [q for q in self.queries if prompts is None or q.prompt in prompts]
+        if among is not None:
+            allowed = set(among)
+            pool = [q for q in pool if q in allowed]
+        if n > len(pool):
+            raise ValueError(
+                f"n = {n} {self.name} counterfactuals asked for, but only {len(pool)} facts can "
+                f"be edited" + (" among the ones given (e.g. those the model answers right)"
+                                if among is not None else "")
+            )  # fmt: skip
+        return pool
 
     def distance(self, request: TextRequest) -> int | None:
         """How far the request moves its answer (a ring's cyclic distance; ``None``: the
@@ -255,11 +300,16 @@ class FactTask:
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         exclude: Sequence[TextRequest] = (),
     ) -> float:
-        """Fraction of queries answered right among the candidates (the edited facts excluded)."""
-        skip = {(r.prompt, r.subject) for r in exclude}
-        queries = [q for q in self.queries if (q.prompt, q.subject) not in skip]
+        """Fraction of queries answered right among the candidates (the edited facts excluded,
+        in every wording the task asks them)."""
+        skip = {self.fact_key(r.prompt, r.subject) for r in exclude}
+        queries = [q for q in self.queries if self.fact_key(q.prompt, q.subject) not in skip]
         preds = self.predictions(model, queries, fwd_hooks)
         return float(np.mean([p == q.answer for p, q in zip(preds, queries, strict=True)]))
+
+    def fact_key(self, prompt: str, subject: str) -> tuple[str, Any]:
+        """What identifies a fact across its wordings (here: the prompt and the subject)."""
+        return (subject, prompt)
 
     # -- the editing papers' metrics (CounterFact) ------------------------------------------
     def paraphrases(self, request: TextRequest) -> list[Query]:
@@ -351,15 +401,39 @@ class FactTask:
 
 
 class CyclicTask(FactTask):
-    """Months or days of the week on their ring; queries for every item and hop 1..n-1."""
+    """Months or days of the week on their ring.
+
+    ``phrasing="hop"``: one query per item and hop 1..n-1 ("{} is followed 8 months later
+    by"); ``"list"``: the next item (hop 1) in each of :data:`LIST_WORDINGS`' wordings, the
+    first of which is the one edited.
+    """
 
     def __init__(
-        self, name: str, items: Sequence[str], unit: str, tokenizer: Any, scoring: str = "auto"
+        self,
+        name: str,
+        items: Sequence[str],
+        unit: str,
+        tokenizer: Any,
+        scoring: str = "auto",
+        phrasing: str = "hop",
     ) -> None:
+        check_choice("phrasing", phrasing, PHRASINGS)
+        if phrasing == "list" and name not in LIST_WORDINGS:
+            raise ValueError(
+                f"the list phrasing has wordings for {sorted(LIST_WORDINGS)}, not {name!r}"
+            )
         n = len(items)
+        self.phrasing = phrasing
+        self.unit = unit
+        if phrasing == "hop":
+            self.hop_of = {_hop_prompt(k, unit): k for k in range(1, n)}
+            self.edit_prompts: tuple[str, ...] = tuple(self.hop_of)
+        else:
+            self.hop_of = dict.fromkeys(LIST_WORDINGS[name], 1)
+            self.edit_prompts = LIST_WORDINGS[name][:1]
         queries = [
-            Query(items[i], _hop_prompt(k, unit), items[(i + k) % n], hop=k)
-            for k in range(1, n)
+            Query(items[i], prompt, items[(i + k) % n], hop=k)
+            for prompt, k in self.hop_of.items()
             for i in range(n)
         ]
         super().__init__(
@@ -372,20 +446,26 @@ class CyclicTask(FactTask):
             positions=np.arange(n),
             scoring=scoring,
         )
-        self.unit = unit
 
-    def counterfactuals(self, n: int, seed: int, distance: int | None = None) -> list[TextRequest]:
-        """``n`` distinct (item, hop) facts whose answer moves ``distance`` steps, direction
-        seeded; ``distance`` must lie in 1..n_items-1."""
+    def counterfactuals(
+        self,
+        n: int,
+        seed: int,
+        distance: int | None = None,
+        among: Collection[Query] | None = None,
+    ) -> list[TextRequest]:
+        """``n`` distinct facts (asked in an edited prompt) whose answer moves ``distance``
+        steps, direction seeded; ``distance`` must lie in 1..n_items-1. ``among``: draw only
+        from these queries (e.g. the ones the model answers right, :attr:`FactScorer.known`).
+        """
         if distance is None:
             raise ValueError(f"{self.name} counterfactuals need a distance in 1..{self.n - 1}")
         check_int("distance", distance, 1, self.n - 1)
-        check_int("n", n, 1, len(self.queries))
+        pool = self._pool(self.edit_prompts, among, n)
         g = np.random.default_rng(seed)
-        order = g.permutation(len(self.queries))[:n]
         out = []
-        for i in order:
-            q = self.queries[i]
+        for i in g.permutation(len(pool))[:n]:
+            q = pool[i]
             sign = 1 if g.random() < 0.5 else -1
             target = self.subjects[(self.subjects.index(q.answer) + sign * distance) % self.n]
             out.append(self.request(q, target))
@@ -398,19 +478,36 @@ class CyclicTask(FactTask):
         diff = abs(self.subjects.index(request.target) - self.subjects.index(request.old))
         return min(diff, self.n - diff)
 
+    def fact_key(self, prompt: str, subject: str) -> tuple[str, int]:
+        """One fact, whatever its wording: (subject, hop)."""
+        if prompt not in self.hop_of:
+            raise ValueError(f"{prompt!r} is not one of the {self.name} task's prompts")
+        return (subject, self.hop_of[prompt])
+
     def query(self, subject: str, hop: int) -> Query:
         i = self.subjects.index(subject)
-        return Query(subject, _hop_prompt(hop, self.unit), self.subjects[(i + hop) % self.n], hop)
+        if self.phrasing == "list":
+            if hop != 1:
+                raise ValueError(
+                    f"the list phrasing asks for the next item only (hop 1), not {hop}"
+                )
+            prompt = self.edit_prompts[0]
+        else:
+            prompt = _hop_prompt(hop, self.unit)
+        return Query(subject, prompt, self.subjects[(i + hop) % self.n], hop)
 
     def paraphrases(self, request: TextRequest) -> list[Query]:
-        """The hop asked another way: "8 months after {} comes", "Counting 8 months on from
-        {}, one reaches"."""
-        hops = {_hop_prompt(k, self.unit): k for k in range(1, self.n)}
-        if request.prompt not in hops:
+        """The fact asked another way: hop phrasing "8 months after {} comes", "Counting 8
+        months on from {}, one reaches"; list phrasing, the other wordings of the list."""
+        if request.prompt not in self.hop_of:
             raise ValueError(f"{request.prompt!r} is not one of the {self.name} task's prompts")
-        k = hops[request.prompt]
-        units = f"{self.unit}{'' if k == 1 else 's'}"
+        k = self.hop_of[request.prompt]
         answer = self.query(request.subject, k).answer
+        if self.phrasing == "list":
+            return [
+                Query(request.subject, w, answer, 1) for w in self.hop_of if w != request.prompt
+            ]
+        units = f"{self.unit}{'' if k == 1 else 's'}"
         return [
             Query(request.subject, f"{k} {units} after {{}} comes", answer, k),
             Query(request.subject, f"Counting {k} {units} on from {{}}, one reaches", answer, k),
@@ -456,15 +553,22 @@ class TreeTask(FactTask):
             and self.parent[q.subject] == parent
         ]
 
-    def counterfactuals(self, n: int, seed: int, distance: int | None = None) -> list[TextRequest]:
-        """``n`` cities moved to another country (seeded); a tree has no distance."""
+    def counterfactuals(
+        self,
+        n: int,
+        seed: int,
+        distance: int | None = None,
+        among: Collection[Query] | None = None,
+    ) -> list[TextRequest]:
+        """``n`` cities moved to another country (seeded; from ``among`` when given); a tree
+        has no distance."""
         if distance is not None:
             raise ValueError(f"{self.name} requests have no distance; pass distance=None")
-        check_int("n", n, 1, len(self.queries))
+        pool = self._pool(None, among, n)
         g = np.random.default_rng(seed)
         out = []
-        for i in g.permutation(len(self.queries))[:n]:
-            q = self.queries[i]
+        for i in g.permutation(len(pool))[:n]:
+            q = pool[i]
             others = [c for c in self.candidates if c != q.answer]
             out.append(self.request(q, others[int(g.integers(len(others)))]))
         return out
@@ -479,6 +583,8 @@ class FactScorer:
       request's prompt), ``prompt_fraction`` (CounterFact's paraphrase: the fraction of
       :meth:`FactTask.paraphrases` now answered with the target) and ``target_prob`` (the
       target's probability among the candidates);
+    - :attr:`known`: the queries the unedited model answers right, :attr:`baseline` their
+      fraction;
     - collateral: the accuracy over the task's queries, the edited facts left out, under
       ``direct`` / ``all``, against the unedited model's accuracy over every query (measured
       here, once);
@@ -488,7 +594,10 @@ class FactScorer:
 
     def __init__(self, task: FactTask, model: TransformerBridge) -> None:
         self.task = task
-        self.baseline = task.accuracy(model)
+        preds = task.predictions(model)
+        # the queries the unedited model answers right (counterfactuals are drawn from them)
+        self.known = tuple(q for p, q in zip(preds, task.queries, strict=True) if p == q.answer)
+        self.baseline = len(self.known) / len(task.queries)
         self._near_before: dict[tuple[str, str], float] = {}
 
     def describe(self, requests: Sequence[TextRequest]) -> list[dict[str, Any]]:
@@ -554,24 +663,33 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def cyclic_task(name: str, tokenizer: Any, scoring: str = "auto") -> CyclicTask:
-    """``"months"`` or ``"days"`` for ``tokenizer``'s model (``scoring``: see FactTask)."""
+def cyclic_task(
+    name: str, tokenizer: Any, scoring: str = "auto", phrasing: str = "hop"
+) -> CyclicTask:
+    """``"months"`` or ``"days"`` for ``tokenizer``'s model (``scoring``: see FactTask;
+    ``phrasing``: ``"hop"`` or ``"list"``, see CyclicTask)."""
     if name not in CYCLES:
         raise ValueError(f"cyclic task must be one of {sorted(CYCLES)}, got {name!r}")
     items, unit = CYCLES[name]
-    return CyclicTask(name, items, unit, tokenizer, scoring)
+    return CyclicTask(name, items, unit, tokenizer, scoring, phrasing)
 
 
 def city_country_task(tokenizer: Any, scoring: str = "auto") -> TreeTask:
     return TreeTask("cities", CITIES, "{} is a city in the country of", tokenizer, scoring)
 
 
-def natural_task(name: str, tokenizer: Any, scoring: str = "auto") -> FactTask:
-    """``"months"``, ``"days"`` or ``"cities"``."""
+def natural_task(
+    name: str, tokenizer: Any, scoring: str = "auto", phrasing: str = "hop"
+) -> FactTask:
+    """``"months"``, ``"days"`` (in ``phrasing``) or ``"cities"`` (one phrasing: pass
+    ``"hop"``)."""
     if name == "cities":
+        if phrasing != "hop":
+            raise ValueError(f"the cities task has one phrasing; phrasing {phrasing!r} is for "
+                             f"the cyclic tasks")  # fmt: skip
         return city_country_task(tokenizer, scoring)
     if name in CYCLES:
-        return cyclic_task(name, tokenizer, scoring)
+        return cyclic_task(name, tokenizer, scoring, phrasing)
     raise ValueError(f"task must be one of {sorted([*CYCLES, 'cities'])}, got {name!r}")
 
 

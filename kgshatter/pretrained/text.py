@@ -35,7 +35,7 @@ from kgshatter.editing.covariance import (
     second_moment,
 )
 from kgshatter.editing.requests import TextRequest
-from kgshatter.io import read_json, read_jsonl
+from kgshatter.io import read_json, read_jsonl, write_json_atomic
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_bool, check_int
 
@@ -181,6 +181,70 @@ class TextCorpus:
         return torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
 
 
+class SampledCorpus:
+    """Text the model writes itself, for C when the user names no corpus (no download).
+
+    Texts of ``length`` tokens are sampled from BOS (top-k 5, as the context prefixes are) in
+    batches of ``batch`` texts, batch ``b`` seeded by ``(seed, b)``: asking for more tokens
+    extends the same texts, and the same seed gives the same texts. Each batch is written to
+    ``cache_dir`` (atomically, under the corpus fingerprint) and read back on the next run.
+    The interface is :class:`TextCorpus`'s (``name``, ``fingerprint``, ``token_windows``).
+    """
+
+    def __init__(
+        self,
+        model: TransformerBridge,
+        tokenizer: Any,
+        model_id: str,
+        *,
+        length: int = 256,
+        batch: int = 64,
+        seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_int("length", length, 2)
+        check_int("batch", batch, 1)
+        check_int("seed", seed, 0)
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.length, self.batch, self.seed = length, batch, seed
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.name = f"self-sampled (top-k 5, {length}-token texts, seed {seed})"
+        blob = f"{model_id}|{length}|{batch}|{seed}|top5".encode()
+        self.fingerprint = "sampled-" + hashlib.sha256(blob).hexdigest()[:16]
+        self._batches: list[list[str]] = []
+
+    def _batch(self, b: int) -> list[str]:
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{self.fingerprint}-{b:04d}.json"
+            if path.is_file():
+                texts = read_json(path, "sampled corpus batch", expect=list)
+                if len(texts) == self.batch and all(isinstance(t, str) for t in texts):
+                    return texts
+        texts = sample_text(self.model, self.tokenizer, self.batch, self.length,
+                            seed=self.seed * 100_003 + b)  # fmt: skip
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, texts)
+        return texts
+
+    def texts_for(self, n_tokens: int) -> tuple[str, ...]:
+        """Enough texts for about ``n_tokens`` tokens (sampled or read from the cache)."""
+        check_int("n_tokens", n_tokens, 1)
+        need = -(-n_tokens // (self.length * self.batch))
+        while len(self._batches) < need:
+            self._batches.append(self._batch(len(self._batches)))
+        return tuple(t for b in self._batches[:need] for t in b)
+
+    def token_windows(
+        self, tokenizer: Any, seq_len: int, n_tokens: int
+    ) -> Int[torch.Tensor, "window seq_len"]:
+        """As :meth:`TextCorpus.token_windows`, over the texts :meth:`texts_for` gives (with
+        one batch to spare: decoded texts re-tokenise to about ``length`` tokens each)."""
+        texts = self.texts_for(n_tokens + self.length * self.batch)
+        return TextCorpus(texts, self.name).token_windows(tokenizer, seq_len, n_tokens)
+
+
 def _text_field(row: Any, path: Path) -> str:
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise ValueError(f"{path}: every document needs a string 'text' field")
@@ -201,7 +265,7 @@ class TextTask:
         self,
         model: TransformerBridge,
         tokenizer: Any,
-        corpus: TextCorpus | None = None,
+        corpus: TextCorpus | SampledCorpus | None = None,
         cache: CovarianceCache | None = None,
         *,
         prefix_lengths: tuple[int, int] = (5, 10),

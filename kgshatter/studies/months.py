@@ -38,7 +38,19 @@ MODEL_PRESETS = {
     "llama-3-8b": "llama3-8b",
     "llama3-8b": "llama3-8b",
     "mamba-2.8b": "mamba-2.8b",
+    "smollm2-135m": "smollm2-135m",
 }
+# the phrasing of the cyclic tasks a checkpoint answers (kgshatter.pretrained.facts): SmolLM2-135M
+# answers 1 of 12 hop questions on the months and 12 of 12 in list form (docs/pretrained.md)
+MODEL_PHRASINGS = {"smollm2": "list"}
+FACT_POOLS = ("auto", "known", "all")
+
+
+def phrasing_for(name: str) -> str:
+    """The cyclic tasks' phrasing for a checkpoint name or path: ``"list"`` for the models of
+    :data:`MODEL_PHRASINGS`, else ``"hop"`` (the paper's questions)."""
+    low = name.lower()
+    return next((v for k, v in MODEL_PHRASINGS.items() if k in low), "hop")
 
 
 def preset_for(name: str) -> str | None:
@@ -91,7 +103,11 @@ class MonthsConfig(ConfigDict):
     """What to run. ``site``: where representations are compared (``"L.resid_post"``);
     ``None`` picks the unedited model's clearest ring (cyclic tasks) or the last layer (tree).
     ``n_samples``: corpus tokens for C (``None``: the preset's). ``mmlu_every``: score
-    MMLU-Redux after every k-th edit of each distance (1 = all; costly with real weights)."""
+    MMLU-Redux after every k-th edit of each distance (1 = all; costly with real weights).
+    ``phrasing``: the cyclic tasks' questions, ``"hop"`` or ``"list"`` (``"auto"``: the
+    model's, :func:`phrasing_for`). ``facts``: which facts are edited, ``"known"`` (those the
+    unedited model answers right), ``"all"``, or ``"auto"`` (known, but all on a tiny random
+    checkpoint). ``trace_prompts``: facts traced causally before editing (0: none)."""
 
     task: str = "months"
     method: str = "rome"
@@ -109,9 +125,18 @@ class MonthsConfig(ConfigDict):
     # how an answer is read among the candidates (kgshatter.pretrained.facts.FactTask): its first
     # token, its whole token sequence, or "auto" (first token where those are distinct)
     scoring: str = "auto"
+    phrasing: str = "auto"
+    facts: str = "auto"
+    trace_prompts: int = 12
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
+        check_choice("phrasing", self.phrasing, ("auto", "hop", "list"))
+        check_choice("facts", self.facts, FACT_POOLS)
+        check_int("trace_prompts", self.trace_prompts, 0)
+        if self.task == "cities" and self.phrasing == "list":
+            raise ValueError("the cities task has one phrasing; phrasing 'list' is for months "
+                             "and days")  # fmt: skip
         check_int("n_edits", self.n_edits, 1)
         check_int("seed", self.seed, 0)
         check_int("mmlu_every", self.mmlu_every, 1)
@@ -162,17 +187,22 @@ def run_months(
     from kgshatter.editing.protocols import run_protocol
     from kgshatter.io import write_json_atomic
     from kgshatter.pretrained.facts import CyclicTask, FactScorer, natural_task
-    from kgshatter.pretrained.text import TextTask
+    from kgshatter.pretrained.text import SampledCorpus, TextTask
     from kgshatter.sites import Site
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = pretrained.model, pretrained.tokenizer
-    task = natural_task(config.task, tokenizer, config.scoring)
+    random_weights = bool(getattr(pretrained, "random_weights", False))
+    phrasing = config.phrasing
+    if phrasing == "auto":
+        phrasing = "hop" if config.task == "cities" else phrasing_for(pretrained.name)
+    facts = config.facts if config.facts != "auto" else ("all" if random_weights else "known")
+    task = natural_task(config.task, tokenizer, config.scoring, phrasing)
     method = get_method(config.method)
     if config.preset is not None:
         preset = resolve_preset(pretrained.name, config.method, config.preset)
-    elif getattr(pretrained, "random_weights", False):
+    elif random_weights:
         preset = resolve_preset("tiny:", config.method)
     else:
         preset = resolve_preset(pretrained.name, config.method)
@@ -189,6 +219,8 @@ def run_months(
         "model_id": pretrained.model_id,
         "config": config.to_dict(),
         "preset": preset,
+        "phrasing": phrasing,
+        "facts": facts,
         "corpus": getattr(corpus, "fingerprint", None),
         "mmlu_items": len(mmlu_items),
     }
@@ -200,9 +232,14 @@ def run_months(
     pinned = tuple(k for k in header if k != "model")  # the same weights under another path
     check_or_write_header(out, "months.json", header, pinned, "months replication")
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
+    if corpus is None and not random_weights:  # C from text the model writes itself
+        corpus = SampledCorpus(model, tokenizer, pretrained.model_id, seed=config.seed,
+                               cache_dir=Path(cache_dir or out) / "samples")  # fmt: skip
     text_task = TextTask(model, tokenizer, corpus, cache)
     cyclic = isinstance(task, CyclicTask)
     scorer = FactScorer(task, model)
+    among = scorer.known if facts == "known" else None
+    tracing = _trace(out, model, tokenizer, task, scorer.known, config) if scorer.known else None
 
     sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
     before = task.representations(model, sites)
@@ -231,7 +268,9 @@ def run_months(
     afters: list[Any] = []  # representations after each edit (small: subjects x d_model)
     fluency_unedited: dict[tuple[str, ...], float | None] = {}
     for distance in config.distances or (None,):
-        requests = task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance)
+        requests = task.counterfactuals(
+            config.n_edits, config.seed + (distance or 0), distance, among=among
+        )
         for i, request in enumerate(requests):
             reps_path = reps_dir / f"d{distance}-{i:03d}.safetensors"
             if (distance, i) in done and done[(distance, i)].get("skipped"):
@@ -300,11 +339,47 @@ def run_months(
 
     edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
     summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
-    summary["scoring"] = task.scoring  # what "auto" resolved to
+    summary.update(
+        scoring=task.scoring,  # what "auto" resolved to
+        phrasing=phrasing,
+        facts=facts,
+        known=len(scorer.known),
+        queries=len(task.queries),
+        corpus=getattr(corpus, "name", None),
+        tracing=None if tracing is None else {
+            k: tracing[k] for k in ("best_mlp_layer", "clean", "corrupted", "n_prompts")
+        },
+    )  # fmt: skip
     write_json_atomic(out / "summary.json", summary)
     _figures(out, task, before[site], edited_rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
+
+
+def _trace(out: Path, model: TransformerBridge, tokenizer: Any, task: Any, known: Sequence[Any],
+           config: MonthsConfig) -> dict[str, Any] | None:  # fmt: skip
+    """Causal tracing of up to ``config.trace_prompts`` facts the model answers right, asked in
+    the edited prompts (``tracing.json`` and ``tracing.png``; a finished trace is reused)."""
+    from kgshatter.io import read_json, write_json_atomic
+    from kgshatter.plotting import save_figure
+    from kgshatter.pretrained.tracing import TracePrompt, causal_trace, trace_figure
+
+    if not config.trace_prompts:
+        return None
+    path = out / "tracing.json"
+    if path.is_file():
+        return read_json(path, "causal trace", expect=dict)
+    edited = getattr(task, "edit_prompts", None)
+    pool = [q for q in known if edited is None or q.prompt in edited] or list(known)
+    g = np.random.default_rng(config.seed)
+    picks = [pool[i] for i in sorted(g.permutation(len(pool))[: config.trace_prompts])]
+    prompts = [TracePrompt(q.prompt, q.subject, q.answer) for q in picks]
+    result = causal_trace(model, tokenizer, prompts, seed=config.seed)
+    data = {**result.to_dict(), "prompts": [p.prompt.format(p.subject) for p in prompts]}
+    save_figure(trace_figure(result, f"{task.name}"), out / "tracing.png")
+    write_json_atomic(path, data)
+    log.info("causal trace: best MLP layer %s", data["best_mlp_layer"])
+    return data
 
 
 def _fluency(
@@ -448,6 +523,17 @@ def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afte
         axes[2].text(0.5, 0.5, "MMLU-Redux not run\n(pass --mmlu FILE)", ha="center", va="center")
     fig.tight_layout()
     save_figure(fig, out / "distance.png")
+    rings = summary.get("rings_before") or {}
+    if rings:
+        layers = list(rings)
+        fig, ax = plt.subplots(figsize=(7, 3))
+        for metric in ("neighbours", "isomap", "probe_r2"):
+            ax.plot(range(len(layers)), [rings[k][metric] for k in layers], "o-", ms=3,
+                    label=metric)  # fmt: skip
+        ax.set(xlabel="layer (resid_post)", title=f"{model_name}: the {task.name} ring per layer")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, out / "ring_layers.png")
     if task.positions is None or not rows:
         return
     # the ring before and after the median-R edit at the largest distance
@@ -481,8 +567,12 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         ),
         f"Method {summary['config']['method']} (preset {summary['preset']}); representations at "
         f"{summary['site']}; accuracy before {100 * summary['accuracy_before']:.1f}% "
-        f"(the answer ranked first among the candidates, scored on {scored}).",
+        f"(the answer ranked first among the candidates, scored on {scored}): "
+        f"{summary['known']} of {summary['queries']} prompts ({summary['phrasing']} phrasing) "
+        f"answered right before editing; the edits rewrite "
+        + ("only facts the model knows." if summary["facts"] == "known" else "any fact."),
         "",
+        *([f"Key statistics C from: {summary['corpus']}.", ""] if summary.get("corpus") else []),
         "| distance | edits | success | paraphrase | neighbourhood (change) | fluency (change) "
         "| accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -521,6 +611,30 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
     ]
     if (out / "rings.png").exists():
         lines += ["", "![rings before and after](rings.png)"]
+    rings = summary.get("rings_before") or {}
+    if rings:
+        best = max(rings, key=lambda k: np.nan_to_num(rings[k]["isomap"], nan=-1.0))
+        r = rings[best]
+        lines += [
+            "",
+            f"The ring before editing, per layer (each item's two nearest neighbours on the "
+            f"ring, Isomap alignment, the ring-position probe's r²): clearest at {best} "
+            f"(neighbours {r['neighbours']:.2f}, Isomap {r['isomap']:.2f}, probe "
+            f"{r['probe_r2']:.2f}).",
+            "",
+            "![ring metrics per layer](ring_layers.png)",
+        ]
+    trace = summary.get("tracing")
+    if trace:
+        lines += [
+            "",
+            f"Causal tracing ({trace['n_prompts']} facts the model knows; answer probability "
+            f"clean {trace['clean']:.2f}, subject corrupted {trace['corrupted']:.2f}): restoring "
+            f"the MLP output at the subject's last token matters most at layer "
+            f"{trace['best_mlp_layer']} (tracing.json).",
+            "",
+            "![causal tracing](tracing.png)",
+        ]
     from kgshatter.io import write_atomic
 
     text = "\n".join(lines) + "\n"
