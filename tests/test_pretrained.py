@@ -262,8 +262,13 @@ def test_months_list_phrasing(loaded):
     # counterfactuals drawn among given queries only, and too few is one line
     among = [qq for qq in task.queries if qq.subject in ("May", "June")]
     assert {r.subject for r in task.counterfactuals(2, 0, 3, among=among)} == {"May", "June"}
-    with pytest.raises(ValueError, match="only 2 facts can be edited among the ones given"):
-        task.counterfactuals(3, 0, 3, among=among)
+    # beyond one request per fact: the same facts moved the other way, then one line
+    both = task.counterfactuals(4, 0, 3, among=among)
+    assert len({(r.subject, r.target) for r in both}) == 4
+    with pytest.raises(ValueError, match="only 4 can be made from the 2 facts that can be edited"):
+        task.counterfactuals(5, 0, 3, among=among)
+    with pytest.raises(ValueError, match="only 2 can be made"):
+        task.counterfactuals(3, 0, 6, among=among)  # half the ring: one way only
     with pytest.raises(ValueError, match="phrasing must be one of"):
         cyclic_task("months", pm.tokenizer, phrasing="poem")
     from kgshatter.pretrained.facts import natural_task
@@ -481,6 +486,8 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert "tiny random checkpoint" in report and (out / "rings.png").is_file()
     # the ring per layer and the causal trace of known facts (a random model knows a few)
     assert (out / "ring_layers.png").is_file() and "ring_layers.png" in report
+    assert summary["ability_before"]["perplexity"] > 1
+    assert 0 <= summary["per_distance"]["1"]["calendar"] <= 1
     assert summary["facts"] == "all" and summary["phrasing"] == "hop"
     assert summary["known"] <= summary["queries"] == 132
     if summary["known"]:
@@ -491,7 +498,7 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert len(rows) == 4
     first = json.loads(rows[0])
     for field in ("paraphrase", "neighbourhood", "neighbourhood_before", "fluency",
-                  "fluency_before"):  # fmt: skip
+                  "fluency_before", "perplexity", "calendar"):  # fmt: skip
         assert isinstance(first[field], float), field
     assert "| paraphrase | neighbourhood (change) | fluency (change) |" in report
     assert "it/s" not in capsys.readouterr().err  # --quiet: no progress bars, the loaders' too

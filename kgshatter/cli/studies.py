@@ -127,6 +127,7 @@ def _cmd_months(args: argparse.Namespace) -> int:
         phrasing=args.phrasing,
         facts=args.facts,
         trace_prompts=args.trace,
+        ability=args.ability,
     )
     out = check_output_dir(args.out)
     device_map = _device_map(args.device_map)
@@ -295,6 +296,12 @@ def add_months(sub: Any) -> None:
     )
     p.add_argument(
         "--trace", type=_natural, default=12, help="facts traced causally before editing (0: none)"
+    )
+    p.add_argument(
+        "--ability",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="perplexity of a fixed text and calendar questions before and after each edit",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(

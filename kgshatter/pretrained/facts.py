@@ -192,20 +192,27 @@ class FactTask:
         see the subclass for ``distance``."""
         raise NotImplementedError
 
-    def _pool(self, prompts: Collection[str] | None, among: Collection[Query] | None,
-              n: int) -> list[Query]:  # fmt: skip
+    def _pool(
+        self,
+        prompts: Collection[str] | None,
+        among: Collection[Query] | None,
+        n: int,
+        per_fact: int = 1,
+    ) -> list[Query]:
         """The queries a counterfactual may rewrite: in ``prompts`` (all if None), in ``among``
-        (all if None); at least ``n`` of them, else one line saying how many there are."""
+        (all if None); enough of them for ``n`` requests at ``per_fact`` requests per query,
+        else one line saying how many there are."""
         check_int("n", n, 1)
         pool = [q for q in self.queries if prompts is None or q.prompt in prompts]
         if among is not None:
             allowed = set(among)
             pool = [q for q in pool if q in allowed]
-        if n > len(pool):
+        if n > per_fact * len(pool):
             raise ValueError(
-                f"n = {n} {self.name} counterfactuals asked for, but only {len(pool)} facts can "
-                f"be edited" + (" among the ones given (e.g. those the model answers right)"
-                                if among is not None else "")
+                f"n = {n} {self.name} counterfactuals asked for, but only {per_fact * len(pool)} "
+                f"can be made from the {len(pool)} facts that can be edited"
+                + (" among the ones given (e.g. those the model answers right)"
+                   if among is not None else "")
             )  # fmt: skip
         return pool
 
@@ -454,19 +461,24 @@ class CyclicTask(FactTask):
         distance: int | None = None,
         among: Collection[Query] | None = None,
     ) -> list[TextRequest]:
-        """``n`` distinct facts (asked in an edited prompt) whose answer moves ``distance``
-        steps, direction seeded; ``distance`` must lie in 1..n_items-1. ``among``: draw only
-        from these queries (e.g. the ones the model answers right, :attr:`FactScorer.known`).
+        """``n`` distinct requests (asked in an edited prompt) whose answer moves ``distance``
+        steps; ``distance`` must lie in 1..n_items-1. Distinct facts first, each in a seeded
+        direction; beyond one request per fact, the same facts moved the other way (so up to
+        twice as many requests as facts, once at half the ring). ``among``: draw only from these
+        queries (e.g. the ones the model answers right, :attr:`FactScorer.known`).
         """
         if distance is None:
             raise ValueError(f"{self.name} counterfactuals need a distance in 1..{self.n - 1}")
         check_int("distance", distance, 1, self.n - 1)
-        pool = self._pool(self.edit_prompts, among, n)
+        # two directions per fact, one at half the ring
+        pool = self._pool(self.edit_prompts, among, n, 1 if 2 * distance == self.n else 2)
         g = np.random.default_rng(seed)
-        out = []
+        picks = []
         for i in g.permutation(len(pool))[:n]:
-            q = pool[i]
-            sign = 1 if g.random() < 0.5 else -1
+            picks.append((pool[i], 1 if g.random() < 0.5 else -1))
+        picks += [(q, -sign) for q, sign in picks[: n - len(picks)]]
+        out = []
+        for q, sign in picks:
             target = self.subjects[(self.subjects.index(q.answer) + sign * distance) % self.n]
             out.append(self.request(q, target))
         return out

@@ -21,7 +21,7 @@ import numpy as np
 
 from kgshatter.io import remove_stale_temporaries
 from kgshatter.studies.rowlog import append_row, check_or_write_header, read_rows
-from kgshatter.validation import ConfigDict, check_choice, check_int
+from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -128,12 +128,16 @@ class MonthsConfig(ConfigDict):
     phrasing: str = "auto"
     facts: str = "auto"
     trace_prompts: int = 12
+    # general ability beyond the edited facts, before and after each edit: perplexity of a
+    # fixed text and kgshatter's calendar questions (kgshatter.pretrained.ability)
+    ability: bool = True
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         check_choice("phrasing", self.phrasing, ("auto", "hop", "list"))
         check_choice("facts", self.facts, FACT_POOLS)
         check_int("trace_prompts", self.trace_prompts, 0)
+        check_bool("ability", self.ability)
         if self.task == "cities" and self.phrasing == "list":
             raise ValueError("the cities task has one phrasing; phrasing 'list' is for months "
                              "and days")  # fmt: skip
@@ -257,6 +261,7 @@ def run_months(
         if cyclic:
             site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
     acc0 = scorer.baseline
+    ability0 = _ability(model, tokenizer) if config.ability else None
     mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
     log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
 
@@ -297,6 +302,8 @@ def run_months(
                     got["fluency"] = _fluency(edited_model, tokenizer, prompts, config)
                 if cyclic:
                     got["ring_after"] = _ring(seen["after"], task)
+                if config.ability:
+                    got.update(_ability(edited_model, tokenizer))
                 if mmlu_items and i % config.mmlu_every == 0:
                     got["mmlu"] = _mmlu(edited_model, tokenizer, mmlu_items, config, progress)
                 return got
@@ -340,6 +347,7 @@ def run_months(
     edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
     summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
     summary.update(
+        ability_before=ability0,
         scoring=task.scoring,  # what "auto" resolved to
         phrasing=phrasing,
         facts=facts,
@@ -421,6 +429,13 @@ def _ring(reps: Any, task: Any) -> dict[str, float]:
     return {"neighbours": m["neighbours"], "isomap": m["isomap"], "probe_r2": m["probe_r2"]}
 
 
+def _ability(model: TransformerBridge, tokenizer: Any) -> dict[str, float]:
+    from kgshatter.pretrained.ability import perplexity, question_accuracy
+
+    return {"perplexity": perplexity(model, tokenizer),
+            "calendar": question_accuracy(model, tokenizer)}  # fmt: skip
+
+
 def _mmlu(
     model: TransformerBridge, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
 ) -> dict[str, Any]:
@@ -469,6 +484,9 @@ def _summarise(
             entry["fluency_change"] = float(
                 np.mean([r["fluency"] - r["fluency_before"] for r in group])
             )
+        if group and "perplexity" in group[0]:
+            entry["perplexity"] = float(np.mean([r["perplexity"] for r in group]))
+            entry["calendar"] = float(np.mean([r["calendar"] for r in group]))
         scored = [r["mmlu"]["accuracy"] for r in group if "mmlu" in r]
         if scored:
             entry["mmlu"] = float(np.mean(scored))
@@ -574,9 +592,10 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         "",
         *([f"Key statistics C from: {summary['corpus']}.", ""] if summary.get("corpus") else []),
         "| distance | edits | success | paraphrase | neighbourhood (change) | fluency (change) "
-        "| accuracy change (points) | R(D*) | MMLU-Redux | s/edit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| accuracy change (points) | R(D*) | perplexity | calendar | MMLU-Redux | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ability = summary.get("ability_before")
     for d, e in per.items():
         mmlu = f"{100 * e['mmlu']:.1f}%" if "mmlu" in e else "-"
         para = f"{100 * e['paraphrase']:.0f}%" if "paraphrase" in e else "-"
@@ -586,11 +605,17 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
             else "-"
         )
         flu = f"{e['fluency']:.2f} ({e['fluency_change']:+.2f})" if "fluency" in e else "-"
+        ppl = f"{e['perplexity']:.2f}" if "perplexity" in e else "-"
+        cal = f"{100 * e['calendar']:.0f}%" if "calendar" in e else "-"
         lines.append(
             f"| {d if d != 'None' else 'tree'} | {e['n']} | {100 * e['success']:.0f}% | {para} | "
-            f"{near} | {flu} | {100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {mmlu} | "
-            f"{e['seconds']:.2f} |"
+            f"{near} | {flu} | {100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {ppl} | "
+            f"{cal} | {mmlu} | {e['seconds']:.2f} |"
         )
+    if ability:
+        lines += ["", f"Before editing: perplexity {ability['perplexity']:.2f} on the fixed text, "
+                  f"calendar questions {100 * ability['calendar']:.0f}% right "
+                  f"(kgshatter.pretrained.ability; chance 25%)."]  # fmt: skip
     if summary["mmlu_before"]:
         m = summary["mmlu_before"]
         lines += ["", f"MMLU-Redux before: {100 * m['accuracy']:.1f}% ({m['n']} items, "
