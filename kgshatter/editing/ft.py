@@ -87,6 +87,11 @@ FT_PRESETS = {
     "synthetic-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     "synthetic-subject-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     "tiny-pretrained": FTConfig(layer=2, steps=25, lr=5e-3, norm_constraint=5e-2, n_prompts=5),
+    # SmolLM2-135M: the GPT-2-XL reference's constrained fine-tuning (25 steps, lr 5e-4, bound
+    # 5e-4, the bare prompt, its algorithm) on ROME's layer 5 (our choice)
+    "smollm2-135m": FTConfig(
+        layer=5, steps=25, lr=5e-4, norm_constraint=5e-4, n_prompts=1, reference=True
+    ),
 }
 
 

@@ -125,6 +125,9 @@ _GPT2_XL: dict[str, Any] = {"layers": (13, 14, 15, 16, 17), "n_prompts": 6, "ste
             "reference": True}  # fmt: skip
 _LLAMA3_8B: dict[str, Any] = {**_GPT2_XL, "layers": (4, 5, 6, 7, 8), "steps": 25, "lr": 0.1,
               "mom2_weight": 15000.0}  # fmt: skip
+# SmolLM2-135M (30 layers): Llama 3 8B's settings on the layers around ROME's (layer 5), five as
+# the references use; C from 32k self-sampled tokens (docs/pretrained.md, "SmolLM2")
+_SMOLLM2: dict[str, Any] = {**_LLAMA3_8B, "layers": (3, 4, 5, 6, 7), "n_samples": 32768}
 # subject-token editing (cpu-subject): only layer 0 is read at the subject token there, so the
 # target sits on layer 0's output; steps and clamp as ROME's measured ones
 _SUBJECT: dict[str, Any] = {
@@ -154,6 +157,7 @@ MEMIT_PRESETS = {
     "synthetic-subject-relative": MEMITConfig(**{**_SUBJECT, **_RELATIVE}),
     "gpt2-xl": MEMITConfig(**_GPT2_XL),
     "llama3-8b": MEMITConfig(**_LLAMA3_8B),
+    "smollm2-135m": MEMITConfig(**_SMOLLM2),
 }
 ALPHAEDIT_PRESETS = {
     "synthetic": AlphaEditConfig(),
@@ -163,6 +167,7 @@ ALPHAEDIT_PRESETS = {
     "tiny-pretrained": AlphaEditConfig(**_TINY, threshold_kind="relative"),
     "gpt2-xl": AlphaEditConfig(**_GPT2_XL, l2=10.0),
     "llama3-8b": AlphaEditConfig(**_LLAMA3_8B, l2=10.0),
+    "smollm2-135m": AlphaEditConfig(**_SMOLLM2, l2=10.0),
 }
 PMET_PRESETS = {
     "synthetic": PMETConfig(),

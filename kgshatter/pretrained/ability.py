@@ -82,10 +82,11 @@ def perplexity(
     fwd_hooks: Sequence[tuple[str, Any]] = (),
 ) -> float:
     """exp of the mean next-token negative log-likelihood of ``text`` (one forward pass, BOS
-    first where the tokenizer has one)."""
+    first where the tokenizer has one; at most the model's context length of tokens)."""
     ids = tokenizer(text)["input_ids"]
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id, *ids]
+    ids = ids[: model.cfg.n_ctx]  # a model with a short context reads the text's start
     if len(ids) < 2:
         raise ValueError("perplexity needs a text of at least two tokens")
     device = next(model.parameters()).device

@@ -115,6 +115,45 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]
     return _from_hub(repo), repo
 
 
+def locate_checkpoint(name_or_path: str | os.PathLike[str]) -> str:
+    """Check, without reading weights or the network, what ``name_or_path`` names, and return
+    ``"packaged"``, ``"gguf"``, ``"directory"`` or ``"hub"`` (a name for the local Hugging Face
+    cache or the hub; :func:`in_hub_cache` says whether it is cached). A missing package, a
+    missing ``.gguf`` file, a path that is not a directory and an incomplete or damaged
+    checkpoint directory fail with one line (as :func:`resolve_checkpoint` would later)."""
+    from kgshatter.pretrained.packaged import PACKAGED, packaged_gguf
+
+    text = str(name_or_path)
+    if text in PACKAGED:
+        packaged_gguf(text)
+        return "packaged"
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PretrainedUnavailable(f"no GGUF file at {path}")
+        return "gguf"
+    if path.exists() or text.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise PretrainedUnavailable(
+                f"{path} is not a directory; pass a Hugging Face checkpoint directory (made by "
+                f"save_pretrained) or a hub name such as {sorted(HUB_NAMES)}"
+            )
+        check_checkpoint_dir(path)
+        return "directory"
+    return "hub"
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds ``name``'s config (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(HUB_NAMES.get(name, name), "config.json")
+    except Exception:  # a malformed repo id is not cached
+        return False
+    return isinstance(found, str)
+
+
 def check_checkpoint_dir(path: Path) -> None:
     """Raise, naming what is missing, unless ``path`` is a complete checkpoint directory."""
     missing = []
@@ -130,12 +169,37 @@ def check_checkpoint_dir(path: Path) -> None:
             missing += sorted(s for s in shards if not (path / s).is_file())
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"a tokenizer (one of {list(TOKENIZER_FILES)})")
+    elif (
+        (path / "vocab.json").is_file()
+        and not (path / "tokenizer.json").is_file()
+        and not (path / "merges.txt").is_file()
+    ):  # a byte-level BPE tokenizer is vocab.json and merges.txt together
+        missing.append("merges.txt (vocab.json needs it, or a tokenizer.json)")
     if missing:
         raise PretrainedUnavailable(
             f"checkpoint directory {path} is incomplete: missing {missing}. Write one with "
             f"model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR), or download it "
             f"with `hf download REPO --local-dir DIR`"
         )
+    files = [f for f in weights if f.endswith(".safetensors")]
+    if "model.safetensors.index.json" in weights:
+        index = read_json(path / "model.safetensors.index.json", "weight index")
+        files += sorted(set(index["weight_map"].values()))
+    for f in files:  # the header says how long the file must be: a cut file fails here
+        _check_safetensors_header(path / f)
+
+
+def _check_safetensors_header(file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PretrainedUnavailable(
+            f"weight file {file} is damaged or truncated ({detail}); copy or download it again"
+        ) from None
 
 
 def _from_hub(repo: str) -> Path:
@@ -341,6 +405,13 @@ def _boot(
         device=None if device_map is not None else device, dtype=dtype,
     )  # fmt: skip
     model.eval()
+    params = hf_model.named_parameters()
+    bad = next((n for n, p in params if p.device.type != "meta" and not p.isfinite().all()), None)
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {path} holds NaN or infinite weights (first: {bad}); it cannot be "
+            f"measured or edited: use an intact checkpoint"
+        )
     return model, tokenizer
 
 

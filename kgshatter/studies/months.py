@@ -216,7 +216,22 @@ def run_months(
         Site(layer, "resid_post").check(pretrained.n_layers)
     if config.site is not None:  # before the header: a typo must not pin a folder
         Site.parse(config.site).check(pretrained.n_layers)
-    # the pinned settings, checked before any baseline work (the site follows from them)
+    # which facts can be edited, before the header: a prompt set the model gets wrong
+    # everywhere, or too few known facts for n_edits, must not pin a folder
+    scorer = FactScorer(task, model)
+    among = scorer.known if facts == "known" else None
+    if among is not None and not among:
+        raise ValueError(
+            f"the model answers none of the {len(task.queries)} {config.task} prompts "
+            f"({phrasing} phrasing) right, so no known fact can be edited; try --phrasing "
+            f"{'list' if phrasing == 'hop' else 'hop'}, or --facts all"
+        )
+    for distance in config.distances or (None,):
+        task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance, among)
+    if corpus is None:  # C from text the model writes itself (sampled when first needed)
+        corpus = SampledCorpus(model, tokenizer, pretrained.model_id, seed=config.seed,
+                               cache_dir=Path(cache_dir or out) / "samples")  # fmt: skip
+    # the pinned settings (the site follows from them)
     header = {
         "format": MONTHS_FORMAT,
         "model": pretrained.name,
@@ -236,13 +251,8 @@ def run_months(
     pinned = tuple(k for k in header if k != "model")  # the same weights under another path
     check_or_write_header(out, "months.json", header, pinned, "months replication")
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
-    if corpus is None and not random_weights:  # C from text the model writes itself
-        corpus = SampledCorpus(model, tokenizer, pretrained.model_id, seed=config.seed,
-                               cache_dir=Path(cache_dir or out) / "samples")  # fmt: skip
     text_task = TextTask(model, tokenizer, corpus, cache)
     cyclic = isinstance(task, CyclicTask)
-    scorer = FactScorer(task, model)
-    among = scorer.known if facts == "known" else None
     tracing = _trace(out, model, tokenizer, task, scorer.known, config) if scorer.known else None
 
     sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
