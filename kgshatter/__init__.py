@@ -84,8 +84,11 @@ _EXPORTS: dict[str, str] = {
     "TINY_TEXT": "kgshatter.pretrained.loading",
     "load_pretrained": "kgshatter.pretrained.loading",
     "tiny_checkpoint": "kgshatter.pretrained.loading",
+    "SampledCorpus": "kgshatter.pretrained.text",
     "TextCorpus": "kgshatter.pretrained.text",
     "TextTask": "kgshatter.pretrained.text",
+    "TracePrompt": "kgshatter.pretrained.tracing",
+    "causal_trace": "kgshatter.pretrained.tracing",
     "city_country_task": "kgshatter.pretrained.facts",
     "cyclic_task": "kgshatter.pretrained.facts",
     "export_lora": "kgshatter.pretrained.export",
@@ -163,7 +166,8 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
         load_pretrained,
         tiny_checkpoint,
     )
-    from kgshatter.pretrained.text import TextCorpus, TextTask
+    from kgshatter.pretrained.text import SampledCorpus, TextCorpus, TextTask
+    from kgshatter.pretrained.tracing import TracePrompt, causal_trace
     from kgshatter.sites import Site
     from kgshatter.studies.months import MonthsConfig, run_months
     from kgshatter.studies.reproduction import reproduce
