@@ -504,6 +504,7 @@ def _summarise(
             entry["isomap_after"] = float(np.nanmean([r["ring_after"]["isomap"] for r in group]))
         per[str(d)] = entry
     edited = [r for r in rows if not r.get("skipped")]
+    claims = _claims(edited) if config.distances and len(config.distances) > 1 else {}
     fit = (
         fit_line([r["R"] for r in edited], [r["accuracy_change"] for r in edited])
         if len(edited) > 2
@@ -522,7 +523,33 @@ def _summarise(
         "rings_before": rings,
         "per_distance": per,
         "fit_accuracy_on_R": None if fit is None else {"slope": fit.slope, "r2": fit.r2},
+        "claims": claims,
     }
+
+
+# the paper's claims on a pretrained model, each as (quantity, the sign it predicts against d)
+CLAIMS = {
+    "R": ("the ring is disrupted more (R(D*) grows)", 1),
+    "accuracy_change": ("the other facts lose more accuracy", -1),
+    "perplexity": ("perplexity on ordinary text rises more", 1),
+    "calendar": ("calendar questions lose more", -1),
+}
+
+
+def _claims(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | bool | str]]:
+    """Spearman's rank correlation of each claim's quantity with d over the edits, its
+    two-sided p-value, and whether the claim holds (the predicted sign, p < 0.05)."""
+    from scipy.stats import spearmanr
+
+    out: dict[str, dict[str, float | bool | str]] = {}
+    for key, (text, sign) in CLAIMS.items():
+        pairs = [(r["distance"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if len(pairs) < 3 or len({d for d, _ in pairs}) < 2 or len({v for _, v in pairs}) < 2:
+            continue
+        rho, p = spearmanr([d for d, _ in pairs], [v for _, v in pairs])
+        out[key] = {"claim": text, "rho": float(rho), "p": float(p), "n": len(pairs),
+                    "holds": bool(rho * sign > 0 and p < 0.05)}  # fmt: skip
+    return out
 
 
 def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afters: list[Any],
@@ -630,6 +657,14 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         m = summary["mmlu_before"]
         lines += ["", f"MMLU-Redux before: {100 * m['accuracy']:.1f}% ({m['n']} items, "
                   f"no answer {100 * m['no_answer_rate']:.0f}%)."]  # fmt: skip
+    claims = summary.get("claims") or {}
+    if claims:
+        lines += ["", "The paper's claims on this model, as d grows (Spearman's rank correlation "
+                  "with d over the edits; holds: the predicted sign at p < 0.05):", ""]  # fmt: skip
+        for c in claims.values():
+            verdict = "holds" if c["holds"] else "not seen"
+            lines.append(f"- {c['claim']}: {verdict} (rho {c['rho']:+.2f}, p {c['p']:.3g}, "
+                         f"{c['n']} edits)")  # fmt: skip
     fit = summary["fit_accuracy_on_R"]
     if fit and not math.isnan(fit["r2"]):
         lines += ["", f"Accuracy change on R(D*): slope {fit['slope']:.3f}, r² {fit['r2']:.2f}."]
