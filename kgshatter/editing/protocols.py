@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -460,67 +460,14 @@ def run_protocol(
         )
     if only is not None and protocol != "single":
         raise ValueError("run_protocol(only=...) applies to the single protocol")
-    described = scorer.describe(requests)  # validates them, before any work
-    model_id = model_id or model_identity(model)
-    base = {"protocol": protocol, "method": method.name, "config": config.to_dict()}
-    records: list[EditRecord] = []
-    edits: list[Edit] = []
-
-    def compute(batch: list[Request], state: Any) -> tuple[Edit | None, float, str | None]:
-        start = time.perf_counter()
-        try:
-            edit = method.compute(model, task, batch, config, model_id=model_id, state=state)
-        except AlreadyAnswered as e:
-            return None, time.perf_counter() - start, str(e)
-        return edit, time.perf_counter() - start, None
-
-    def record(step: int, batch: list[Request], edit: Edit | None, seconds: float,
-               skipped: str | None, scored: list[Request]) -> None:  # fmt: skip
-        rows = [described[i] for i in (range(len(requests)) if protocol == "batch" else [step])]
-        head: dict[str, Any] = {**base, "step": step, "seconds": seconds, "requests": rows}
-        if skipped is not None:
-            records.append(EditRecord(**head, skipped=skipped))
-            return
-        eff = scorer.efficacy(model, batch)
-        retained = None
-        if scored is not batch:  # sequential: do the earlier edits still hold?
-            held = scorer.efficacy(model, scored)
-            retained = sum(e.success for e in held) / len(held)
-        collateral = scorer.collateral(model, scored)
-        near = scorer.neighbourhood(model, batch)
-        measures: dict[str, Any] | None = None
-        if measure is not None or measure_edit is not None:
-            measures = {
-                **(measure(model) if measure is not None else {}),
-                **(measure_edit(edit) if measure_edit is not None and edit is not None else {}),
-            }
-        records.append(
-            EditRecord(
-                **head,
-                efficacy=sum(e.success for e in eff) / len(eff),
-                efficacy_detail=tuple(eff),
-                retained=retained,
-                accuracy=collateral.accuracy,
-                accuracy_change=collateral.accuracy_change,
-                neighbourhood=near,
-                n_edits_applied=len(edits),
-                edits_before=len(edits) - 1 if protocol == "sequential" else 0,
-                measures=measures,
-            )
-        )
-
+    run = _Run(
+        model=model, task=task, method=method, config=config, protocol=protocol,
+        scorer=scorer, described=scorer.describe(requests),  # validates them, before any work
+        model_id=model_id or model_identity(model), measure=measure, measure_edit=measure_edit,
+    )  # fmt: skip
     steps = [list(requests)] if protocol == "batch" else [[r] for r in requests]
     bar = _progress(len(steps), f"{method.name} {protocol}", progress)
-    ready: dict[int, tuple[Edit | None, float, str | None]] = {}
-    if protocol == "single" and method.compute_many is not None and len(requests) > 1:
-        # independent edits: their target optimisations share forward passes; each record's
-        # seconds are its share of the whole computation
-        start = time.perf_counter()
-        many = method.compute_many(model, task, list(requests), config, model_id=model_id)
-        share = (time.perf_counter() - start) / len(requests)
-        for i, result in enumerate(many):
-            failed = isinstance(result, AlreadyAnswered)
-            ready[i] = (None if failed else result, share, str(result) if failed else None)
+    ready = run.compute_together(requests) if protocol == "single" else {}
     scorer.prepare(model, list(requests))  # before any edit is applied
     with ExitStack() as stack:
         state = method.new_state()
@@ -531,22 +478,107 @@ def run_protocol(
             if step in ready:
                 edit, seconds, skipped = ready[step]
             else:
-                edit, seconds, skipped = compute(batch, state if protocol != "single" else None)
+                edit, seconds, skipped = run.compute(batch, state if protocol != "single" else None)
             if edit is None:
-                record(step, batch, None, seconds, skipped, batch)
-                bar.update()
-                continue
-            edits.append(edit)
-            if protocol == "sequential":
+                run.record(step, batch, None, seconds, skipped, batch)
+            elif protocol == "sequential":
+                run.edits.append(edit)
                 stack.enter_context(edited(model, edit))
                 applied.extend(batch)
-                record(step, batch, edit, seconds, None, list(applied))
+                run.record(step, batch, edit, seconds, None, list(applied))
             else:
+                run.edits.append(edit)
                 with edited(model, edit):
-                    record(step, batch, edit, seconds, None, batch)
+                    run.record(step, batch, edit, seconds, None, batch)
             bar.update()
         bar.close()
-    return ProtocolResult(protocol, method.name, records, edits)
+    return ProtocolResult(protocol, method.name, run.records, run.edits)
+
+
+_Computed = tuple[Edit | None, float, str | None]  # the edit (None: skipped), seconds, reason
+
+
+@dataclass
+class _Run:
+    """One protocol run's fixed parts and what it has produced so far (:func:`run_protocol`)."""
+
+    model: TransformerBridge
+    task: EditTask
+    method: Method
+    config: Any
+    protocol: str
+    scorer: Scorer
+    described: list[dict[str, Any]]
+    model_id: str
+    measure: Callable[[Any], dict[str, Any]] | None
+    measure_edit: Callable[[Edit], dict[str, Any]] | None
+    records: list[EditRecord] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
+
+    def compute(self, batch: list[Request], state: Any) -> _Computed:
+        start = time.perf_counter()
+        try:
+            edit = self.method.compute(self.model, self.task, batch, self.config,
+                                       model_id=self.model_id, state=state)  # fmt: skip
+        except AlreadyAnswered as e:
+            return None, time.perf_counter() - start, str(e)
+        return edit, time.perf_counter() - start, None
+
+    def compute_together(self, requests: Sequence[Request]) -> dict[int, _Computed]:
+        """Independent single edits with ``compute_many``: their target optimisations share
+        forward passes, and each step's seconds are its share of the whole computation."""
+        if self.method.compute_many is None or len(requests) < 2:
+            return {}
+        start = time.perf_counter()
+        many = self.method.compute_many(self.model, self.task, list(requests), self.config,
+                                        model_id=self.model_id)  # fmt: skip
+        share = (time.perf_counter() - start) / len(requests)
+        ready: dict[int, _Computed] = {}
+        for i, result in enumerate(many):
+            failed = isinstance(result, AlreadyAnswered)
+            ready[i] = (None if failed else result, share, str(result) if failed else None)
+        return ready
+
+    def record(self, step: int, batch: list[Request], edit: Edit | None, seconds: float,
+               skipped: str | None, scored: list[Request]) -> None:  # fmt: skip
+        """Score the model as it stands (``edit`` applied) after ``step``'s ``batch``;
+        ``scored``: every request whose edit is applied (sequential: all so far)."""
+        batch_mode = self.protocol == "batch"
+        rows = [self.described[i] for i in (range(len(self.described)) if batch_mode else [step])]
+        head: dict[str, Any] = {"protocol": self.protocol, "method": self.method.name,
+                                "config": self.config.to_dict(), "step": step,
+                                "seconds": seconds, "requests": rows}  # fmt: skip
+        if skipped is not None:
+            self.records.append(EditRecord(**head, skipped=skipped))
+            return
+        model, scorer = self.model, self.scorer
+        eff = scorer.efficacy(model, batch)
+        retained = None
+        if scored is not batch:  # sequential: do the earlier edits still hold?
+            held = scorer.efficacy(model, scored)
+            retained = sum(e.success for e in held) / len(held)
+        collateral = scorer.collateral(model, scored)
+        near = scorer.neighbourhood(model, batch)
+        measures: dict[str, Any] | None = None
+        if self.measure is not None or self.measure_edit is not None:
+            measures = {
+                **(self.measure(model) if self.measure is not None else {}),
+                **(self.measure_edit(edit) if self.measure_edit and edit is not None else {}),
+            }
+        self.records.append(
+            EditRecord(
+                **head,
+                efficacy=sum(e.success for e in eff) / len(eff),
+                efficacy_detail=tuple(eff),
+                retained=retained,
+                accuracy=collateral.accuracy,
+                accuracy_change=collateral.accuracy_change,
+                neighbourhood=near,
+                n_edits_applied=len(self.edits),
+                edits_before=len(self.edits) - 1 if self.protocol == "sequential" else 0,
+                measures=measures,
+            )
+        )
 
 
 def _methods() -> dict[str, Method]:
