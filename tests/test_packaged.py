@@ -99,3 +99,32 @@ def test_smollm2_loads_with_hugging_face_logits(smollm2):
         ours, theirs = smollm2.model(ids), hf(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-3
     assert smollm2.tokenizer.decode(theirs[0, -1].argmax()) == " May"  # it knows the months
+
+
+@pytest.mark.packaged_weights
+@SMOLLM2
+def test_smollm2_knows_the_months_in_list_form_and_rome_edits_one(smollm2):
+    """The list phrasing the replication uses: SmolLM2 answers all 48 month queries (4 wordings x
+    12) and 1 in 12 hop questions; one ROME edit at its preset's layer (without C, so no text
+    is sampled here) moves January's successor 3 months, in every wording, and undoes exactly."""
+    import dataclasses
+
+    import kgshatter as ks
+    from kgshatter.pretrained.facts import FactScorer, cyclic_task
+    from kgshatter.pretrained.text import TextTask
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    task = cyclic_task("months", tok, phrasing="list")
+    scorer = FactScorer(task, model)
+    assert len(scorer.known) == 48
+    hop = cyclic_task("months", tok)
+    assert hop.accuracy(model) < 0.2  # the paper's questions: about chance for a 135M model
+    (request,) = task.counterfactuals(1, seed=0, distance=3, among=scorer.known)
+    rome = ks.get_method("rome")
+    config = dataclasses.replace(rome.config("smollm2-135m"), mom2_adjustment=False, n_prompts=6)
+    before = model(task.encode_queries([task.queries[0]]).tokens)
+    edit = rome.compute(model, TextTask(model, tok), request, config, model_id=smollm2.model_id)
+    with ks.edited(model, edit):
+        assert task.success(model, request)
+        assert task.paraphrase_success(model, request) == 1.0
+    assert torch.equal(model(task.encode_queries([task.queries[0]]).tokens), before)
