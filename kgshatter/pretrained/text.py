@@ -239,10 +239,17 @@ class SampledCorpus:
     def token_windows(
         self, tokenizer: Any, seq_len: int, n_tokens: int
     ) -> Int[torch.Tensor, "window seq_len"]:
-        """As :meth:`TextCorpus.token_windows`, over the texts :meth:`texts_for` gives (with
-        one batch to spare: decoded texts re-tokenise to about ``length`` tokens each)."""
-        texts = self.texts_for(n_tokens + self.length * self.batch)
-        return TextCorpus(texts, self.name).token_windows(tokenizer, seq_len, n_tokens)
+        """As :meth:`TextCorpus.token_windows`, over the texts :meth:`texts_for` gives; decoded
+        texts re-tokenise to about ``length`` tokens each, so one more batch is sampled when
+        they fall short of the windows asked for."""
+        full = (n_tokens // seq_len) * seq_len
+        asked = n_tokens
+        while True:
+            texts = self.texts_for(asked)
+            windows = TextCorpus(texts, self.name).token_windows(tokenizer, seq_len, n_tokens)
+            if windows.numel() >= full or asked >= 4 * n_tokens:
+                return windows
+            asked += self.length * self.batch
 
 
 def _text_field(row: Any, path: Path) -> str:
