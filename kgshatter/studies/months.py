@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -527,28 +527,38 @@ def _summarise(
     }
 
 
-# the paper's claims on a pretrained model, each as (quantity, the sign it predicts against d)
-CLAIMS = {
-    "R": ("the ring is disrupted more (R(D*) grows)", 1),
-    "accuracy_change": ("the other facts lose more accuracy", -1),
-    "perplexity": ("perplexity on ordinary text rises more", 1),
-    "calendar": ("calendar questions lose more", -1),
-}
+# the paper's claims on a pretrained model: (what it says, the sign it predicts against d, how a
+# row holds the quantity)
+CLAIMS: dict[str, tuple[str, int, Callable[[dict[str, Any]], Any]]] = {
+    "R": ("the ring is disrupted more (R(D*) grows)", 1, lambda r: r.get("R")),
+    "isomap_after": ("the ring's Isomap picture degrades more", -1,
+                     lambda r: (r.get("ring_after") or {}).get("isomap")),
+    "accuracy_change": ("the other facts lose more accuracy", -1,
+                        lambda r: r.get("accuracy_change")),
+    "perplexity": ("perplexity on ordinary text rises more", 1, lambda r: r.get("perplexity")),
+    "calendar": ("calendar questions lose more", -1, lambda r: r.get("calendar")),
+}  # fmt: skip
 
 
-def _claims(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | bool | str]]:
+def _claims(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Spearman's rank correlation of each claim's quantity with d over the edits, its
-    two-sided p-value, and whether the claim holds (the predicted sign, p < 0.05)."""
+    two-sided p-value, and whether the claim holds (the predicted sign, p < 0.05); a quantity
+    no edit changed is reported as unchanged."""
     from scipy.stats import spearmanr
 
-    out: dict[str, dict[str, float | bool | str]] = {}
-    for key, (text, sign) in CLAIMS.items():
-        pairs = [(r["distance"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if len(pairs) < 3 or len({d for d, _ in pairs}) < 2 or len({v for _, v in pairs}) < 2:
+    out: dict[str, dict[str, Any]] = {}
+    for key, (text, sign, read) in CLAIMS.items():
+        pairs = [(r["distance"], read(r)) for r in rows]
+        pairs = [(d, float(v)) for d, v in pairs if isinstance(v, (int, float)) and v == v]
+        if len(pairs) < 3 or len({d for d, _ in pairs}) < 2:
             continue
-        rho, p = spearmanr([d for d, _ in pairs], [v for _, v in pairs])
-        out[key] = {"claim": text, "rho": float(rho), "p": float(p), "n": len(pairs),
-                    "holds": bool(rho * sign > 0 and p < 0.05)}  # fmt: skip
+        entry: dict[str, Any] = {"claim": text, "n": len(pairs), "holds": False}
+        if len({v for _, v in pairs}) < 2:
+            entry.update(rho=math.nan, p=math.nan, unchanged=pairs[0][1])
+        else:
+            rho, p = spearmanr([d for d, _ in pairs], [v for _, v in pairs])
+            entry.update(rho=float(rho), p=float(p), holds=bool(rho * sign > 0 and p < 0.05))
+        out[key] = entry
     return out
 
 
@@ -662,6 +672,10 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
         lines += ["", "The paper's claims on this model, as d grows (Spearman's rank correlation "
                   "with d over the edits; holds: the predicted sign at p < 0.05):", ""]  # fmt: skip
         for c in claims.values():
+            if "unchanged" in c:
+                lines.append(f"- {c['claim']}: not seen (no edit changed it: {c['unchanged']:.4g} "
+                             f"after each of {c['n']} edits)")  # fmt: skip
+                continue
             verdict = "holds" if c["holds"] else "not seen"
             lines.append(f"- {c['claim']}: {verdict} (rho {c['rho']:+.2f}, p {c['p']:.3g}, "
                          f"{c['n']} edits)")  # fmt: skip
