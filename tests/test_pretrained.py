@@ -579,6 +579,27 @@ def test_months_cli_on_a_tiny_checkpoint(tmp_path, capsys):
             assert resumed[d][field] == entry[field]
 
 
+def test_months_runs_share_their_causal_trace_through_the_cache(tmp_path, monkeypatch):
+    """Another method's run of the same model and facts reads the trace from --cache."""
+    import kgshatter.pretrained.tracing as tracing
+
+    cache, args = tmp_path / "cache", ["--distance", "1", "--n", "1", "--quiet", "--facts",
+                                       "all", "--no-ability", "--fluency-tokens", "0"]  # fmt: skip
+    model = str(tiny_checkpoint("gpt2", tmp_path / "tiny"))
+    assert main(["months", "--model", model, "--out", str(tmp_path / "a"), "--cache", str(cache),
+                 *args]) == 0  # fmt: skip
+    first = (tmp_path / "a" / "tracing.json").read_text()
+
+    def no_tracing(*a, **k):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(tracing, "causal_trace", no_tracing)
+    assert main(["months", "--model", model, "--method", "memit", "--out", str(tmp_path / "b"),
+                 "--cache", str(cache), *args]) == 0  # fmt: skip
+    assert (tmp_path / "b" / "tracing.json").read_text() == first
+    assert (tmp_path / "b" / "tracing.png").is_file()
+
+
 def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypatch):
     """Which (model, method) pairs have a preset is known from the name: no weight is loaded
     (loading would need the hub here) before the one-line error."""

@@ -253,7 +253,11 @@ def run_months(
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
     text_task = TextTask(model, tokenizer, corpus, cache)
     cyclic = isinstance(task, CyclicTask)
-    tracing = _trace(out, model, tokenizer, task, scorer.known, config) if scorer.known else None
+    tracing = (
+        _trace(out, model, tokenizer, task, scorer.known, config, pretrained.model_id, cache_dir)
+        if scorer.known
+        else None
+    )
 
     sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
     before = task.representations(model, sites)
@@ -375,9 +379,16 @@ def run_months(
 
 
 def _trace(out: Path, model: TransformerBridge, tokenizer: Any, task: Any, known: Sequence[Any],
-           config: MonthsConfig) -> dict[str, Any] | None:  # fmt: skip
+           config: MonthsConfig, model_id: str,
+           cache_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:  # fmt: skip
     """Causal tracing of up to ``config.trace_prompts`` facts the model answers right, asked in
-    the edited prompts (``tracing.json`` and ``tracing.png``; a finished trace is reused)."""
+    the edited prompts (``tracing.json`` and ``tracing.png``). A finished trace is reused: the
+    run's own, or one in ``cache_dir`` of the same model, prompts and seed (another method's
+    run shares it)."""
+    import hashlib
+    import json
+    import shutil
+
     from kgshatter.io import read_json, write_json_atomic
     from kgshatter.plotting import save_figure
     from kgshatter.pretrained.tracing import TracePrompt, causal_trace, trace_figure
@@ -392,10 +403,23 @@ def _trace(out: Path, model: TransformerBridge, tokenizer: Any, task: Any, known
     g = np.random.default_rng(config.seed)
     picks = [pool[i] for i in sorted(g.permutation(len(pool))[: config.trace_prompts])]
     prompts = [TracePrompt(q.prompt, q.subject, q.answer) for q in picks]
+    key = json.dumps([model_id, [(p.prompt, p.subject, p.answer) for p in prompts], config.seed])
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"trace-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+        if (cached / "tracing.json").is_file() and (cached / "tracing.png").is_file():
+            shutil.copyfile(cached / "tracing.png", out / "tracing.png")
+            data = read_json(cached / "tracing.json", "causal trace", expect=dict)
+            write_json_atomic(path, data)
+            return data
     result = causal_trace(model, tokenizer, prompts, seed=config.seed)
     data = {**result.to_dict(), "prompts": [p.prompt.format(p.subject) for p in prompts]}
     save_figure(trace_figure(result, f"{task.name}"), out / "tracing.png")
     write_json_atomic(path, data)
+    if cached is not None:
+        cached.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "tracing.png", cached / "tracing.png")
+        write_json_atomic(cached / "tracing.json", data)  # last: a complete entry
     log.info("causal trace: best MLP layer %s", data["best_mlp_layer"])
     return data
 
