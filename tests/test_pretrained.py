@@ -616,8 +616,6 @@ def test_months_without_a_preset_fails_before_loading(tmp_path, capsys, monkeypa
     assert "methods with one: ['alphaedit', 'memit', 'rome']" in err
     assert main(["months", "--model", "gpt2", "--out", out]) == 2  # neither a folder nor cached
     assert "'gpt2' is not a directory here and not in the local" in capsys.readouterr().err
-    assert main(["months", "--model", "gpt2-xl", "--method", "pmet", "--out", out]) == 2
-    assert "pmet has no 'gpt2-xl' preset" not in capsys.readouterr().err  # PMET has one
     assert main(["months", "--model", "gpt2-xl", "--preset", "nope", "--out", out]) == 2
     assert "nope" in capsys.readouterr().err
     from kgshatter.studies.months import resolve_preset

@@ -71,11 +71,15 @@ LIST_WORDINGS = {
     ),
 }
 # contexts in which a subject's representation is read (at its last token): the subject's
-# state depends only on the text before it, so the contexts vary what precedes it (*choice*)
+# state depends only on the text before it, so the contexts vary what precedes it (*choice*).
+# Never the bare subject: a model's first position carries the attention sink's massive
+# activations from its middle layers on (SmolLM2-135M: norm ~5,300 from layer 11, against tens
+# elsewhere), which swamp the months ring in every layer after (neighbour agreement 0.17 with the
+# bare context among the contexts, 1.00 without it; docs/smollm2/README.md)
 CONTEXTS = {
-    "months": ("{}", "In {}", "The month of {}", "It happened in {}", "Next {}"),
-    "days": ("{}", "On {}", "The day is {}", "It happened on {}", "Next {}"),
-    "cities": ("{}", "In {}", "The city of {}", "I live in {}", "We flew to {}"),
+    "months": ("In {}", "The month of {}", "It happened in {}", "Next {}"),
+    "days": ("On {}", "The day is {}", "It happened on {}", "Next {}"),
+    "cities": ("In {}", "The city of {}", "I live in {}", "We flew to {}"),
 }
 # the tree case: 5 countries x 4 cities (only well-known names, one token or a few)
 CITIES = {
@@ -331,7 +335,7 @@ class FactTask:
 
     def generation_prompts(self, request: TextRequest) -> list[str]:
         """Texts about the subject whose continuations measure fluency."""
-        return [c.format(request.subject) for c in self.contexts[1:4]]
+        return [c.format(request.subject) for c in self.contexts[:3]]
 
     def counterfact(
         self,

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 TASKS = ("months", "days", "cities")
 # ring sizes of the cyclic tasks: an edit moves an answer at most half the ring away
 RING_SIZES = {"months": 12, "days": 7}
-MONTHS_FORMAT = "kgshatter-months-1"
+# 2: the subjects' representations no longer include the bare-subject context (facts.CONTEXTS)
+MONTHS_FORMAT = "kgshatter-months-2"
 # which preset each known checkpoint uses (editing presets of kgshatter.editing)
 MODEL_PRESETS = {
     "gpt2-xl": "gpt2-xl",
