@@ -98,18 +98,20 @@ ROME_PRESETS = {
     ),
     # zjunlp/EasyEdit hparams/ROME/llama3-8b.yaml: layer 5 (down_proj), 25 steps, lr 0.5, weight
     # decay 1e-3, clamp 4, KL 0.0625, 1 + 10 + 10 context templates, mom2_adjustment off
-    "llama3-8b": ROMEConfig(
-        layer=5,
-        n_prompts=21,
-        steps=25,
-        lr=0.5,
-        weight_decay=1e-3,
-        clamp_norm_factor=4.0,
-        kl_factor=0.0625,
-        position="subject",
-        mom2_adjustment=False,
-        micro_batch=7,
-        reference=True,
+    "llama3-8b": (
+        _LLAMA3_8B := ROMEConfig(
+            layer=5,
+            n_prompts=21,
+            steps=25,
+            lr=0.5,
+            weight_decay=1e-3,
+            clamp_norm_factor=4.0,
+            kl_factor=0.0625,
+            position="subject",
+            mom2_adjustment=False,
+            micro_batch=7,
+            reference=True,
+        )
     ),
     # Mamba 2.8B: the out_proj of layer 15's mixer (the layer the issue names, after Sen Sharma
     # et al. 2024, "Locating and Editing Factual Associations in Mamba"); the optimisation
@@ -124,18 +126,8 @@ ROME_PRESETS = {
     # 1 / 3 / 5 and -71 / -61 / -71 at 8 / 12 / 16 (efficacy 100% everywhere). C is on (from
     # 32k tokens the model samples itself, as ROME's reference uses Wikipedia): -49 against
     # -51 without it at layer 5. 11 prompts (1 + 10 prefixed), the essence prompt as ROME's.
-    "smollm2-135m": ROMEConfig(
-        layer=5,
-        n_prompts=11,
-        steps=25,
-        lr=0.5,
-        weight_decay=1e-3,
-        clamp_norm_factor=4.0,
-        kl_factor=0.0625,
-        position="subject",
-        n_samples=32768,
-        micro_batch=11,
-        reference=True,
+    "smollm2-135m": dataclasses.replace(
+        _LLAMA3_8B, n_prompts=11, micro_batch=11, mom2_adjustment=True, n_samples=32768
     ),
     # tiny random checkpoints (kgshatter.pretrained.loading.tiny_checkpoint): measured, see
     # spread.py

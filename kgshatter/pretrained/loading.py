@@ -95,22 +95,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]
     A hub name (or a short name in :data:`HUB_NAMES`) is looked up in the local Hugging Face
     cache first, then downloaded when the hub is reachable.
     """
-    from kgshatter.pretrained.packaged import PACKAGED, gguf_checkpoint, packaged_gguf
+    from kgshatter.pretrained.packaged import gguf_checkpoint, packaged_gguf
 
     text = str(name_or_path)
-    if text in PACKAGED:  # weights shipped in a package on the index, converted once
+    kind = locate_checkpoint(text)  # checks the package, the file or the directory
+    if kind == "packaged":  # weights shipped in a package on the index, converted once
         return gguf_checkpoint(packaged_gguf(text), name=text), text
-    path = Path(text).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return gguf_checkpoint(path), text
-    if path.exists() or text.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise PretrainedUnavailable(
-                f"{path} is not a directory; pass a Hugging Face checkpoint directory (made by "
-                f"save_pretrained) or a hub name such as {sorted(HUB_NAMES)}"
-            )
-        check_checkpoint_dir(path)
-        return path, text
+    if kind == "gguf":
+        return gguf_checkpoint(Path(text).expanduser()), text
+    if kind == "directory":
+        return Path(text).expanduser(), text
     repo = HUB_NAMES.get(text, text)
     return _from_hub(repo), repo
 
@@ -120,7 +114,7 @@ def locate_checkpoint(name_or_path: str | os.PathLike[str]) -> str:
     ``"packaged"``, ``"gguf"``, ``"directory"`` or ``"hub"`` (a name for the local Hugging Face
     cache or the hub; :func:`in_hub_cache` says whether it is cached). A missing package, a
     missing ``.gguf`` file, a path that is not a directory and an incomplete or damaged
-    checkpoint directory fail with one line (as :func:`resolve_checkpoint` would later)."""
+    checkpoint directory fail with one line (:func:`resolve_checkpoint` starts here)."""
     from kgshatter.pretrained.packaged import PACKAGED, packaged_gguf
 
     text = str(name_or_path)

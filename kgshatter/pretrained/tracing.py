@@ -141,6 +141,7 @@ def causal_trace(
     emb = model.W_E if hasattr(model, "W_E") else model.embed.W_E
     scale = noise * float(emb.float().std())
     g = torch.Generator().manual_seed(seed)
+    hook_names = {KINDS[k].format(layer) for k in kinds for layer in range(n_layers)}
     sums = {k: np.zeros((n_layers, len(TOKEN_GROUPS))) for k in kinds}
     counts = np.zeros(len(TOKEN_GROUPS), dtype=int)
     clean_p, corrupt_p = [], []
@@ -154,7 +155,6 @@ def causal_trace(
         n_tok = tokens.shape[1]
         groups = _token_groups(n_tok, first_subj, last_subj)
         # the clean run: every state that may be restored
-        hook_names = {KINDS[k].format(layer) for k in kinds for layer in range(n_layers)}
         clean: dict[str, torch.Tensor] = {}
 
         def keep(act: torch.Tensor, hook: Any, clean: dict[str, torch.Tensor] = clean) -> None:
@@ -164,6 +164,15 @@ def causal_trace(
         canonical = {n: str(model.hook_dict[n].name) for n in hook_names}
         clean_p.append(float(torch.softmax(logits[0, -1].float(), -1)[answer]))
         restorable = [t for t in range(n_tok) if groups[t] is not None]
+        # one row per (layer, token): restore that state (the kind's window) in that row; the
+        # same rows for every noise draw
+        pairs = [(layer, t) for layer in range(n_layers) for t in restorable]
+        restore = {
+            k: [(canonical[KINDS[k].format(j)], row, t, clean[canonical[KINDS[k].format(j)]][t])
+                for row, (layer, t) in enumerate(pairs)
+                for j in ([layer] if k == "resid" else _window(layer, window, n_layers))]
+            for k in kinds
+        }  # fmt: skip
         draws = torch.randn(n_noise, last_subj - first_subj + 1, emb.shape[-1], generator=g)
         corrupted_here = []
         effects = {k: np.zeros((n_layers, n_tok)) for k in kinds}
@@ -171,16 +180,8 @@ def causal_trace(
             base = _run_corrupted(model, tokens, first_subj, draw * scale, [], answer)
             corrupted_here.append(base)
             for k in kinds:
-                # one row per (layer, token): restore that state (kind's window) in that row
-                pairs = [(layer, t) for layer in range(n_layers) for t in restorable]
-                restore = []
-                for row, (layer, t) in enumerate(pairs):
-                    span = [layer] if k == "resid" else _window(layer, window, n_layers)
-                    restore += [(KINDS[k].format(j), row, t) for j in span]
-                probs = _run_corrupted(
-                    model, tokens.expand(len(pairs), -1), first_subj, draw * scale,
-                    [(canonical[n], r, t, clean[canonical[n]][t]) for n, r, t in restore], answer,
-                )  # fmt: skip
+                probs = _run_corrupted(model, tokens.expand(len(pairs), -1), first_subj,
+                                       draw * scale, restore[k], answer)  # fmt: skip
                 for row, (layer, t) in enumerate(pairs):
                     effects[k][layer, t] += float(probs[row]) - base
         corrupt_p.append(float(np.mean(corrupted_here)))
