@@ -28,7 +28,7 @@ from kgshatter.cli.common import (
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from kgshatter.studies.reproduction import describe, reproduce
-    from kgshatter.studies.sweep import SweepConfig, editor_defaults
+    from kgshatter.studies.sweep import SweepConfig, sweep_defaults
 
     if args.geometry is not None:
         if args.preset is not None:
@@ -36,7 +36,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         args.preset = GEOMETRY_PRESETS[args.geometry]
     args.preset = args.preset or "cpu"
     run = apply_overrides(get_preset(args.preset), args.set or [])
-    fields: dict[str, Any] = dict(editor_defaults(args.preset))
+    fields: dict[str, Any] = sweep_defaults(args.preset)
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.distances:
@@ -211,11 +211,15 @@ def add_reproduce(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (new, or an earlier reproduction)")
     p.add_argument("--set", action="append", metavar="PART.FIELD=VALUE", help="override the run")
-    p.add_argument("--methods", default=None, help="comma-separated (default: all five)")
-    p.add_argument("--distances", default=None, help="edit distances: 1..4 or 1,2,3,4 (1..4)")
-    p.add_argument("--n", type=_positive, default=None, help="edits per method, kind and seed (12)")
     p.add_argument(
-        "--sequential", type=_natural, default=None, help="sequence length (12; 0: none)"
+        "--methods",
+        default=None,
+        help="comma-separated (default: all five; memit,rome for paper and paper-wide)",
+    )
+    p.add_argument("--distances", default=None, help="edit distances: 1..4 or 1,2,3,4 (1..4)")
+    p.add_argument("--n", type=_positive, default=None, help="edits per method, kind and seed (12; 16 for paper)")
+    p.add_argument(
+        "--sequential", type=_natural, default=None, help="sequence length (12; 0: none, paper's default)"
     )
     p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (0)")
     p.add_argument("--site", default=None, help="representation site (default auto: clearest ring)")
