@@ -15,7 +15,6 @@ from kgshatter.studies.shipped import BUNDLED_DIR, bundled_run, install_bundled
 from kgshatter.studies.sweep import SweepConfig, editor_defaults, sweep_defaults
 from kgshatter.training import load_run, train
 
-
 # the accuracy each shipped checkpoint must keep (its COMMAND.md: compressed 97.9 / 99.7 /
 # 98.4 direct per order; paper 100.0 on every order)
 SHIPPED = {"compressed": 0.95, "paper": 0.99}

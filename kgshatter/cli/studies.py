@@ -217,9 +217,17 @@ def add_reproduce(sub: Any) -> None:
         help="comma-separated (default: all five; memit,rome for paper and paper-wide)",
     )
     p.add_argument("--distances", default=None, help="edit distances: 1..4 or 1,2,3,4 (1..4)")
-    p.add_argument("--n", type=_positive, default=None, help="edits per method, kind and seed (12; 16 for paper)")
     p.add_argument(
-        "--sequential", type=_natural, default=None, help="sequence length (12; 0: none, paper's default)"
+        "--n",
+        type=_positive,
+        default=None,
+        help="edits per method, kind and seed (12; 16 for paper)",
+    )
+    p.add_argument(
+        "--sequential",
+        type=_natural,
+        default=None,
+        help="sequence length (12; 0: none, paper's default)",
     )
     p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (0)")
     p.add_argument("--site", default=None, help="representation site (default auto: clearest ring)")
