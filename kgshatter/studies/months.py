@@ -187,98 +187,31 @@ def run_months(
     with its after-edit representations in ``reps/``, and a rerun skips finished rows. The
     summary, figures and report are rewritten atomically at the end.
     """
-    from kgshatter.analysis.shattering import shattering
-    from kgshatter.editing import CovarianceCache, get_method
-    from kgshatter.editing.protocols import run_protocol
+    from kgshatter.editing import CovarianceCache
     from kgshatter.io import write_json_atomic
-    from kgshatter.pretrained.facts import CyclicTask, FactScorer, natural_task
-    from kgshatter.pretrained.text import SampledCorpus, TextTask
-    from kgshatter.sites import Site
+    from kgshatter.pretrained.text import TextTask
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = pretrained.model, pretrained.tokenizer
-    random_weights = bool(getattr(pretrained, "random_weights", False))
-    phrasing = config.phrasing
-    if phrasing == "auto":
-        phrasing = "hop" if config.task == "cities" else phrasing_for(pretrained.name)
-    facts = config.facts if config.facts != "auto" else ("all" if random_weights else "known")
-    task = natural_task(config.task, tokenizer, config.scoring, phrasing)
-    method = get_method(config.method)
-    if config.preset is not None:
-        preset = resolve_preset(pretrained.name, config.method, config.preset)
-    elif random_weights:
-        preset = resolve_preset("tiny:", config.method)
-    else:
-        preset = resolve_preset(pretrained.name, config.method)
-    overrides = {"n_samples": config.n_samples} if config.n_samples else {}
-    edit_config = method.config(preset, **overrides)
-    for layer in getattr(edit_config, "edit_layers", ()):
-        Site(layer, "resid_post").check(pretrained.n_layers)
-    if config.site is not None:  # before the header: a typo must not pin a folder
-        Site.parse(config.site).check(pretrained.n_layers)
-    # which facts can be edited, before the header: a prompt set the model gets wrong
-    # everywhere, or too few known facts for n_edits, must not pin a folder
-    scorer = FactScorer(task, model)
-    among = scorer.known if facts == "known" else None
-    if among is not None and not among:
-        raise ValueError(
-            f"the model answers none of the {len(task.queries)} {config.task} prompts "
-            f"({phrasing} phrasing) right, so no known fact can be edited; try --phrasing "
-            f"{'list' if phrasing == 'hop' else 'hop'}, or --facts all"
-        )
-    for distance in config.distances or (None,):
-        task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance, among)
-    if corpus is None:  # C from text the model writes itself (sampled when first needed)
-        corpus = SampledCorpus(model, tokenizer, pretrained.model_id, seed=config.seed,
-                               cache_dir=Path(cache_dir or out) / "samples")  # fmt: skip
-    # the pinned settings (the site follows from them)
-    header = {
-        "format": MONTHS_FORMAT,
-        "model": pretrained.name,
-        "model_id": pretrained.model_id,
-        "config": config.to_dict(),
-        "preset": preset,
-        "phrasing": phrasing,
-        "facts": facts,
-        "corpus": getattr(corpus, "fingerprint", None),
-        "mmlu_items": len(mmlu_items),
-    }
+    plan = _MonthsPlan.resolve(pretrained, config, out, corpus, cache_dir)
     if (out / "rows.jsonl").exists() and not (out / "months.json").exists():
         raise ValueError(
             f"{out} holds rows.jsonl but no months.json: rows of an older kgshatter or of "
             f"something else; use a new --out"
         )
+    header = plan.header(pretrained, config, len(mmlu_items))
     pinned = tuple(k for k in header if k != "model")  # the same weights under another path
     check_or_write_header(out, "months.json", header, pinned, "months replication")
     cache = CovarianceCache(cache_dir) if cache_dir is not None else None
-    text_task = TextTask(model, tokenizer, corpus, cache)
-    cyclic = isinstance(task, CyclicTask)
+    text_task = TextTask(pretrained.model, pretrained.tokenizer, plan.corpus, cache)
     tracing = (
-        _trace(out, model, tokenizer, task, scorer.known, config, pretrained.model_id, cache_dir)
-        if scorer.known
+        _trace(out, pretrained.model, pretrained.tokenizer, plan.task, plan.scorer.known, config,
+               pretrained.model_id, cache_dir)
+        if plan.scorer.known
         else None
-    )
-
-    sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
-    before = task.representations(model, sites)
-    rings = {str(s): _ring(before[s], task) for s in sites} if cyclic else {}
-    if config.site is not None:
-        site = Site.parse(config.site).check(pretrained.n_layers)
-        if site not in before:
-            before.update(task.representations(model, [site]))
-    else:
-        # representations below the edited layer cannot change: choose among the layers from
-        # the (last) edited one up, the clearest ring there (cyclic) or the last layer (tree)
-        top_edited = max(getattr(edit_config, "edit_layers", (0,)))
-        above = [s for s in sites if s.layer is not None and s.layer >= top_edited]
-        site = above[-1]
-        if cyclic:
-            site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
-    acc0 = scorer.baseline
-    ability0 = _ability(model, tokenizer) if config.ability else None
-    mmlu0 = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
-    log.info("baseline: accuracy %.3f, site %s, mmlu %s", acc0, site, mmlu0)
+    )  # fmt: skip
+    base = _Baseline.measure(pretrained, plan, config, mmlu_items, progress)
+    log.info("baseline: accuracy %.3f, site %s, mmlu %s", base.accuracy, base.site, base.mmlu)
 
     rows_path, reps_dir = out / "rows.jsonl", out / "reps"
     reps_dir.mkdir(exist_ok=True)
@@ -288,8 +221,8 @@ def run_months(
     afters: list[Any] = []  # representations after each edit (small: subjects x d_model)
     fluency_unedited: dict[tuple[str, ...], float | None] = {}
     for distance in config.distances or (None,):
-        requests = task.counterfactuals(
-            config.n_edits, config.seed + (distance or 0), distance, among=among
+        requests = plan.task.counterfactuals(
+            config.n_edits, config.seed + (distance or 0), distance, among=plan.among
         )
         for i, request in enumerate(requests):
             reps_path = reps_dir / f"d{distance}-{i:03d}.safetensors"
@@ -300,83 +233,240 @@ def run_months(
                 rows.append(done[(distance, i)])
                 afters.append(_load_reps(reps_path))
                 continue
-            subject_prompts = tuple(task.generation_prompts(request))
+            subject_prompts = tuple(plan.task.generation_prompts(request))
             if subject_prompts not in fluency_unedited:  # the unedited model's, once per subject
-                fluency_unedited[subject_prompts] = _fluency(model, tokenizer, subject_prompts,
-                                                             config)  # fmt: skip
-            fluency_before = fluency_unedited[subject_prompts]
-            seen: dict[str, Any] = {}
-
-            def measure(edited_model: Any, i: int = i, seen: dict[str, Any] = seen,
-                        prompts: tuple[str, ...] = subject_prompts,
-                        fluent: bool = fluency_before is not None) -> dict[str, Any]:  # fmt: skip
-                # with the edit applied: representations, fluency, MMLU-Redux
-                seen["after"] = task.representations(edited_model, [site])[site]
-                got: dict[str, Any] = {"R": shattering(before[site], seen["after"])}
-                if fluent:
-                    got["fluency"] = _fluency(edited_model, tokenizer, prompts, config)
-                if cyclic:
-                    got["ring_after"] = _ring(seen["after"], task)
-                if config.ability:
-                    got.update(_ability(edited_model, tokenizer))
-                if mmlu_items and i % config.mmlu_every == 0:
-                    got["mmlu"] = _mmlu(edited_model, tokenizer, mmlu_items, config, progress)
-                return got
-
-            (record,) = run_protocol(
-                model, text_task, method, edit_config, [request], "single", scorer,
-                model_id=pretrained.model_id, measure=measure,
-            ).records  # fmt: skip
-            row: dict[str, Any] = {"distance": distance, "index": i, "request": request.to_dict()}
-            if not record.scored:  # the model already gives the target: nothing to edit
-                row.update(skipped=record.skipped, seconds=record.seconds)
-                append_row(rows_path, row)
-                rows.append(row)
-                log.info("d=%s edit %d: skipped (%s)", distance, i, record.skipped)
-                continue
-            (efficacy,) = record.efficacy_detail
-            measured = dict(record.measures or {})
-            near = record.neighbourhood or {}
-            after = seen["after"]
-            row.update(
-                success=bool(efficacy.success),
-                target_prob=efficacy.target_prob,
-                accuracy=(record.accuracy or {})["direct"]["all"],
-                accuracy_before=acc0,
-                R=measured.pop("R"),
-                seconds=record.seconds,
-                paraphrase=efficacy.prompt_fraction,
-                neighbourhood=near["accuracy"],
-                neighbourhood_before=near["before"],
-            )
-            if fluency_before is not None:
-                row["fluency_before"] = fluency_before
-            row.update(measured)
-            row["accuracy_change"] = row["accuracy"] - acc0
-            _save_reps(reps_path, after)  # before the row: a row on disk has its reps
+                fluency_unedited[subject_prompts] = _fluency(
+                    pretrained.model, pretrained.tokenizer, subject_prompts, config
+                )
+            row, after = _edit_once(
+                pretrained, plan, base, config, text_task, request, distance, i,
+                fluency_unedited[subject_prompts], mmlu_items, progress,
+            )  # fmt: skip
+            if after is not None:
+                _save_reps(reps_path, after)  # before the row: a row on disk has its reps
+                afters.append(after)
             append_row(rows_path, row)
             rows.append(row)
-            afters.append(after)
-            log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
 
     edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
-    summary = _summarise(rows, pretrained, config, preset, site, acc0, mmlu0, rings)
+    summary = _summarise(rows, pretrained, config, plan.preset, base.site, base.accuracy,
+                         base.mmlu, base.rings)  # fmt: skip
     summary.update(
-        ability_before=ability0,
-        scoring=task.scoring,  # what "auto" resolved to
-        phrasing=phrasing,
-        facts=facts,
-        known=len(scorer.known),
-        queries=len(task.queries),
-        corpus=getattr(corpus, "name", None),
+        ability_before=base.ability,
+        scoring=plan.task.scoring,  # what "auto" resolved to
+        phrasing=plan.phrasing,
+        facts=plan.facts,
+        known=len(plan.scorer.known),
+        queries=len(plan.task.queries),
+        corpus=getattr(plan.corpus, "name", None),
         tracing=None if tracing is None else {
             k: tracing[k] for k in ("best_mlp_layer", "clean", "corrupted", "n_prompts")
         },
     )  # fmt: skip
     write_json_atomic(out / "summary.json", summary)
-    _figures(out, task, before[site], edited_rows, afters, summary, pretrained.name)
+    _figures(out, plan.task, base.before[base.site], edited_rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
+
+
+@dataclass
+class _MonthsPlan:
+    """What a months run settles before any model work beyond scoring the prompts: the task in
+    its phrasing, the editor and its configuration, the facts it may edit, the corpus for C.
+    Every check that must refuse a run before it claims its folder happens here."""
+
+    task: Any
+    method: Any
+    preset: str
+    edit_config: Any
+    phrasing: str
+    facts: str
+    scorer: Any
+    among: Any  # the facts edits are drawn from (None: all)
+    corpus: Any
+
+    @classmethod
+    def resolve(
+        cls,
+        pretrained: Any,
+        config: MonthsConfig,
+        out: Path,
+        corpus: Any,
+        cache_dir: str | os.PathLike[str] | None,
+    ) -> _MonthsPlan:
+        from kgshatter.editing import get_method
+        from kgshatter.pretrained.facts import FactScorer, natural_task
+        from kgshatter.pretrained.text import SampledCorpus
+        from kgshatter.sites import Site
+
+        model, tokenizer = pretrained.model, pretrained.tokenizer
+        random_weights = bool(getattr(pretrained, "random_weights", False))
+        phrasing = config.phrasing
+        if phrasing == "auto":
+            phrasing = "hop" if config.task == "cities" else phrasing_for(pretrained.name)
+        facts = config.facts if config.facts != "auto" else ("all" if random_weights else "known")
+        task = natural_task(config.task, tokenizer, config.scoring, phrasing)
+        method = get_method(config.method)
+        if config.preset is not None:
+            preset = resolve_preset(pretrained.name, config.method, config.preset)
+        elif random_weights:
+            preset = resolve_preset("tiny:", config.method)
+        else:
+            preset = resolve_preset(pretrained.name, config.method)
+        overrides = {"n_samples": config.n_samples} if config.n_samples else {}
+        edit_config = method.config(preset, **overrides)
+        for layer in getattr(edit_config, "edit_layers", ()):
+            Site(layer, "resid_post").check(pretrained.n_layers)
+        if config.site is not None:  # before the header: a typo must not pin a folder
+            Site.parse(config.site).check(pretrained.n_layers)
+        # which facts can be edited, before the header: a prompt set the model gets wrong
+        # everywhere, or too few known facts for n_edits, must not pin a folder
+        scorer = FactScorer(task, model)
+        among = scorer.known if facts == "known" else None
+        if among is not None and not among:
+            raise ValueError(
+                f"the model answers none of the {len(task.queries)} {config.task} prompts "
+                f"({phrasing} phrasing) right, so no known fact can be edited; try --phrasing "
+                f"{'list' if phrasing == 'hop' else 'hop'}, or --facts all"
+            )
+        for distance in config.distances or (None,):
+            task.counterfactuals(config.n_edits, config.seed + (distance or 0), distance, among)
+        if corpus is None:  # C from text the model writes itself (sampled when first needed)
+            corpus = SampledCorpus(model, tokenizer, pretrained.model_id, seed=config.seed,
+                                   cache_dir=Path(cache_dir or out) / "samples")  # fmt: skip
+        return cls(task, method, preset, edit_config, phrasing, facts, scorer, among, corpus)
+
+    def header(self, pretrained: Any, config: MonthsConfig, mmlu_items: int) -> dict[str, Any]:
+        """The settings ``months.json`` pins (the site follows from them)."""
+        return {
+            "format": MONTHS_FORMAT,
+            "model": pretrained.name,
+            "model_id": pretrained.model_id,
+            "config": config.to_dict(),
+            "preset": self.preset,
+            "phrasing": self.phrasing,
+            "facts": self.facts,
+            "corpus": getattr(self.corpus, "fingerprint", None),
+            "mmlu_items": mmlu_items,
+        }
+
+    @property
+    def cyclic(self) -> bool:
+        from kgshatter.pretrained.facts import CyclicTask
+
+        return isinstance(self.task, CyclicTask)
+
+
+@dataclass
+class _Baseline:
+    """The unedited model: representations at every layer (and the site), the ring per layer,
+    the site edits are measured at, accuracy, and the ability checks."""
+
+    before: Any
+    rings: dict[str, dict[str, float]]
+    site: Any
+    accuracy: float
+    ability: dict[str, float] | None
+    mmlu: Any
+
+    @classmethod
+    def measure(
+        cls,
+        pretrained: Any,
+        plan: _MonthsPlan,
+        config: MonthsConfig,
+        mmlu_items: Any,
+        progress: bool,
+    ) -> _Baseline:
+        from kgshatter.sites import Site
+
+        model, tokenizer, task = pretrained.model, pretrained.tokenizer, plan.task
+        sites = [Site(layer, "resid_post") for layer in range(pretrained.n_layers)]
+        before = task.representations(model, sites)
+        rings = {str(s): _ring(before[s], task) for s in sites} if plan.cyclic else {}
+        if config.site is not None:
+            site = Site.parse(config.site).check(pretrained.n_layers)
+            if site not in before:
+                before.update(task.representations(model, [site]))
+        else:
+            # representations below the edited layer cannot change: choose among the layers
+            # from the (last) edited one up, the clearest ring there (cyclic) or the last layer
+            top_edited = max(getattr(plan.edit_config, "edit_layers", (0,)))
+            above = [s for s in sites if s.layer is not None and s.layer >= top_edited]
+            site = above[-1]
+            if plan.cyclic:
+                site = max(above, key=lambda s: np.nan_to_num(rings[str(s)]["isomap"], nan=-1.0))
+        ability = _ability(model, tokenizer) if config.ability else None
+        mmlu = _mmlu(model, tokenizer, mmlu_items, config, progress) if mmlu_items else None
+        return cls(before, rings, site, plan.scorer.baseline, ability, mmlu)
+
+
+def _edit_once(
+    pretrained: Any,
+    plan: _MonthsPlan,
+    base: _Baseline,
+    config: MonthsConfig,
+    text_task: Any,
+    request: Any,
+    distance: int | None,
+    i: int,
+    fluency_before: float | None,
+    mmlu_items: Any,
+    progress: bool,
+) -> tuple[dict[str, Any], Any]:
+    """Edit one request (hooks only; the model is unchanged afterwards) and measure it: its
+    row, and the representations at the site after the edit (``None`` when the model already
+    gave the target, so nothing was edited)."""
+    from kgshatter.analysis.shattering import shattering
+    from kgshatter.editing.protocols import run_protocol
+
+    model, tokenizer, task, site = pretrained.model, pretrained.tokenizer, plan.task, base.site
+    prompts = tuple(task.generation_prompts(request))
+    seen: dict[str, Any] = {}
+
+    def measure(edited_model: Any) -> dict[str, Any]:
+        # with the edit applied: representations, fluency, MMLU-Redux
+        seen["after"] = task.representations(edited_model, [site])[site]
+        got: dict[str, Any] = {"R": shattering(base.before[site], seen["after"])}
+        if fluency_before is not None:
+            got["fluency"] = _fluency(edited_model, tokenizer, prompts, config)
+        if plan.cyclic:
+            got["ring_after"] = _ring(seen["after"], task)
+        if config.ability:
+            got.update(_ability(edited_model, tokenizer))
+        if mmlu_items and i % config.mmlu_every == 0:
+            got["mmlu"] = _mmlu(edited_model, tokenizer, mmlu_items, config, progress)
+        return got
+
+    (record,) = run_protocol(
+        model, text_task, plan.method, plan.edit_config, [request], "single", plan.scorer,
+        model_id=pretrained.model_id, measure=measure,
+    ).records  # fmt: skip
+    row: dict[str, Any] = {"distance": distance, "index": i, "request": request.to_dict()}
+    if not record.scored:  # the model already gives the target: nothing to edit
+        row.update(skipped=record.skipped, seconds=record.seconds)
+        log.info("d=%s edit %d: skipped (%s)", distance, i, record.skipped)
+        return row, None
+    (efficacy,) = record.efficacy_detail
+    measured = dict(record.measures or {})
+    near = record.neighbourhood or {}
+    row.update(
+        success=bool(efficacy.success),
+        target_prob=efficacy.target_prob,
+        accuracy=(record.accuracy or {})["direct"]["all"],
+        accuracy_before=base.accuracy,
+        R=measured.pop("R"),
+        seconds=record.seconds,
+        paraphrase=efficacy.prompt_fraction,
+        neighbourhood=near["accuracy"],
+        neighbourhood_before=near["before"],
+    )
+    if fluency_before is not None:
+        row["fluency_before"] = fluency_before
+    row.update(measured)
+    row["accuracy_change"] = row["accuracy"] - base.accuracy
+    log.info("d=%s edit %d: success %s, R %.4f", distance, i, row["success"], row["R"])
+    return row, seen["after"]
 
 
 def _trace(out: Path, model: TransformerBridge, tokenizer: Any, task: Any, known: Sequence[Any],
