@@ -490,31 +490,8 @@ def train(
     end = t.steps if max_steps is None else min(t.steps, max_steps)
     model.train()
     bar = tqdm(total=t.steps, initial=state["step"], disable=not progress, desc=f"train {run.name}")
-    window_start, window_tokens = time.perf_counter(), 0
+    meter = _Meter(state, dev)
     last_save = time.perf_counter()
-    running_loss = torch.zeros((), device=dev)  # summed on the device: no sync per step
-
-    def flush_loss() -> None:
-        """Move the running loss into ``state``; refuse a non-finite loss before any save."""
-        nonlocal running_loss
-        value = running_loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"training loss became {value} before step {state['step']}; nothing was saved "
-                f"for this window: lower train.lr or resume from the last checkpoint"
-            )
-        state["loss_sum"] += value
-        running_loss = torch.zeros((), device=dev)
-
-    def bank_time() -> float:
-        """Move the time and tokens since the last call into ``state``; return the seconds."""
-        nonlocal window_start, window_tokens
-        elapsed = time.perf_counter() - window_start
-        state["seconds"] += elapsed
-        state["tokens"] += window_tokens
-        window_start, window_tokens = time.perf_counter(), 0
-        return elapsed
-
     while state["step"] < end:
         step = state["step"]
         for group in optimizer.param_groups:
@@ -527,38 +504,17 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         state["step"] = step + 1
-        running_loss += loss.detach()
-        state["loss_count"] += 1
-        window_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+        meter.add(loss, tokens)
         bar.update(1)
         last = state["step"] == end
         if state["step"] % t.eval_every == 0 or last:
-            flush_loss()
-            tokens_seen = window_tokens
-            elapsed = bank_time()
-            result = evaluator(model)
-            model.train()
-            entry = _history_entry(state, result, lr_at(step, run), tokens_seen, elapsed)
-            state["history"].append(entry)
-            state["loss_sum"], state["loss_count"] = 0.0, 0
-            acc = result["accuracy"]
-            bar.set_postfix(
-                loss=f"{entry['loss']:.3f}",
-                direct=acc["direct"]["all"],
-                logical=acc["logical"]["all"],
-                comp=acc["compositional"]["all"],
-            )
-            log.info(
-                "step %d: %s", state["step"],
-                ", ".join(f"{k} {100 * v['all']:.1f}%" for k, v in acc.items()),
-            )  # fmt: skip
-            window_start = time.perf_counter()  # evaluation time is not training time
+            _evaluate(model, evaluator, meter, run, step, bar)
         overdue = (
             checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
         )
         if out is not None and (state["step"] % t.checkpoint_every == 0 or last or overdue):
-            flush_loss()
-            bank_time()
+            meter.flush_loss()
+            meter.bank_time()
             path = save_checkpoint(out, model, optimizer, state, t.keep_checkpoints)
             last_save = time.perf_counter()
             log.debug("checkpoint %s", path)
@@ -567,3 +523,70 @@ def train(
         write_json_atomic(out / "history.json", state["history"])
     model.eval()
     return TrainResult(model=model, graph=graph, run=run, history=state["history"], out_dir=out)
+
+
+class _Meter:
+    """The running loss (summed on the device: no sync per step) and the training time and
+    tokens since they were last moved into the run's ``state``."""
+
+    def __init__(self, state: dict[str, Any], device: torch.device) -> None:
+        self.state, self.device = state, device
+        self.running_loss = torch.zeros((), device=device)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.running_loss += loss.detach()
+        self.state["loss_count"] += 1
+        self.window_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+
+    def flush_loss(self) -> None:
+        """Move the running loss into ``state``; refuse a non-finite loss before any save."""
+        value = self.running_loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss became {value} before step {self.state['step']}; nothing was "
+                f"saved for this window: lower train.lr or resume from the last checkpoint"
+            )
+        self.state["loss_sum"] += value
+        self.running_loss = torch.zeros((), device=self.device)
+
+    def bank_time(self) -> float:
+        """Move the time and tokens since the last call into ``state``; return the seconds."""
+        elapsed = time.perf_counter() - self.window_start
+        self.state["seconds"] += elapsed
+        self.state["tokens"] += self.window_tokens
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        return elapsed
+
+
+def _evaluate(
+    model: TransformerBridge,
+    evaluator: Evaluator,
+    meter: _Meter,
+    run: RunConfig,
+    step: int,
+    bar: Any,
+) -> None:
+    """Evaluate after ``step``: a history entry with the loss, accuracy and speed since the
+    last one (evaluation time is not training time)."""
+    state = meter.state
+    meter.flush_loss()
+    tokens_seen = meter.window_tokens
+    elapsed = meter.bank_time()
+    result = evaluator(model)
+    model.train()
+    entry = _history_entry(state, result, lr_at(step, run), tokens_seen, elapsed)
+    state["history"].append(entry)
+    state["loss_sum"], state["loss_count"] = 0.0, 0
+    acc = result["accuracy"]
+    bar.set_postfix(
+        loss=f"{entry['loss']:.3f}",
+        direct=acc["direct"]["all"],
+        logical=acc["logical"]["all"],
+        comp=acc["compositional"]["all"],
+    )
+    log.info(
+        "step %d: %s", state["step"],
+        ", ".join(f"{k} {100 * v['all']:.1f}%" for k, v in acc.items()),
+    )  # fmt: skip
+    meter.window_start = time.perf_counter()
