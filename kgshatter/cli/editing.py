@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from kgshatter.editing.protocols import PROTOCOLS
 from kgshatter.io import check_output_dir, check_output_file
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import PRESETS, apply_overrides, get_preset
+from kgshatter.studies.sweep import KIND_CHOICES
 
 if TYPE_CHECKING:
     from kgshatter.editing.protocols import Accuracy, EditRecord
@@ -316,13 +318,11 @@ def add_edit(sub: Any) -> None:
         "--fact", default=None, help="the fact to edit: 'SUBJECT RELATION', e.g. 'e003 I_C1'"
     )
     p.add_argument("--target", default=None, help="its new answer, e.g. e042")
-    p.add_argument(
-        "--sample", default=None, choices=["counterfactual", "corrective"], help="sample requests"
-    )
+    p.add_argument("--sample", default=None, choices=KIND_CHOICES, help="sample requests")
     p.add_argument("--distance", type=_positive, default=1, help="counterfactual cyclic distance d")
     p.add_argument("--n", type=_positive, default=10, help="number of sampled requests")
     p.add_argument("--seed", type=_natural, default=0, help="sampling seed")
-    p.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"])
+    p.add_argument("--protocol", default="single", choices=PROTOCOLS)
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/edits/NAME)")
     p.add_argument("--cache", default=None, help="statistics cache (default RUN_DIR/cache)")
     p.add_argument(

