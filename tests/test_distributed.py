@@ -101,7 +101,7 @@ def test_two_workers_give_the_sequential_table_and_resume(tiny_run_dir, tmp_path
     assert {r["sweep_distance"] for r in failed} == {2} and len(failed) == 2  # one unit
     assert all(r["skipped"] == "error: RuntimeError: this job fails" for r in failed)
     assert all("efficacy" in r for r in result.rows if r["sweep_distance"] == 1)
-    assert result.summary["n_scored"] == 2
+    assert result.summary.n_scored == 2
     assert ray_cluster.is_initialized()  # a cluster run_sweep joined is left running
     on_disk = (tmp_path / "fail" / "rows.jsonl").read_text().splitlines()
     assert len(on_disk) == 4

@@ -9,12 +9,13 @@ import torch
 
 from kgshatter.cli import main
 from kgshatter.studies.fidelity import fidelity_checks
+from kgshatter.studies.results import SweepSummary
 
 ORDERS = ("I", "II", "III")
 
 
 def _summary(drops, r_first, r_others, r2=0.9, isomap=0.9, after=0.2, base=1.0, eff=1.0):
-    """A sweep summary in the shape ``summarise`` writes, with chosen numbers."""
+    """A sweep summary as ``summary.json`` holds it, with chosen numbers, read back."""
     by_kind = {}
     for d, (drop, rf, ro) in enumerate(zip(drops, r_first, r_others, strict=True), start=1):
         change = {o: -drop for o in (*ORDERS, "all")}
@@ -29,14 +30,18 @@ def _summary(drops, r_first, r_others, r2=0.9, isomap=0.9, after=0.2, base=1.0, 
             "neighbours": {o: 0.5 for o in ORDERS},
         }
     acc = {o: base for o in (*ORDERS, "all")}
-    return {
-        "methods": {"rome": {"by_kind": by_kind, "fit_drop_on_R": {"r2": r2, "n": 32}}},
+    fit = {"slope": 1.0, "intercept": 0.0, "r2": r2, "n": 32}
+    method = {"by_kind": by_kind, "fit_drop_on_R": fit, "skipped": 0, "sequential": []}
+    return SweepSummary.from_dict({
+        "n_rows": 32,
+        "n_scored": 32,
+        "methods": {"rome": method},
         "baseline": {
             "accuracy": {s: acc for s in ("direct", "logical", "compositional")},
             "rings": {o: {"isomap": isomap, "neighbours": 1.0} for o in ORDERS},
         },
         "site": "0.resid_post",
-    }
+    })  # fmt: skip
 
 
 def test_the_papers_pattern_meets_every_target():

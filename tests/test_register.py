@@ -43,7 +43,7 @@ def test_a_registered_method_runs_in_the_sweep(half_rome, tiny_run_dir, tmp_path
                          distances=(2,), sequential_edits=2, n_samples=1000, max_queries=16,
                          efficacy_prompts=4)  # fmt: skip
     result = run_sweep(tiny_run_dir, tmp_path / "s", config, progress=False)
-    assert set(result.summary["methods"]) == {"half-rome", "rome"}
+    assert set(result.summary.methods) == {"half-rome", "rome"}
     rows = {(r["method"], r["protocol"]): r for r in result.rows if r["step"] == 0}
     shift = {m: rows[(m, "single")]["shift.edited"] for m in ("half-rome", "rome")}
     assert shift["half-rome"] == pytest.approx(shift["rome"] / 2, rel=1e-4)

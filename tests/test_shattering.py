@@ -109,7 +109,7 @@ def test_sweep_writes_a_tidy_table_and_resumes_without_duplicates(tiny_run_dir, 
     single = [r for r in table if r["protocol"] == "single" and r["kind"] == "counterfactual"]
     assert {r["distance"] for r in single} == {"1", "3"}
     for r in single:
-        site = result.summary["site"]  # auto: the clearest ring of the unedited model
+        site = result.summary.site  # auto: the clearest ring of the unedited model
         assert site in {"0.mlp_post", "0.resid_post", "1.mlp_post", "1.resid_post"}
         assert 0.0 <= float(r["R.I"]) and r["R.I"] == r[f"R.I@{site}"]
     summary = json.loads((out / "summary.json").read_text())
@@ -205,7 +205,7 @@ def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):
     result = run_sweep(tmp_path / "run", tmp_path / "sweep", config, progress=False)
     row = next(r for r in result.rows if "efficacy" in r)
     assert math.isnan(row["R.I@0.resid_post"]) and math.isnan(row["R.I@0.mlp_post"])
-    assert result.summary["site"].startswith("1.")
+    assert str(result.summary.site).startswith("1.")
     with pytest.raises(ValueError, match="no preset 'subjective'"):
         SweepConfig(editor_preset="subjective")
 

@@ -32,6 +32,7 @@ from typing import Any
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import RunConfig, apply_overrides
+from kgshatter.studies.results import KindSummary, SweepSummary
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +65,22 @@ class Check:
     evidence: str
 
 
-def _by_distance(summary: dict[str, Any], method: str) -> dict[int, dict[str, Any]]:
-    by = summary["methods"][method]["by_kind"]
-    return {v["distance"]: v for v in by.values() if v["distance"] is not None}
-
-
-def direct_drop(entry: dict[str, Any]) -> float | None:
-    """Points of direct accuracy lost (all orders) in one distance's summary entry."""
-    change = entry["accuracy_change_points"]["direct"]["all"]
-    return None if change is None else -change
-
-
 def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check]:
+def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
     """The paper's phenomenon as targets, checked on a sweep summary (single edits)."""
     checks: list[Check] = []
-    base = summary["baseline"]["accuracy"]
-    orders = [o for o in base["direct"] if o != "all"]
+    if summary.baseline is None:
+        raise ValueError("fidelity_checks needs a finished sweep's summary (with its baseline)")
+    base = summary.baseline.accuracy
+    orders = summary.baseline.orders
     low = [
-        f"{split} {o} {100 * base[split][o]:.1f}"
+        f"{split} {o} {100 * v:.1f}"
         for split, floor in MIN_BASELINE.items()
         for o in orders
-        if base[split][o] is not None and base[split][o] < floor  # None: no such queries
+        if (v := base[split][o]) is not None and v < floor  # None: no such queries
     ]
     checks.append(
         Check(
@@ -97,23 +89,23 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
             "below: " + ", ".join(low) if low else "all above",
         )
     )
-    if method not in summary["methods"]:
+    if method not in summary.methods:
         return [*checks, Check(f"{method} is in the sweep", False, "")]
-    by = _by_distance(summary, method)
+    by = summary.methods[method].by_distance()
     if len(by) < 2:
         return [*checks, Check("at least two distances were swept", False, str(sorted(by)))]
     near, far = min(by), max(by)
-    efficacy = statistics.fmean(v["efficacy"] for v in by.values())
+    efficacy = statistics.fmean(_or_nan(v.efficacy) for v in by.values())
     checks.append(
         Check(
             f"the edits take (mean efficacy >= {MIN_EFFICACY:.0%}; damage from edits that did "
             "not happen means little)",
             efficacy >= MIN_EFFICACY,
-            ", ".join(f"d={d}: {by[d]['efficacy']:.0%}" for d in sorted(by)),
+            ", ".join(f"d={d}: {_or_nan(by[d].efficacy):.0%}" for d in sorted(by)),
         )
     )
     # a distance without a direct accuracy fails the checks below (nan compares false)
-    drops = {d: _or_nan(direct_drop(by[d])) for d in sorted(by)}
+    drops = {d: _or_nan(by[d].direct_drop) for d in sorted(by)}
     dn, df = drops[near], drops[far]
     ratio = df / dn if dn and dn > 0 else math.inf
     checks.append(
@@ -132,8 +124,8 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
             ", ".join(f"d={d}: {v:.1f}" for d, v in drops.items()),
         )
     )
-    first, *rest = [o for o in by[far]["R_x100"] if o != "mean"]
-    rn, rf = by[near]["R_x100"][first], by[far]["R_x100"][first]
+    first, *rest = by[far].orders
+    rn, rf = _or_nan(by[near].R_x100[first]), _or_nan(by[far].R_x100[first])
     checks.append(
         Check(
             f"R x100 on order {first} at d={far} >= {MIN_R_RATIO:.0f}x its value at d={near}",
@@ -142,7 +134,7 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
         )
     )
     if rest:
-        others = {o: by[far]["R_x100"][o] for o in rest}
+        others = {o: _or_nan(by[far].R_x100[o]) for o in rest}
         checks.append(
             Check(
                 f"at d={far} the other orders shatter >= half as much as order {first}",
@@ -150,16 +142,16 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
                 f"{first} {rf:.2f}, " + ", ".join(f"{o} {v:.2f}" for o, v in others.items()),
             )
         )
-    fit = summary["methods"][method]["fit_drop_on_R"]
-    r2 = fit["r2"]
+    fit = summary.methods[method].fit_drop_on_R
+    r2 = fit.r2
     checks.append(
         Check(
             f"r^2 of accuracy drop on R across single edits >= {MIN_R2}",
             None if math.isnan(r2) else r2 >= MIN_R2,
-            f"r^2 {r2:.3f} over {fit['n']} edits",
+            f"r^2 {r2:.3f} over {fit.n} edits",
         )
     )
-    rings = summary["baseline"]["rings"]
+    rings = summary.baseline.rings
     checks.append(
         Check(
             f"rings before the edit: Isomap alignment >= {MIN_RING} on every order",
@@ -167,7 +159,7 @@ def fidelity_checks(summary: dict[str, Any], method: str = "rome") -> list[Check
             ", ".join(f"{o} {v['isomap']:.2f}" for o, v in rings.items()),
         )
     )
-    after = by[far]["isomap"][first]
+    after = by[far].isomap[first]
     checks.append(
         Check(
             f"order {first}'s ring broken after a d={far} edit (alignment <= {MAX_RING_AFTER})",
@@ -192,42 +184,43 @@ def study_row(
     name: str,
     overrides: list[str],
     editor: str,
-    summary: dict[str, Any],
+    summary: SweepSummary,
     margins: dict[int, float] | None = None,
 ) -> dict:
     """One variant x editor of the study, flattened (what ``study.json`` lists).
 
     ``margins``: the unedited model's answer margins along order I by distance
     (:func:`kgshatter.analysis.margins.ring_margins`)."""
-    by = _by_distance(summary, "rome")
-    base = summary["baseline"]["accuracy"]
+    if summary.baseline is None:
+        raise ValueError("study_row needs a finished sweep's summary (with its baseline)")
+    by = summary.methods["rome"].by_distance()
+    base = summary.baseline.accuracy
     checks = fidelity_checks(summary)
     return {
         "variant": name,
         "overrides": overrides,
         "editor": editor,
-        "site": summary["site"],
+        "site": summary.site,
         "baseline": {s: {o: v for o, v in base[s].items()} for s in SPLITS},
-        "rings": summary["baseline"]["rings"],
-        "by_distance": {
-            str(d): {
-                "n": v["n"],
-                "efficacy": v["efficacy"],
-                "direct_drop": direct_drop(v),
-                "drop_mean_tasks": -statistics.fmean(
-                    v["accuracy_change_points"][s]["all"] for s in SPLITS
-                ),
-                "R_x100": v["R_x100"],
-                "isomap_after": v["isomap"],
-                "mechanism": v.get("mechanism", {}),
-            }
-            for d, v in sorted(by.items())
-        },
+        "rings": summary.baseline.rings,
+        "by_distance": {str(d): _study_entry(v) for d, v in sorted(by.items())},
         "margins": {str(d): v for d, v in (margins or {}).items()},
-        "r2": summary["methods"]["rome"]["fit_drop_on_R"]["r2"],
+        "r2": summary.methods["rome"].fit_drop_on_R.r2,
         "checks": [{"claim": c.claim, "holds": c.holds, "evidence": c.evidence} for c in checks],
         "n_holding": sum(1 for c in checks if c.holds),
         "n_checks": len(checks),
+    }
+
+
+def _study_entry(v: KindSummary) -> dict[str, Any]:
+    return {
+        "n": v.n,
+        "efficacy": v.efficacy,
+        "direct_drop": v.direct_drop,
+        "drop_mean_tasks": -v.mean_change,
+        "R_x100": v.R_x100,
+        "isomap_after": v.isomap,
+        "mechanism": v.mechanism,
     }
 
 

@@ -17,6 +17,7 @@ from kgshatter.io import write_atomic
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
+from kgshatter.studies.results import SweepSummary, ordered_kinds
 from kgshatter.studies.sweep import SweepResult, accuracy_drop
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ PAPER_BASELINE = {  # accuracy before any edit, orders I / II / III
     "logical": (98.2, 94.0, 99.4),
     "compositional": (88.2, 79.3, 93.5),
 }
-KIND_ORDER = ["corrective", "d=1", "d=2", "d=3", "d=4", "d=5", "d=6", "d=7", "d=8"]
-
-
-def _kinds(by_kind: dict[str, Any]) -> list[str]:
-    return sorted(by_kind, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
 
 
 def _shapes(kg: Any) -> str:
@@ -77,41 +73,39 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def findings(summary: dict[str, Any], method: str = "rome") -> list[tuple[str, bool | None, str]]:
+def findings(summary: SweepSummary, method: str = "rome") -> list[tuple[str, bool | None, str]]:
     """The paper's qualitative claims checked on our numbers: (claim, holds?, evidence)."""
     out: list[tuple[str, bool | None, str]] = []
-    m = summary["methods"].get(method)
+    m = summary.methods.get(method)
     if m is None:
         return [(f"{method} was not in the sweep", None, "")]
-    by = m["by_kind"]
-    ds = [k for k in _kinds(by) if k.startswith("d=")]
-    rs = [by[k]["R_x100"]["mean"] for k in ds]
-    if len(ds) >= 2 and all(r is not None for r in rs):
+    by = m.by_kind
+    ds = [k for k in m.kinds() if k.startswith("d=")]
+    rs = [r for k in ds if (r := by[k].R_x100["mean"]) is not None]
+    if len(ds) >= 2 and len(rs) == len(ds):
         holds = all(a < b for a, b in zip(rs, rs[1:], strict=False))
         out.append(
             (f"mean R(D*) rises with d for {method}", holds,
              ", ".join(f"{k}: {_fmt(r, 2)}" for k, r in zip(ds, rs, strict=True)))
         )  # fmt: skip
     if "d=1" in by and "d=4" in by:
-        drops = {
-            k: -statistics.fmean(by[k]["accuracy_change_points"][s]["all"] for s in SPLITS)
-            for k in ("d=1", "d=4")
-        }
+        drops = {k: -by[k].mean_change for k in ("d=1", "d=4")}
         gap = drops["d=4"] - drops["d=1"]
         out.append(
             ("the accuracy drop at d=4 exceeds d=1 by >= 30 points", gap >= 30,
              f"drop d=1 {drops['d=1']:.1f}, d=4 {drops['d=4']:.1f} points (gap {gap:.1f})")
         )  # fmt: skip
-    r2 = m["fit_drop_on_R"]["r2"]
+    r2 = m.fit_drop_on_R.r2
     out.append(
         ("r^2 of accuracy drop on R(D*) across edits >= 0.8", None if math.isnan(r2) else r2 >= 0.8,
-         f"r^2 = {_fmt(r2, 3)} over {m['fit_drop_on_R']['n']} edits (paper {PAPER_R2})")
+         f"r^2 = {_fmt(r2, 3)} over {m.fit_drop_on_R.n} edits (paper {PAPER_R2})")
     )  # fmt: skip
     if ds:
-        last = by[ds[-1]]["R_x100"]
-        orders = [o for o in last if o != "mean"]
-        edited, others = last[orders[0]], [last[o] for o in orders[1:]]
-        if edited and others and all(o is not None for o in others):
+        last = by[ds[-1]].R_x100
+        orders = by[ds[-1]].orders
+        edited = last[orders[0]]
+        others = [r for o in orders[1:] if (r := last[o]) is not None]
+        if edited and others and len(others) == len(orders) - 1:
             holds = min(others) >= 0.5 * edited
             out.append(
                 ("the retain and test orders shatter too (R >= half the edited order's)", holds,
@@ -124,17 +118,17 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
     """Write the report's PNG figures into ``result.out_dir``; returns their paths."""
     plt = pyplot()
     out, summary, rows = result.out_dir, result.summary, result.rows
-    methods = list(summary["methods"])
+    methods = list(summary.methods)
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     paths = []
 
-    kinds = _kinds({k: 0 for m in methods for k in summary["methods"][m]["by_kind"]})
+    kinds = ordered_kinds({k for m in methods for k in summary.methods[m].by_kind})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, split in zip(axes, SPLITS, strict=True):
         for m in methods:
-            by = summary["methods"][m]["by_kind"]
+            by = summary.methods[m].by_kind
             xs = [i for i, k in enumerate(kinds) if k in by]
-            ys = [by[kinds[i]]["accuracy_change_points"][split]["all"] for i in xs]
+            ys = [by[kinds[i]].change(split) for i in xs]
             ax.plot(xs, ys, "o-", color=colours[m], label=m)
         px = [kinds.index(k) for k in PAPER_ACCURACY_CHANGE if k in kinds]
         py = [PAPER_ACCURACY_CHANGE[kinds[i]][SPLITS.index(split)] for i in px]
@@ -147,18 +141,17 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
     _legend_below(fig, axes[0])
     paths.append(save_figure(fig, out / "accuracy_vs_distance.png"))
 
-    orders = [k for k in next(iter(summary["methods"].values()))["by_kind"][kinds[0]]["R_x100"]
-              if k != "mean"]  # fmt: skip
+    orders = next(iter(summary.methods.values())).by_kind[kinds[0]].orders
     # each counterfactual kind's distance, read from its summary entry
-    at = {k: e["distance"] for m in methods for k, e in summary["methods"][m]["by_kind"].items()
-          if e["distance"] is not None}  # fmt: skip
+    at = {k: e.distance for m in methods for k, e in summary.methods[m].by_kind.items()
+          if e.distance is not None}  # fmt: skip
     dkinds = [k for k in kinds if k in at]
     fig, axes = plt.subplots(1, len(orders), figsize=(4.3 * len(orders), 3.8), sharey=True)
     for ax, order in zip(np.atleast_1d(axes), orders, strict=True):
         for m in methods:
-            by = summary["methods"][m]["by_kind"]
+            by = summary.methods[m].by_kind
             xs = [at[k] for k in dkinds if k in by]
-            ys = [by[k]["R_x100"][order] for k in dkinds if k in by]
+            ys = [by[k].R_x100[order] for k in dkinds if k in by]
             ax.plot(xs, ys, "o-", color=colours[m], label=m)
         paper = [(d, v[orders.index(order)]) for d, v in PAPER_R_X100.items()
                  if orders.index(order) < len(v)]  # fmt: skip
@@ -177,28 +170,28 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
         rs = [r for r in single if r["method"] == m]
         if not rs:
             continue
-        fit = summary["methods"][m]["fit_drop_on_R"]
+        fit = summary.methods[m].fit_drop_on_R
         x = np.array([100 * r["R.mean"] for r in rs])
         y = np.array([accuracy_drop(r) for r in rs])
-        ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {_fmt(fit['r2'], 2)})")
-        if not math.isnan(fit["slope"]):
+        ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {_fmt(fit.r2, 2)})")
+        if not math.isnan(fit.slope):
             grid = np.linspace(x.min(), x.max(), 10)
-            ax.plot(grid, fit["slope"] * grid / 100 + fit["intercept"], color=colours[m], lw=1)
+            ax.plot(grid, fit.slope * grid / 100 + fit.intercept, color=colours[m], lw=1)
     ax.set_xlabel("R(D*) x100 (mean over orders)")
     ax.set_ylabel("accuracy drop (points, mean over tasks)")
     ax.set_title("shattering vs accuracy drop, one point per edit", fontsize=9)
     _legend_below(fig, ax)
     paths.append(save_figure(fig, out / "shattering_vs_accuracy.png"))
 
-    if any(summary["methods"][m]["sequential"] for m in methods):
+    if any(summary.methods[m].sequential for m in methods):
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for m in methods:
-            seq = summary["methods"][m]["sequential"]
+            seq = summary.methods[m].sequential
             if seq:
-                steps = [s["step"] + 1 for s in seq]
-                axes[0].plot(steps, [s["accuracy_drop_points"] for s in seq], "o-",
+                steps = [s.step + 1 for s in seq]
+                axes[0].plot(steps, [s.accuracy_drop_points for s in seq], "o-",
                              color=colours[m], label=m, ms=3)  # fmt: skip
-                axes[1].plot(steps, [s["R_x100"] for s in seq], "o-", color=colours[m], ms=3)
+                axes[1].plot(steps, [s.R_x100 for s in seq], "o-", color=colours[m], ms=3)
         axes[0].set_title("sequential edits: accuracy", fontsize=9)
         axes[0].set_ylabel("accuracy drop (points, mean over tasks)")
         axes[1].set_title("sequential edits: shattering", fontsize=9)
@@ -270,20 +263,42 @@ def write_report(
     "all invocations": ..., "invocations": n}`` (what ``kgshatter reproduce`` records).
     """
     s = result.summary
-    base = s["baseline"]["accuracy"]
-    orders = [o for o in base["direct"] if o != "all"]
+    if s.baseline is None or s.run is None:
+        raise ValueError("write_report needs a finished sweep's summary (baseline and run)")
     lines = ["# Representation shattering: reproduction report", ""]
     lines += [
-        f"Run `{s['run']['run_dir']}` (step {s['run']['step']}, graph "
-        f"{s['run']['graph_fingerprint']}), representations at `{s['site']}` "
-        f"({s.get('position', 'relation')} token of `x o_C1`, on a lattice `x o_E1`, on a tree "
-        "`x o_U1`, mean over contexts).",
+        f"Run `{s.run.run_dir}` (step {s.run.step}, graph {s.run.graph_fingerprint}), "
+        f"representations at `{s.site}` ({s.position} token of `x o_C1`, on a lattice "
+        "`x o_E1`, on a tree `x o_U1`, mean over contexts).",
         _times_line(seconds),
         "",
     ]
-    # ROME, the paper's main method; without it in the sweep, the first method the sweep ran
-    main = "rome" if "rome" in s["methods"] else next(iter(s["methods"]), "rome")
-    lines += [
+    lines += _findings_lines(s)
+    lines += _baseline_lines(s)
+    if "rome" in s.methods:
+        lines += _rome_lines(s)
+    lines += _methods_lines(s)
+    lines += ["", "## Settings: the paper's and ours", ""]
+    lines += [f"- {line}" for line in settings["lines"]]
+    lines += ["", "## Figures", ""]
+    for p in figures:
+        lines += [f"![{p.stem}]({p.name})", ""]
+        if p.stem == "rings_before_after" and s.example is not None:
+            lines += [_ring_paragraph(s.example.label, s.example.rings), ""]
+    lines += ["## Data", "", "`table.csv` (one row per edit or sequence step), `summary.json`, "
+              "`rows.jsonl` (the resumable log). The columns of `table.csv`:", ""]  # fmt: skip
+    lines += [f"- `{cols}`: {what}." for cols, what in TABLE_COLUMNS]
+    text = "\n".join(lines) + "\n"
+    path = result.out_dir / "report.md"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _findings_lines(s: SweepSummary) -> list[str]:
+    """The paper's findings on the main method, then the fidelity targets of every method."""
+    from kgshatter.studies.fidelity import fidelity_checks
+
+    main = s.main_method()
+    lines = [
         "## Findings (ROME, the paper's main method)"
         if main == "rome"
         else f"## Findings ({main}; ROME, the paper's main method, was not in this sweep)",
@@ -293,9 +308,7 @@ def write_report(
         verdict = {True: "**holds**", False: "**does not hold**", None: "not measurable"}[holds]
         lines.append(f"- {claim}: {verdict} ({evidence}).")
     # the targets for every method the sweep ran, its main one first
-    for method in sorted(s["methods"], key=lambda m: m != main):
-        from kgshatter.studies.fidelity import fidelity_checks
-
+    for method in sorted(s.methods, key=lambda m: m != main):
         checks = fidelity_checks(s, method)
         met = sum(c.holds is True for c in checks)
         lines += ["", f"## The fidelity targets (docs/fidelity.md), {method}: {met} of "
@@ -303,12 +316,21 @@ def write_report(
         for check in checks:
             verdict = {True: "met", False: "**not met**", None: "not measurable"}[check.holds]
             lines.append(f"- {check.claim}: {verdict} ({check.evidence}).")
-    weak = [sp for sp in SPLITS if base[sp]["all"] is not None and base[sp]["all"] < 0.8]
+    return lines
+
+
+def _baseline_lines(s: SweepSummary) -> list[str]:
+    """The unedited model: a caution if it never learned a task, accuracy beside the paper's,
+    its rings, and why there are no corrective edits if there are none."""
+    assert s.baseline is not None and s.run is not None
+    base, orders = s.baseline.accuracy, s.baseline.orders
+    lines: list[str] = []
+    weak = [sp for sp in SPLITS if base[sp]["all"] is not None and _known(base[sp]["all"]) < 0.8]
     if weak:
         skills = " and ".join(
             f"{sp} inference" if sp != "direct" else "direct recall" for sp in weak
         )
-        levels = ", ".join(f"{sp} {100 * base[sp]['all']:.0f}%" for sp in weak)
+        levels = ", ".join(f"{sp} {100 * _known(base[sp]['all']):.0f}%" for sp in weak)
         lines += [
             "",
             f"**Caution: this model has not learned {skills} ({levels} before any edit; the "
@@ -321,82 +343,83 @@ def write_report(
         cells = [f"{_fmt(_percent(base[split][o]))} / {PAPER_BASELINE[split][i]}"
                  for i, o in enumerate(orders[:3])]  # fmt: skip
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    rings = s["baseline"]["rings"]
+    rings = s.baseline.rings
     lines += ["", "Ring structure before editing at the representation site: " + "; ".join(
         f"order {o}: neighbours {_fmt(v['neighbours'], 2)}, Isomap alignment "
         f"{_fmt(v['isomap'], 2)}" for o, v in rings.items()) + "."]  # fmt: skip
-
-    wanted = s["run"]["sweep"]["kinds"]
-    got = {k for v in s["methods"].values() for k in v["by_kind"]}
-    if "corrective" in wanted and "corrective" not in got:
+    got = {k for v in s.methods.values() for k in v.by_kind}
+    if "corrective" in s.run.kinds and "corrective" not in got:
         lines += [
             "",
             "No corrective edits were made: the model answers every order-I fact correctly "
             "(softmax averaged over 5 contexts), so there is nothing to correct.",
         ]
-    if "rome" in s["methods"]:
-        by = s["methods"]["rome"]["by_kind"]
-        lines += ["", "## ROME: accuracy change (points, all orders), ours / paper", "",
-                  "| edit | n | efficacy | direct | logical | compositional |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for k in _kinds(by):
-            paper = PAPER_ACCURACY_CHANGE.get(k)
-            cells = [
-                f"{_fmt(by[k]['accuracy_change_points'][sp]['all'])}"
-                + (f" / {paper[i]}" if paper else "")
-                for i, sp in enumerate(SPLITS)
-            ]
-            lines.append(f"| {k} | {by[k]['n']} | {_fmt(100 * by[k]['efficacy'], 0)}% | "
-                         + " | ".join(cells) + " |")  # fmt: skip
-        header = "| edit | " + " | ".join(orders) + " |"
-        rule = "|---" * (len(orders) + 1) + "|"
-        lines += ["", "## ROME: R(D*) x100 per order, ours / paper", "", header, rule]
-        for k in _kinds(by):
-            paper = PAPER_R_X100.get(by[k]["distance"])
-            cells = [f"{_fmt(by[k]['R_x100'][o], 2)}" + (f" / {paper[i]}" if paper and i < 3
-                     else "") for i, o in enumerate(orders)]  # fmt: skip
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += ["", "## Every method (single-edit protocol)", "",
-              "| method | edit | n | efficacy | accuracy change | R x100 | neighbours after |"
-              " r^2 (drop on R) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for m, v in s["methods"].items():
-        for k in _kinds(v["by_kind"]):
-            b = v["by_kind"][k]
-            change = statistics.fmean(b["accuracy_change_points"][sp]["all"] for sp in SPLITS)
-            nb = statistics.fmean(x for x in b["neighbours"].values() if x is not None)
+
+def _rome_lines(s: SweepSummary) -> list[str]:
+    """ROME's accuracy change and R(D*) per kind, beside the paper's."""
+    assert s.baseline is not None
+    orders = s.baseline.orders
+    rome = s.methods["rome"]
+    by = rome.by_kind
+    lines = ["", "## ROME: accuracy change (points, all orders), ours / paper", "",
+             "| edit | n | efficacy | direct | logical | compositional |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for k in rome.kinds():
+        paper = PAPER_ACCURACY_CHANGE.get(k)
+        cells = [
+            f"{_fmt(by[k].change(sp))}" + (f" / {paper[i]}" if paper else "")
+            for i, sp in enumerate(SPLITS)
+        ]
+        lines.append(f"| {k} | {by[k].n} | {_fmt(_percent(by[k].efficacy), 0)}% | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    header = "| edit | " + " | ".join(orders) + " |"
+    rule = "|---" * (len(orders) + 1) + "|"
+    lines += ["", "## ROME: R(D*) x100 per order, ours / paper", "", header, rule]
+    for k in rome.kinds():
+        d = by[k].distance
+        paper = PAPER_R_X100.get(d) if d is not None else None
+        cells = [f"{_fmt(by[k].R_x100[o], 2)}" + (f" / {paper[i]}" if paper and i < 3
+                 else "") for i, o in enumerate(orders)]  # fmt: skip
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _methods_lines(s: SweepSummary) -> list[str]:
+    """Every method's single edits per kind, and the end of each sequence."""
+    lines = ["", "## Every method (single-edit protocol)", "",
+             "| method | edit | n | efficacy | accuracy change | R x100 | neighbours after |"
+             " r^2 (drop on R) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, v in s.methods.items():
+        for k in v.kinds():
+            b = v.by_kind[k]
+            nb = statistics.fmean(x for x in b.neighbours.values() if x is not None)
             lines.append(
-                f"| {m} | {k} | {b['n']} | {_fmt(100 * b['efficacy'], 0)}% | {change:.1f} | "
-                f"{_fmt(b['R_x100']['mean'], 2)} | {nb:.2f} | {_fmt(v['fit_drop_on_R']['r2'], 2)} |"
+                f"| {m} | {k} | {b.n} | {_fmt(_percent(b.efficacy), 0)}% | "
+                f"{b.mean_change:.1f} | {_fmt(b.R_x100['mean'], 2)} | {nb:.2f} | "
+                f"{_fmt(v.fit_drop_on_R.r2, 2)} |"
             )
-        if v["skipped"]:
-            lines.append(f"| {m} | skipped | {v['skipped']} | (the model already gave the "
+        if v.skipped:
+            lines.append(f"| {m} | skipped | {v.skipped} | (the model already gave the "
                          "requested answer) | | | | |")  # fmt: skip
-    if any(v["sequential"] for v in s["methods"].values()):
+    if any(v.sequential for v in s.methods.values()):
         lines += ["", "## Sequential editing (each edit on top of the earlier ones)", "",
                   "| method | edits | efficacy of the last | earlier edits retained | "
                   "accuracy drop | R x100 |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for m, v in s["methods"].items():
-            if v["sequential"]:
-                last = v["sequential"][-1]
+        for m, v in s.methods.items():
+            if v.sequential:
+                last = v.sequential[-1]
                 lines.append(
-                    f"| {m} | {last['step'] + 1} | {_fmt(100 * last['efficacy'], 0)}% | "
-                    f"{_fmt(100 * last['retained'] if last['retained'] is not None else None, 0)}% "
-                    f"| {last['accuracy_drop_points']:.1f} | {last['R_x100']:.2f} |"
+                    f"| {m} | {last.step + 1} | {_fmt(100 * last.efficacy, 0)}% | "
+                    f"{_fmt(_percent(last.retained), 0)}% "
+                    f"| {last.accuracy_drop_points:.1f} | {last.R_x100:.2f} |"
                 )
-    lines += ["", "## Settings: the paper's and ours", ""]
-    lines += [f"- {line}" for line in settings["lines"]]
-    lines += ["", "## Figures", ""]
-    for p in figures:
-        lines += [f"![{p.stem}]({p.name})", ""]
-        if p.stem == "rings_before_after" and "rings" in s.get("example", {}):
-            lines += [_ring_paragraph(s["example"]), ""]
-    lines += ["## Data", "", "`table.csv` (one row per edit or sequence step), `summary.json`, "
-              "`rows.jsonl` (the resumable log). The columns of `table.csv`:", ""]  # fmt: skip
-    lines += [f"- `{cols}`: {what}." for cols, what in TABLE_COLUMNS]
-    text = "\n".join(lines) + "\n"
-    path = result.out_dir / "report.md"
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return lines
+
+
+def _known(x: float | None) -> float:
+    return math.nan if x is None else x
 
 
 def _times_line(seconds: dict[str, Any]) -> str:
@@ -411,9 +434,8 @@ def _times_line(seconds: dict[str, Any]) -> str:
     return text + "."
 
 
-def _ring_paragraph(example: dict[str, Any]) -> str:
+def _ring_paragraph(label: str, rings: dict[str, Any]) -> str:
     """What ``rings_before_after.png`` shows, with the numbers of the edit drawn."""
-    rings = example["rings"]
     parts = "; ".join(
         f"order {o}: neighbours {_fmt(v['before']['neighbours'], 2)} -> "
         f"{_fmt(v['after']['neighbours'], 2)}, alignment {_fmt(v['before']['isomap'], 2)} -> "
@@ -421,7 +443,7 @@ def _ring_paragraph(example: dict[str, Any]) -> str:
         for o, v in rings.items()
     )
     return (
-        f"`rings_before_after.png` draws {example['label']}: each row is one order, before "
+        f"`rings_before_after.png` draws {label}: each row is one order, before "
         "(left) and after (right) the edit, in a 2-D Isomap of the entities' representations. "
         "Colour is each entity's position on that order's ring and the grey line joins ring "
         "neighbours, so an intact ring is a closed loop whose colours run once around; "

@@ -16,6 +16,7 @@ from typing import Any
 
 from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
+from kgshatter.studies.results import RingExample
 from kgshatter.studies.sweep import SweepConfig, SweepResult, check_distances, run_sweep
 
 log = logging.getLogger("kgshatter")
@@ -70,8 +71,8 @@ def reproduce(
 
     figures = make_figures(result, panels)
     if panels:
-        result.summary["example"] = {"label": panels["label"], "rings": panels["rings"]}
-        write_json_atomic(out / "summary.json", result.summary)
+        result.summary.example = RingExample(panels["label"], panels["rings"])
+        write_json_atomic(out / "summary.json", result.summary.to_dict())
     seconds["figures"] = time.perf_counter() - start
     times = _record_times(out / "times.json", seconds)
     report = write_report(result, figures, settings_lines(run, sweep), times)
@@ -128,7 +129,7 @@ def _example_rings(
         model, task, [request], spec.config_with_samples(sweep.editor_preset, sweep.n_samples)
     )
     evaluator = Evaluator.for_run(run, graph)
-    site = Site.parse(result.summary["site"])
+    site = Site.parse(str(result.summary.site))
     label = (
         f"{method}: {row['fact']} (d={row['distance']}, R x100 = "
         f"{100 * row['R.mean']:.1f}, median of the d={far} edits)"
@@ -144,8 +145,8 @@ def describe(result: SweepResult) -> str:
     for claim, holds, evidence in findings(result.summary):
         verdict = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[holds]
         lines.append(f"{verdict:>14}: {claim} ({evidence})")
-    for m, v in result.summary["methods"].items():
-        eff = [b["efficacy"] for b in v["by_kind"].values() if b["efficacy"] is not None]
+    for m, v in result.summary.methods.items():
+        eff = [b.efficacy for b in v.by_kind.values() if b.efficacy is not None]
         if eff:
             lines.append(f"{m:>14}: mean efficacy {100 * statistics.fmean(eff):.0f}%")
     return "\n".join(lines)

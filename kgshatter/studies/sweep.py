@@ -35,6 +35,16 @@ from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
 from kgshatter.readout import FrozenPrefix, frozen_running
 from kgshatter.sites import Site, all_sites, edit_sites
+from kgshatter.studies.results import (
+    Baseline,
+    Fit,
+    KindSummary,
+    MethodSummary,
+    SequenceStep,
+    SweepHeader,
+    SweepSummary,
+    kind_label,
+)
 from kgshatter.studies.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_choice, check_int
 
@@ -190,8 +200,8 @@ def check_distances(distances: tuple[int, ...], kg: Any) -> None:
 @dataclass
 class SweepResult:
     out_dir: Path
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
+    rows: list[dict[str, Any]]  # the tidy table's rows (table.csv)
+    summary: SweepSummary
 
 
 def run_sweep(
@@ -226,17 +236,18 @@ def run_sweep(
     config = config or SweepConfig()
     ctx = SweepContext(run_dir, config, device=device, edit_batch=edit_batch)
     out = Path(out_dir)
-    header = {
-        "format": SWEEP_FORMAT,
-        "run_dir": str(run_dir),
-        "graph_fingerprint": ctx.graph.fingerprint,
-        "model_id": ctx.model_id,
-        "step": ctx.state.get("step"),
-        "sweep": config.to_dict(),
-    }
-    check_or_write_header(
-        out, "sweep.json", header, ("format", "graph_fingerprint", "model_id", "sweep"), "sweep"
+    header = SweepHeader(
+        format=SWEEP_FORMAT,
+        run_dir=str(run_dir),
+        graph_fingerprint=ctx.graph.fingerprint,
+        model_id=ctx.model_id,
+        step=ctx.state.get("step"),
+        sweep=config.to_dict(),
     )
+    check_or_write_header(
+        out, "sweep.json", header.to_dict(), ("format", "graph_fingerprint", "model_id", "sweep"),
+        "sweep",
+    )  # fmt: skip
     rows_path = out / "rows.jsonl"
     rows = read_rows(rows_path, _row_key, "sweep table")
     done = {_row_key(r) for r in rows}
@@ -280,11 +291,11 @@ def run_sweep(
     rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
     write_table(rows, out / "table.csv")
     summary = summarise(rows, ctx.orders, config)
-    summary["baseline"] = {"accuracy": ctx.scorer.baseline, "rings": ctx.baseline_rings}
-    summary["site"] = str(ctx.site)
-    summary["position"] = config.position
-    summary["run"] = header
-    write_json_atomic(out / "summary.json", summary)
+    summary.baseline = Baseline(ctx.scorer.baseline, ctx.baseline_rings)
+    summary.site = str(ctx.site)
+    summary.position = config.position
+    summary.run = header
+    write_json_atomic(out / "summary.json", summary.to_dict())
     return SweepResult(out, rows, summary)
 
 
@@ -654,64 +665,62 @@ def accuracy_drop(row: dict[str, Any]) -> float:
     return -100 * statistics.fmean(row[f"acc.{s}.all"] for s in SPLITS)
 
 
-def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig) -> dict:
-    """Per method: means per edit kind / distance, fits of accuracy drop on R, and sequences."""
+def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig) -> SweepSummary:
+    """Per method: means per edit kind / distance, fits of accuracy drop on R, and sequences.
+
+    The one reader of the table's composed column names; everything downstream reads the
+    :class:`~kgshatter.studies.results.SweepSummary`'s attributes."""
     scored = [r for r in rows if "efficacy" in r]
-    out: dict[str, Any] = {"n_rows": len(rows), "n_scored": len(scored), "methods": {}}
+    methods: dict[str, MethodSummary] = {}
     for method in config.methods:
         single = [r for r in scored if r["method"] == method and r["protocol"] == "single"]
         groups: dict[str, list[dict]] = {}
         for r in single:
-            label = "corrective" if r["kind"] == "corrective" else f"d={r['sweep_distance']}"
-            groups.setdefault(label, []).append(r)
-        per_kind = {}
-        for label, rs in groups.items():
-            per_kind[label] = {
-                "kind": rs[0]["kind"],
-                "distance": None if rs[0]["kind"] == "corrective" else rs[0]["sweep_distance"],
-                "n": len(rs),
-                "efficacy": _mean([r["efficacy"] for r in rs]),
-                "accuracy_change_points": {
-                    s: {
-                        o: _mean(
-                            [100 * r[f"acc.{s}.{o}"] for r in rs if r[f"acc.{s}.{o}"] is not None]
-                        )
-                        for o in [*orders, "all"]
-                    }  # fmt: skip
-                    for s in SPLITS
-                },
-                "R_x100": {o: _mean([100 * r[f"R.{o}"] for r in rs]) for o in [*orders, "mean"]},
-                "neighbours": {o: _mean([r[f"neighbours.{o}"] for r in rs]) for o in orders},
-                "isomap": {o: _mean([r[f"isomap.{o}"] for r in rs]) for o in orders},
-                "mechanism": {
-                    k: _mean([r[k] for r in rs if k in r])
-                    for k in ("shift.edited", "shift.others", "spill", "delta_norm")
-                },
-            }
+            groups.setdefault(kind_label(r["kind"], r["sweep_distance"]), []).append(r)
+        per_kind = {label: _kind_summary(rs, orders) for label, rs in groups.items()}
         fit = fit_line([r["R.mean"] for r in single], [accuracy_drop(r) for r in single])
         skipped = sum(1 for r in rows if r["method"] == method and r.get("skipped"))
         seq = sorted(
             (r for r in scored if r["method"] == method and r["protocol"] == "sequential"),
             key=lambda r: (r["seed"], r["step"]),
         )
-        out["methods"][method] = {
-            "by_kind": per_kind,
-            "fit_drop_on_R": {
-                "slope": fit.slope,
-                "intercept": fit.intercept,
-                "r2": fit.r2,
-                "n": fit.n,
-            },  # fmt: skip
-            "skipped": skipped,
-            "sequential": [
-                {
-                    "step": r["step"],
-                    "efficacy": r["efficacy"],
-                    "retained": r.get("retained"),
-                    "accuracy_drop_points": accuracy_drop(r),
-                    "R_x100": 100 * r["R.mean"],
-                }
+        methods[method] = MethodSummary(
+            by_kind=per_kind,
+            fit_drop_on_R=Fit(fit.slope, fit.intercept, fit.r2, fit.n),
+            skipped=skipped,
+            sequential=[
+                SequenceStep(
+                    step=r["step"],
+                    efficacy=r["efficacy"],
+                    retained=r.get("retained"),
+                    accuracy_drop_points=accuracy_drop(r),
+                    R_x100=100 * r["R.mean"],
+                )
                 for r in seq
-            ],  # fmt: skip
-        }
-    return out
+            ],
+        )
+    return SweepSummary(n_rows=len(rows), n_scored=len(scored), methods=methods)
+
+
+def _kind_summary(rs: list[dict[str, Any]], orders: list[str]) -> KindSummary:
+    """Means over one group of single edits' rows."""
+    return KindSummary(
+        kind=rs[0]["kind"],
+        distance=None if rs[0]["kind"] == "corrective" else rs[0]["sweep_distance"],
+        n=len(rs),
+        efficacy=_mean([r["efficacy"] for r in rs]),
+        accuracy_change_points={
+            s: {
+                o: _mean([100 * r[f"acc.{s}.{o}"] for r in rs if r[f"acc.{s}.{o}"] is not None])
+                for o in [*orders, "all"]
+            }
+            for s in SPLITS
+        },
+        R_x100={o: _mean([100 * r[f"R.{o}"] for r in rs]) for o in [*orders, "mean"]},
+        neighbours={o: _mean([r[f"neighbours.{o}"] for r in rs]) for o in orders},
+        isomap={o: _mean([r[f"isomap.{o}"] for r in rs]) for o in orders},
+        mechanism={
+            k: _mean([r[k] for r in rs if k in r])
+            for k in ("shift.edited", "shift.others", "spill", "delta_norm")
+        },
+    )

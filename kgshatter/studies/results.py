@@ -1,0 +1,261 @@
+"""The sweep's results as typed values: what ``summary.json`` holds, read by attribute.
+
+:func:`kgshatter.studies.sweep.summarise` builds a :class:`SweepSummary` from the tidy table's
+rows (the one place that reads the table's composed column names, ``acc.{split}.{order}``,
+``R.{order}``); the report, the fidelity checks, the reproduction and the CLI read its
+attributes; :meth:`SweepSummary.to_dict` writes ``summary.json`` and
+:meth:`SweepSummary.from_dict` reads it back.
+
+The per-order maps are keyed by order name (``"I"``, ``"II"``, ...), plus ``"all"`` for
+accuracy (every order together) and ``"mean"`` for R (the mean over orders); a value is
+``None`` where nothing was measured (no queries of that kind, or no edits that took).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from kgshatter.kg.walks import SPLITS
+
+# a value per order name (and "all" or "mean"); None: not measured
+PerOrder = dict[str, float | None]
+# the order edit kinds are listed in: corrective edits, then counterfactuals by distance
+KIND_ORDER = ["corrective", "d=1", "d=2", "d=3", "d=4", "d=5", "d=6", "d=7", "d=8"]
+
+
+def kind_label(kind: str, distance: int | None) -> str:
+    """``"corrective"`` or ``"d=3"``: how a group of single edits is named in a summary."""
+    return "corrective" if kind == "corrective" else f"d={distance}"
+
+
+def ordered_kinds(labels: Any) -> list[str]:
+    """Kind labels in report order (corrective first, then by distance)."""
+    return sorted(labels, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
+
+
+@dataclass(frozen=True)
+class KindSummary:
+    """Means over one method's single edits of one kind (corrective, or counterfactual at one
+    distance)."""
+
+    kind: str  # "corrective" or "counterfactual"
+    distance: int | None  # the distance asked for (None: corrective)
+    n: int
+    efficacy: float | None
+    # split -> order (and "all") -> accuracy change in points (negative: lost)
+    accuracy_change_points: dict[str, PerOrder]
+    R_x100: PerOrder  # R(D*) x 100 per order and "mean", at the report's site
+    neighbours: PerOrder  # after the edit, at the report's site
+    isomap: PerOrder  # after the edit, at the report's site
+    mechanism: dict[str, float | None]  # shift.edited, shift.others, spill, delta_norm
+
+    def change(self, split: str, order: str = "all") -> float | None:
+        """Accuracy change in points on one split and order."""
+        return self.accuracy_change_points[split][order]
+
+    @property
+    def direct_drop(self) -> float | None:
+        """Points of direct accuracy lost, all orders (positive: worse)."""
+        change = self.change("direct")
+        return None if change is None else -change
+
+    @property
+    def mean_change(self) -> float:
+        """Accuracy change in points, all orders, averaged over the three splits."""
+        return statistics.fmean(_known(self.change(s)) for s in SPLITS)
+
+    @property
+    def orders(self) -> list[str]:
+        """The graph's order names, edited order first."""
+        return [o for o in self.R_x100 if o != "mean"]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Least-squares line of the accuracy drop (points) on R(D*) across single edits."""
+
+    slope: float
+    intercept: float
+    r2: float
+    n: int
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """One step of a sequence of edits, each applied on top of the earlier ones."""
+
+    step: int
+    efficacy: float
+    retained: float | None  # fraction of the earlier edits still holding
+    accuracy_drop_points: float
+    R_x100: float
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One editing method's results in a sweep."""
+
+    by_kind: dict[str, KindSummary]  # keyed by kind_label
+    fit_drop_on_R: Fit
+    skipped: int  # requests the model already answered as asked
+    sequential: list[SequenceStep]
+
+    def by_distance(self) -> dict[int, KindSummary]:
+        """The counterfactual kinds by their distance."""
+        return {v.distance: v for v in self.by_kind.values() if v.distance is not None}
+
+    def kinds(self) -> list[str]:
+        """Kind labels in report order."""
+        return ordered_kinds(self.by_kind)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The unedited model: accuracy (split -> order/"all" -> fraction) and its rings."""
+
+    accuracy: dict[str, PerOrder]
+    rings: dict[str, dict[str, float]]  # order -> metric -> value (shapes differ in metrics)
+
+    @property
+    def orders(self) -> list[str]:
+        return [o for o in self.accuracy["direct"] if o != "all"]
+
+
+@dataclass(frozen=True)
+class SweepHeader:
+    """What the sweep ran on (``sweep.json``): the run, its graph and model, the settings."""
+
+    format: str
+    run_dir: str
+    graph_fingerprint: str
+    model_id: str
+    step: int | None
+    sweep: dict[str, Any]  # SweepConfig.to_dict(), as pinned in sweep.json
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "run_dir": self.run_dir,
+            "graph_fingerprint": self.graph_fingerprint,
+            "model_id": self.model_id,
+            "step": self.step,
+            "sweep": self.sweep,
+        }
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.sweep["kinds"])
+
+
+@dataclass(frozen=True)
+class RingExample:
+    """The edit drawn in ``rings_before_after.png`` and its ring measures before and after."""
+
+    label: str
+    rings: dict[str, dict[str, dict[str, float]]]  # order -> "before"/"after" -> metric
+
+
+@dataclass
+class SweepSummary:
+    """Everything ``summary.json`` holds about a sweep."""
+
+    n_rows: int
+    n_scored: int
+    methods: dict[str, MethodSummary]
+    baseline: Baseline | None = None
+    site: str | None = None
+    position: str = "relation"
+    run: SweepHeader | None = None
+    example: RingExample | None = None
+
+    def main_method(self) -> str:
+        """ROME, the paper's main method, when the sweep ran it; else its first method."""
+        return "rome" if "rome" in self.methods else next(iter(self.methods), "rome")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``summary.json``)."""
+        out: dict[str, Any] = {
+            "n_rows": self.n_rows,
+            "n_scored": self.n_scored,
+            "methods": {m: _method_dict(v) for m, v in self.methods.items()},
+        }
+        if self.baseline is not None:
+            out["baseline"] = {"accuracy": self.baseline.accuracy, "rings": self.baseline.rings}
+        if self.site is not None:
+            out["site"] = self.site
+            out["position"] = self.position
+        if self.run is not None:
+            out["run"] = self.run.to_dict()
+        if self.example is not None:
+            out["example"] = {"label": self.example.label, "rings": self.example.rings}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepSummary:
+        """Read a ``summary.json`` back."""
+        base, run, example = data.get("baseline"), data.get("run"), data.get("example")
+        return cls(
+            n_rows=data["n_rows"],
+            n_scored=data["n_scored"],
+            methods={m: _method_from(v) for m, v in data["methods"].items()},
+            baseline=None if base is None else Baseline(base["accuracy"], base["rings"]),
+            site=data.get("site"),
+            position=data.get("position", "relation"),
+            run=None if run is None else SweepHeader(**run),
+            example=None if example is None else RingExample(example["label"], example["rings"]),
+        )
+
+
+def _known(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def _method_dict(m: MethodSummary) -> dict[str, Any]:
+    return {
+        "by_kind": {
+            k: {
+                "kind": v.kind,
+                "distance": v.distance,
+                "n": v.n,
+                "efficacy": v.efficacy,
+                "accuracy_change_points": v.accuracy_change_points,
+                "R_x100": v.R_x100,
+                "neighbours": v.neighbours,
+                "isomap": v.isomap,
+                "mechanism": v.mechanism,
+            }
+            for k, v in m.by_kind.items()
+        },
+        "fit_drop_on_R": {
+            "slope": m.fit_drop_on_R.slope,
+            "intercept": m.fit_drop_on_R.intercept,
+            "r2": m.fit_drop_on_R.r2,
+            "n": m.fit_drop_on_R.n,
+        },
+        "skipped": m.skipped,
+        "sequential": [
+            {
+                "step": s.step,
+                "efficacy": s.efficacy,
+                "retained": s.retained,
+                "accuracy_drop_points": s.accuracy_drop_points,
+                "R_x100": s.R_x100,
+            }
+            for s in m.sequential
+        ],
+    }
+
+
+def _method_from(data: dict[str, Any]) -> MethodSummary:
+    return MethodSummary(
+        by_kind={
+            k: KindSummary(**{**v, "mechanism": v.get("mechanism", {})})
+            for k, v in data["by_kind"].items()
+        },
+        fit_drop_on_R=Fit(**data["fit_drop_on_R"]),
+        skipped=data["skipped"],
+        sequential=[SequenceStep(**s) for s in data["sequential"]],
+    )
