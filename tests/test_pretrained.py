@@ -691,9 +691,9 @@ def test_run_protocol_serves_text_tasks(loaded, monkeypatch, tmp_path):
     summary = run_months(pm, config, tmp_path / "m", corpus=corpus(), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "m" / "rows.jsonl").read_text().splitlines()]
     assert [bool(r.get("skipped")) for r in rows] == [True, False]
-    assert summary["per_distance"]["2"]["n"] == 1 and summary["per_distance"]["2"]["skipped"] == 1
+    assert summary.per_distance["2"].n == 1 and summary.per_distance["2"].skipped == 1
     again = run_months(pm, config, tmp_path / "m", corpus=corpus(), progress=False)
-    assert again["per_distance"] == summary["per_distance"]  # nothing recomputed on a rerun
+    assert again.per_distance == summary.per_distance  # nothing recomputed on a rerun
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -187,10 +187,10 @@ def _cmd_months(args: argparse.Namespace) -> int:
         mmlu_items=items,
         progress=not args.quiet,
     )
-    for d, e in summary["per_distance"].items():
+    for d, e in summary.per_distance.items():
         print(
-            f"d={d}: success {100 * e['success']:.0f}%, accuracy change "
-            f"{100 * e['accuracy_change']:+.1f} points, R(D*) {e['R']:.4f}"
+            f"d={d}: success {100 * e.success:.0f}%, accuracy change "
+            f"{100 * e.accuracy_change:+.1f} points, R(D*) {e.R:.4f}"
         )
     print(f"wrote {out / 'report.md'} and rows.jsonl, summary.json and figures beside it")
     return 0

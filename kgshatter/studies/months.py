@@ -13,13 +13,21 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kgshatter.io import remove_stale_temporaries
+from kgshatter.studies.results import (
+    Claim,
+    Fit,
+    MMLUScore,
+    MonthsDistance,
+    MonthsSummary,
+    TraceSummary,
+)
 from kgshatter.studies.rowlog import append_row, check_or_write_header, read_rows
 from kgshatter.validation import ConfigDict, check_bool, check_choice, check_int
 
@@ -178,9 +186,10 @@ def run_months(
     cache_dir: str | os.PathLike[str] | None = None,
     mmlu_items: Any = (),
     progress: bool = True,
-) -> dict[str, Any]:
+) -> MonthsSummary:
     """Run the replication on a :class:`~kgshatter.pretrained.loading.PretrainedModel`; returns the
-    summary (also written to ``out/summary.json``).
+    summary (:class:`~kgshatter.studies.results.MonthsSummary`, also written to
+    ``out/summary.json``).
 
     Resumable like the sweep: ``out/months.json`` pins the model, the configuration and the
     preset (a different one is refused); each edit's row is appended to ``rows.jsonl`` (fsynced)
@@ -251,19 +260,16 @@ def run_months(
     edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
     summary = _summarise(rows, pretrained, config, plan.preset, base.site, base.accuracy,
                          base.mmlu, base.rings)  # fmt: skip
-    summary.update(
-        ability_before=base.ability,
-        scoring=plan.task.scoring,  # what "auto" resolved to
-        phrasing=plan.phrasing,
-        facts=plan.facts,
-        known=len(plan.scorer.known),
-        queries=len(plan.task.queries),
-        corpus=getattr(plan.corpus, "name", None),
-        tracing=None if tracing is None else {
-            k: tracing[k] for k in ("best_mlp_layer", "clean", "corrupted", "n_prompts")
-        },
-    )  # fmt: skip
-    write_json_atomic(out / "summary.json", summary)
+    summary.ability_before = base.ability
+    summary.scoring = plan.task.scoring  # what "auto" resolved to
+    summary.phrasing, summary.facts = plan.phrasing, plan.facts
+    summary.known, summary.queries = len(plan.scorer.known), len(plan.task.queries)
+    summary.corpus = getattr(plan.corpus, "name", None)
+    if tracing is not None:
+        summary.tracing = TraceSummary(
+            tracing["best_mlp_layer"], tracing["clean"], tracing["corrupted"], tracing["n_prompts"]
+        )
+    write_json_atomic(out / "summary.json", summary.to_dict())
     _figures(out, plan.task, base.before[base.site], edited_rows, afters, summary, pretrained.name)
     _report(out, summary)
     return summary
@@ -367,7 +373,7 @@ class _Baseline:
     site: Any
     accuracy: float
     ability: dict[str, float] | None
-    mmlu: Any
+    mmlu: MMLUScore | None
 
     @classmethod
     def measure(
@@ -435,7 +441,7 @@ def _edit_once(
         if config.ability:
             got.update(_ability(edited_model, tokenizer))
         if mmlu_items and i % config.mmlu_every == 0:
-            got["mmlu"] = _mmlu(edited_model, tokenizer, mmlu_items, config, progress)
+            got["mmlu"] = asdict(_mmlu(edited_model, tokenizer, mmlu_items, config, progress))
         return got
 
     (record,) = run_protocol(
@@ -525,6 +531,26 @@ def _fluency(
     return generation_fluency(model, tokenizer, prompts, config.fluency_tokens)
 
 
+def _distance_line(d: str, e: MonthsDistance) -> str:
+    """One distance's row of the report's table."""
+
+    def pct(x: float | None, fmt: str = ".0f") -> str:
+        return "-" if x is None else f"{100 * x:{fmt}}%"
+
+    near = (
+        f"{100 * e.neighbourhood:.0f}% ({100 * (e.neighbourhood_change or 0.0):+.0f})"
+        if e.neighbourhood is not None and not math.isnan(e.neighbourhood)
+        else "-"
+    )
+    flu = f"{e.fluency:.2f} ({e.fluency_change or 0.0:+.2f})" if e.fluency is not None else "-"
+    ppl = f"{e.perplexity:.2f}" if e.perplexity is not None else "-"
+    return (
+        f"| {d if d != 'None' else 'tree'} | {e.n} | {100 * e.success:.0f}% | "
+        f"{pct(e.paraphrase)} | {near} | {flu} | {100 * e.accuracy_change:+.1f} | {e.R:.4f} | "
+        f"{ppl} | {pct(e.calendar)} | {pct(e.mmlu, '.1f')} | {e.seconds:.2f} |"
+    )
+
+
 def _months_key(row: dict[str, Any]) -> tuple:
     return (row["distance"], row["index"])
 
@@ -563,11 +589,11 @@ def _ability(model: TransformerBridge, tokenizer: Any) -> dict[str, float]:
 
 def _mmlu(
     model: TransformerBridge, tokenizer: Any, items: Any, config: MonthsConfig, progress: bool
-) -> dict[str, Any]:
+) -> MMLUScore:
     from kgshatter.pretrained.mmlu import evaluate
 
     result = evaluate(model, tokenizer, items, config.mmlu_max_new_tokens, progress=progress)
-    return {"accuracy": result.accuracy, "no_answer_rate": result.no_answer_rate, "n": result.n}
+    return MMLUScore(result.accuracy, result.no_answer_rate, result.n)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -582,15 +608,15 @@ def _summarise(
     preset: str,
     site: Any,
     acc0: float,
-    mmlu0: dict[str, Any] | None,
+    mmlu0: MMLUScore | None,
     rings: dict[str, Any],
-) -> dict[str, Any]:
+) -> MonthsSummary:
     from kgshatter.analysis.shattering import fit_line
 
-    per: dict[str, dict[str, float]] = {}
+    per: dict[str, MonthsDistance] = {}
     for d in config.distances or (None,):
         group = [r for r in rows if r["distance"] == d and not r.get("skipped")]
-        entry = {
+        entry: dict[str, Any] = {
             "n": len(group),
             "skipped": sum(1 for r in rows if r["distance"] == d and r.get("skipped")),
             "success": _mean([r["success"] for r in group]),
@@ -617,7 +643,7 @@ def _summarise(
             entry["mmlu"] = float(np.mean(scored))
         if group and "ring_after" in group[0]:
             entry["isomap_after"] = float(np.nanmean([r["ring_after"]["isomap"] for r in group]))
-        per[str(d)] = entry
+        per[str(d)] = MonthsDistance(**entry)
     edited = [r for r in rows if not r.get("skipped")]
     claims = _claims(edited) if config.distances and len(config.distances) > 1 else {}
     fit = (
@@ -625,21 +651,21 @@ def _summarise(
         if len(edited) > 2
         else None
     )
-    return {
-        "model": pretrained.name,
-        "random_weights": pretrained.random_weights,
-        "family": pretrained.family,
-        "model_id": pretrained.model_id,
-        "config": config.to_dict(),
-        "preset": preset,
-        "site": str(site),
-        "accuracy_before": acc0,
-        "mmlu_before": mmlu0,
-        "rings_before": rings,
-        "per_distance": per,
-        "fit_accuracy_on_R": None if fit is None else {"slope": fit.slope, "r2": fit.r2},
-        "claims": claims,
-    }
+    return MonthsSummary(
+        model=pretrained.name,
+        random_weights=pretrained.random_weights,
+        family=pretrained.family,
+        model_id=pretrained.model_id,
+        config=config,
+        preset=preset,
+        site=str(site),
+        accuracy_before=acc0,
+        mmlu_before=mmlu0,
+        rings_before=rings,
+        per_distance=per,
+        fit_accuracy_on_R=None if fit is None else Fit(fit.slope, fit.intercept, fit.r2, fit.n),
+        claims=claims,
+    )
 
 
 # the paper's claims on a pretrained model: (what it says, the sign it predicts against d, how a
@@ -655,55 +681,51 @@ CLAIMS: dict[str, tuple[str, int, Callable[[dict[str, Any]], Any]]] = {
 }  # fmt: skip
 
 
-def _claims(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _claims(rows: list[dict[str, Any]]) -> dict[str, Claim]:
     """Spearman's rank correlation of each claim's quantity with d over the edits, its
     two-sided p-value, and whether the claim holds (the predicted sign, p < 0.05); a quantity
     no edit changed is reported as unchanged."""
     from scipy.stats import spearmanr
 
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Claim] = {}
     for key, (text, sign, read) in CLAIMS.items():
         pairs = [(r["distance"], read(r)) for r in rows]
         pairs = [(d, float(v)) for d, v in pairs if isinstance(v, (int, float)) and v == v]
         if len(pairs) < 3 or len({d for d, _ in pairs}) < 2:
             continue
-        entry: dict[str, Any] = {"claim": text, "n": len(pairs), "holds": False}
         if len({v for _, v in pairs}) < 2:
-            entry.update(rho=math.nan, p=math.nan, unchanged=pairs[0][1])
+            out[key] = Claim(text, len(pairs), False, math.nan, math.nan, unchanged=pairs[0][1])
         else:
             rho, p = spearmanr([d for d, _ in pairs], [v for _, v in pairs])
-            entry.update(rho=float(rho), p=float(p), holds=bool(rho * sign > 0 and p < 0.05))
-        out[key] = entry
+            holds = bool(rho * sign > 0 and p < 0.05)
+            out[key] = Claim(text, len(pairs), holds, float(rho), float(p))
     return out
 
 
 def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afters: list[Any],
-             summary: dict[str, Any], model_name: str) -> None:  # fmt: skip
+             summary: MonthsSummary, model_name: str) -> None:  # fmt: skip
     from kgshatter.plotting import pyplot, ring_figure, save_figure
 
-    site = summary["site"]
+    site = summary.site
     plt = pyplot()
-    per = summary["per_distance"]
+    per = summary.per_distance
     keys = list(per)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     xs = [k if k != "None" else "tree" for k in keys]
-    axes[0].bar(xs, [100 * per[k]["accuracy_change"] for k in keys])
+    axes[0].bar(xs, [100 * per[k].accuracy_change for k in keys])
     axes[0].set(title=f"{task.name}: accuracy change (points)", xlabel="edit distance")
-    axes[1].bar(xs, [per[k]["R"] for k in keys], color="tab:red")
+    axes[1].bar(xs, [per[k].R for k in keys], color="tab:red")
     axes[1].set(title=f"R(D*) at {site}", xlabel="edit distance")
-    if all("mmlu" in per[k] for k in keys) and summary["mmlu_before"]:
-        axes[2].plot(
-            ["before", *xs],
-            [summary["mmlu_before"]["accuracy"]] + [per[k]["mmlu"] for k in keys],
-            "o-",
-        )
+    mmlu = [m for k in keys if (m := per[k].mmlu) is not None]
+    if len(mmlu) == len(keys) and summary.mmlu_before:
+        axes[2].plot(["before", *xs], [summary.mmlu_before.accuracy, *mmlu], "o-")
         axes[2].set(title="MMLU-Redux accuracy", xlabel="edit distance")
     else:
         axes[2].axis("off")
         axes[2].text(0.5, 0.5, "MMLU-Redux not run\n(pass --mmlu FILE)", ha="center", va="center")
     fig.tight_layout()
     save_figure(fig, out / "distance.png")
-    rings = summary.get("rings_before") or {}
+    rings = summary.rings_before
     if rings:
         layers = list(rings)
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -730,11 +752,11 @@ def _figures(out: Path, task: Any, before: Any, rows: list[dict[str, Any]], afte
     save_figure(fig, out / "rings.png")
 
 
-def _report(out: Path, summary: dict[str, Any]) -> None:
-    per = summary["per_distance"]
-    scored = "its first token" if summary["scoring"] == "first-token" else "its whole tokens"
+def _report(out: Path, summary: MonthsSummary) -> None:
+    s = summary
+    scored = "its first token" if s.scoring == "first-token" else "its whole tokens"
     lines = [
-        f"# {summary['config']['task']} on {summary['model']} ({summary['family']})",
+        f"# {s.config.task} on {s.model} ({s.family})",
         "",
         *(
             [
@@ -742,61 +764,46 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
                 "code path runs.**",
                 "",
             ]
-            if summary["random_weights"]
+            if s.random_weights
             else []
         ),
-        f"Method {summary['config']['method']} (preset {summary['preset']}); representations at "
-        f"{summary['site']}; accuracy before {100 * summary['accuracy_before']:.1f}% "
+        f"Method {s.config.method} (preset {s.preset}); representations at "
+        f"{s.site}; accuracy before {100 * s.accuracy_before:.1f}% "
         f"(the answer ranked first among the candidates, scored on {scored}): "
-        f"{summary['known']} of {summary['queries']} prompts ({summary['phrasing']} phrasing) "
+        f"{s.known} of {s.queries} prompts ({s.phrasing} phrasing) "
         f"answered right before editing; the edits rewrite "
-        + ("only facts the model knows." if summary["facts"] == "known" else "any fact."),
+        + ("only facts the model knows." if s.facts == "known" else "any fact."),
         "",
-        *([f"Key statistics C from: {summary['corpus']}.", ""] if summary.get("corpus") else []),
+        *([f"Key statistics C from: {s.corpus}.", ""] if s.corpus else []),
         "| distance | edits | success | paraphrase | neighbourhood (change) | fluency (change) "
         "| accuracy change (points) | R(D*) | perplexity | calendar | MMLU-Redux | s/edit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ability = summary.get("ability_before")
-    for d, e in per.items():
-        mmlu = f"{100 * e['mmlu']:.1f}%" if "mmlu" in e else "-"
-        para = f"{100 * e['paraphrase']:.0f}%" if "paraphrase" in e else "-"
-        near = (
-            f"{100 * e['neighbourhood']:.0f}% ({100 * e['neighbourhood_change']:+.0f})"
-            if "neighbourhood" in e and not math.isnan(e["neighbourhood"])
-            else "-"
-        )
-        flu = f"{e['fluency']:.2f} ({e['fluency_change']:+.2f})" if "fluency" in e else "-"
-        ppl = f"{e['perplexity']:.2f}" if "perplexity" in e else "-"
-        cal = f"{100 * e['calendar']:.0f}%" if "calendar" in e else "-"
-        lines.append(
-            f"| {d if d != 'None' else 'tree'} | {e['n']} | {100 * e['success']:.0f}% | {para} | "
-            f"{near} | {flu} | {100 * e['accuracy_change']:+.1f} | {e['R']:.4f} | {ppl} | "
-            f"{cal} | {mmlu} | {e['seconds']:.2f} |"
-        )
-    if ability:
-        lines += ["", f"Before editing: perplexity {ability['perplexity']:.2f} on the fixed text, "
-                  f"calendar questions {100 * ability['calendar']:.0f}% right "
+    for d, e in s.per_distance.items():
+        lines.append(_distance_line(d, e))
+    if s.ability_before:
+        a = s.ability_before
+        lines += ["", f"Before editing: perplexity {a['perplexity']:.2f} on the fixed text, "
+                  f"calendar questions {100 * a['calendar']:.0f}% right "
                   f"(kgshatter.pretrained.ability; chance 25%)."]  # fmt: skip
-    if summary["mmlu_before"]:
-        m = summary["mmlu_before"]
-        lines += ["", f"MMLU-Redux before: {100 * m['accuracy']:.1f}% ({m['n']} items, "
-                  f"no answer {100 * m['no_answer_rate']:.0f}%)."]  # fmt: skip
-    claims = summary.get("claims") or {}
-    if claims:
+    if s.mmlu_before:
+        m = s.mmlu_before
+        lines += ["", f"MMLU-Redux before: {100 * m.accuracy:.1f}% ({m.n} items, "
+                  f"no answer {100 * m.no_answer_rate:.0f}%)."]  # fmt: skip
+    if s.claims:
         lines += ["", "The paper's claims on this model, as d grows (Spearman's rank correlation "
                   "with d over the edits; holds: the predicted sign at p < 0.05):", ""]  # fmt: skip
-        for c in claims.values():
-            if "unchanged" in c:
-                lines.append(f"- {c['claim']}: not seen (no edit changed it: {c['unchanged']:.4g} "
-                             f"after each of {c['n']} edits)")  # fmt: skip
+        for c in s.claims.values():
+            if c.unchanged is not None:
+                lines.append(f"- {c.claim}: not seen (no edit changed it: {c.unchanged:.4g} "
+                             f"after each of {c.n} edits)")  # fmt: skip
                 continue
-            verdict = "holds" if c["holds"] else "not seen"
-            lines.append(f"- {c['claim']}: {verdict} (rho {c['rho']:+.2f}, p {c['p']:.3g}, "
-                         f"{c['n']} edits)")  # fmt: skip
-    fit = summary["fit_accuracy_on_R"]
-    if fit and not math.isnan(fit["r2"]):
-        lines += ["", f"Accuracy change on R(D*): slope {fit['slope']:.3f}, r² {fit['r2']:.2f}."]
+            verdict = "holds" if c.holds else "not seen"
+            lines.append(f"- {c.claim}: {verdict} (rho {c.rho:+.2f}, p {c.p:.3g}, "
+                         f"{c.n} edits)")  # fmt: skip
+    fit = s.fit_accuracy_on_R
+    if fit and not math.isnan(fit.r2):
+        lines += ["", f"Accuracy change on R(D*): slope {fit.slope:.3f}, r² {fit.r2:.2f}."]
     lines += [
         "",
         "The editing papers' metrics (CounterFact): *paraphrase*, the edited fact asked in two "
@@ -810,7 +817,7 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
     ]
     if (out / "rings.png").exists():
         lines += ["", "![rings before and after](rings.png)"]
-    rings = summary.get("rings_before") or {}
+    rings = s.rings_before
     if rings:
         best = max(rings, key=lambda k: np.nan_to_num(rings[k]["isomap"], nan=-1.0))
         r = rings[best]
@@ -823,14 +830,14 @@ def _report(out: Path, summary: dict[str, Any]) -> None:
             "",
             "![ring metrics per layer](ring_layers.png)",
         ]
-    trace = summary.get("tracing")
+    trace = s.tracing
     if trace:
         lines += [
             "",
-            f"Causal tracing ({trace['n_prompts']} facts the model knows; answer probability "
-            f"clean {trace['clean']:.2f}, subject corrupted {trace['corrupted']:.2f}): restoring "
+            f"Causal tracing ({trace.n_prompts} facts the model knows; answer probability "
+            f"clean {trace.clean:.2f}, subject corrupted {trace.corrupted:.2f}): restoring "
             f"the MLP output at the subject's last token matters most at layer "
-            f"{trace['best_mlp_layer']} (tracing.json).",
+            f"{trace.best_mlp_layer} (tracing.json).",
             "",
             "![causal tracing](tracing.png)",
         ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kgshatter.kg.walks import SPLITS
@@ -259,3 +259,120 @@ def _method_from(data: dict[str, Any]) -> MethodSummary:
         skipped=data["skipped"],
         sequential=[SequenceStep(**s) for s in data["sequential"]],
     )
+
+
+# the months (days, cities) replication on a pretrained model (kgshatter.studies.months)
+
+
+@dataclass(frozen=True)
+class MonthsDistance:
+    """Means over one distance's edits of a months replication (fractions; ``R`` is R(D*));
+    the optional measures are ``None`` where the run did not take them."""
+
+    n: int
+    skipped: int
+    success: float
+    accuracy_change: float
+    R: float
+    seconds: float  # median per edit
+    paraphrase: float | None = None
+    neighbourhood: float | None = None
+    neighbourhood_change: float | None = None
+    fluency: float | None = None
+    fluency_change: float | None = None
+    perplexity: float | None = None
+    calendar: float | None = None
+    mmlu: float | None = None
+    isomap_after: float | None = None
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims as d grows: Spearman's rho of its quantity with d over the
+    edits, the p-value, whether it holds (the predicted sign at p < 0.05); ``unchanged`` is the
+    value no edit changed (rho and p are then NaN)."""
+
+    claim: str
+    n: int
+    holds: bool
+    rho: float
+    p: float
+    unchanged: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "unchanged" or v is not None}
+
+
+@dataclass(frozen=True)
+class MMLUScore:
+    accuracy: float
+    no_answer_rate: float
+    n: int
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    """What causal tracing found: the MLP layer whose restored output matters most at the
+    subject's last token, the answer probability clean and with the subject corrupted."""
+
+    best_mlp_layer: int
+    clean: float
+    corrupted: float
+    n_prompts: int
+
+
+@dataclass
+class MonthsSummary:
+    """Everything a months replication's ``summary.json`` holds."""
+
+    model: str
+    random_weights: bool
+    family: str
+    model_id: str
+    config: Any  # the MonthsConfig (kgshatter.studies.months)
+    preset: str
+    site: str
+    accuracy_before: float
+    mmlu_before: MMLUScore | None
+    rings_before: dict[str, dict[str, float]]  # site -> ring metric -> value
+    per_distance: dict[str, MonthsDistance]  # keyed str(d) ("None" for the tree task)
+    fit_accuracy_on_R: Fit | None
+    claims: dict[str, Claim]
+    ability_before: dict[str, float] | None = None  # perplexity, calendar
+    scoring: str = "auto"  # what the task's "auto" scoring resolved to
+    phrasing: str = "hop"
+    facts: str = "all"
+    known: int = 0  # prompts answered right before editing
+    queries: int = 0
+    corpus: str | None = None
+    tracing: TraceSummary | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``summary.json``)."""
+        fit = self.fit_accuracy_on_R
+        return {
+            "model": self.model,
+            "random_weights": self.random_weights,
+            "family": self.family,
+            "model_id": self.model_id,
+            "config": self.config.to_dict(),
+            "preset": self.preset,
+            "site": self.site,
+            "accuracy_before": self.accuracy_before,
+            "mmlu_before": None if self.mmlu_before is None else asdict(self.mmlu_before),
+            "rings_before": self.rings_before,
+            "per_distance": {d: e.to_dict() for d, e in self.per_distance.items()},
+            "fit_accuracy_on_R": None if fit is None else {"slope": fit.slope, "r2": fit.r2},
+            "claims": {k: c.to_dict() for k, c in self.claims.items()},
+            "ability_before": self.ability_before,
+            "scoring": self.scoring,
+            "phrasing": self.phrasing,
+            "facts": self.facts,
+            "known": self.known,
+            "queries": self.queries,
+            "corpus": self.corpus,
+            "tracing": None if self.tracing is None else asdict(self.tracing),
+        }
