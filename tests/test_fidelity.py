@@ -18,6 +18,7 @@ def _summary(drops, r_first, r_others, r2=0.9, isomap=0.9, after=0.2, base=1.0, 
     """A sweep summary as ``summary.json`` holds it, with chosen numbers, read back."""
     by_kind = {}
     for d, (drop, rf, ro) in enumerate(zip(drops, r_first, r_others, strict=True), start=1):
+        drop, rf, ro = float(drop), float(rf), float(ro)  # as summary.json holds them
         change = {o: -drop for o in (*ORDERS, "all")}
         by_kind[f"d={d}"] = {
             "kind": "counterfactual",

@@ -97,6 +97,7 @@ def test_untied_checkpoint_refused_by_a_tied_model(tmp_path):
         load_weights(tied, tmp_path / "u.safetensors")
 
 
+@pytest.mark.ill_typed
 @pytest.mark.parametrize("field", ["tied_embeddings", "bias"])
 def test_boolean_model_fields_are_validated(field):
     with pytest.raises(ValueError, match=f"{field} must be true or false"):

@@ -53,9 +53,13 @@ def test_register_method_checks_what_it_is_given(half_rome):
     with pytest.raises(ValueError, match="already registered"):
         register_method(half_rome)
     assert register_method(half_rome, replace=True) is half_rome
+    with pytest.raises(ValueError, match="unknown editing method 'nope'"):
+        get_method("nope")
+
+
+@pytest.mark.ill_typed
+def test_register_method_refuses_what_is_not_a_method(half_rome):
     with pytest.raises(ValueError, match="presets must be a non-empty dict of ROMEConfig"):
         register_method(Method("x", ROMEConfig, compute_half_rome, {"a": 1}, batch=False))
     with pytest.raises(ValueError, match="takes a kgshatter.editing.Method"):
         register_method("rome")
-    with pytest.raises(ValueError, match="unknown editing method 'nope'"):
-        get_method("nope")

@@ -200,8 +200,8 @@ def test_self_attention_variant_hides_the_subject_until_layer_one(tmp_path):
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
     pattern = cache["blocks.0.attn.hook_pattern"]
     torch.testing.assert_close(pattern, torch.eye(8).expand_as(pattern))
-    config = SweepConfig(**{**SMALL.to_dict(), "methods": ("rome",), "sequential_edits": 0,
-                            "kinds": ("counterfactual",), "distances": (1,)})  # fmt: skip
+    config = SweepConfig.from_dict({**SMALL.to_dict(), "methods": ("rome",), "sequential_edits": 0,
+                                    "kinds": ("counterfactual",), "distances": (1,)})  # fmt: skip
     result = run_sweep(tmp_path / "run", tmp_path / "sweep", config, progress=False)
     row = next(r for r in result.rows if "efficacy" in r)
     assert math.isnan(row["R.I@0.resid_post"]) and math.isnan(row["R.I@0.mlp_post"])
