@@ -34,7 +34,6 @@ from kgshatter.editing.core import (
     reject_state,
 )
 from kgshatter.editing.edit import Edit, LayerDelta, edit_fingerprint, model_identity
-from kgshatter.editing.requests import EditRequest
 from kgshatter.editing.targets import optimize_many, prepare_problems
 from kgshatter.sites import edit_module, edit_sites
 from kgshatter.validation import check_choice, check_int
@@ -167,7 +166,7 @@ def compute_rome(
 def compute_rome_many(
     model: TransformerBridge,
     task: EditTask,
-    requests: Sequence[EditRequest],
+    requests: Sequence[Request],
     config: ROMEConfig = ROMEConfig(),
     *,
     model_id: str | None = None,
