@@ -325,6 +325,10 @@ def test_relative_optimisation_is_the_reference_one_in_units_of_h0(setup):
     )
     torch.testing.assert_close(rel.deltas[0].dense, ref.deltas[0].dense, atol=1e-5, rtol=1e-4)
     assert rel.info["delta_norm"] == pytest.approx(ref.info["delta_norm"], rel=1e-4)
+
+
+@pytest.mark.ill_typed
+def test_relative_must_be_a_boolean():
     with pytest.raises(ValueError, match="relative must be true or false"):
         ROMEConfig(relative=1)
 

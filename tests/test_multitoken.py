@@ -49,6 +49,10 @@ def test_a_text_target_is_all_its_tokens_unless_asked_otherwise(gpt2):
     assert len(whole) > 2
     assert gpt2.tokenizer.decode(list(whole)).strip() == "New Zealand"
     assert first.target_tokens(request) == whole[:1] == (first.target_token(request),)
+
+
+@pytest.mark.ill_typed
+def test_whole_target_must_be_a_boolean(gpt2):
     with pytest.raises(ValueError, match="whole_target"):
         TextTask(gpt2.model, gpt2.tokenizer, whole_target="yes")
 

@@ -141,7 +141,7 @@ def test_sweep_refuses_bad_input_before_work(tiny_run_dir, tmp_path):
         run_sweep(tiny_run_dir, out, SweepConfig(site="4.resid_post"), progress=False)
     assert not (out / "rows.jsonl").exists()
     run_sweep(tiny_run_dir, out, SMALL, progress=False)
-    other = SweepConfig(**{**SMALL.to_dict(), "distances": (2,)})
+    other = SweepConfig.from_dict({**SMALL.to_dict(), "distances": (2,)})
     with pytest.raises(
         ValueError, match=r"different sweep setting distances \(\[1, 3\] there, \[2\] now\)"
     ) as e:

@@ -221,7 +221,7 @@ def test_checkpoints_by_time_do_not_change_the_run(tmp_path):
     assert_same_weights(weights(resumed.model), weights(plain.model))
     assert [h["step"] for h in timed.history] == [20, 23]  # evaluated where it stopped
     with pytest.raises(ValueError, match="checkpoint_seconds must be > 0"):
-        train(run, tmp_path / "b", progress=False, checkpoint_seconds=0)
+        train(run, tmp_path / "b", progress=False, checkpoint_seconds=0.0)
 
 
 def test_crash_windows_resume_cleanly(tmp_path):

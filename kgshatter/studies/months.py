@@ -596,7 +596,7 @@ def _mmlu(
     return MMLUScore(result.accuracy, result.no_answer_rate, result.n)
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[float | int]) -> float:
     """The mean (NaN, without a warning, when every edit of a distance was skipped)."""
     return float(np.mean(values)) if len(values) else math.nan
 
