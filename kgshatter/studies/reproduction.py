@@ -149,4 +149,11 @@ def describe(result: SweepResult) -> str:
         eff = [b.efficacy for b in v.by_kind.values() if b.efficacy is not None]
         if eff:
             lines.append(f"{m:>14}: mean efficacy {100 * statistics.fmean(eff):.0f}%")
+    if result.summary.baseline is not None:
+        from kgshatter.studies.fidelity import fidelity_checks
+
+        for m in result.summary.methods:
+            checks = fidelity_checks(result.summary, m)
+            met = sum(c.holds is True for c in checks)
+            lines.append(f"{m:>14}: {met} of {len(checks)} fidelity targets met (report.md)")
     return "\n".join(lines)
