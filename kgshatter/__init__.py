@@ -79,6 +79,8 @@ _EXPORTS: dict[str, str] = {
     "SweepConfig": "kgshatter.studies.sweep",
     "run_sweep": "kgshatter.studies.sweep",
     "reproduce": "kgshatter.studies.reproduction",
+    "SweepSummary": "kgshatter.studies.results",
+    "MonthsSummary": "kgshatter.studies.results",
     # pretrained models and the months replication
     "PretrainedModel": "kgshatter.pretrained.loading",
     "TINY_TEXT": "kgshatter.pretrained.loading",
@@ -171,5 +173,6 @@ if TYPE_CHECKING:  # the names as a type checker and an editor see them
     from kgshatter.sites import Site
     from kgshatter.studies.months import MonthsConfig, run_months
     from kgshatter.studies.reproduction import reproduce
+    from kgshatter.studies.results import MonthsSummary, SweepSummary
     from kgshatter.studies.sweep import SweepConfig, run_sweep
     from kgshatter.training import TrainResult, load_run, train

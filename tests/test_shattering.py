@@ -13,6 +13,7 @@ import torch
 from kgshatter.analysis.geometry import neighbour_fraction
 from kgshatter.analysis.shattering import distance_matrix, fit_line, shattering
 from kgshatter.cli import main
+from kgshatter.studies.results import SweepSummary
 from kgshatter.studies.sweep import SweepConfig, run_sweep
 
 
@@ -167,6 +168,11 @@ def test_reproduce_smoke_on_tiny(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["example"]["rings"]["I"]) == {"before", "after"}
     assert "`rings_before_after.png` draws rome" in report
+    # summary.json reads back into the typed results, and writes out the same
+    typed = SweepSummary.from_dict(summary)
+    assert typed.to_dict() == summary and typed.main_method() == "rome"
+    assert typed.methods["rome"].by_distance()[1].n == 1
+    assert "rome: " in printed and "fidelity targets met" in printed
     # tiny never learns inference, and the report says so; table.csv's columns are explained
     assert "Caution: this model has not learned" in report
     assert "`acc.SPLIT.ORDER`: the CHANGE in accuracy" in report

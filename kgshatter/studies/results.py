@@ -1,10 +1,11 @@
-"""The sweep's results as typed values: what ``summary.json`` holds, read by attribute.
+"""The studies' results as typed values: what each ``summary.json`` holds, read by attribute.
 
 :func:`kgshatter.studies.sweep.summarise` builds a :class:`SweepSummary` from the tidy table's
 rows (the one place that reads the table's composed column names, ``acc.{split}.{order}``,
 ``R.{order}``); the report, the fidelity checks, the reproduction and the CLI read its
 attributes; :meth:`SweepSummary.to_dict` writes ``summary.json`` and
-:meth:`SweepSummary.from_dict` reads it back.
+:meth:`SweepSummary.from_dict` reads it back. :func:`kgshatter.studies.months.run_months`
+returns a :class:`MonthsSummary` the same way (its rows stay the JSON lines of ``rows.jsonl``).
 
 The per-order maps are keyed by order name (``"I"``, ``"II"``, ...), plus ``"all"`` for
 accuracy (every order together) and ``"mean"`` for R (the mean over orders); a value is
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ def kind_label(kind: str, distance: int | None) -> str:
     return "corrective" if kind == "corrective" else f"d={distance}"
 
 
-def ordered_kinds(labels: Any) -> list[str]:
+def ordered_kinds(labels: Iterable[str]) -> list[str]:
     """Kind labels in report order (corrective first, then by distance)."""
     return sorted(labels, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99)
 
