@@ -18,7 +18,7 @@ from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
 from kgshatter.studies.results import SweepSummary, ordered_kinds
-from kgshatter.studies.sweep import SweepResult, accuracy_drop
+from kgshatter.studies.sweep import SweepResult, single_edits
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -164,15 +164,14 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
     _legend_below(fig, first)
     paths.append(save_figure(fig, out / "shattering_vs_distance.png"))
 
-    single = [r for r in rows if "efficacy" in r and r["protocol"] == "single"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m in methods:
-        rs = [r for r in single if r["method"] == m]
-        if not rs:
+        edits = single_edits(rows, m)
+        if not edits:
             continue
         fit = summary.methods[m].fit_drop_on_R
-        x = np.array([100 * r["R.mean"] for r in rs])
-        y = np.array([accuracy_drop(r) for r in rs])
+        x = np.array([100 * e.R_mean for e in edits])
+        y = np.array([e.drop for e in edits])
         ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {_fmt(fit.r2, 2)})")
         if not math.isnan(fit.slope):
             grid = np.linspace(x.min(), x.max(), 10)

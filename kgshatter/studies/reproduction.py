@@ -17,7 +17,13 @@ from typing import Any
 from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
 from kgshatter.studies.results import RingExample
-from kgshatter.studies.sweep import SweepConfig, SweepResult, check_distances, run_sweep
+from kgshatter.studies.sweep import (
+    SweepConfig,
+    SweepResult,
+    check_distances,
+    run_sweep,
+    single_edits,
+)
 
 log = logging.getLogger("kgshatter")
 
@@ -110,29 +116,24 @@ def _example_rings(
     from kgshatter.training import load_run
 
     method = "rome" if "rome" in sweep.methods else sweep.methods[0]
-    rows = [
-        r
-        for r in result.rows
-        if r["method"] == method and r["protocol"] == "single" and "efficacy" in r
-        and r["kind"] == "counterfactual"
-    ]  # fmt: skip
-    if not rows:
+    edits = [e for e in single_edits(result.rows, method) if e.kind == "counterfactual"]
+    if not edits:
         return None
-    far = max(r["sweep_distance"] for r in rows)
-    rows = sorted((r for r in rows if r["sweep_distance"] == far), key=lambda r: r["R.mean"])
-    row = rows[len(rows) // 2]
+    far = max(e.sweep_distance for e in edits)
+    edits = sorted((e for e in edits if e.sweep_distance == far), key=lambda e: e.R_mean)
+    row = edits[len(edits) // 2]
     run, graph, model, _ = load_run(run_dir, device=device)
     spec = get_method(method)
     task = SyntheticTask(WalkSampler(graph, run.walks), CovarianceCache(run_dir / "cache"))
-    request = EditRequest(row["subject"], row["relation"], row["target"])
+    request = EditRequest(row.subject, row.relation, row.target)
     edit = spec.compute(
         model, task, [request], spec.config_with_samples(sweep.editor_preset, sweep.n_samples)
     )
     evaluator = Evaluator.for_run(run, graph)
     site = Site.parse(str(result.summary.site))
     label = (
-        f"{method}: {row['fact']} (d={row['distance']}, R x100 = "
-        f"{100 * row['R.mean']:.1f}, median of the d={far} edits)"
+        f"{method}: {row.fact} (d={row.distance}, R x100 = "
+        f"{100 * row.R_mean:.1f}, median of the d={far} edits)"
     )
     return rings_before_after(model, edit, evaluator, site, label, sweep.position)
 

@@ -76,6 +76,23 @@ class KindSummary:
 
 
 @dataclass(frozen=True)
+class SingleEdit:
+    """One scored single edit of a sweep: the request and the two numbers the report plots (a
+    view of a ``table.csv`` row, :func:`kgshatter.studies.sweep.single_edits`)."""
+
+    method: str
+    kind: str  # "corrective" or "counterfactual"
+    sweep_distance: int  # the distance asked for (0: corrective)
+    distance: int  # the request's distance on the relation's ring
+    fact: str  # "e0003 I_C1 -> e0042"
+    subject: int  # entity index
+    relation: int  # relation index
+    target: int  # entity index
+    R_mean: float  # R(D*) at the report's site, mean over orders
+    drop: float  # accuracy drop in points, all orders, mean over the three tasks
+
+
+@dataclass(frozen=True)
 class Fit:
     """Least-squares line of the accuracy drop (points) on R(D*) across single edits."""
 

@@ -41,6 +41,7 @@ from kgshatter.studies.results import (
     KindSummary,
     MethodSummary,
     SequenceStep,
+    SingleEdit,
     SweepHeader,
     SweepSummary,
     kind_label,
@@ -663,6 +664,26 @@ def _mean(values: list[float]) -> float | None:
 def accuracy_drop(row: dict[str, Any]) -> float:
     """Mean accuracy drop over the three tasks, all orders, in points (positive = worse)."""
     return -100 * statistics.fmean(row[f"acc.{s}.all"] for s in SPLITS)
+
+
+def single_edits(rows: list[dict[str, Any]], method: str | None = None) -> list[SingleEdit]:
+    """The scored single edits among a sweep's rows (of one method), typed."""
+    return [
+        SingleEdit(
+            method=r["method"],
+            kind=r["kind"],
+            sweep_distance=r["sweep_distance"],
+            distance=r["distance"],
+            fact=r["fact"],
+            subject=r["subject"],
+            relation=r["relation"],
+            target=r["target"],
+            R_mean=r["R.mean"],
+            drop=accuracy_drop(r),
+        )  # fmt: skip
+        for r in rows
+        if "efficacy" in r and r["protocol"] == "single" and method in (None, r["method"])
+    ]
 
 
 def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig) -> SweepSummary:
