@@ -87,10 +87,12 @@ FT_PRESETS = {
     "synthetic-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     "synthetic-subject-relative": FTConfig(layer=0, steps=25, lr=5e-4, norm_constraint=5e-4),
     "tiny-pretrained": FTConfig(layer=2, steps=25, lr=5e-3, norm_constraint=5e-2, n_prompts=5),
-    # SmolLM2-135M: the GPT-2-XL reference's constrained fine-tuning (25 steps, lr 5e-4, bound
-    # 5e-4, the bare prompt, its algorithm) on ROME's layer 5 (our choice)
+    # SmolLM2-135M: the GPT-2-XL reference's constrained fine-tuning (25 steps, lr 5e-4, the
+    # bare prompt, its algorithm) on ROME's layer 5 (our choice), with the bound 10x looser:
+    # measured on 6 month edits at d = 1 / d = 3 (docs/smollm2/README.md), the reference's
+    # bound 5e-4 takes 0% / 0%, 5e-3 takes 100% / 100%
     "smollm2-135m": FTConfig(
-        layer=5, steps=25, lr=5e-4, norm_constraint=5e-4, n_prompts=1, reference=True
+        layer=5, steps=25, lr=5e-4, norm_constraint=5e-3, n_prompts=1, reference=True
     ),
 }
 
