@@ -312,7 +312,7 @@ def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
         fields = {f.name for f in dataclasses.fields(getattr(run, part))}
         if field not in fields:
             raise ValueError(f"--set: {part} has no field {field!r}; fields: {sorted(fields)}")
-        if isinstance(data[part][field], float) and type(value) is int:
+        if isinstance(data[part].get(field), float) and type(value) is int:
             value = float(value)  # "train.lr=1" sets the float 1.0
         data[part][field] = value
     return RunConfig.from_dict(data)

@@ -93,6 +93,12 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
 
 def test_overrides():
     run = apply_overrides(get_preset("tiny"), ["train.lr=0.01", "kg.seed=3", "model.act_fn=relu"])
+    # an integer written for a float field is that float; integer fields stay integers; a
+    # field left at None by its preset (a ring graph's width) is named, not a KeyError
+    whole = apply_overrides(get_preset("tiny"), ["train.lr=1", "train.steps=5"])
+    assert type(whole.train.lr) is float and type(whole.train.steps) is int
+    with pytest.raises(ValueError, match="width belongs to torus"):
+        apply_overrides(get_preset("tiny"), ["kg.width=8"])
     assert (run.train.lr, run.kg.seed, run.model.act_fn) == (0.01, 3, "relu")
     with pytest.raises(ValueError, match="has no field 'lrate'"):
         apply_overrides(get_preset("tiny"), ["train.lrate=1"])
