@@ -32,7 +32,7 @@ from typing import Any
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import RunConfig, apply_overrides
-from kgshatter.studies.results import KindSummary, SweepSummary
+from kgshatter.studies.results import KindSummary, SweepSummary, or_nan
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ class Check:
     evidence: str
 
 
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
-
-
 def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
     """The paper's phenomenon as targets, checked on a sweep summary (single edits)."""
     checks: list[Check] = []
@@ -95,17 +91,17 @@ def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
     if len(by) < 2:
         return [*checks, Check("at least two distances were swept", False, str(sorted(by)))]
     near, far = min(by), max(by)
-    efficacy = statistics.fmean(_or_nan(v.efficacy) for v in by.values())
+    efficacy = statistics.fmean(or_nan(v.efficacy) for v in by.values())
     checks.append(
         Check(
             f"the edits take (mean efficacy >= {MIN_EFFICACY:.0%}; damage from edits that did "
             "not happen means little)",
             efficacy >= MIN_EFFICACY,
-            ", ".join(f"d={d}: {_or_nan(by[d].efficacy):.0%}" for d in sorted(by)),
+            ", ".join(f"d={d}: {or_nan(by[d].efficacy):.0%}" for d in sorted(by)),
         )
     )
     # a distance without a direct accuracy fails the checks below (nan compares false)
-    drops = {d: _or_nan(by[d].direct_drop) for d in sorted(by)}
+    drops = {d: or_nan(by[d].direct_drop) for d in sorted(by)}
     dn, df = drops[near], drops[far]
     ratio = df / dn if dn and dn > 0 else math.inf
     checks.append(
@@ -125,7 +121,7 @@ def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
         )
     )
     first, *rest = by[far].orders
-    rn, rf = _or_nan(by[near].R_x100[first]), _or_nan(by[far].R_x100[first])
+    rn, rf = or_nan(by[near].R_x100[first]), or_nan(by[far].R_x100[first])
     checks.append(
         Check(
             f"R x100 on order {first} at d={far} >= {MIN_R_RATIO:.0f}x its value at d={near}",
@@ -134,7 +130,7 @@ def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
         )
     )
     if rest:
-        others = {o: _or_nan(by[far].R_x100[o]) for o in rest}
+        others = {o: or_nan(by[far].R_x100[o]) for o in rest}
         checks.append(
             Check(
                 f"at d={far} the other orders shatter >= half as much as order {first}",

@@ -17,7 +17,7 @@ from kgshatter.io import write_atomic
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
-from kgshatter.studies.results import SweepSummary, ordered_kinds
+from kgshatter.studies.results import SweepSummary, or_nan, ordered_kinds
 from kgshatter.studies.sweep import SweepResult, single_edits
 
 if TYPE_CHECKING:
@@ -324,12 +324,12 @@ def _baseline_lines(s: SweepSummary) -> list[str]:
     assert s.baseline is not None and s.run is not None
     base, orders = s.baseline.accuracy, s.baseline.orders
     lines: list[str] = []
-    weak = [sp for sp in SPLITS if base[sp]["all"] is not None and _known(base[sp]["all"]) < 0.8]
+    weak = [sp for sp in SPLITS if base[sp]["all"] is not None and or_nan(base[sp]["all"]) < 0.8]
     if weak:
         skills = " and ".join(
             f"{sp} inference" if sp != "direct" else "direct recall" for sp in weak
         )
-        levels = ", ".join(f"{sp} {100 * _known(base[sp]['all']):.0f}%" for sp in weak)
+        levels = ", ".join(f"{sp} {100 * or_nan(base[sp]['all']):.0f}%" for sp in weak)
         lines += [
             "",
             f"**Caution: this model has not learned {skills} ({levels} before any edit; the "
@@ -415,10 +415,6 @@ def _methods_lines(s: SweepSummary) -> list[str]:
                     f"| {last.accuracy_drop_points:.1f} | {last.R_x100:.2f} |"
                 )
     return lines
-
-
-def _known(x: float | None) -> float:
-    return math.nan if x is None else x
 
 
 def _times_line(seconds: dict[str, Any]) -> str:

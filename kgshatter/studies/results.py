@@ -67,7 +67,7 @@ class KindSummary:
     @property
     def mean_change(self) -> float:
         """Accuracy change in points, all orders, averaged over the three splits."""
-        return statistics.fmean(_known(self.change(s)) for s in SPLITS)
+        return statistics.fmean(or_nan(self.change(s)) for s in SPLITS)
 
     @property
     def orders(self) -> list[str]:
@@ -228,8 +228,9 @@ class SweepSummary:
         )
 
 
-def _known(x: float | None) -> float:
-    return math.nan if x is None else x
+def or_nan(value: float | None) -> float:
+    """``value``, or NaN where nothing was measured (NaN compares false with any threshold)."""
+    return math.nan if value is None else value
 
 
 def _method_dict(m: MethodSummary) -> dict[str, Any]:
@@ -337,7 +338,7 @@ class TraceSummary:
     """What causal tracing found: the MLP layer whose restored output matters most at the
     subject's last token, the answer probability clean and with the subject corrupted."""
 
-    best_mlp_layer: int
+    best_mlp_layer: int | None  # None: MLP outputs were not traced
     clean: float
     corrupted: float
     n_prompts: int

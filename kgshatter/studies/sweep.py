@@ -699,7 +699,8 @@ def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig
         for r in single:
             groups.setdefault(kind_label(r["kind"], r["sweep_distance"]), []).append(r)
         per_kind = {label: _kind_summary(rs, orders) for label, rs in groups.items()}
-        fit = fit_line([r["R.mean"] for r in single], [accuracy_drop(r) for r in single])
+        edits = single_edits(rows, method)  # the same rows as ``single``, typed
+        fit = fit_line([e.R_mean for e in edits], [e.drop for e in edits])
         skipped = sum(1 for r in rows if r["method"] == method and r.get("skipped"))
         seq = sorted(
             (r for r in scored if r["method"] == method and r["protocol"] == "sequential"),
