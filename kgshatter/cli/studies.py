@@ -101,8 +101,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         progress=not args.quiet, device=args.device,
     )  # fmt: skip
     for r in rows:
-        print(f"{r['variant']:>16} / {r['editor']:<18} targets met {r['n_holding']}/"
-              f"{r['n_checks']}")  # fmt: skip
+        print(f"{r.variant:>16} / {r.editor:<18} targets met {r.n_holding}/{len(r.checks)}")
     print(f"wrote {Path(args.out) / 'study.md'} and study.json, study.png beside it")
     return 0
 

@@ -16,9 +16,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from kgshatter.editing import Method
 
 log = logging.getLogger(__name__)
+
+Unit = TypeVar("Unit")
+Result = TypeVar("Result")
+Unit_contra = TypeVar("Unit_contra", contravariant=True)
+Result_co = TypeVar("Result_co", covariant=True)
+
+
+class Context(Protocol[Unit_contra, Result_co]):
+    """What a worker holds: anything that runs one unit of work into its result."""
+
+    def run_unit(self, unit: Unit_contra) -> Result_co: ...
+
 
 INSTALL_HINT = "pip install 'kgshatter[ray]' (or pip install ray)"
 
@@ -34,18 +49,19 @@ def require_ray() -> Any:
     return ray
 
 
-class SweepWorker:
+class SweepWorker(Generic[Unit, Result]):
     """A Ray actor: one context, built once by ``make_context(*context_args)``, running units.
 
-    This module knows nothing of the sweep: any context with a ``run_unit(unit) -> rows``
-    method runs here (the sweep's is :class:`~kgshatter.studies.sweep.SweepContext`)."""
+    This module knows nothing of the sweep: any context with a ``run_unit(unit) -> result``
+    method runs here (the sweep's is :class:`~kgshatter.studies.sweep.SweepContext`, whose
+    units are :class:`~kgshatter.studies.sweep.SweepUnit` and results lists of table rows)."""
 
     def __init__(
         self,
-        make_context: Callable[..., Any],
+        make_context: Callable[..., Context[Unit, Result]],
         context_args: tuple[Any, ...],
         threads: int,
-        methods: dict[str, Any],
+        methods: dict[str, Method],
     ) -> None:
         import torch
 
@@ -57,22 +73,22 @@ class SweepWorker:
                 register_method(method, replace=True)
         self.context = make_context(*context_args)
 
-    def run_unit(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
+    def run_unit(self, unit: Unit) -> Result:
         return self.context.run_unit(unit)
 
 
 def run_units(
-    units: list[dict[str, Any]],
-    make_context: Callable[..., Any],
+    units: list[Unit],
+    make_context: Callable[..., Context[Unit, Result]],
     context_args: tuple[Any, ...],
-    finished: Callable[[dict[str, Any], list[dict[str, Any]] | BaseException], None],
+    finished: Callable[[Unit, Result | BaseException], None],
     *,
     methods: list[str],
     workers: int | None = None,
     address: str | None = None,
     threads: int = 1,
 ) -> None:
-    """Run ``units`` on Ray actors, calling ``finished(unit, rows or error)`` in this process
+    """Run ``units`` on Ray actors, calling ``finished(unit, result or error)`` in this process
     as each one completes (in completion order). Each actor builds its context once with
     ``make_context(*context_args)`` (a module-level function, pickled by reference); the editing
     ``methods`` named are sent along, so a method registered only in this process runs there.
@@ -105,9 +121,9 @@ def run_units(
         actors = [new_actor() for _ in range(n)]
         log.info("sweep: %d units of work on %d Ray workers", len(units), n)
         queue = list(units)
-        running: dict[Any, tuple[Any, dict[str, Any], int]] = {}
+        running: dict[Any, tuple[Any, Unit, int]] = {}
 
-        def submit(actor: Any, unit: dict[str, Any], tries: int = 0) -> None:
+        def submit(actor: Any, unit: Unit, tries: int = 0) -> None:
             running[actor.run_unit.remote(unit)] = (actor, unit, tries)
 
         for actor in actors:
@@ -117,7 +133,7 @@ def run_units(
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, unit, tries = running.pop(ref)
             try:
-                result: list[dict[str, Any]] | BaseException = ray.get(ref)
+                result: Result | BaseException = ray.get(ref)
             except ray.exceptions.RayActorError as err:  # the worker died: a fresh one retries
                 if tries == 0:
                     actor = new_actor()

@@ -25,14 +25,19 @@ import logging
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import RunConfig, apply_overrides
-from kgshatter.studies.results import KindSummary, SweepSummary, or_nan
+from kgshatter.studies.results import (
+    Check,
+    StudyEntry,
+    StudyRow,
+    SweepSummary,
+    or_nan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +59,6 @@ STUDY_EDITORS = (
     "synthetic-relative",
     "synthetic-subject-relative",
 )
-
-
-@dataclass(frozen=True)
-class Check:
-    """One target: what is claimed, whether it holds (``None``: not measurable), the numbers."""
-
-    claim: str
-    holds: bool | None
-    evidence: str
 
 
 def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
@@ -182,8 +178,8 @@ def study_row(
     editor: str,
     summary: SweepSummary,
     margins: dict[int, float] | None = None,
-) -> dict:
-    """One variant x editor of the study, flattened (what ``study.json`` lists).
+) -> StudyRow:
+    """One variant x editor of the study (what ``study.json`` lists).
 
     ``margins``: the unedited model's answer margins along order I by distance
     (:func:`kgshatter.analysis.margins.ring_margins`)."""
@@ -191,33 +187,18 @@ def study_row(
         raise ValueError("study_row needs a finished sweep's summary (with its baseline)")
     by = summary.methods["rome"].by_distance()
     base = summary.baseline.accuracy
-    checks = fidelity_checks(summary)
-    return {
-        "variant": name,
-        "overrides": overrides,
-        "editor": editor,
-        "site": summary.site,
-        "baseline": {s: {o: v for o, v in base[s].items()} for s in SPLITS},
-        "rings": summary.baseline.rings,
-        "by_distance": {str(d): _study_entry(v) for d, v in sorted(by.items())},
-        "margins": {str(d): v for d, v in (margins or {}).items()},
-        "r2": summary.methods["rome"].fit_drop_on_R.r2,
-        "checks": [{"claim": c.claim, "holds": c.holds, "evidence": c.evidence} for c in checks],
-        "n_holding": sum(1 for c in checks if c.holds),
-        "n_checks": len(checks),
-    }
-
-
-def _study_entry(v: KindSummary) -> dict[str, Any]:
-    return {
-        "n": v.n,
-        "efficacy": v.efficacy,
-        "direct_drop": v.direct_drop,
-        "drop_mean_tasks": -v.mean_change,
-        "R_x100": v.R_x100,
-        "isomap_after": v.isomap,
-        "mechanism": v.mechanism,
-    }
+    return StudyRow(
+        variant=name,
+        overrides=overrides,
+        editor=editor,
+        site=summary.site,
+        baseline={s: dict(base[s]) for s in SPLITS},
+        rings=summary.baseline.rings,
+        by_distance={d: StudyEntry.of(v) for d, v in sorted(by.items())},
+        margins=dict(margins or {}),
+        r2=summary.methods["rome"].fit_drop_on_R.r2,
+        checks=fidelity_checks(summary),
+    )
 
 
 def run_study(
@@ -231,7 +212,7 @@ def run_study(
     max_queries: int | None = 300,
     progress: bool = True,
     device: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[StudyRow]:
     """Train each variant of ``base`` (``--set``-style overrides; ``[]`` is the base itself)
     and sweep ROME single edits with each editor preset; write and return the study rows.
 
@@ -276,12 +257,12 @@ def run_study(
             )
             result = run_sweep(out / name / "run", out / name / editor, sweep, progress, device)
             rows.append(study_row(name, list(variants[name]), editor, result.summary, margins))
-    write_json_atomic(out / "study.json", rows)
+    write_json_atomic(out / "study.json", [r.to_dict() for r in rows])
     write_study_report(rows, out)
     return rows
 
 
-def write_study_report(rows: list[dict[str, Any]], out: Path) -> Path:
+def write_study_report(rows: list[StudyRow], out: Path) -> Path:
     """``study.md`` (one table row per variant x editor) and ``study.png`` (curves vs d)."""
     lines = [
         "# The fidelity study (ROME, single counterfactual edits from order I)",
@@ -292,83 +273,70 @@ def write_study_report(rows: list[dict[str, Any]], out: Path) -> Path:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = r["baseline"]
-        byd = r["by_distance"]
-        ds = sorted(byd, key=int)
-        far = byd[ds[-1]]["R_x100"]
+        byd = r.by_distance
+        ds = sorted(byd)
+        far = byd[ds[-1]].R_x100
         orders = [o for o in far if o != "mean"]
         lines.append(
-            f"| {r['variant']} | {r['editor']} | {r['site']} | "
-            + " / ".join(f"{100 * base[s]['all']:.1f}" for s in SPLITS)
+            f"| {r.variant} | {r.editor} | {r.site} | "
+            + " / ".join(f"{100 * or_nan(r.baseline[s]['all']):.1f}" for s in SPLITS)
             + " | "
-            + ", ".join(_fmt(byd[d]["direct_drop"], 1) for d in ds)
+            + ", ".join(_fmt(byd[d].direct_drop, 1) for d in ds)
             + " | "
-            + ", ".join(_fmt(r["margins"].get(d), 1) for d in ds)
+            + ", ".join(_fmt(r.margins.get(d), 1) for d in ds)
             + " | "
-            + ", ".join(_fmt(byd[d]["R_x100"][orders[0]], 1) for d in ds)
+            + ", ".join(_fmt(byd[d].R_x100[orders[0]], 1) for d in ds)
             + " | "
             + ", ".join(_fmt(far[o], 1) for o in orders[1:])
             + " | "
-            + ", ".join(_fmt(byd[d]["mechanism"].get("spill"), 3) for d in ds)
+            + ", ".join(_fmt(byd[d].mechanism.get("spill"), 3) for d in ds)
             + " | "
-            + ", ".join(_fmt(byd[d]["mechanism"].get("shift.edited"), 2) for d in ds)
-            + f" | {_fmt(r['r2'])} | {r['n_holding']} / {r['n_checks']} |"
+            + ", ".join(_fmt(byd[d].mechanism.get("shift.edited"), 2) for d in ds)
+            + f" | {_fmt(r.r2)} | {r.n_holding} / {len(r.checks)} |"
         )
     lines += ["", "Overrides of each variant:", ""]
     seen = set()
     for r in rows:
-        if r["variant"] not in seen:
-            seen.add(r["variant"])
-            lines.append(f"- `{r['variant']}`: {', '.join(r['overrides']) or '(the base preset)'}")
+        if r.variant not in seen:
+            seen.add(r.variant)
+            lines.append(f"- `{r.variant}`: {', '.join(r.overrides) or '(the base preset)'}")
     lines += ["", "![study](study.png)", ""]
     text = "\n".join(lines) + "\n"
     _study_figure(rows, out / "study.png")
     return write_atomic(out / "study.md", lambda tmp: Path(tmp).write_text(text, "utf-8"))
 
 
-def _study_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+def _study_figure(rows: list[StudyRow], path: Path) -> Path:
     from kgshatter.plotting import pyplot, save_figure
 
     plt = pyplot()
-    panels = [
-        ("answer margin, logits (unedited)", lambda r, d: r["margins"].get(d)),
-        ("direct accuracy drop (points)", lambda r, d: r["by_distance"][d]["direct_drop"]),
-        ("R(D*) x100, edited order I", lambda r, d: _first_order(r["by_distance"][d]["R_x100"])),
-        (
-            "R(D*) x100, mean of orders II, III",
-            lambda r, d: _other_orders(r["by_distance"][d]["R_x100"]),
-        ),  # fmt: skip
+    panels: list[tuple[str, Callable[[StudyRow, int], float | None]]] = [
+        ("answer margin, logits (unedited)", lambda r, d: r.margins.get(d)),
+        ("direct accuracy drop (points)", lambda r, d: r.by_distance[d].direct_drop),
+        ("R(D*) x100, edited order I", lambda r, d: r.by_distance[d].first_order_R),
+        ("R(D*) x100, mean of orders II, III", lambda r, d: r.by_distance[d].other_orders_R),
         (
             "shift of the edited entity's MLP output",
-            lambda r, d: r["by_distance"][d]["mechanism"].get("shift.edited"),
+            lambda r, d: r.by_distance[d].mechanism.get("shift.edited"),
         ),  # fmt: skip
         (
             "spill onto other entities (fraction)",
-            lambda r, d: r["by_distance"][d]["mechanism"].get("spill"),
+            lambda r, d: r.by_distance[d].mechanism.get("spill"),
         ),  # fmt: skip
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8))
     colours = plt.cm.tab20.colors
     for ax, (label, get) in zip(axes, panels, strict=True):
         for i, r in enumerate(rows):
-            ds = sorted(r["by_distance"], key=int)
+            ds = sorted(r.by_distance)
             ys = [get(r, d) for d in ds]
-            ax.plot([int(d) for d in ds], [math.nan if y is None else y for y in ys],
+            ax.plot(ds, [math.nan if y is None else y for y in ys],
                     ("o-", "s--", "^:")[i % 3], color=colours[i % len(colours)], ms=3,
-                    label=f"{r['variant']} / {r['editor']}")  # fmt: skip
+                    label=f"{r.variant} / {r.editor}")  # fmt: skip
         ax.set_xlabel("edit distance d")
-        ax.set_xticks(sorted({int(d) for r in rows for d in r["by_distance"]}))
+        ax.set_xticks(sorted({d for r in rows for d in r.by_distance}))
         ax.set_ylabel(label, fontsize=8)
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("ROME single counterfactual edits from order I, mean per distance", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def _first_order(r: dict[str, Any]) -> float | None:
-    return next(v for o, v in r.items() if o != "mean")
-
-
-def _other_orders(r: dict[str, Any]) -> float | None:
-    vals = [v for o, v in list(r.items())[1:] if o != "mean" and v is not None]
-    return statistics.fmean(vals) if vals else None

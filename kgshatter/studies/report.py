@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,13 @@ from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
 from kgshatter.studies.results import SweepSummary, or_nan, ordered_kinds
-from kgshatter.studies.sweep import SweepResult, single_edits
+from kgshatter.studies.sweep import SweepConfig, SweepResult, single_edits
 
 if TYPE_CHECKING:
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
+
+    from kgshatter.presets import RunConfig
 
 # ROME on the paper's synthetic model, change in accuracy in points (direct, logical, comp.)
 PAPER_ACCURACY_CHANGE = {
@@ -42,6 +46,28 @@ PAPER_BASELINE = {  # accuracy before any edit, orders I / II / III
     "logical": (98.2, 94.0, 99.4),
     "compositional": (88.2, 79.3, 93.5),
 }
+
+
+@dataclass(frozen=True)
+class Times:
+    """A reproduction's phase times in seconds: this invocation's, and the totals over every
+    invocation that built the folder (one interrupted and resumed spends its time in several)."""
+
+    now: dict[str, float]
+    total: dict[str, float]
+    invocations: int
+
+
+@dataclass(frozen=True)
+class RingPanels:
+    """What ``rings_before_after.png`` draws: each order's representations (with positions
+    and panel width) before and after one edit, and their ring measures."""
+
+    panels: dict[str, tuple[torch.Tensor, np.ndarray, int | tuple[str, int] | None]]
+    n: int  # entities
+    label: str  # the edit drawn
+    title: str
+    rings: dict[str, dict[str, dict[str, float]]]  # order -> before/after -> metric -> value
 
 
 def _shapes(kg: Any) -> str:
@@ -114,7 +140,7 @@ def findings(summary: SweepSummary, method: str = "rome") -> list[tuple[str, boo
     return out
 
 
-def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None) -> list[Path]:
+def make_figures(result: SweepResult, ring_panels: RingPanels | None = None) -> list[Path]:
     """Write the report's PNG figures into ``result.out_dir``; returns their paths."""
     plt = pyplot()
     out, summary, rows = result.out_dir, result.summary, result.rows
@@ -203,8 +229,7 @@ def make_figures(result: SweepResult, ring_panels: dict[str, Any] | None = None)
         paths.append(save_figure(fig, out / "sequential.png"))
 
     if ring_panels:
-        fig = ring_figure(ring_panels["panels"], ring_panels["n"], ncols=ring_panels["ncols"],
-                          title=ring_panels["title"])  # fmt: skip
+        fig = ring_figure(ring_panels.panels, ring_panels.n, ncols=2, title=ring_panels.title)
         paths.append(save_figure(fig, out / "rings_before_after.png"))
     return paths
 
@@ -254,13 +279,10 @@ TABLE_COLUMNS = [
 
 
 def write_report(
-    result: SweepResult, figures: list[Path], settings: dict[str, Any], seconds: dict[str, Any]
+    result: SweepResult, figures: list[Path], settings: list[str], seconds: Times
 ) -> Path:
-    """``report.md``: our numbers beside the paper's, findings, settings, figures.
-
-    ``seconds``: phase -> seconds of this invocation, or ``{"this invocation": ...,
-    "all invocations": ..., "invocations": n}`` (what ``kgshatter reproduce`` records).
-    """
+    """``report.md``: our numbers beside the paper's, findings, ``settings`` (one bullet
+    each, :func:`settings_lines`), figures, and the times ``kgshatter reproduce`` records."""
     s = result.summary
     if s.baseline is None or s.run is None:
         raise ValueError("write_report needs a finished sweep's summary (baseline and run)")
@@ -278,7 +300,7 @@ def write_report(
         lines += _rome_lines(s)
     lines += _methods_lines(s)
     lines += ["", "## Settings: the paper's and ours", ""]
-    lines += [f"- {line}" for line in settings["lines"]]
+    lines += [f"- {line}" for line in settings]
     lines += ["", "## Figures", ""]
     for p in figures:
         lines += [f"![{p.stem}]({p.name})", ""]
@@ -417,19 +439,17 @@ def _methods_lines(s: SweepSummary) -> list[str]:
     return lines
 
 
-def _times_line(seconds: dict[str, Any]) -> str:
+def _times_line(seconds: Times) -> str:
     """This invocation's times, and the totals over every invocation that built this folder."""
-    now = seconds.get("this invocation", seconds)
-    text = "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in now.items())
-    total, n = seconds.get("all invocations"), seconds.get("invocations", 1)
-    if total and n > 1:
-        text += f" (this invocation); over all {n} invocations: " + ", ".join(
-            f"{k} {v / 60:.1f} min" for k, v in total.items()
+    text = "Times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.now.items())
+    if seconds.invocations > 1:
+        text += f" (this invocation); over all {seconds.invocations} invocations: " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in seconds.total.items()
         )
     return text + "."
 
 
-def _ring_paragraph(label: str, rings: dict[str, Any]) -> str:
+def _ring_paragraph(label: str, rings: dict[str, dict[str, dict[str, float]]]) -> str:
     """What ``rings_before_after.png`` shows, with the numbers of the edit drawn."""
     parts = "; ".join(
         f"order {o}: neighbours {_fmt(v['before']['neighbours'], 2)} -> "
@@ -446,41 +466,39 @@ def _ring_paragraph(label: str, rings: dict[str, Any]) -> str:
     )
 
 
-def settings_lines(run: Any, sweep: Any) -> dict[str, Any]:
+def settings_lines(run: RunConfig, sweep: SweepConfig) -> list[str]:
     """What is the paper's and what is our choice, in this run."""
-    return {
-        "lines": [
-            "Paper: 2048 entities on 3 cyclic orders, relations up to 4 hops both "
-            "ways, 2-layer decoder, context 16, softmax averaged over 5 context prefixes, "
-            "ROME on the first block's W_out, C from 10^5 validation walks, R(D*) on Euclidean "
-            "distance matrices, counterfactual distances d = 1..4.",
-            f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities on "
-            f"{run.kg.n_orders} {_shapes(run.kg)}, hops up to {run.kg.max_hops}, d_model "
-            f"{run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
-            f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
-            "steps, compositions within one order.",
-            (
-                "Ours (experiment): the first block's attention is restricted to each token "
-                "itself (`layer0_attention='self'`), so the subject is processed at its own "
-                "position as the paper's edits assume; "
-                if run.model.layer0_attention == "self"
-                else "Ours (choice, measured): "
-            )
-            + (
-                "keys and values at the subject token"
-                if sweep.editor_preset.endswith("subject")
-                else "keys and values at the relation token (the standard grokked model "
-                "computes the answer there; edits at the subject token do not change it)"
-            )
-            + f"; editor presets `{sweep.editor_preset}` (kgshatter/editing); collateral scored "
-            f"on {sweep.max_queries or 'all'} queries per split; representations at the "
-            "site where the unedited model's rings are clearest (neighbour agreement; R is also "
-            "stored at every MLP and block output in table.csv); Isomap with 3 neighbours.",
-            f"Sweep: methods {', '.join(sweep.methods)}; {sweep.n_edits} edits per kind and "
-            f"seed, seeds {list(sweep.seeds)}; sequences of {sweep.sequential_edits} edits "
-            "cycling through the distances (beyond the paper).",
-        ]
-    }
+    return [
+        "Paper: 2048 entities on 3 cyclic orders, relations up to 4 hops both "
+        "ways, 2-layer decoder, context 16, softmax averaged over 5 context prefixes, "
+        "ROME on the first block's W_out, C from 10^5 validation walks, R(D*) on Euclidean "
+        "distance matrices, counterfactual distances d = 1..4.",
+        f"Ours (choice, the `{run.name}` preset): {run.kg.n_entities} entities on "
+        f"{run.kg.n_orders} {_shapes(run.kg)}, hops up to {run.kg.max_hops}, d_model "
+        f"{run.model.d_model}, {run.train.steps} steps (paper 150k), weight decay "
+        f"{run.train.weight_decay}, two-hop steps in {run.walks.composition_prob:.0%} of walk "
+        "steps, compositions within one order.",
+        (
+            "Ours (experiment): the first block's attention is restricted to each token "
+            "itself (`layer0_attention='self'`), so the subject is processed at its own "
+            "position as the paper's edits assume; "
+            if run.model.layer0_attention == "self"
+            else "Ours (choice, measured): "
+        )
+        + (
+            "keys and values at the subject token"
+            if sweep.editor_preset.endswith("subject")
+            else "keys and values at the relation token (the standard grokked model "
+            "computes the answer there; edits at the subject token do not change it)"
+        )
+        + f"; editor presets `{sweep.editor_preset}` (kgshatter/editing); collateral scored "
+        f"on {sweep.max_queries or 'all'} queries per split; representations at the "
+        "site where the unedited model's rings are clearest (neighbour agreement; R is also "
+        "stored at every MLP and block output in table.csv); Isomap with 3 neighbours.",
+        f"Sweep: methods {', '.join(sweep.methods)}; {sweep.n_edits} edits per kind and "
+        f"seed, seeds {list(sweep.seeds)}; sequences of {sweep.sequential_edits} edits "
+        "cycling through the distances (beyond the paper).",
+    ]
 
 
 def rings_before_after(
@@ -490,7 +508,7 @@ def rings_before_after(
     site: Any,
     label: str,
     position: str = "relation",
-) -> dict:
+) -> RingPanels:
     """Panels for ``rings_before_after.png``: each order before and after ``edit``."""
     from kgshatter.analysis.geometry import structure_isomap, structure_neighbours
     from kgshatter.analysis.representations import collect_representations
@@ -515,5 +533,4 @@ def rings_before_after(
             }
             for when, r in (("before", before), ("after", after))
         }
-    return {"panels": panels, "n": graph.n_entities, "ncols": 2, "label": label,
-            "title": f"{label} @ {site}", "rings": metrics}  # fmt: skip
+    return RingPanels(panels, graph.n_entities, label, f"{label} @ {site}", metrics)

@@ -12,10 +12,10 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
+from kgshatter.studies.report import RingPanels, Times
 from kgshatter.studies.results import RingExample
 from kgshatter.studies.sweep import (
     SweepConfig,
@@ -77,7 +77,7 @@ def reproduce(
 
     figures = make_figures(result, panels)
     if panels:
-        result.summary.example = RingExample(panels["label"], panels["rings"])
+        result.summary.example = RingExample(panels.label, panels.rings)
         write_json_atomic(out / "summary.json", result.summary.to_dict())
     seconds["figures"] = time.perf_counter() - start
     times = _record_times(out / "times.json", seconds)
@@ -85,7 +85,7 @@ def reproduce(
     return result, report
 
 
-def _record_times(path: Path, seconds: dict[str, float]) -> dict[str, Any]:
+def _record_times(path: Path, seconds: dict[str, float]) -> Times:
     """Append this invocation's phase times to ``path``; return them with the totals over all
     invocations (a reproduction interrupted and resumed spends its time in several)."""
     from kgshatter.io import read_json
@@ -100,12 +100,12 @@ def _record_times(path: Path, seconds: dict[str, float]) -> dict[str, Any]:
     history.append({k: round(v, 2) for k, v in seconds.items()})
     total = {k: round(sum(float(h.get(k, 0.0)) for h in history), 2) for k in seconds}
     write_json_atomic(path, {"invocations": history, "total": total})
-    return {"this invocation": seconds, "all invocations": total, "invocations": len(history)}
+    return Times(seconds, total, len(history))
 
 
 def _example_rings(
     run_dir: Path, result: SweepResult, sweep: SweepConfig, device: str | None
-) -> dict[str, Any] | None:
+) -> RingPanels | None:
     """Before/after rings for the edit with the median R among the farthest ROME (or first
     method's) single edits, recomputed from its row (deterministic; statistics are cached)."""
     from kgshatter.editing import CovarianceCache, EditRequest, SyntheticTask, get_method

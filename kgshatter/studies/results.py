@@ -228,6 +228,81 @@ class SweepSummary:
         )
 
 
+@dataclass(frozen=True)
+class Check:
+    """One fidelity target: what is claimed, whether it holds (``None``: not measurable), the
+    numbers (:func:`kgshatter.studies.fidelity.fidelity_checks`)."""
+
+    claim: str
+    holds: bool | None
+    evidence: str
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """One distance of a fidelity-study row: means over its ROME single edits."""
+
+    n: int
+    efficacy: float | None
+    direct_drop: float | None  # points of direct accuracy lost, all orders
+    drop_mean_tasks: float  # points lost, all orders, mean over the three tasks
+    R_x100: PerOrder  # per order and "mean"
+    isomap_after: PerOrder
+    mechanism: dict[str, float | None]  # shift.edited, shift.others, spill, delta_norm
+
+    @classmethod
+    def of(cls, v: KindSummary) -> StudyEntry:
+        return cls(v.n, v.efficacy, v.direct_drop, -v.mean_change, v.R_x100, v.isomap,
+                   v.mechanism)  # fmt: skip
+
+    @property
+    def first_order_R(self) -> float | None:
+        """R x100 of the edited order (the first)."""
+        return next(v for o, v in self.R_x100.items() if o != "mean")
+
+    @property
+    def other_orders_R(self) -> float | None:
+        """Mean R x100 of the orders the edit did not target."""
+        values = [v for o, v in list(self.R_x100.items())[1:] if o != "mean" and v is not None]
+        return statistics.fmean(values) if values else None
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One variant x editor of the fidelity study (what ``study.json`` lists)."""
+
+    variant: str
+    overrides: list[str]
+    editor: str
+    site: str | None
+    baseline: dict[str, PerOrder]  # split -> order / "all" -> accuracy
+    rings: dict[str, dict[str, float]]
+    by_distance: dict[int, StudyEntry]
+    margins: dict[int, float]  # the unedited answer margins along order I, by distance
+    r2: float
+    checks: list[Check]
+
+    @property
+    def n_holding(self) -> int:
+        return sum(1 for c in self.checks if c.holds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "overrides": self.overrides,
+            "editor": self.editor,
+            "site": self.site,
+            "baseline": self.baseline,
+            "rings": self.rings,
+            "by_distance": {str(d): asdict(v) for d, v in sorted(self.by_distance.items())},
+            "margins": {str(d): v for d, v in self.margins.items()},
+            "r2": self.r2,
+            "checks": [asdict(c) for c in self.checks],
+            "n_holding": self.n_holding,
+            "n_checks": len(self.checks),
+        }
+
+
 def or_nan(value: float | None) -> float:
     """``value``, or NaN where nothing was measured (NaN compares false with any threshold)."""
     return math.nan if value is None else value

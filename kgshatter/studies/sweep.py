@@ -18,6 +18,7 @@ import csv
 import io
 import logging
 import math
+import numbers
 import os
 import statistics
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
     from kgshatter.editing.protocols import EditRecord
+    from kgshatter.editing.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +200,51 @@ def check_distances(distances: tuple[int, ...], kg: Any) -> None:
         raise ValueError(f"distances {bad} lie outside the {where}: d must be in 1..{top}")
 
 
+# one row of the tidy table (``table.csv``, ``rows.jsonl``): column name -> JSON scalar
+TableRow = dict[str, str | int | float | None]
+# a row's identity: method, protocol, kind, sweep distance, seed, index in its job
+RowKey = tuple[str, str, str, int, int, int]
+
+
 @dataclass
 class SweepResult:
     out_dir: Path
-    rows: list[dict[str, Any]]  # the tidy table's rows (table.csv)
+    rows: list[TableRow]  # the tidy table's rows (table.csv)
     summary: SweepSummary
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One method's requests of one kind, distance and seed, edited singly, or one sequence.
+
+    ``distance`` is -1 for a sequence (its requests cycle through the distances) and 0 for
+    corrective edits."""
+
+    method: str
+    protocol: str  # "single" or "sequential"
+    kind: str
+    distance: int
+    seed: int
+    requests: tuple[EditRequest, ...]
+
+    def key(self, index: int) -> RowKey:
+        """The key of the row the job writes for its ``index``-th request (or step)."""
+        return (self.method, self.protocol, self.kind, self.distance, self.seed, index)
+
+    @property
+    def keys(self) -> list[RowKey]:
+        return [self.key(i) for i in range(len(self.requests))]
+
+
+@dataclass(frozen=True)
+class SweepUnit:
+    """A unit of work, what one process (or Ray worker) runs at a time: a group of a single
+    job's requests, edited together and scored where ``todo`` (their indices in the job), or
+    a whole sequence (``group`` None; ``todo`` the steps still to score)."""
+
+    job: SweepJob
+    group: tuple[int, ...] | None
+    todo: tuple[int, ...]
 
 
 def run_sweep(
@@ -254,7 +296,7 @@ def run_sweep(
     done = {_row_key(r) for r in rows}
     jobs = ctx.jobs()
     units = _units(jobs, done, ctx.edit_batch)
-    todo = sum(len(u["todo"]) for u in units)
+    todo = sum(len(u.todo) for u in units)
     log.info(
         "sweep: %d edits to run%s; rows go to %s as they finish", todo,
         f" ({len(done)} already done)" if done else "", rows_path,
@@ -263,9 +305,9 @@ def run_sweep(
 
     bar = tqdm(total=todo, desc="sweep", disable=not progress)
 
-    def finished(unit: dict[str, Any], new_rows: list[dict[str, Any]] | BaseException) -> None:
+    def finished(unit: SweepUnit, new_rows: list[TableRow] | BaseException) -> None:
         if isinstance(new_rows, BaseException):
-            log.warning("a %s job failed: %s", unit["job"]["method"], _error_text(new_rows))
+            log.warning("a %s job failed: %s", unit.job.method, _error_text(new_rows))
             new_rows = ctx.error_rows(unit, new_rows)
         for row in new_rows:
             append_row(rows_path, row)
@@ -275,20 +317,20 @@ def run_sweep(
     if workers is None and ray_address is None:
         for unit in units:
             try:
-                result: list[dict[str, Any]] | BaseException = ctx.run_unit(unit)
+                result: list[TableRow] | BaseException = ctx.run_unit(unit)
             except Exception as err:  # recorded in the unit's rows; the sweep goes on
                 result = err
             finished(unit, result)
     else:
         from kgshatter.studies.distributed import run_units
 
-        args = (str(run_dir), config.to_dict(), device, ctx.edit_batch)
+        args = (str(run_dir), config, device, ctx.edit_batch)
         run_units(
             units, sweep_context, args, finished,
             methods=list(config.methods), workers=workers, address=ray_address,
         )  # fmt: skip
     bar.close()
-    order = {k: i for i, k in enumerate(k for job in jobs for k in job["keys"])}
+    order = {k: i for i, k in enumerate(k for job in jobs for k in job.keys)}
     rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
     write_table(rows, out / "table.csv")
     summary = summarise(rows, ctx.orders, config)
@@ -309,31 +351,31 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _units(jobs: list[dict[str, Any]], done: set[tuple], edit_batch: int) -> list[dict]:
+def _units(jobs: list[SweepJob], done: set[RowKey], edit_batch: int) -> list[SweepUnit]:
     """The sweep's units of work still to do, in job order: a group of ``edit_batch`` single
     edits of a job (always computed whole, scored where not yet done), or a whole sequence."""
     units = []
-    for j, job in enumerate(jobs):
-        pending = [i for i, k in enumerate(job["keys"]) if k not in done]
+    for job in jobs:
+        pending = [i for i, k in enumerate(job.keys) if k not in done]
         if not pending:
             continue
-        if job["protocol"] != "single":  # all-or-nothing: later steps need the earlier edits
-            units.append({"job_index": j, "job": job, "group": None, "todo": pending})
+        if job.protocol != "single":  # all-or-nothing: later steps need the earlier edits
+            units.append(SweepUnit(job, None, tuple(pending)))
             continue
-        n = len(job["requests"])
+        n = len(job.requests)
         for lo in range(0, n, edit_batch):
-            group = list(range(lo, min(lo + edit_batch, n)))
-            todo_here = [i for i in group if i in pending]
+            group = tuple(range(lo, min(lo + edit_batch, n)))
+            todo_here = tuple(i for i in group if i in pending)
             if todo_here:
-                units.append({"job_index": j, "job": job, "group": group, "todo": todo_here})
+                units.append(SweepUnit(job, group, todo_here))
     return units
 
 
 def sweep_context(
-    run_dir: str, config: dict[str, Any], device: str | None, edit_batch: int
+    run_dir: str, config: SweepConfig, device: str | None, edit_batch: int
 ) -> SweepContext:
-    """A :class:`SweepContext` from plain arguments (how each Ray worker builds its own)."""
-    return SweepContext(run_dir, SweepConfig.from_dict(config), device, edit_batch)
+    """A :class:`SweepContext` from picklable arguments (how each Ray worker builds its own)."""
+    return SweepContext(run_dir, config, device, edit_batch)
 
 
 class SweepContext:
@@ -420,15 +462,15 @@ class SweepContext:
                 for o in self.tokens
             }
 
-    def measure(self, m: Any) -> dict[str, Any]:
+    def measure(self, m: Any) -> dict[str, float]:
         """R(D*) per order and site, and the ring's neighbours and Isomap at the chosen site."""
         after = self.representations(m)
         with one_blas_thread():  # small matrices, next to torch's threads
             return self._measure(after)
 
-    def _measure(self, after: dict[int, dict[Site, torch.Tensor]]) -> dict[str, Any]:
+    def _measure(self, after: dict[int, dict[Site, torch.Tensor]]) -> dict[str, float]:
         graph, site = self.graph, self.site
-        out_m: dict[str, Any] = {}
+        out_m: dict[str, float] = {}
         for o, name in enumerate(self.orders):
             for s in self.sites:
                 if (o, s) in self.flat:
@@ -467,24 +509,24 @@ class SweepContext:
             "delta_norm": float(edit.info.get("delta_norm", math.nan)),
         }
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[SweepJob]:
         from kgshatter.editing.protocols import sample_requests
 
         return list(_jobs(self.config, self.graph, self.model, self.sampler, sample_requests))
 
-    def run_unit(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
+    def run_unit(self, unit: SweepUnit) -> list[TableRow]:
         """The rows of one unit of work (see :func:`_units`)."""
         from kgshatter.editing import get_method
         from kgshatter.editing.protocols import run_protocol
 
-        job = unit["job"]
-        method = get_method(job["method"])
+        job = unit.job
+        method = get_method(job.method)
         method_config = method.config_with_samples(self.config.editor_preset, self.config.n_samples)
-        if unit["group"] is not None:
-            group, todo = unit["group"], unit["todo"]
+        if unit.group is not None:
+            group, todo = unit.group, unit.todo
             lo = group[0]
             res = run_protocol(
-                self.model, self.task, method, method_config, [job["requests"][i] for i in group],
+                self.model, self.task, method, method_config, [job.requests[i] for i in group],
                 "single", self.scorer, model_id=self.model_id, measure=self.measure,
                 measure_edit=self.measure_edit, only=[i - lo for i in todo],
             )  # fmt: skip
@@ -493,33 +535,34 @@ class SweepContext:
                 for i, record in zip(todo, res.records, strict=True)
             ]
         res = run_protocol(
-            self.model, self.task, method, method_config, job["requests"], "sequential",
+            self.model, self.task, method, method_config, list(job.requests), "sequential",
             self.scorer, model_id=self.model_id, measure=self.measure,
         )  # fmt: skip
-        todo = set(unit["todo"])  # a sequence cut short: keep the rows already written
+        todo_steps = set(unit.todo)  # a sequence cut short: keep the rows already written
         return [
             _flatten(record, job, index=i, step=i)
             for i, record in enumerate(res.records)
-            if i in todo
+            if i in todo_steps
         ]
 
-    def error_rows(self, unit: dict[str, Any], error: BaseException) -> list[dict[str, Any]]:
+    def error_rows(self, unit: SweepUnit, error: BaseException) -> list[TableRow]:
         """Rows for a unit that raised: the requests, and the error in ``skipped``."""
         from kgshatter.editing.protocols import EditRecord, describe_requests
 
-        job = unit["job"]
+        job = unit.job
         rows = []
-        for i in unit["todo"]:
+        for i in unit.todo:
+            step = 0 if unit.group else i
             record = EditRecord(
-                protocol=job["protocol"],
-                method=job["method"],
+                protocol=job.protocol,
+                method=job.method,
                 config={},
-                step=0 if unit["group"] else i,
-                requests=describe_requests(self.graph, [job["requests"][i]]),
+                step=step,
+                requests=describe_requests(self.graph, [job.requests[i]]),
                 seconds=0.0,
                 skipped=f"error: {_error_text(error)}",
             )
-            rows.append(_flatten(record, job, index=i, step=0 if unit["group"] else i))
+            rows.append(_flatten(record, job, index=i, step=step))
         return rows
 
 
@@ -554,7 +597,7 @@ def best_ring_site(base: dict[int, dict[Site, torch.Tensor]], graph: Any, sites:
     return max(reversed(sites), key=lambda s: scores[s])
 
 
-def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[dict[str, Any]]:
+def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[SweepJob]:
     """Every unit of work with the row keys it will produce (requests sampled with seeds)."""
     for method in config.methods:
         for seed in config.seeds:
@@ -569,10 +612,7 @@ def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[dict[str, 
                         reqs = sample_requests(
                             graph, kind, config.n_edits, seed, model=model, sampler=sampler
                         )
-                    job = {"method": method, "protocol": "single", "kind": kind,
-                           "distance": d, "seed": seed, "requests": reqs}  # fmt: skip
-                    job["keys"] = [_key(job, i) for i in range(len(reqs))]
-                    yield job
+                    yield SweepJob(method, "single", kind, d, seed, tuple(reqs))
             if config.sequential_edits:
                 # a sequence cycling through the distances (choice), one per method and seed
                 reqs = []
@@ -592,30 +632,47 @@ def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[dict[str, 
                             pools[d] = [q for q in pools[d] if q is not r]
                             reqs.append(r)
                             break
-                job = {"method": method, "protocol": "sequential", "kind": "counterfactual",
-                       "distance": -1, "seed": seed, "requests": reqs}  # fmt: skip
-                job["keys"] = [_key(job, i) for i in range(len(reqs))]
-                yield job
+                yield SweepJob(method, "sequential", "counterfactual", -1, seed, tuple(reqs))
 
 
-def _key(job: dict[str, Any], index: int) -> tuple:
-    return (job["method"], job["protocol"], job["kind"], job["distance"], job["seed"], index)
+def _row_key(row: TableRow) -> RowKey:
+    return (_text(row, "method"), _text(row, "protocol"), _text(row, "kind"),
+            _int(row, "sweep_distance"), _int(row, "seed"), _int(row, "index"))  # fmt: skip
 
 
-def _row_key(row: dict[str, Any]) -> tuple:
-    return (row["method"], row["protocol"], row["kind"], row["sweep_distance"], row["seed"],
-            row["index"])  # fmt: skip
+def _text(row: TableRow, column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise TypeError(f"column {column!r} holds {value!r}, not text")
+    return value
 
 
-def _flatten(record: EditRecord, job: dict[str, Any], index: int, step: int) -> dict:
+def _int(row: TableRow, column: str) -> int:
+    value = row[column]
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"column {column!r} holds {value!r}, not an integer")
+    return int(value)
+
+
+def _num(row: TableRow, column: str) -> float:
+    """A numeric column (NaN where the row stores none)."""
+    value = row.get(column)
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        raise TypeError(f"column {column!r} holds {value!r}, not a number")
+    return float(value)
+
+
+def _flatten(record: EditRecord, job: SweepJob, index: int, step: int) -> TableRow:
     (req,) = record.requests
-    row: dict[str, Any] = {
-        "method": job["method"],
-        "protocol": job["protocol"],
-        "kind": job["kind"],
-        "sweep_distance": job["distance"],
+    row: TableRow = {
+        "method": job.method,
+        "protocol": job.protocol,
+        "kind": job.kind,
+        "sweep_distance": job.distance,
         "distance": req["distance"],
-        "seed": job["seed"],
+        "seed": job.seed,
         "index": index,
         "step": step,
         "fact": req["fact"],
@@ -643,7 +700,7 @@ def _flatten(record: EditRecord, job: dict[str, Any], index: int, step: int) -> 
     return row
 
 
-def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_table(rows: list[TableRow], path: Path) -> Path:
     """The tidy table: one row per scoring point, one column per field (CSV)."""
     first = ["method", "protocol", "kind", "sweep_distance", "distance", "seed", "index", "step"]
     fields = first + sorted({k for r in rows for k in r} - set(first))
@@ -657,54 +714,59 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = [v for v in values if not math.isnan(v)]
     return statistics.fmean(values) if values else None
 
 
-def accuracy_drop(row: dict[str, Any]) -> float:
+def accuracy_drop(row: TableRow) -> float:
     """Mean accuracy drop over the three tasks, all orders, in points (positive = worse)."""
-    return -100 * statistics.fmean(row[f"acc.{s}.all"] for s in SPLITS)
+    return -100 * statistics.fmean(_num(row, f"acc.{s}.all") for s in SPLITS)
 
 
-def single_edits(rows: list[dict[str, Any]], method: str | None = None) -> list[SingleEdit]:
+def _scored(row: TableRow) -> bool:
+    return "efficacy" in row
+
+
+def single_edits(rows: list[TableRow], method: str | None = None) -> list[SingleEdit]:
     """The scored single edits among a sweep's rows (of one method), typed."""
     return [
         SingleEdit(
-            method=r["method"],
-            kind=r["kind"],
-            sweep_distance=r["sweep_distance"],
-            distance=r["distance"],
-            fact=r["fact"],
-            subject=r["subject"],
-            relation=r["relation"],
-            target=r["target"],
-            R_mean=r["R.mean"],
+            method=_text(r, "method"),
+            kind=_text(r, "kind"),
+            sweep_distance=_int(r, "sweep_distance"),
+            distance=_int(r, "distance"),
+            fact=_text(r, "fact"),
+            subject=_int(r, "subject"),
+            relation=_int(r, "relation"),
+            target=_int(r, "target"),
+            R_mean=_num(r, "R.mean"),
             drop=accuracy_drop(r),
         )  # fmt: skip
         for r in rows
-        if "efficacy" in r and r["protocol"] == "single" and method in (None, r["method"])
+        if _scored(r) and r["protocol"] == "single" and method in (None, r["method"])
     ]
 
 
-def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig) -> SweepSummary:
+def summarise(rows: list[TableRow], orders: list[str], config: SweepConfig) -> SweepSummary:
     """Per method: means per edit kind / distance, fits of accuracy drop on R, and sequences.
 
     The one reader of the table's composed column names; everything downstream reads the
     :class:`~kgshatter.studies.results.SweepSummary`'s attributes."""
-    scored = [r for r in rows if "efficacy" in r]
+    scored = [r for r in rows if _scored(r)]
     methods: dict[str, MethodSummary] = {}
     for method in config.methods:
         single = [r for r in scored if r["method"] == method and r["protocol"] == "single"]
-        groups: dict[str, list[dict]] = {}
+        groups: dict[str, list[TableRow]] = {}
         for r in single:
-            groups.setdefault(kind_label(r["kind"], r["sweep_distance"]), []).append(r)
+            label = kind_label(_text(r, "kind"), _int(r, "sweep_distance"))
+            groups.setdefault(label, []).append(r)
         per_kind = {label: _kind_summary(rs, orders) for label, rs in groups.items()}
         edits = single_edits(rows, method)  # the same rows as ``single``, typed
         fit = fit_line([e.R_mean for e in edits], [e.drop for e in edits])
         skipped = sum(1 for r in rows if r["method"] == method and r.get("skipped"))
         seq = sorted(
             (r for r in scored if r["method"] == method and r["protocol"] == "sequential"),
-            key=lambda r: (r["seed"], r["step"]),
+            key=lambda r: (_int(r, "seed"), _int(r, "step")),
         )
         methods[method] = MethodSummary(
             by_kind=per_kind,
@@ -712,11 +774,11 @@ def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig
             skipped=skipped,
             sequential=[
                 SequenceStep(
-                    step=r["step"],
-                    efficacy=r["efficacy"],
-                    retained=r.get("retained"),
+                    step=_int(r, "step"),
+                    efficacy=_num(r, "efficacy"),
+                    retained=None if r.get("retained") is None else _num(r, "retained"),
                     accuracy_drop_points=accuracy_drop(r),
-                    R_x100=100 * r["R.mean"],
+                    R_x100=100 * _num(r, "R.mean"),
                 )
                 for r in seq
             ],
@@ -724,25 +786,23 @@ def summarise(rows: list[dict[str, Any]], orders: list[str], config: SweepConfig
     return SweepSummary(n_rows=len(rows), n_scored=len(scored), methods=methods)
 
 
-def _kind_summary(rs: list[dict[str, Any]], orders: list[str]) -> KindSummary:
+def _kind_summary(rs: list[TableRow], orders: list[str]) -> KindSummary:
     """Means over one group of single edits' rows."""
+    kind = _text(rs[0], "kind")
     return KindSummary(
-        kind=rs[0]["kind"],
-        distance=None if rs[0]["kind"] == "corrective" else rs[0]["sweep_distance"],
+        kind=kind,
+        distance=None if kind == "corrective" else _int(rs[0], "sweep_distance"),
         n=len(rs),
-        efficacy=_mean([r["efficacy"] for r in rs]),
+        efficacy=_mean([_num(r, "efficacy") for r in rs]),
         accuracy_change_points={
-            s: {
-                o: _mean([100 * r[f"acc.{s}.{o}"] for r in rs if r[f"acc.{s}.{o}"] is not None])
-                for o in [*orders, "all"]
-            }
+            s: {o: _mean([100 * _num(r, f"acc.{s}.{o}") for r in rs]) for o in [*orders, "all"]}
             for s in SPLITS
         },
-        R_x100={o: _mean([100 * r[f"R.{o}"] for r in rs]) for o in [*orders, "mean"]},
-        neighbours={o: _mean([r[f"neighbours.{o}"] for r in rs]) for o in orders},
-        isomap={o: _mean([r[f"isomap.{o}"] for r in rs]) for o in orders},
+        R_x100={o: _mean([100 * _num(r, f"R.{o}") for r in rs]) for o in [*orders, "mean"]},
+        neighbours={o: _mean([_num(r, f"neighbours.{o}") for r in rs]) for o in orders},
+        isomap={o: _mean([_num(r, f"isomap.{o}") for r in rs]) for o in orders},
         mechanism={
-            k: _mean([r[k] for r in rs if k in r])
+            k: _mean([_num(r, k) for r in rs])
             for k in ("shift.edited", "shift.others", "spill", "delta_norm")
         },
     )
