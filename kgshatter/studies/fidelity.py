@@ -32,7 +32,9 @@ from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS
 from kgshatter.presets import RunConfig, apply_overrides
 from kgshatter.studies.results import (
+    Baseline,
     Check,
+    KindSummary,
     StudyEntry,
     StudyRow,
     SweepSummary,
@@ -63,30 +65,14 @@ STUDY_EDITORS = (
 
 def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
     """The paper's phenomenon as targets, checked on a sweep summary (single edits)."""
-    checks: list[Check] = []
     if summary.baseline is None:
         raise ValueError("fidelity_checks needs a finished sweep's summary (with its baseline)")
-    base = summary.baseline.accuracy
-    orders = summary.baseline.orders
-    low = [
-        f"{split} {o} {100 * v:.1f}"
-        for split, floor in MIN_BASELINE.items()
-        for o in orders
-        if (v := base[split][o]) is not None and v < floor  # None: no such queries
-    ]
-    checks.append(
-        Check(
-            "pre-edit accuracy >= 95 / 90 / 60 on every order",
-            not low,
-            "below: " + ", ".join(low) if low else "all above",
-        )
-    )
+    checks = [_baseline_check(summary.baseline)]
     if method not in summary.methods:
         return [*checks, Check(f"{method} is in the sweep", False, "")]
     by = summary.methods[method].by_distance()
     if len(by) < 2:
         return [*checks, Check("at least two distances were swept", False, str(sorted(by)))]
-    near, far = min(by), max(by)
     efficacy = statistics.fmean(or_nan(v.efficacy) for v in by.values())
     checks.append(
         Check(
@@ -96,35 +82,68 @@ def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
             ", ".join(f"d={d}: {or_nan(by[d].efficacy):.0%}" for d in sorted(by)),
         )
     )
+    checks += _damage_checks(by)
+    fit = summary.methods[method].fit_drop_on_R
+    checks.append(
+        Check(
+            f"r^2 of accuracy drop on R across single edits >= {MIN_R2}",
+            None if math.isnan(fit.r2) else fit.r2 >= MIN_R2,
+            f"r^2 {fit.r2:.3f} over {fit.n} edits",
+        )
+    )
+    checks += _ring_checks(summary.baseline, by)
+    if efficacy < 0.5:  # most edits did not take: what they did is no evidence either way
+        checks[2:] = [  # the baseline and efficacy checks stay, and so does the unedited ring
+            c if c.claim.startswith("rings before")
+            else Check(c.claim, None, f"not measured, most edits did not take: {c.evidence}")
+            for c in checks[2:]
+        ]  # fmt: skip
+    return checks
+
+
+def _baseline_check(baseline: Baseline) -> Check:
+    low = [
+        f"{split} {o} {100 * v:.1f}"
+        for split, floor in MIN_BASELINE.items()
+        for o in baseline.orders
+        if (v := baseline.accuracy[split][o]) is not None and v < floor  # None: no such queries
+    ]
+    return Check(
+        "pre-edit accuracy >= 95 / 90 / 60 on every order",
+        not low,
+        "below: " + ", ".join(low) if low else "all above",
+    )
+
+
+def _damage_checks(by: dict[int, KindSummary]) -> list[Check]:
+    """How the direct drop and R grow from the nearest to the farthest distance, and whether
+    the other orders shatter with the edited one."""
+    near, far = min(by), max(by)
     # a distance without a direct accuracy fails the checks below (nan compares false)
     drops = {d: or_nan(by[d].direct_drop) for d in sorted(by)}
     dn, df = drops[near], drops[far]
     ratio = df / dn if dn and dn > 0 else math.inf
-    checks.append(
+    seq = list(drops.values())
+    first, *rest = by[far].orders
+    rn, rf = or_nan(by[near].R_x100[first]), or_nan(by[far].R_x100[first])
+    checks = [
         Check(
             f"direct drop at d={far} >= {MIN_FAR_DROP:.0f} points and >= "
             f"{MIN_FAR_OVER_NEAR:.0f}x the drop at d={near}",
             df >= MIN_FAR_DROP and ratio >= MIN_FAR_OVER_NEAR,
             f"{dn:.1f} at d={near}, {df:.1f} at d={far} (x{ratio:.1f})",
-        )
-    )
-    seq = [drops[d] for d in sorted(drops)]
-    checks.append(
+        ),
         Check(
             "the direct drop does not shrink as d grows",
             all(b >= a for a, b in zip(seq, seq[1:], strict=False)),
             ", ".join(f"d={d}: {v:.1f}" for d, v in drops.items()),
-        )
-    )
-    first, *rest = by[far].orders
-    rn, rf = or_nan(by[near].R_x100[first]), or_nan(by[far].R_x100[first])
-    checks.append(
+        ),
         Check(
             f"R x100 on order {first} at d={far} >= {MIN_R_RATIO:.0f}x its value at d={near}",
             rf >= MIN_R_RATIO * rn,
             f"{rn:.2f} -> {rf:.2f} (x{rf / rn if rn else math.inf:.2f})",
-        )
-    )
+        ),
+    ]
     if rest:
         others = {o: or_nan(by[far].R_x100[o]) for o in rest}
         checks.append(
@@ -134,38 +153,28 @@ def fidelity_checks(summary: SweepSummary, method: str = "rome") -> list[Check]:
                 f"{first} {rf:.2f}, " + ", ".join(f"{o} {v:.2f}" for o, v in others.items()),
             )
         )
-    fit = summary.methods[method].fit_drop_on_R
-    r2 = fit.r2
-    checks.append(
-        Check(
-            f"r^2 of accuracy drop on R across single edits >= {MIN_R2}",
-            None if math.isnan(r2) else r2 >= MIN_R2,
-            f"r^2 {r2:.3f} over {fit.n} edits",
-        )
-    )
-    rings = summary.baseline.rings
-    checks.append(
+    return checks
+
+
+def _ring_checks(baseline: Baseline, by: dict[int, KindSummary]) -> list[Check]:
+    """A ring before the edit on every order, and the edited order's broken after the
+    farthest edits."""
+    far = max(by)
+    first = by[far].orders[0]
+    rings = baseline.rings
+    after = by[far].isomap[first]
+    return [
         Check(
             f"rings before the edit: Isomap alignment >= {MIN_RING} on every order",
             all(v["isomap"] >= MIN_RING for v in rings.values()),
             ", ".join(f"{o} {v['isomap']:.2f}" for o, v in rings.items()),
-        )
-    )
-    after = by[far].isomap[first]
-    checks.append(
+        ),
         Check(
             f"order {first}'s ring broken after a d={far} edit (alignment <= {MAX_RING_AFTER})",
             None if after is None else after <= MAX_RING_AFTER,
             f"{rings[first]['isomap']:.2f} before, {_fmt(after)} after (mean over edits)",
-        )
-    )
-    if efficacy < 0.5:  # most edits did not take: what they did is no evidence either way
-        checks[2:] = [  # the baseline and efficacy checks stay, and so does the unedited ring
-            c if c.claim.startswith("rings before")
-            else Check(c.claim, None, f"not measured, most edits did not take: {c.evidence}")
-            for c in checks[2:]
-        ]  # fmt: skip
-    return checks
+        ),
+    ]
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

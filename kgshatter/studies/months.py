@@ -222,6 +222,38 @@ def run_months(
     base = _Baseline.measure(pretrained, plan, config, mmlu_items, progress)
     log.info("baseline: accuracy %.3f, site %s, mmlu %s", base.accuracy, base.site, base.mmlu)
 
+    rows, afters = _edit_all(out, pretrained, plan, base, config, text_task, mmlu_items, progress)
+    edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
+    summary = _summarise(rows, pretrained, config, plan.preset, base.site, base.accuracy,
+                         base.mmlu, base.rings)  # fmt: skip
+    summary.ability_before = base.ability
+    summary.scoring = plan.task.scoring  # what "auto" resolved to
+    summary.phrasing, summary.facts = plan.phrasing, plan.facts
+    summary.known, summary.queries = len(plan.scorer.known), len(plan.task.queries)
+    summary.corpus = getattr(plan.corpus, "name", None)
+    if tracing is not None:
+        summary.tracing = TraceSummary(
+            tracing["best_mlp_layer"], tracing["clean"], tracing["corrupted"], tracing["n_prompts"]
+        )
+    write_json_atomic(out / "summary.json", summary.to_dict())
+    _figures(out, plan.task, base.before[base.site], edited_rows, afters, summary, pretrained.name)
+    _report(out, summary)
+    return summary
+
+
+def _edit_all(
+    out: Path,
+    pretrained: Any,
+    plan: _MonthsPlan,
+    base: _Baseline,
+    config: MonthsConfig,
+    text_task: Any,
+    mmlu_items: Any,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Every edit of the replication, each on the unedited model: the rows (those already in
+    ``rows.jsonl`` read back, the rest computed and appended) and the representations after
+    each edit that took (``afters[k]`` belongs to the k-th row that is not skipped)."""
     rows_path, reps_dir = out / "rows.jsonl", out / "reps"
     reps_dir.mkdir(exist_ok=True)
     remove_stale_temporaries(reps_dir)
@@ -256,23 +288,7 @@ def run_months(
                 afters.append(after)
             append_row(rows_path, row)
             rows.append(row)
-
-    edited_rows = [r for r in rows if not r.get("skipped")]  # afters[k] is edited_rows[k]'s
-    summary = _summarise(rows, pretrained, config, plan.preset, base.site, base.accuracy,
-                         base.mmlu, base.rings)  # fmt: skip
-    summary.ability_before = base.ability
-    summary.scoring = plan.task.scoring  # what "auto" resolved to
-    summary.phrasing, summary.facts = plan.phrasing, plan.facts
-    summary.known, summary.queries = len(plan.scorer.known), len(plan.task.queries)
-    summary.corpus = getattr(plan.corpus, "name", None)
-    if tracing is not None:
-        summary.tracing = TraceSummary(
-            tracing["best_mlp_layer"], tracing["clean"], tracing["corrupted"], tracing["n_prompts"]
-        )
-    write_json_atomic(out / "summary.json", summary.to_dict())
-    _figures(out, plan.task, base.before[base.site], edited_rows, afters, summary, pretrained.name)
-    _report(out, summary)
-    return summary
+    return rows, afters
 
 
 @dataclass

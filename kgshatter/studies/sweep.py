@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -303,33 +303,18 @@ def run_sweep(
     )  # fmt: skip
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=todo, desc="sweep", disable=not progress)
+    with tqdm(total=todo, desc="sweep", disable=not progress) as bar:
 
-    def finished(unit: SweepUnit, new_rows: list[TableRow] | BaseException) -> None:
-        if isinstance(new_rows, BaseException):
-            log.warning("a %s job failed: %s", unit.job.method, _error_text(new_rows))
-            new_rows = ctx.error_rows(unit, new_rows)
-        for row in new_rows:
-            append_row(rows_path, row)
-            rows.append(row)
-        bar.update(len(new_rows))
+        def finished(unit: SweepUnit, new_rows: list[TableRow] | BaseException) -> None:
+            if isinstance(new_rows, BaseException):
+                log.warning("a %s job failed: %s", unit.job.method, _error_text(new_rows))
+                new_rows = ctx.error_rows(unit, new_rows)
+            for row in new_rows:
+                append_row(rows_path, row)
+                rows.append(row)
+            bar.update(len(new_rows))
 
-    if workers is None and ray_address is None:
-        for unit in units:
-            try:
-                result: list[TableRow] | BaseException = ctx.run_unit(unit)
-            except Exception as err:  # recorded in the unit's rows; the sweep goes on
-                result = err
-            finished(unit, result)
-    else:
-        from kgshatter.studies.distributed import run_units
-
-        args = (str(run_dir), config, device, ctx.edit_batch)
-        run_units(
-            units, sweep_context, args, finished,
-            methods=list(config.methods), workers=workers, address=ray_address,
-        )  # fmt: skip
-    bar.close()
+        _run_units(ctx, units, finished, (str(run_dir), config, device), workers, ray_address)
     order = {k: i for i, k in enumerate(k for job in jobs for k in job.keys)}
     rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
     write_table(rows, out / "table.csv")
@@ -340,6 +325,33 @@ def run_sweep(
     summary.run = header
     write_json_atomic(out / "summary.json", summary.to_dict())
     return SweepResult(out, rows, summary)
+
+
+def _run_units(
+    ctx: SweepContext,
+    units: list[SweepUnit],
+    finished: Callable[[SweepUnit, list[TableRow] | BaseException], None],
+    context_args: tuple[str, SweepConfig, str | None],
+    workers: int | None,
+    ray_address: str | None,
+) -> None:
+    """Run ``units`` here, one after another, or on Ray workers (each building its own
+    context from ``context_args`` and the edit batch); ``finished`` gets each unit's rows, or
+    the error it raised, as it completes."""
+    if workers is None and ray_address is None:
+        for unit in units:
+            try:
+                result: list[TableRow] | BaseException = ctx.run_unit(unit)
+            except Exception as err:  # recorded in the unit's rows; the sweep goes on
+                result = err
+            finished(unit, result)
+        return
+    from kgshatter.studies.distributed import run_units
+
+    run_units(
+        units, sweep_context, (*context_args, ctx.edit_batch), finished,
+        methods=list(ctx.config.methods), workers=workers, address=ray_address,
+    )  # fmt: skip
 
 
 def _error_text(error: BaseException) -> str:
