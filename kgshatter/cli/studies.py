@@ -39,7 +39,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         args.preset = GEOMETRY_PRESETS[args.geometry]
     args.preset = args.preset or "paper"
     run = apply_overrides(get_preset(args.preset), args.set or [])
-    fields: dict[str, Any] = sweep_defaults(args.preset)
+    fields = sweep_defaults(args.preset)
     if args.methods:
         fields["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.distances:

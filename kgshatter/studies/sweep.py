@@ -24,7 +24,7 @@ import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -121,6 +121,24 @@ class SweepConfig(ConfigDict):
         return Site.parse(self.site).check(n_layers)
 
 
+class SweepFields(TypedDict, total=False):
+    """Some of :class:`SweepConfig`'s fields, by name: what a model preset's sweep changes
+    from the defaults (:func:`sweep_defaults`), and what the command line adds."""
+
+    methods: tuple[str, ...]
+    kinds: tuple[str, ...]
+    distances: tuple[int, ...]
+    n_edits: int
+    seeds: tuple[int, ...]
+    sequential_edits: int
+    site: str
+    max_queries: int | None
+    n_samples: int
+    efficacy_prompts: int
+    editor_preset: str
+    position: str
+
+
 # the editor preset and representation position each model preset is edited with by default:
 # models that process the subject at its own token are edited there (README, "The fidelity
 # study"); the others at the relation token
@@ -134,7 +152,7 @@ PRESET_EDITORS = {
 # meets 7 of the 9 fidelity targets on the paper model, docs/paper-scale/README.md; the width
 # control gets the same sweep to compare), 16 single edits per distance and no sequence, which
 # keeps the job from the shipped checkpoint within about a quarter of an hour on 2 cores
-PRESET_SWEEPS: dict[str, dict[str, Any]] = {
+PRESET_SWEEPS: dict[str, SweepFields] = {
     name: {"methods": ("memit", "rome"), "n_edits": 16, "sequential_edits": 0}
     for name in ("paper", "paper-wide")
 }
@@ -149,7 +167,7 @@ def representation_position(key_position: str | None) -> str:
     return "entity" if key_position == "subject" else "relation"
 
 
-def editor_defaults(preset: str) -> dict[str, str]:
+def editor_defaults(preset: str) -> SweepFields:
     """``SweepConfig`` fields ``editor_preset`` and ``position`` for a model preset: entities
     are represented at the token where the preset's ROME editor reads its keys.
 
@@ -165,14 +183,16 @@ def editor_defaults(preset: str) -> dict[str, str]:
     return {"editor_preset": editor, "position": position}
 
 
-def sweep_defaults(preset: str) -> dict[str, Any]:
+def sweep_defaults(preset: str) -> SweepFields:
     """The ``SweepConfig`` fields a model preset's sweep starts from (``kgshatter reproduce``
     without options): :func:`editor_defaults` and the preset's own methods and sizes.
 
     >>> sweep_defaults("paper")["methods"], sweep_defaults("cpu").get("methods")
     (('memit', 'rome'), None)
     """
-    return {**editor_defaults(preset), **PRESET_SWEEPS.get(preset, {})}
+    fields = editor_defaults(preset)
+    fields.update(PRESET_SWEEPS.get(preset, {}))
+    return fields
 
 
 def default_edit_batch(model: TransformerBridge) -> int:
