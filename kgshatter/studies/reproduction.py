@@ -21,6 +21,7 @@ from kgshatter.studies.sweep import (
     SweepConfig,
     SweepResult,
     check_distances,
+    check_edit_layers,
     run_sweep,
     single_edits,
 )
@@ -52,6 +53,7 @@ def reproduce(
     out = Path(out_dir)
     check_distances(sweep.distances, run.kg)  # fail before training, not after
     sweep.representation_site(run.model.n_layers)
+    check_edit_layers(sweep, run.model.n_layers)
     if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():
         raise ValueError(f"{out} exists and holds no reproduction (no run/); use a new --out")
     seconds: dict[str, float] = {}

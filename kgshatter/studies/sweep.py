@@ -220,6 +220,21 @@ def check_distances(distances: tuple[int, ...], kg: Any) -> None:
         raise ValueError(f"distances {bad} lie outside the {where}: d must be in 1..{top}")
 
 
+def check_edit_layers(config: SweepConfig, n_layers: int) -> None:
+    """Every method's editor preset must edit blocks the model has (checked before training:
+    ``synthetic-relative-block1`` on a one-block model is refused in one line)."""
+    from kgshatter.editing import get_method
+
+    for m in config.methods:
+        for layer in getattr(get_method(m).config(config.editor_preset), "edit_layers", ()):
+            if not 0 <= layer < n_layers:
+                raise ValueError(
+                    f"{m} with editor preset {config.editor_preset!r} edits block {layer}, but "
+                    f"the model has blocks 0..{n_layers - 1}; choose an editor preset for "
+                    f"its blocks, or a model with more layers"
+                )
+
+
 # one row of the tidy table (``table.csv``, ``rows.jsonl``): column name -> JSON scalar
 TableRow = dict[str, str | int | float | None]
 # a row's identity: method, protocol, kind, sweep distance, seed, index in its job
@@ -433,10 +448,8 @@ class SweepContext:
         n_layers = model.cfg.n_layers
         chosen = config.representation_site(n_layers)
         check_distances(config.distances, graph.config)
+        check_edit_layers(config, n_layers)
         methods = [get_method(m) for m in config.methods]
-        for m in methods:
-            for layer in getattr(m.config(config.editor_preset), "edit_layers", ()):
-                Site(layer, "mlp_out").check(n_layers)
         self.model_id = model_identity(model)
         self.sampler = WalkSampler(graph, self.run.walks)
         self.task = SyntheticTask(self.sampler, CovarianceCache(Path(run_dir) / "cache"))
