@@ -76,9 +76,11 @@ CLI_CASES = [
     ("reproduce --preset tiny --out ROOT/afile", "is an existing file"),
     ("reproduce --preset tiny --out ROOT/new --threads 0", "--threads"),
     ("reproduce --preset tiny --out ROOT/new --site nosuch", "nosuch"),
-    ("reproduce --preset tiny --out ROOT/new --methods rome --editor-preset "
-     "synthetic-relative-block1 --set model.n_layers=1", "edits block 1, but the model has "
-     "blocks 0..0"),  # fmt: skip
+    (
+        "reproduce --preset tiny --out ROOT/new --methods rome --editor-preset "
+        "synthetic-relative-block1 --set model.n_layers=1",
+        "edits block 1, but the model has blocks 0..0",
+    ),
     ("months --model tiny:gpt2 --out ROOT/new --device nosuch", "unknown device"),
     ("months --model tiny:gpt2 --out ROOT/new --distance 0", "in [1, 6], got 0"),
     ("months --model tiny:gpt2 --out ROOT/new --distance 7", "in [1, 6], got 7"),
