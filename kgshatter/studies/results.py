@@ -5,7 +5,9 @@ rows (the one place that reads the table's composed column names, ``acc.{split}.
 ``R.{order}``); the report, the fidelity checks, the reproduction and the CLI read its
 attributes; :meth:`SweepSummary.to_dict` writes ``summary.json`` and
 :meth:`SweepSummary.from_dict` reads it back. :func:`kgshatter.studies.months.run_months`
-returns a :class:`MonthsSummary` the same way (its rows stay the JSON lines of ``rows.jsonl``).
+returns a :class:`MonthsSummary` the same way (its rows stay the JSON lines of ``rows.jsonl``),
+and :func:`kgshatter.studies.fidelity.run_study` a :class:`StudyRow` per variant and editor
+(``study.json`` is their :meth:`StudyRow.to_dict`).
 
 The per-order maps are keyed by order name (``"I"``, ``"II"``, ...), plus ``"all"`` for
 accuracy (every order together) and ``"mean"`` for R (the mean over orders); a value is
