@@ -18,7 +18,7 @@ from kgshatter.io import write_atomic
 from kgshatter.kg.graph import roman
 from kgshatter.kg.walks import SPLITS
 from kgshatter.plotting import panel_width, pyplot, ring_figure, save_figure
-from kgshatter.studies.results import SweepSummary, or_nan, ordered_kinds
+from kgshatter.studies.results import RingExample, SweepSummary, or_nan, ordered_kinds
 from kgshatter.studies.sweep import SweepConfig, SweepResult, single_edits
 
 if TYPE_CHECKING:
@@ -61,13 +61,13 @@ class Times:
 @dataclass(frozen=True)
 class RingPanels:
     """What ``rings_before_after.png`` draws: each order's representations (with positions
-    and panel width) before and after one edit, and their ring measures."""
+    and panel width) before and after one edit, and the edit with its ring measures (what
+    ``summary.json`` keeps of it)."""
 
     panels: dict[str, tuple[torch.Tensor, np.ndarray, int | tuple[str, int] | None]]
     n: int  # entities
-    label: str  # the edit drawn
     title: str
-    rings: dict[str, dict[str, dict[str, float]]]  # order -> before/after -> metric -> value
+    example: RingExample
 
 
 def _shapes(kg: Any) -> str:
@@ -228,7 +228,7 @@ def make_figures(result: SweepResult, ring_panels: RingPanels | None = None) -> 
         _legend_below(fig, axes[0])
         paths.append(save_figure(fig, out / "sequential.png"))
 
-    if ring_panels:
+    if ring_panels is not None:
         fig = ring_figure(ring_panels.panels, ring_panels.n, ncols=2, title=ring_panels.title)
         paths.append(save_figure(fig, out / "rings_before_after.png"))
     return paths
@@ -533,4 +533,4 @@ def rings_before_after(
             }
             for when, r in (("before", before), ("after", after))
         }
-    return RingPanels(panels, graph.n_entities, label, f"{label} @ {site}", metrics)
+    return RingPanels(panels, graph.n_entities, f"{label} @ {site}", RingExample(label, metrics))

@@ -15,8 +15,15 @@ from pathlib import Path
 
 from kgshatter.io import write_json_atomic
 from kgshatter.presets import RunConfig
-from kgshatter.studies.report import RingPanels, Times
-from kgshatter.studies.results import RingExample
+from kgshatter.studies.report import (
+    RingPanels,
+    Times,
+    findings,
+    make_figures,
+    rings_before_after,
+    settings_lines,
+    write_report,
+)
 from kgshatter.studies.sweep import (
     SweepConfig,
     SweepResult,
@@ -75,11 +82,9 @@ def reproduce(
     start = time.perf_counter()
     log.info("drawing the figures and writing %s", out / "report.md")
     panels = _example_rings(out / "run", result, sweep, device)
-    from kgshatter.studies.report import make_figures, settings_lines, write_report
-
     figures = make_figures(result, panels)
-    if panels:
-        result.summary.example = RingExample(panels.label, panels.rings)
+    if panels is not None:
+        result.summary.example = panels.example
         write_json_atomic(out / "summary.json", result.summary.to_dict())
     seconds["figures"] = time.perf_counter() - start
     times = _record_times(out / "times.json", seconds)
@@ -114,7 +119,6 @@ def _example_rings(
     from kgshatter.evaluate import Evaluator
     from kgshatter.kg.walks import WalkSampler
     from kgshatter.sites import Site
-    from kgshatter.studies.report import rings_before_after
     from kgshatter.training import load_run
 
     method = "rome" if "rome" in sweep.methods else sweep.methods[0]
@@ -142,8 +146,6 @@ def _example_rings(
 
 def describe(result: SweepResult) -> str:
     """A few lines for the terminal."""
-    from kgshatter.studies.report import findings
-
     lines = []
     for claim, holds, evidence in findings(result.summary):
         verdict = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[holds]
