@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kgshatter.cli import main
-from kgshatter.studies.fidelity import fidelity_checks
 from kgshatter.studies.results import SweepSummary
+from kgshatter.studies.targets import fidelity_checks
 
 ORDERS = ("I", "II", "III")
 
@@ -71,6 +71,21 @@ def test_the_papers_pattern_meets_every_target():
 def test_each_departure_fails_its_target(summary, failing):
     checks = fidelity_checks(summary)
     assert sum(1 for c in checks if c.holds is False) == failing, checks
+
+
+def test_the_evidence_sets_the_papers_numbers_beside_ours():
+    ours = _summary([9.3, 20.9, 30.1, 37.3], [3.2, 5, 8, 11.3], [1, 2, 2, 2.7])
+    evidence = {c.claim.split(" ")[0]: c.evidence for c in fidelity_checks(ours)}
+    assert evidence["direct"] == (
+        "9.3 at d=1, 37.3 at d=4 (x4.0); paper 1.5 at d=1, 78.0 at d=4 (x52)"
+    )
+    assert evidence["R"] == "3.20 -> 11.30 (x3.53); paper 1.80 -> 27.90"
+    assert evidence["r^2"].endswith("; paper 0.905")
+    # the paper reports R at d = 1..4 but the accuracy only at d = 1 and 4: at d = 2, only ours
+    near = {
+        c.claim.split(" ")[0]: c.evidence for c in fidelity_checks(_summary([1, 2], [1, 2], [1, 2]))
+    }
+    assert near["R"].endswith("; paper 1.80 -> 21.90") and "paper" not in near["direct"]
 
 
 def test_damage_from_edits_that_did_not_take_is_not_evidence():

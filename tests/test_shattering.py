@@ -157,10 +157,11 @@ def test_reproduce_smoke_on_tiny(tmp_path, capsys):
             "--max-queries", "16"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "r^2 of accuracy drop" in printed
+    # tiny never learns inference: the terminal names the target it misses
+    assert "not met: pre-edit accuracy >= 95 / 90 / 60 on every order" in printed
     report = (out / "report.md").read_text()
-    assert "## Findings" in report and "paper" in report
-    assert "## The fidelity targets" in report and "pre-edit accuracy" in report
+    assert "## Findings: the fidelity targets" in report and "### rome: " in report
+    assert "### alphaedit: " in report and "; paper 0.905)" in report
     for name in ("accuracy_vs_distance", "shattering_vs_distance", "shattering_vs_accuracy",
                  "sequential", "rings_before_after"):  # fmt: skip
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,8 @@
 - :mod:`~kgshatter.studies.reproduction` and :mod:`~kgshatter.studies.report`: ``kgshatter
   reproduce`` end to end (train or reuse a shipped run, :mod:`~kgshatter.studies.shipped`; sweep;
   figures and ``report.md``);
-- :mod:`~kgshatter.studies.fidelity`: the fidelity study (variants against the paper's targets);
+- :mod:`~kgshatter.studies.targets`: the paper's numbers and the fidelity targets, checked on a
+  sweep (the one verdict the report, the terminal and the fidelity study give);
+- :mod:`~kgshatter.studies.fidelity`: the fidelity study (variants against those targets);
 - :mod:`~kgshatter.studies.months`: the naturalistic replication on a pretrained model.
 """
