@@ -15,6 +15,7 @@ import torch
 
 from kgshatter.analysis.geometry import one_blas_thread, structure_metrics
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
+from kgshatter.hooks import replace
 from kgshatter.kg.graph import KnowledgeGraph, relation_name
 from kgshatter.kg.walks import SPLITS, QuerySet, WalkSampler
 from kgshatter.models import last_position_logits
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 # where the ring code is strongest in trained models (MLP hidden layer) and the block outputs
 RING_COMPONENTS = ("mlp_post", "resid_post")
+# mean ablation: the components whose output is replaced, and the tokens of a direct query
+# ``x r`` (after its context) where it is replaced
+ABLATED_COMPONENTS = ("attn_out", "mlp_out")
+QUERY_POSITIONS = {"subject": -2, "relation": -1}
 
 
 @torch.inference_mode()
@@ -45,6 +50,57 @@ def query_probs(
     if not out:
         return torch.zeros(0, model.cfg.d_vocab)
     return torch.cat(out).reshape(q, k, -1).mean(1)
+
+
+@torch.inference_mode()
+def mean_ablation(
+    model: TransformerBridge,
+    queries: QuerySet,
+    graph: KnowledgeGraph,
+    components: tuple[str, ...] = ABLATED_COMPONENTS,
+    batch_size: int = 1024,
+) -> dict[str, dict[str, float | None]]:
+    """Where a direct-recall answer is computed: accuracy per order (and ``all``) with one
+    component's output replaced by its mean over every query and context, at one token.
+
+    Keys: ``"clean"``, then ``"LAYER.COMPONENT@POSITION"`` for every block, component and
+    position of :data:`QUERY_POSITIONS` (``"0.attn_out@relation"``: block 0's attention output
+    at the relation token ``r`` of ``x r``). A model that reads the subject at its own token
+    loses accuracy when a component is ablated ``@subject``; one that carries the subject to
+    the relation token and computes there loses it ``@relation`` only.
+    """
+    if queries.split != "direct":
+        raise ValueError(
+            f"mean_ablation reads direct-recall queries 'x r', got split {queries.split!r}"
+        )
+    sites = [Site(layer, c) for layer in range(model.cfg.n_layers) for c in components]
+    flat = queries.tokens.reshape(-1, queries.tokens.shape[-1])
+    device = next(model.parameters()).device
+    sums: dict[tuple[Site, int], torch.Tensor] = {}
+
+    def accumulate(site: Site) -> Any:
+        def hook(activation: torch.Tensor, hook: Any) -> None:
+            for pos in QUERY_POSITIONS.values():
+                total = activation[:, pos].double().sum(0)
+                sums[site, pos] = sums[site, pos] + total if (site, pos) in sums else total
+
+        return hook
+
+    with model.hooks(fwd_hooks=[(s.hook_name, accumulate(s)) for s in sites]):
+        for start in range(0, flat.shape[0], batch_size):
+            model(flat[start : start + batch_size].to(device))
+
+    def score() -> dict[str, float | None]:
+        probs = query_probs(model, queries, batch_size)
+        return accuracy_by_order(queries.correct(graph, probs.argmax(-1)), queries.order, graph)
+
+    result = {"clean": score()}
+    for site in sites:
+        for name, pos in QUERY_POSITIONS.items():
+            mean = (sums[site, pos] / flat.shape[0]).float()
+            with model.hooks(fwd_hooks=[(site.hook_name, replace(mean, positions=pos))]):
+                result[f"{site}@{name}"] = score()
+    return result
 
 
 def accuracy_by_order(

@@ -31,6 +31,14 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert result["n_prefixes"] == 1 and result["step"] == 30
     assert set(result["accuracy"]) == {"direct", "logical", "compositional"}
     assert set(result["accuracy"]["direct"]) == {"I", "II", "III", "all"}
+    assert "ablation" not in result
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--no-rings", "--max-queries", "20", "--ablate"]) == 0
+    ablation = json.loads((out / "evaluation.json").read_text())["ablation"]
+    assert (
+        ablation["clean"] == json.loads((out / "evaluation.json").read_text())["accuracy"]["direct"]
+    )
+    assert "0.attn_out@relation" in ablation and "1.mlp_out@subject" in capsys.readouterr().out
     assert (
         main(
             [

@@ -9,6 +9,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from kgshatter.evaluate import Evaluator, mean_ablation
 from kgshatter.presets import RunConfig, TrainConfig, get_preset
 from kgshatter.training import checkpoints, load_run, lr_at, train
 
@@ -140,6 +141,28 @@ def test_tiny_learns_direct_recall(trained_tiny):
     assert final["loss"] < trained_tiny.history[0]["loss"]
     for order in ("I", "II", "III"):
         assert final["accuracy"]["direct"][order] >= 0.9
+
+
+def test_mean_ablation_finds_where_the_answer_is_computed(trained_tiny, tiny_run):
+    model, graph = trained_tiny.model, trained_tiny.graph
+    evaluator = Evaluator.for_run(tiny_run, graph, max_queries=64)
+    result = mean_ablation(model, evaluator.queries["direct"], graph)
+    last = model.cfg.n_layers - 1
+    assert set(result) == {"clean"} | {
+        f"{layer}.{c}@{p}"
+        for layer in range(last + 1)
+        for c in ("attn_out", "mlp_out")
+        for p in ("subject", "relation")
+    }
+    assert result["clean"] == evaluator.accuracy(model)["direct"]
+    # nothing reads the last block's output at the subject token (causal): exactly clean
+    for component in ("attn_out", "mlp_out"):
+        assert result[f"{last}.{component}@subject"] == result["clean"]
+    # the tiny model carries the subject to the relation token with block 0's attention
+    assert result["0.attn_out@relation"]["all"] < result["clean"]["all"] - 0.5, result
+    assert evaluator.accuracy(model)["direct"] == result["clean"]  # the hooks are gone
+    with pytest.raises(ValueError, match="reads direct-recall queries 'x r', got split 'logical'"):
+        mean_ablation(model, evaluator.queries["logical"], graph)
 
 
 def test_non_finite_loss_stops_before_any_checkpoint(tmp_path, monkeypatch):

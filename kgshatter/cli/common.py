@@ -120,10 +120,11 @@ def format_accuracy(acc: dict[str, dict[str, float | None]]) -> str:
         return "(no evaluation)"
     tasks = [t for t in SPLITS if t in acc] + [t for t in acc if t not in SPLITS]
     orders = sorted(acc[tasks[0]], key=lambda o: (o == "all", ROMAN_ORDER.get(o, 99), o))
-    lines = ["task           " + "".join(f"{o:>8}" for o in orders)]
+    width = max(15, *(len(t) + 1 for t in tasks))
+    lines = [f"{'task':<{width}}" + "".join(f"{o:>8}" for o in orders)]
     for task in tasks:
         cells = "".join(f"{_points(acc[task][o]):>8}" for o in orders)
-        lines.append(f"{task:<15}{cells}")
+        lines.append(f"{task:<{width}}{cells}")
     return "\n".join(lines)
 
 

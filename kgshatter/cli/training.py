@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from kgshatter.evaluate import Evaluator
+    from kgshatter.evaluate import Evaluator, mean_ablation
     from kgshatter.io import write_json_atomic
     from kgshatter.sites import Site
     from kgshatter.training import load_run
@@ -69,6 +69,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_accuracy(result["accuracy"]))
     if "ring_summary" in result:
         print(format_rings(result["ring_summary"]))
+    if args.ablate:
+        result["ablation"] = mean_ablation(
+            model, evaluator.queries["direct"], graph, batch_size=eval_cfg.batch_size
+        )
+        print("direct recall with one output mean-ablated at one token (where it is computed):")
+        print(format_accuracy(result["ablation"]))
     write_json_atomic(out, result)
     print(f"wrote {out}")
     if args.figure:
@@ -167,6 +173,12 @@ def add_evaluate(sub: Any) -> None:
         help="sample at most this many queries per split (default: all)",
     )
     p.add_argument("--no-rings", action="store_true", help="skip the ring metrics")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also mean-ablate each block's attention and MLP output at the subject and at "
+        "the relation token of direct queries: where the answer is computed",
+    )
     p.add_argument("--figure", default=None, help="also draw each order's ring to this PNG")
     p.add_argument(
         "--site",
