@@ -80,3 +80,46 @@ def test_degenerate_representations_give_nan():
     assert all(np.isnan(v) for v in m.values())
     with pytest.raises(ValueError, match="isomap' or 'pca"):
         embed_2d(np.ones((4, 2)), "tsne")
+
+
+def test_order_overlap_follows_the_keys_an_edit_shares(tiny_graph):
+    """Keys of order I along one axis, order II along another, order III half on each: an
+    edit of an order I fact reaches order I fully, order II not at all, order III by half."""
+    import torch
+
+    from kgshatter.analysis.spill import mean_key_cosine, order_overlap
+
+    g = tiny_graph
+    axis = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0]), 2: torch.tensor([0.5, 0.5])}
+    keys = torch.stack(
+        [axis[g.relation(r).order].expand(g.n_entities, 2) for r in range(g.n_relations)]
+    )
+    r0 = next(r for r in range(g.n_relations) if g.relation(r).order == 0)
+    overlap = order_overlap(keys, g, subject=3, relation=r0, c_inv=torch.eye(2))
+    assert overlap == pytest.approx({"I": 1.0, "II": 0.0, "III": 0.5})
+    # C^-1 sets the update's direction: for an order III edit, u = C^-1 k* = (0.5, 1.0) and
+    # k* . u = 0.75, so order I's keys move 0.5 / 0.75 and order II's 1.0 / 0.75
+    r2 = next(r for r in range(g.n_relations) if g.relation(r).order == 2)
+    weighted = order_overlap(keys, g, 3, r2, torch.diag(torch.tensor([1.0, 2.0])))
+    assert weighted == pytest.approx({"I": 2 / 3, "II": 4 / 3, "III": 1.0})
+    cosine = mean_key_cosine(keys, g)
+    assert cosine == pytest.approx({"I": 1.0, "II": 0.0, "III": 2**-0.5})
+    with pytest.raises(ValueError, match=r"keys must be \[relation, entity, d\]"):
+        order_overlap(keys[:, :5], g, 3, r0, torch.eye(2))
+
+
+def test_relation_keys_are_the_sweeps_keys(trained_tiny, tiny_sampler):
+    import torch
+
+    from kgshatter.analysis.representations import collect_representations, entity_query_tokens
+    from kgshatter.analysis.spill import relation_keys
+    from kgshatter.sites import Site
+
+    keys = relation_keys(trained_tiny.model, tiny_sampler, 0)
+    g = tiny_sampler.graph
+    assert keys.shape == (g.n_relations, g.n_entities, trained_tiny.model.cfg.d_mlp)
+    site = Site(0, "mlp_post")
+    one = collect_representations(
+        trained_tiny.model, entity_query_tokens(tiny_sampler, 2, 5, seed=1), [site]
+    )[site]
+    assert torch.equal(keys[2], one)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from kgshatter.analysis.representations import collect_representations, entity_query_tokens
+from kgshatter.analysis.spill import mean_key_cosine, order_overlap, relation_keys
 from kgshatter.editing import CovarianceCache
 from kgshatter.editing.core import synthetic_stats
 from kgshatter.editing.protocols import sample_requests
 from kgshatter.kg.walks import WalkSampler
-from kgshatter.sites import Site
 from kgshatter.training import load_run
 
 torch.set_num_threads(1)
@@ -33,29 +32,15 @@ sampler = WalkSampler(graph, run.walks)
 stats = synthetic_stats(model, sampler, 0, 100_000, CovarianceCache(run_dir / "cache"))
 V, lam = stats.eigenvectors.double(), stats.eigenvalues.double()
 C_inv = V @ torch.diag(1 / (lam + 1e-6 * lam.max())) @ V.T
-site = Site(0, "mlp_post")
-keys = {  # relation -> [entity, d_mlp], mean over 5 contexts, at the relation token
-    r: collect_representations(model, entity_query_tokens(sampler, r, 5, seed=1), [site],
-                               "relation")[site].double()
-    for r in range(graph.n_relations)
-}  # fmt: skip
-orders = {o: [r for r in keys if graph.relation(r).order == o] for o in range(graph.n_orders)}
+keys = relation_keys(model, sampler, 0)  # [relation, entity, d_mlp] at the relation token
 out: dict = {"overlap": {}, "mean_key_cosine_with_order_I": {}}
 for seed in (0, 1, 2):
     for d in (1, 4):
         reqs = sample_requests(graph, "counterfactual", 16, seed * 1000 + d, distance=d)
-        sums = {o: 0.0 for o in orders}
-        for q in reqs:
-            u = C_inv @ keys[q.relation][q.subject]
-            own = float(keys[q.relation][q.subject] @ u)
-            for o, rs in orders.items():
-                sums[o] += sum(float((keys[r] @ u).abs().mean()) for r in rs) / len(rs) / own
+        per = [order_overlap(keys, graph, q.subject, q.relation, C_inv) for q in reqs]
         out["overlap"][f"seed {seed}, d={d}"] = {
-            graph.order_name(o): round(v / len(reqs), 4) for o, v in sums.items()
+            o: round(sum(p[o] for p in per) / len(per), 4) for o in per[0]
         }
-mean_key = {r: k.mean(0) for r, k in keys.items()}
-for o, rs in orders.items():
-    cos = [float(torch.cosine_similarity(mean_key[a], mean_key[b], dim=0))
-           for a in orders[0] for b in rs if a != b]  # fmt: skip
-    out["mean_key_cosine_with_order_I"][graph.order_name(o)] = round(sum(cos) / len(cos), 3)
+cosine = mean_key_cosine(keys, graph, 0)
+out["mean_key_cosine_with_order_I"] = {o: round(v, 3) for o, v in cosine.items()}
 print(json.dumps(out, indent=1))
