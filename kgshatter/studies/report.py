@@ -26,6 +26,7 @@ from kgshatter.studies.targets import (
     PAPER_BASELINE,
     PAPER_R_X100,
     fidelity_checks,
+    fmt,
 )
 
 if TYPE_CHECKING:
@@ -80,10 +81,6 @@ def _shape_words(kg: Any, shape: str) -> str:
 
 def _percent(x: float | None) -> float | None:
     return None if x is None else 100 * x
-
-
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def make_figures(result: SweepResult, ring_panels: RingPanels | None = None) -> list[Path]:
@@ -144,7 +141,7 @@ def make_figures(result: SweepResult, ring_panels: RingPanels | None = None) -> 
         fit = summary.methods[m].fit_drop_on_R
         x = np.array([100 * e.R_mean for e in edits])
         y = np.array([e.drop for e in edits])
-        ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {_fmt(fit.r2, 2)})")
+        ax.scatter(x, y, s=12, color=colours[m], label=f"{m} (r^2 {fmt(fit.r2, 2)})")
         if not math.isnan(fit.slope):
             grid = np.linspace(x.min(), x.max(), 10)
             ax.plot(grid, fit.slope * grid / 100 + fit.intercept, color=colours[m], lw=1)
@@ -303,13 +300,13 @@ def _baseline_lines(s: SweepSummary) -> list[str]:
     lines += ["", "## Before any edit", "", "| task | " + " | ".join(
         f"{o} ours / paper" for o in orders) + " |", "|---" * (len(orders) + 1) + "|"]  # fmt: skip
     for split in SPLITS:
-        cells = [f"{_fmt(_percent(base[split][o]))} / {PAPER_BASELINE[split][i]}"
+        cells = [f"{fmt(_percent(base[split][o]), 1)} / {PAPER_BASELINE[split][i]}"
                  for i, o in enumerate(orders[:3])]  # fmt: skip
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     rings = s.baseline.rings
     lines += ["", "Ring structure before editing at the representation site: " + "; ".join(
-        f"order {o}: neighbours {_fmt(v['neighbours'], 2)}, Isomap alignment "
-        f"{_fmt(v['isomap'], 2)}" for o, v in rings.items()) + "."]  # fmt: skip
+        f"order {o}: neighbours {fmt(v['neighbours'], 2)}, Isomap alignment "
+        f"{fmt(v['isomap'], 2)}" for o, v in rings.items()) + "."]  # fmt: skip
     got = {k for v in s.methods.values() for k in v.by_kind}
     if "corrective" in s.run.kinds and "corrective" not in got:
         lines += [
@@ -332,10 +329,10 @@ def _rome_lines(s: SweepSummary) -> list[str]:
     for k in rome.kinds():
         paper = PAPER_ACCURACY_CHANGE.get(k)
         cells = [
-            f"{_fmt(by[k].change(sp))}" + (f" / {paper[i]}" if paper else "")
+            f"{fmt(by[k].change(sp), 1)}" + (f" / {paper[i]}" if paper else "")
             for i, sp in enumerate(SPLITS)
         ]
-        lines.append(f"| {k} | {by[k].n} | {_fmt(_percent(by[k].efficacy), 0)}% | "
+        lines.append(f"| {k} | {by[k].n} | {fmt(_percent(by[k].efficacy), 0)}% | "
                      + " | ".join(cells) + " |")  # fmt: skip
     header = "| edit | " + " | ".join(orders) + " |"
     rule = "|---" * (len(orders) + 1) + "|"
@@ -343,7 +340,7 @@ def _rome_lines(s: SweepSummary) -> list[str]:
     for k in rome.kinds():
         d = by[k].distance
         paper = PAPER_R_X100.get(d) if d is not None else None
-        cells = [f"{_fmt(by[k].R_x100[o], 2)}" + (f" / {paper[i]}" if paper and i < 3
+        cells = [f"{fmt(by[k].R_x100[o], 2)}" + (f" / {paper[i]}" if paper and i < 3
                  else "") for i, o in enumerate(orders)]  # fmt: skip
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
@@ -359,9 +356,9 @@ def _methods_lines(s: SweepSummary) -> list[str]:
             b = v.by_kind[k]
             nb = statistics.fmean(x for x in b.neighbours.values() if x is not None)
             lines.append(
-                f"| {m} | {k} | {b.n} | {_fmt(_percent(b.efficacy), 0)}% | "
-                f"{b.mean_change:.1f} | {_fmt(b.R_x100['mean'], 2)} | {nb:.2f} | "
-                f"{_fmt(v.fit_drop_on_R.r2, 2)} |"
+                f"| {m} | {k} | {b.n} | {fmt(_percent(b.efficacy), 0)}% | "
+                f"{b.mean_change:.1f} | {fmt(b.R_x100['mean'], 2)} | {nb:.2f} | "
+                f"{fmt(v.fit_drop_on_R.r2, 2)} |"
             )
         if v.skipped:
             lines.append(f"| {m} | skipped | {v.skipped} | (the model already gave the "
@@ -374,8 +371,8 @@ def _methods_lines(s: SweepSummary) -> list[str]:
             if v.sequential:
                 last = v.sequential[-1]
                 lines.append(
-                    f"| {m} | {last.step + 1} | {_fmt(100 * last.efficacy, 0)}% | "
-                    f"{_fmt(_percent(last.retained), 0)}% "
+                    f"| {m} | {last.step + 1} | {fmt(100 * last.efficacy, 0)}% | "
+                    f"{fmt(_percent(last.retained), 0)}% "
                     f"| {last.accuracy_drop_points:.1f} | {last.R_x100:.2f} |"
                 )
     return lines
@@ -394,9 +391,9 @@ def _times_line(seconds: Times) -> str:
 def _ring_paragraph(label: str, rings: dict[str, dict[str, dict[str, float]]]) -> str:
     """What ``rings_before_after.png`` shows, with the numbers of the edit drawn."""
     parts = "; ".join(
-        f"order {o}: neighbours {_fmt(v['before']['neighbours'], 2)} -> "
-        f"{_fmt(v['after']['neighbours'], 2)}, alignment {_fmt(v['before']['isomap'], 2)} -> "
-        f"{_fmt(v['after']['isomap'], 2)}"
+        f"order {o}: neighbours {fmt(v['before']['neighbours'], 2)} -> "
+        f"{fmt(v['after']['neighbours'], 2)}, alignment {fmt(v['before']['isomap'], 2)} -> "
+        f"{fmt(v['after']['isomap'], 2)}"
         for o, v in rings.items()
     )
     return (

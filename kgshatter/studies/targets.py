@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 
 from kgshatter.studies.results import Baseline, Check, KindSummary, SweepSummary, or_nan
 
@@ -128,12 +129,7 @@ def _damage_checks(by: dict[int, KindSummary]) -> list[Check]:
         Check(
             f"R x100 on order {first} at d={far} >= {MIN_R_RATIO:.0f}x its value at d={near}",
             rf >= MIN_R_RATIO * rn,
-            f"{rn:.2f} -> {rf:.2f} (x{rf / rn if rn else math.inf:.2f})"
-            + (
-                f"; paper {PAPER_R_X100[near][0]:.2f} -> {PAPER_R_X100[far][0]:.2f}"
-                if near in PAPER_R_X100 and far in PAPER_R_X100
-                else ""
-            ),
+            f"{rn:.2f} -> {rf:.2f} (x{rf / rn if rn else math.inf:.2f})" + _paper_r(near, far),
         ),
     ]
     if rest:
@@ -144,15 +140,7 @@ def _damage_checks(by: dict[int, KindSummary]) -> list[Check]:
                 min(others.values()) >= MIN_GLOBAL * rf,
                 f"{first} {rf:.2f}, "
                 + ", ".join(f"{o} {v:.2f}" for o, v in others.items())
-                + (
-                    "; paper "
-                    + ", ".join(
-                        f"{o} {v:.2f}"
-                        for o, v in zip(by[far].orders, PAPER_R_X100[far], strict=False)
-                    )
-                    if far in PAPER_R_X100
-                    else ""
-                ),
+                + _paper_r_orders(far, by[far].orders),
             )
         )
     return checks
@@ -185,6 +173,21 @@ def _paper_drops(near: int, far: int) -> str:
     if a is None or b is None:
         return ""
     return f"; paper {-a[0]:.1f} at d={near}, {-b[0]:.1f} at d={far} (x{b[0] / a[0]:.0f})"
+
+
+def _paper_r(near: int, far: int) -> str:
+    """The paper's R x100 on order I at the same two distances, where it reports them."""
+    if near not in PAPER_R_X100 or far not in PAPER_R_X100:
+        return ""
+    return f"; paper {PAPER_R_X100[near][0]:.2f} -> {PAPER_R_X100[far][0]:.2f}"
+
+
+def _paper_r_orders(d: int, orders: Sequence[str]) -> str:
+    """The paper's R x100 per order at distance ``d``, where it reports it."""
+    if d not in PAPER_R_X100:
+        return ""
+    values = zip(orders, PAPER_R_X100[d], strict=False)
+    return "; paper " + ", ".join(f"{o} {v:.2f}" for o, v in values)
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
