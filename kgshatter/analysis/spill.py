@@ -26,6 +26,22 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
+def entity_keys(
+    model: TransformerBridge,
+    sampler: WalkSampler,
+    relation: int,
+    site: Site,
+    position: str = "relation",
+    n_prefixes: int = 5,
+    seed: int = 1,
+) -> Float[torch.Tensor, "entity d_key"]:
+    """The activation at ``site`` (an edited matrix's key) of the query ``x relation`` for
+    every entity x, read at ``position`` and averaged over ``n_prefixes`` random contexts (what
+    the sweep's ``spill`` reads for the edited relation)."""
+    tokens = entity_query_tokens(sampler, relation, n_prefixes, seed)
+    return collect_representations(model, tokens, [site], position)[site]
+
+
 def relation_keys(
     model: TransformerBridge,
     sampler: WalkSampler,
@@ -35,14 +51,11 @@ def relation_keys(
     seed: int = 1,
 ) -> Float[torch.Tensor, "relation entity d_mlp"]:
     """Block ``layer``'s MLP keys (``mlp_post``) of the query ``x r`` for every relation r and
-    entity x, read at ``position`` and averaged over ``n_prefixes`` random contexts (the
-    sweep's ``spill`` reads the edited relation's the same way)."""
+    entity x (:func:`entity_keys` of every relation)."""
     site = Site(layer, "mlp_post")
     return torch.stack(
         [
-            collect_representations(
-                model, entity_query_tokens(sampler, r, n_prefixes, seed), [site], position
-            )[site]
+            entity_keys(model, sampler, r, site, position, n_prefixes, seed)
             for r in range(sampler.graph.n_relations)
         ]
     )

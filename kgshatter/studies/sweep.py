@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 
 from kgshatter.analysis.geometry import one_blas_thread, structure_isomap, structure_neighbours
-from kgshatter.analysis.representations import collect_representations, entity_query_tokens
+from kgshatter.analysis.representations import collect_representations
 from kgshatter.analysis.shattering import distance_matrix, distance_shattering, fit_line
+from kgshatter.analysis.spill import entity_keys
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
@@ -538,10 +539,9 @@ class SweepContext:
         memo = (delta.layer, int(req["relation"]), pos)
         if memo not in self._entity_keys:
             key_site = edit_sites(edit.module, delta.layer)[0]
-            queries = entity_query_tokens(self.sampler, int(req["relation"]), 5, seed=1)
-            self._entity_keys[memo] = collect_representations(self.model, queries, [key_site], pos)[
-                key_site
-            ]
+            self._entity_keys[memo] = entity_keys(
+                self.model, self.sampler, int(req["relation"]), key_site, pos
+            )
         keys = self._entity_keys[memo]  # [entity, d_key]
         shift = (keys.double() @ delta.dense.double()).norm(dim=1)  # [entity]
         x = int(req["subject"])
