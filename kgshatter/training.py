@@ -351,11 +351,16 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_run(
-    out_dir: str | os.PathLike[str], device: str | torch.device | None = None
+    out_dir: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    step: int | None = None,
 ) -> tuple[RunConfig, KnowledgeGraph, TransformerBridge, dict[str, Any]]:
-    """``(run, graph, model, state)`` from a run directory's newest checkpoint.
+    """``(run, graph, model, state)`` from a run directory's newest checkpoint, or from the
+    one written at ``step`` (a learning curve's model: keep them with
+    ``train.keep_checkpoints``).
 
-    Refuses a directory whose graph does not match its run record or whose files are missing.
+    Refuses a directory whose graph does not match its run record or whose files are missing,
+    and a ``step`` with no checkpoint (naming the steps there are).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -378,6 +383,12 @@ def load_run(
     found = checkpoints(out_dir, warn=True)
     if not found:
         raise FileNotFoundError(f"{out_dir} has no checkpoint (no checkpoints/step_*/ folder)")
+    if step is not None:
+        at = [p for p in found if _step_of(p) == step]
+        if not at:
+            there = ", ".join(str(_step_of(p)) for p in found)
+            raise ValueError(f"{out_dir} has no checkpoint at step {step}; it has steps {there}")
+        found = at
     state = _read_state(found[-1])
     model = build_model(run.model, d_vocab=graph.n_entities + graph.n_relations, device=device)
     load_weights(model, found[-1] / "model.safetensors")

@@ -113,7 +113,12 @@ def test_sweep_writes_a_tidy_table_and_resumes_without_duplicates(tiny_run_dir, 
         site = result.summary.site  # auto: the clearest ring of the unedited model
         assert site in {"0.mlp_post", "0.resid_post", "1.mlp_post", "1.resid_post"}
         assert 0.0 <= float(r["R.I"]) and r["R.I"] == r[f"R.I@{site}"]
+        # where the edit's move lands, per order: somewhere, and nowhere more than the edit
+        spill = [float(r[f"spill.{o}"]) for o in ("I", "II", "III")]
+        assert all(0.0 <= v < 10 for v in spill) and max(spill) > 0
     summary = json.loads((out / "summary.json").read_text())
+    kinds = summary["methods"]["rome"]["by_kind"].values()
+    assert all({"spill.I", "spill.II", "spill.III"} <= set(k["mechanism"]) for k in kinds)
     assert set(summary["methods"]) == {"rome", "memit"}
     assert len(summary["methods"]["memit"]["sequential"]) == 2
     # resume: nothing recomputed, nothing duplicated

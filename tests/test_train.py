@@ -247,6 +247,22 @@ def test_checkpoints_by_time_do_not_change_the_run(tmp_path):
         train(run, tmp_path / "b", progress=False, checkpoint_seconds=0.0)
 
 
+def test_load_run_at_a_kept_step_is_that_steps_model(tmp_path):
+    """``load_run(step=S)`` gives the weights the run had at step S (a point of the learning
+    curve), the newest by default; a step with no checkpoint is refused naming the kept ones."""
+    run = short_run(40)  # checkpoints at 20 and 40, both kept
+    train(run, tmp_path / "r", progress=False)
+    _, _, at20, state = load_run(tmp_path / "r", step=20)
+    assert state["step"] == 20
+    assert_same_weights(
+        weights(at20), weights(train(run, None, progress=False, max_steps=20).model)
+    )
+    newest, at40 = load_run(tmp_path / "r")[2], load_run(tmp_path / "r", step=40)[2]
+    assert_same_weights(weights(newest), weights(at40))
+    with pytest.raises(ValueError, match="no checkpoint at step 30; it has steps 20, 40"):
+        load_run(tmp_path / "r", step=30)
+
+
 def test_crash_windows_resume_cleanly(tmp_path):
     """A kill right after the run record (no graph.json yet), temporaries of killed writers,
     a damaged newest checkpoint and a stray step_abc folder: resume goes on from the newest

@@ -1,6 +1,6 @@
 """Where a ROME edit at block 0 (relation token) lands, by order (issue 27: "why order III").
 
-    python docs/paper-scale/order_spill.py SWEEP_RUN_DIR > spill.json
+    python docs/paper-scale/order_spill.py SWEEP_RUN_DIR [STEP] > spill.json
 
 SWEEP_RUN_DIR is a sweep's copy of the paper run (``OUT/run`` of ``kgshatter reproduce``), whose
 ``cache/`` holds the second moment C of block 0's MLP keys (computed, about a minute, if not).
@@ -8,7 +8,8 @@ A rank-one edit with key k* changes the MLP output of a query with key k by
 (C^-1 k*) . k / (k* . C^-1 k*) times the edited query's change, so the mean |overlap| over
 every entity's queries of the relations of an order says how much of the edit reaches that
 order. Printed for the sweep's requests (16 per distance, request seeds 0-2, d = 1 and 4),
-with the cosine between the relations' mean keys.
+with the cosine between the relations' mean keys. STEP reads the checkpoint written at that
+step instead of the newest (a learning curve kept with ``train.keep_checkpoints``).
 """
 
 import json
@@ -26,14 +27,14 @@ from kgshatter.training import load_run
 
 torch.set_num_threads(1)
 run_dir = Path(sys.argv[1])
-run, graph, model, _ = load_run(run_dir)
+run, graph, model, state = load_run(run_dir, step=int(sys.argv[2]) if len(sys.argv) > 2 else None)
 sampler = WalkSampler(graph, run.walks)
 # C from 10^5 validation walks, as the sweep's ROME used it (read from the cache when there)
 stats = synthetic_stats(model, sampler, 0, 100_000, CovarianceCache(run_dir / "cache"))
 V, lam = stats.eigenvectors.double(), stats.eigenvalues.double()
 C_inv = V @ torch.diag(1 / (lam + 1e-6 * lam.max())) @ V.T
 keys = relation_keys(model, sampler, 0)  # [relation, entity, d_mlp] at the relation token
-out: dict = {"overlap": {}, "mean_key_cosine_with_order_I": {}}
+out: dict = {"step": state["step"], "overlap": {}, "mean_key_cosine_with_order_I": {}}
 for seed in (0, 1, 2):
     for d in (1, 4):
         reqs = sample_requests(graph, "counterfactual", 16, seed * 1000 + d, distance=d)

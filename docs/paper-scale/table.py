@@ -26,7 +26,9 @@ for path in sys.argv[1:]:
                 f"{label:>10}  n {k['n']:>2}  efficacy {fmt(100 * k['efficacy'], 0)}%  "
                 f"direct all {fmt(acc['all'])}  I / II / III {fmt(acc['I'])} / {fmt(acc['II'])} / "
                 f"{fmt(acc['III'])}  R x100 I / II / III {fmt(r['I'])} / {fmt(r['II'])} / "
-                f"{fmt(r['III'])}  shift {fmt(k['mechanism'].get('shift.edited'), 3)}  "
+                f"{fmt(r['III'])}  shift {fmt(k['mechanism'].get('shift.edited'), 3)}  spill "
+                + " / ".join(fmt(k["mechanism"].get(f"spill.{o}"), 3) for o in ("I", "II", "III"))
+                + "  "
                 f"isomap I {fmt(k['isomap']['I'], 2)}"
             )
     # R per order at every site, and the r^2 of the direct drop on R there, from table.csv

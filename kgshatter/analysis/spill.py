@@ -12,6 +12,7 @@ damage spread to every order, 0.17 / 0.02 / 0.02 where it stayed in order I).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,10 +50,11 @@ def relation_keys(
     position: str = "relation",
     n_prefixes: int = 5,
     seed: int = 1,
+    site: Site | None = None,
 ) -> Float[torch.Tensor, "relation entity d_mlp"]:
-    """Block ``layer``'s MLP keys (``mlp_post``) of the query ``x r`` for every relation r and
-    entity x (:func:`entity_keys` of every relation)."""
-    site = Site(layer, "mlp_post")
+    """Block ``layer``'s MLP keys (``mlp_post``, or the key ``site`` named) of the query
+    ``x r`` for every relation r and entity x (:func:`entity_keys` of every relation)."""
+    site = site or Site(layer, "mlp_post")
     return torch.stack(
         [
             entity_keys(model, sampler, r, site, position, n_prefixes, seed)
@@ -74,16 +76,38 @@ def order_overlap(
     1 is a query the edit moves as much as the edited one; 0 one it leaves alone. ``c_inv`` is
     the inverse of the keys' second moment (the identity gives the plain key overlap).
     """
-    if keys.shape[:2] != (graph.n_relations, graph.n_entities):
-        raise ValueError(
-            f"keys must be [relation, entity, d] = [{graph.n_relations}, {graph.n_entities}, d] "
-            f"for this graph, got {list(keys.shape)}"
-        )
+    _check_keys(keys, graph)
     k = keys.double()
     u = c_inv.double() @ k[relation, subject]
     moves = (k @ u).abs().mean(1) / float(k[relation, subject] @ u)  # [relation]
     orders = torch.tensor([graph.relation(r).order for r in range(graph.n_relations)])
     return {graph.order_name(o): float(moves[orders == o].mean()) for o in range(graph.n_orders)}
+
+
+def order_moves(
+    keys: Float[torch.Tensor, "relation entity d_key"],
+    graph: KnowledgeGraph,
+    subject: int,
+    relation: int,
+    delta: Float[torch.Tensor, "d_key d_out"],
+) -> dict[str, float]:
+    """Per order: how far an edit that adds ``delta`` to a matrix read by these keys moves the
+    output of every other query of that order's relations, as a mean fraction of the edited
+    query's move (``||k . delta|| / ||k* . delta||``; the edited query itself left out).
+
+    The measured counterpart of :func:`order_overlap`, for any delta (MEMIT's layer, PMET,
+    fine-tuning); for a rank-one ROME delta ``u v^T`` with ``u = C^-1 k* / (k* . C^-1 k*)`` the
+    two agree but for the edited query. The sweep records it per edit as ``spill.ORDER``.
+    """
+    _check_keys(keys, graph)
+    moves = (keys.double() @ delta.double()).norm(dim=-1)  # [relation, entity]
+    edited = float(moves[relation, subject])
+    if edited == 0:
+        return {graph.order_name(o): math.nan for o in range(graph.n_orders)}
+    moves = moves / edited
+    moves[relation, subject] = math.nan
+    orders = torch.tensor([graph.relation(r).order for r in range(graph.n_relations)])
+    return {graph.order_name(o): float(moves[orders == o].nanmean()) for o in range(graph.n_orders)}
 
 
 def mean_key_cosine(
@@ -107,3 +131,11 @@ def mean_key_cosine(
         ]
         result[graph.order_name(o)] = sum(cos) / len(cos) if cos else float("nan")
     return result
+
+
+def _check_keys(keys: torch.Tensor, graph: KnowledgeGraph) -> None:
+    if keys.shape[:2] != (graph.n_relations, graph.n_entities):
+        raise ValueError(
+            f"keys must be [relation, entity, d] = [{graph.n_relations}, {graph.n_entities}, d] "
+            f"for this graph, got {list(keys.shape)}"
+        )

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 from kgshatter.cli.common import (
     _checkpoint_option,
     _checkpoint_seconds,
+    _natural,
     _positive,
     _runtime_options,
     format_accuracy,
@@ -48,12 +49,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgshatter.sites import Site
     from kgshatter.training import load_run
 
-    out = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
+    name = "evaluation.json" if args.step is None else f"evaluation_step_{args.step}.json"
+    out = Path(args.json) if args.json else Path(args.run_dir) / name
     if Path(args.run_dir).is_dir():  # a missing run is named by load_run
         check_output_file(out, "--json")
     if args.figure:
         check_output_file(args.figure, "--figure")
-    run, graph, model, state = load_run(args.run_dir, device=args.device)
+    run, graph, model, state = load_run(args.run_dir, device=args.device, step=args.step)
     if args.site:  # fail before the long computation, not after it
         Site.parse(args.site).check(model.cfg.n_layers)
     eval_cfg = run.eval
@@ -157,9 +159,18 @@ def add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
         help="accuracy per task and order, and ring metrics",
-        description="Evaluate a run directory's newest checkpoint on every query.",
+        description="Evaluate a run directory's newest checkpoint (or the one at --step) on "
+        "every query.",
     )
     p.add_argument("run_dir", help="a run directory written by 'kgshatter train'")
+    p.add_argument(
+        "--step",
+        type=_natural,
+        default=None,
+        help="evaluate the checkpoint written at this step, a point of the learning curve "
+        "(default: the newest; train with --set train.keep_checkpoints=N to keep more; "
+        "results go to RUN_DIR/evaluation_step_STEP.json)",
+    )
     p.add_argument(
         "--prefixes",
         type=_positive,

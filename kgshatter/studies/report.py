@@ -218,6 +218,10 @@ TABLE_COLUMNS = [
     ("shift.edited, shift.others, spill, delta_norm",
      "how far the edit moves the edited entity's MLP output, the mean move of the others, "
      "their ratio, and the norm of the optimised target delta"),
+    ("spill.ORDER",
+     "the mean move of every query of that order's relations (the edited one left out) as a "
+     "fraction of the edited query's, at the first edited layer: where the edit lands, "
+     "before any accuracy is scored (kgshatter.analysis.spill.order_moves)"),
 ]  # fmt: skip
 
 
@@ -348,21 +352,24 @@ def _rome_lines(s: SweepSummary) -> list[str]:
 
 def _methods_lines(s: SweepSummary) -> list[str]:
     """Every method's single edits per kind, and the end of each sequence."""
+    orders = s.baseline.orders if s.baseline is not None else []
     lines = ["", "## Every method (single-edit protocol)", "",
              "| method | edit | n | efficacy | accuracy change | R x100 | neighbours after |"
-             " r^2 (drop on R) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f" spill {' / '.join(orders)} | r^2 (drop on R) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, v in s.methods.items():
         for k in v.kinds():
             b = v.by_kind[k]
             nb = statistics.fmean(x for x in b.neighbours.values() if x is not None)
+            spill = " / ".join(fmt(b.mechanism.get(f"spill.{o}"), 3) for o in orders)
             lines.append(
                 f"| {m} | {k} | {b.n} | {fmt(_percent(b.efficacy), 0)}% | "
-                f"{b.mean_change:.1f} | {fmt(b.R_x100['mean'], 2)} | {nb:.2f} | "
+                f"{b.mean_change:.1f} | {fmt(b.R_x100['mean'], 2)} | {nb:.2f} | {spill} | "
                 f"{fmt(v.fit_drop_on_R.r2, 2)} |"
             )
         if v.skipped:
             lines.append(f"| {m} | skipped | {v.skipped} | (the model already gave the "
-                         "requested answer) | | | | |")  # fmt: skip
+                         "requested answer) | | | | | |")  # fmt: skip
     if any(v.sequential for v in s.methods.values()):
         lines += ["", "## Sequential editing (each edit on top of the earlier ones)", "",
                   "| method | edits | efficacy of the last | earlier edits retained | "

@@ -31,7 +31,7 @@ import torch
 from kgshatter.analysis.geometry import one_blas_thread, structure_isomap, structure_neighbours
 from kgshatter.analysis.representations import collect_representations
 from kgshatter.analysis.shattering import distance_matrix, distance_shattering, fit_line
-from kgshatter.analysis.spill import entity_keys
+from kgshatter.analysis.spill import order_moves, relation_keys
 from kgshatter.evaluate import RING_COMPONENTS, Evaluator
 from kgshatter.io import write_atomic, write_json_atomic
 from kgshatter.kg.walks import SPLITS, WalkSampler
@@ -499,7 +499,7 @@ class SweepContext:
             }
             for o, name in enumerate(self.orders)
         }
-        self._entity_keys: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._relation_keys: dict[tuple[Site, str], torch.Tensor] = {}
 
     def representations(self, m: Any) -> dict[int, dict[Site, torch.Tensor]]:
         with frozen_running(self.frozen, m):
@@ -532,25 +532,28 @@ class SweepContext:
 
     def measure_edit(self, edit: Any) -> dict[str, float]:
         """What the compression hypothesis predicts (docs/fidelity.md): how far the
-        edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||)
-        and how much of that lands on every other entity whose key overlaps (``spill``)."""
+        edit moves the edited entity's MLP output (``shift.edited``; for ROME ||v* - W k*||),
+        how much of that lands on every other entity whose key overlaps (``spill``), and on
+        every query of each order's relations (``spill.ORDER``, :func:`order_moves`)."""
         delta, req = edit.deltas[0], edit.requests[0]
         pos = representation_position(edit.config.get("position"))
-        memo = (delta.layer, int(req["relation"]), pos)
-        if memo not in self._entity_keys:
-            key_site = edit_sites(edit.module, delta.layer)[0]
-            self._entity_keys[memo] = entity_keys(
-                self.model, self.sampler, int(req["relation"]), key_site, pos
+        key_site = edit_sites(edit.module, delta.layer)[0]
+        memo = (key_site, pos)
+        if memo not in self._relation_keys:
+            self._relation_keys[memo] = relation_keys(
+                self.model, self.sampler, delta.layer, pos, site=key_site
             )
-        keys = self._entity_keys[memo]  # [entity, d_key]
-        shift = (keys.double() @ delta.dense.double()).norm(dim=1)  # [entity]
-        x = int(req["subject"])
+        x, r = int(req["subject"]), int(req["relation"])
+        keys = self._relation_keys[memo]  # [relation, entity, d_key]
+        shift = (keys[r].double() @ delta.dense.double()).norm(dim=1)  # [entity]
         others = torch.cat([shift[:x], shift[x + 1 :]])
         edited_shift = float(shift[x])
+        by_order = order_moves(keys, self.graph, x, r, delta.dense)
         return {
             "shift.edited": edited_shift,
             "shift.others": float(others.mean()),
             "spill": float(others.mean()) / edited_shift if edited_shift > 0 else math.nan,
+            **{f"spill.{o}": v for o, v in by_order.items()},
             "delta_norm": float(edit.info.get("delta_norm", math.nan)),
         }
 
@@ -831,6 +834,11 @@ def summarise(rows: list[TableRow], orders: list[str], config: SweepConfig) -> S
     return SweepSummary(n_rows=len(rows), n_scored=len(scored), methods=methods)
 
 
+def _mechanism_columns(orders: list[str]) -> list[str]:
+    """The columns :meth:`SweepContext.measure_edit` writes."""
+    return ["shift.edited", "shift.others", "spill", *(f"spill.{o}" for o in orders), "delta_norm"]
+
+
 def _kind_summary(rs: list[TableRow], orders: list[str]) -> KindSummary:
     """Means over one group of single edits' rows."""
     kind = _text(rs[0], "kind")
@@ -846,8 +854,5 @@ def _kind_summary(rs: list[TableRow], orders: list[str]) -> KindSummary:
         R_x100={o: _mean([100 * _num(r, f"R.{o}") for r in rs]) for o in [*orders, "mean"]},
         neighbours={o: _mean([_num(r, f"neighbours.{o}") for r in rs]) for o in orders},
         isomap={o: _mean([_num(r, f"isomap.{o}") for r in rs]) for o in orders},
-        mechanism={
-            k: _mean([_num(r, k) for r in rs])
-            for k in ("shift.edited", "shift.others", "spill", "delta_norm")
-        },
+        mechanism={k: _mean([_num(r, k) for r in rs]) for k in _mechanism_columns(orders)},
     )
