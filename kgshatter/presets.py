@@ -203,8 +203,10 @@ PRESETS: dict[str, RunConfig] = {
 # width (d_model 24, 12 heads of 2, d_mlp 96), trained with the cpu recipe on the paper's 150k
 # steps: direct / logical / compositional 100.0 / 99.6 / 98.8% (the paper, order I: 98.3 /
 # 98.2 / 88.2). Too narrow to give each of its 49,152 facts a key of its own, it answers from
-# the rings, and MEMIT edits damage every order more with distance. Trained once (about 3 h
-# on one CPU thread) and shipped (kgshatter/studies/runs/paper).
+# the rings, and ROME and MEMIT edits damage every order more with distance. Trained once
+# (about 3 h on one CPU thread) and shipped (kgshatter/studies/runs/paper). That every order
+# shatters is this training seed's: seeds 1 and 2 keep the orders apart in block 0's keys and
+# their edits stay in the edited order (docs/paper-scale/README.md, "Which training seeds").
 PRESETS["paper"] = PRESETS["cpu"].replace(
     name="paper",
     kg=dataclasses.replace(PRESETS["cpu"].kg, n_entities=2048),
