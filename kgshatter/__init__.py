@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "load_run": "kgshatter.training",
     "train": "kgshatter.training",
     "Evaluator": "kgshatter.evaluate",
+    "mean_ablation": "kgshatter.evaluate",
     "Site": "kgshatter.sites",
     # editing
     "CovarianceCache": "kgshatter.editing",

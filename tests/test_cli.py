@@ -74,7 +74,20 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "model has layers 0..1" in capsys.readouterr().err
     assert not (out / "s.png").exists()
     # a point of the learning curve: its own file; a step never saved is one line
-    assert main(["evaluate", str(out), "--step", "30", "--no-rings", "--max-queries", "20"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--step",
+                "30",
+                "--no-rings",
+                "--max-queries",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "evaluation_step_30.json").read_text())["step"] == 30
     assert main(["evaluate", str(out), "--step", "7", "--no-rings"]) == 2
     assert "no checkpoint at step 7; it has steps 30" in capsys.readouterr().err
