@@ -115,6 +115,13 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert main(["train", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
     (line,) = capsys.readouterr().err.splitlines()  # argparse's errors are one line too
     assert "invalid choice: 'huge'" in line and "--help" in line
+    # the edited order: a name, and one the graph has (refused before any training)
+    repro = ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "p"), "--edit-order"]
+    assert main([*repro, "IV"]) == 2
+    assert "edit_order must be in 0..2 (the graph's 3 orders), got 3" in capsys.readouterr().err
+    assert main([*repro, "second"]) == 2
+    assert "expected an order's name (I, II, III, ...), got 'second'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_overrides():

@@ -155,6 +155,29 @@ def test_sweep_refuses_bad_input_before_work(tiny_run_dir, tmp_path):
     assert "methods" not in str(e.value) and "{" not in str(e.value)  # names the field only
 
 
+def test_a_sweep_edits_the_order_asked_and_lists_it_first(tiny_run_dir, tmp_path):
+    """``edit_order=1`` edits order II's facts only, and the summary (hence the targets and
+    the figures) treats order II as the edited order; the default pins nothing new, so a
+    sweep folder written before the field existed still resumes."""
+    from kgshatter.kg.graph import KnowledgeGraph
+
+    graph = KnowledgeGraph.load(tiny_run_dir / "graph.json")
+    config = SweepConfig.from_dict({**SMALL.to_dict(), "edit_order": 1, "sequential_edits": 0})
+    result = run_sweep(tiny_run_dir, tmp_path / "ii", config, progress=False)
+    edited = [r for r in result.rows if r.get("relation") is not None]
+    assert edited and {graph.relation(int(r["relation"])).order for r in edited} == {1}
+    for m in result.summary.methods.values():
+        assert all(k.orders[0] == "II" for k in m.by_kind.values())
+    pinned = json.loads((tmp_path / "ii" / "sweep.json").read_text())["sweep"]
+    assert pinned["edit_order"] == 1
+    with pytest.raises(ValueError, match=r"edit_order \(1 there, None now\)"):
+        run_sweep(tiny_run_dir, tmp_path / "ii", SMALL, progress=False)
+    run_sweep(tiny_run_dir, tmp_path / "i", SMALL, progress=False)
+    assert "edit_order" not in json.loads((tmp_path / "i" / "sweep.json").read_text())["sweep"]
+    with pytest.raises(ValueError, match=r"edit_order must be in 0..2 \(the graph's 3 orders\)"):
+        run_sweep(tiny_run_dir, tmp_path / "iv", SweepConfig(edit_order=3), progress=False)
+
+
 def test_reproduce_smoke_on_tiny(tmp_path, capsys):
     out = tmp_path / "repro"
     args = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", "--n", "1",

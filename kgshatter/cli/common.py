@@ -60,6 +60,19 @@ def _whole(minimum: int) -> Any:
 _positive, _natural = _whole(1), _whole(0)
 
 
+def _order_name(text: str) -> int:
+    """An argparse type: an order's name (I, II, III, ...) as its index."""
+    names = {roman(i + 1): i for i in range(32)}
+    if text.strip().upper() not in names:
+        raise argparse.ArgumentTypeError(
+            f"expected an order's name (I, II, III, ...), got {text!r}"
+        )
+    return names[text.strip().upper()]
+
+
+_order_name.__name__ = "order name"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``kgshatter train: error: ... (kgshatter train --help)``."""
 

@@ -22,6 +22,7 @@ from kgshatter.cli.common import (
     _device_map,
     _distances,
     _natural,
+    _order_name,
     _positive,
     _quiet_hugging_face,
     _runtime_options,
@@ -60,6 +61,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         fields["editor_preset"] = args.editor_preset
     if args.position is not None:
         fields["position"] = args.position
+    if args.edit_order is not None:
+        fields["edit_order"] = args.edit_order
     sweep = SweepConfig.from_dict({**SweepConfig().to_dict(), **fields})
     check_output_dir(args.out)
     set_threads(args.threads)
@@ -252,6 +255,12 @@ def add_reproduce(sub: Any) -> None:
         choices=POSITIONS,
         help="token whose state represents the entity (default: the model preset's; relation "
         "for cpu, entity for cpu-subject and compressed)",
+    )
+    p.add_argument(
+        "--edit-order",
+        type=_order_name,
+        default=None,
+        help="the order whose facts are edited: I (default, the paper's), II, III, ...",
     )
     p.add_argument(
         "--from-scratch",

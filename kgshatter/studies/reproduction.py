@@ -58,7 +58,7 @@ def reproduce(
 
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
-    check_distances(sweep.distances, run.kg)  # fail before training, not after
+    check_distances(sweep.distances, run.kg, sweep.edit_order)  # fail before training
     sweep.representation_site(run.model.n_layers)
     check_edit_layers(sweep, run.model.n_layers)
     if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():

@@ -1,11 +1,12 @@
 """The paper's editing experiments as one resumable sweep (arXiv 2410.17194).
 
 For every method x edit kind (corrective; counterfactual at each distance d) x seed, ``n_edits``
-requests are sampled from order I and each is edited into the pristine model (single-edit
-protocol); as a second protocol, each method edits a sequence of counterfactual requests one
-after another, with metrics after every step. Every scoring point records efficacy, the change
-in accuracy per task and order, R(D*) per order at every ring site, and whether each order's
-ring survived (neighbour agreement, Isomap alignment) at the representation site.
+requests are sampled from order I (or the ``edit_order`` chosen) and each is edited into the
+pristine model (single-edit protocol); as a second protocol, each method edits a sequence of
+counterfactual requests one after another, with metrics after every step. Every scoring point
+records efficacy, the change in accuracy per task and order, R(D*) per order at every ring
+site, and whether each order's ring survived (neighbour agreement, Isomap alignment) at the
+representation site.
 
 Rows are appended to ``rows.jsonl`` as they finish (fsynced), so an interrupted sweep resumes
 where it stopped without recomputing or duplicating rows; ``table.csv`` and ``summary.json``
@@ -79,6 +80,10 @@ class SweepConfig(ConfigDict):
     ``position``: the token of the query ``x o_C1`` whose hidden state represents entity x:
     ``"relation"`` (default, our choice) or ``"entity"`` (x's own token, where a model that
     processes the subject at its position, like ``cpu-subject``, keeps its rings).
+
+    ``edit_order``: the order whose facts are edited (0: order I, the paper's). The orders are
+    symmetric in the graph but not in a trained model, which may share one pair's keys and
+    keep another's apart (docs/paper-scale/README.md); summaries list the edited order first.
     """
 
     methods: tuple[str, ...] = ("rome", "memit", "alphaedit", "pmet", "ft")
@@ -93,6 +98,7 @@ class SweepConfig(ConfigDict):
     efficacy_prompts: int = 10
     editor_preset: str = "synthetic"
     position: str = "relation"
+    edit_order: int = 0
 
     def __post_init__(self) -> None:
         from kgshatter.editing import get_method
@@ -114,6 +120,7 @@ class SweepConfig(ConfigDict):
         check_int("n_samples", self.n_samples, 1)
         check_int("efficacy_prompts", self.efficacy_prompts, 1)
         check_choice("position", self.position, ("relation", "entity"))
+        check_int("edit_order", self.edit_order, 0)
 
     def representation_site(self, n_layers: int) -> Site | None:
         """The configured site (checked against the model), or ``None`` for ``"auto"``."""
@@ -138,6 +145,7 @@ class SweepFields(TypedDict, total=False):
     efficacy_prompts: int
     editor_preset: str
     position: str
+    edit_order: int
 
 
 # the editor preset and representation position each model preset is edited with by default:
@@ -207,16 +215,31 @@ def default_edit_batch(model: TransformerBridge) -> int:
     return 12 if model.cfg.d_model <= 64 else 1
 
 
-def check_distances(distances: tuple[int, ...], kg: Any) -> None:
-    """Counterfactual distances must fit the edited order (I) of the graph configured by ``kg``
-    (a :class:`~kgshatter.kg.KGConfig`): 1 .. N // 2 on a ring, 1 .. w // 2 + h // 2 on a
-    torus, 1 .. w + h - 2 on a grid, on a tree 1 .. the farthest a site lies from an inner one
-    (an edit moves a parent)."""
-    top = kg.max_edit_distance(0)
+# fields added after SWEEP_FORMAT 1 with their defaults: pinned only when set otherwise, so a
+# sweep folder written before they existed resumes
+_LATER_FIELDS = {"edit_order": 0}
+
+
+def _pinned(config: SweepConfig) -> dict[str, Any]:
+    """The settings ``sweep.json`` pins (:data:`_LATER_FIELDS` left out at their defaults)."""
+    return {k: v for k, v in config.to_dict().items() if _LATER_FIELDS.get(k, object()) != v}
+
+
+def check_distances(distances: tuple[int, ...], kg: Any, order: int = 0) -> None:
+    """The edited ``order`` must exist and counterfactual distances fit it, in the graph
+    configured by ``kg`` (a :class:`~kgshatter.kg.KGConfig`): 1 .. N // 2 on a ring,
+    1 .. w // 2 + h // 2 on a torus, 1 .. w + h - 2 on a grid, on a tree 1 .. the farthest a
+    site lies from an inner one (an edit moves a parent)."""
+    if not 0 <= order < kg.n_orders:
+        raise ValueError(
+            f"edit_order must be in 0..{kg.n_orders - 1} (the graph's {kg.n_orders} orders), "
+            f"got {order}"
+        )
+    top = kg.max_edit_distance(order)
     bad = [d for d in distances if d > top]
     if bad:
         where = {"ring": "ring", "tree": f"{kg.branching}-ary tree"}.get(
-            kg.shape(0), f"{kg.width}x{kg.height} {kg.shape(0)}"
+            kg.shape(order), f"{kg.width}x{kg.height} {kg.shape(order)}"
         )
         raise ValueError(f"distances {bad} lie outside the {where}: d must be in 1..{top}")
 
@@ -321,7 +344,7 @@ def run_sweep(
         graph_fingerprint=ctx.graph.fingerprint,
         model_id=ctx.model_id,
         step=ctx.state.get("step"),
-        sweep=config.to_dict(),
+        sweep=_pinned(config),
     )
     check_or_write_header(
         out, "sweep.json", header.to_dict(), ("format", "graph_fingerprint", "model_id", "sweep"),
@@ -354,7 +377,7 @@ def run_sweep(
     order = {k: i for i, k in enumerate(k for job in jobs for k in job.keys)}
     rows.sort(key=lambda r: order.get(_row_key(r), len(order)))  # job order, however run
     write_table(rows, out / "table.csv")
-    summary = summarise(rows, ctx.orders, config)
+    summary = summarise(rows, ctx.edited_first, config)
     summary.baseline = Baseline(ctx.scorer.baseline, ctx.baseline_rings)
     summary.site = str(ctx.site)
     summary.position = config.position
@@ -448,7 +471,7 @@ class SweepContext:
         self.edit_batch = edit_batch or default_edit_batch(model)
         n_layers = model.cfg.n_layers
         chosen = config.representation_site(n_layers)
-        check_distances(config.distances, graph.config)
+        check_distances(config.distances, graph.config, config.edit_order)
         check_edit_layers(config, n_layers)
         methods = [get_method(m) for m in config.methods]
         self.model_id = model_identity(model)
@@ -468,6 +491,8 @@ class SweepContext:
             sites.append(chosen)
         self.sites = sites
         self.orders = [graph.order_name(o) for o in range(graph.n_orders)]
+        edited = self.orders[config.edit_order]
+        self.edited_first = [edited] + [o for o in self.orders if o != edited]
         self.tokens = {o: evaluator.ring_tokens(o) for o in range(graph.n_orders)}
         log.info(
             "measuring the unedited model: accuracy and representations at %d sites", len(sites)
@@ -654,12 +679,14 @@ def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[SweepJob]:
                 for d in distances:
                     if kind == "counterfactual":
                         reqs = sample_requests(
-                            graph, kind, config.n_edits, seed * 1000 + d, distance=d
-                        )
+                            graph, kind, config.n_edits, seed * 1000 + d, distance=d,
+                            order=config.edit_order,
+                        )  # fmt: skip
                     else:
                         reqs = sample_requests(
-                            graph, kind, config.n_edits, seed, model=model, sampler=sampler
-                        )
+                            graph, kind, config.n_edits, seed, model=model, sampler=sampler,
+                            order=config.edit_order,
+                        )  # fmt: skip
                     yield SweepJob(method, "single", kind, d, seed, tuple(reqs))
             if config.sequential_edits:
                 # a sequence cycling through the distances (choice), one per method and seed
@@ -667,7 +694,12 @@ def _jobs(config, graph, model, sampler, sample_requests) -> Iterator[SweepJob]:
                 per = math.ceil(config.sequential_edits / len(config.distances))
                 pools = {
                     d: sample_requests(
-                        graph, "counterfactual", per, seed * 1000 + 500 + d, distance=d
+                        graph,
+                        "counterfactual",
+                        per,
+                        seed * 1000 + 500 + d,
+                        distance=d,
+                        order=config.edit_order,
                     )  # fmt: skip
                     for d in config.distances
                 }
