@@ -8,8 +8,11 @@ A rank-one edit with key k* changes the MLP output of a query with key k by
 (C^-1 k*) . k / (k* . C^-1 k*) times the edited query's change, so the mean |overlap| over
 every entity's queries of the relations of an order says how much of the edit reaches that
 order. Printed for the sweep's requests (16 per distance, request seeds 0-2, d = 1 and 4),
-with the cosine between the relations' mean keys. STEP reads the checkpoint written at that
-step instead of the newest (a learning curve kept with ``train.keep_checkpoints``).
+with the cosine between the relations' mean keys; then the same for requests from every order
+in turn (``overlap_by_edited_order``: edited order -> overlap per order; ``mean_key_cosine``:
+order -> cosine with each order), which says which pairs of orders share block 0's keys.
+STEP reads the checkpoint written at that step instead of the newest (a learning curve kept
+with ``train.keep_checkpoints``).
 """
 
 import json
@@ -44,4 +47,20 @@ for seed in (0, 1, 2):
         }
 cosine = mean_key_cosine(keys, graph, 0)
 out["mean_key_cosine_with_order_I"] = {o: round(v, 3) for o, v in cosine.items()}
+# every order edited in turn (the same request seeds and distances): which orders share keys
+out["overlap_by_edited_order"], out["mean_key_cosine"] = {}, {}
+for o in range(graph.n_orders):
+    per = [
+        order_overlap(keys, graph, q.subject, q.relation, C_inv)
+        for seed in (0, 1, 2)
+        for d in (1, 4)
+        for q in sample_requests(graph, "counterfactual", 16, seed * 1000 + d, distance=d, order=o)
+    ]
+    name = graph.order_name(o)
+    out["overlap_by_edited_order"][name] = {
+        k: round(sum(p[k] for p in per) / len(per), 4) for k in per[0]
+    }
+    out["mean_key_cosine"][name] = {
+        k: round(v, 3) for k, v in mean_key_cosine(keys, graph, o).items()
+    }
 print(json.dumps(out, indent=1))
