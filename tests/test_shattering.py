@@ -168,6 +168,10 @@ def test_a_sweep_edits_the_order_asked_and_lists_it_first(tiny_run_dir, tmp_path
     assert edited and {graph.relation(int(r["relation"])).order for r in edited} == {1}
     for m in result.summary.methods.values():
         assert all(k.orders[0] == "II" for k in m.by_kind.values())
+    from kgshatter.studies.targets import fidelity_checks
+
+    (spread,) = [c for c in fidelity_checks(result.summary) if "other orders" in c.claim]
+    assert "as order II" in spread.claim and "paper (its order I edited) I " in spread.evidence
     pinned = json.loads((tmp_path / "ii" / "sweep.json").read_text())["sweep"]
     assert pinned["edit_order"] == 1
     with pytest.raises(ValueError, match=r"edit_order \(1 there, None now\)"):

@@ -233,7 +233,7 @@ class SweepSummary:
 @dataclass(frozen=True)
 class Check:
     """One fidelity target: what is claimed, whether it holds (``None``: not measurable), the
-    numbers (:func:`kgshatter.studies.fidelity.fidelity_checks`)."""
+    numbers (:func:`kgshatter.studies.targets.fidelity_checks`)."""
 
     claim: str
     holds: bool | None

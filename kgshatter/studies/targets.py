@@ -15,6 +15,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from kgshatter.kg.graph import roman
 from kgshatter.studies.results import Baseline, Check, KindSummary, SweepSummary, or_nan
 
 # ROME on the paper's synthetic model, change in accuracy in points (direct, logical, comp.)
@@ -183,11 +184,13 @@ def _paper_r(near: int, far: int) -> str:
 
 
 def _paper_r_orders(d: int, orders: Sequence[str]) -> str:
-    """The paper's R x100 per order at distance ``d``, where it reports it."""
+    """The paper's R x100 per order at distance ``d``, where it reports it (the paper edits
+    its order I; ``orders`` lists ours edited first)."""
     if d not in PAPER_R_X100:
         return ""
-    values = zip(orders, PAPER_R_X100[d], strict=False)
-    return "; paper " + ", ".join(f"{o} {v:.2f}" for o, v in values)
+    paper_names = [roman(i + 1) for i in range(len(orders))]
+    values = ", ".join(f"{o} {v:.2f}" for o, v in zip(paper_names, PAPER_R_X100[d], strict=False))
+    return "; paper " + (values if orders[0] == "I" else f"(its order I edited) {values}")
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
