@@ -204,9 +204,10 @@ PRESETS: dict[str, RunConfig] = {
 # steps: direct / logical / compositional 100.0 / 99.6 / 98.8% (the paper, order I: 98.3 /
 # 98.2 / 88.2). Too narrow to give each of its 49,152 facts a key of its own, it answers from
 # the rings, and ROME and MEMIT edits damage every order more with distance. Trained once
-# (about 3 h on one CPU thread) and shipped (kgshatter/studies/runs/paper). That every order
-# shatters is this training seed's: seeds 1 and 2 keep the orders apart in block 0's keys and
-# their edits stay in the edited order (docs/paper-scale/README.md, "Which training seeds").
+# (about 3 h on one CPU thread) and shipped (kgshatter/studies/runs/paper). Which orders an
+# edit shatters is this training seed's: an edit reaches the orders that share the edited
+# order's block-0 keys (here I and II, III in part); seeds 1 and 2 edited the same way shatter
+# order I only (docs/paper-scale/README.md, "Which training seeds shatter every order").
 PRESETS["paper"] = PRESETS["cpu"].replace(
     name="paper",
     kg=dataclasses.replace(PRESETS["cpu"].kg, n_entities=2048),
