@@ -152,3 +152,20 @@ def test_relation_keys_are_the_sweeps_keys(trained_tiny, tiny_sampler):
         trained_tiny.model, entity_query_tokens(tiny_sampler, 2, 5, seed=1), [site]
     )[site]
     assert torch.equal(keys[2], one)
+
+
+def test_isomap_embeddings_are_the_same_bytes_every_call():
+    """Above 200 points scikit-learn's Isomap starts ARPACK from numpy's global random state:
+    the embedding must not depend on it, and the caller's random stream must not move."""
+    import numpy as np
+    import torch
+
+    from kgshatter.analysis.geometry import embed_2d
+
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    first = embed_2d(x)
+    np.random.seed(123)  # noqa: NPY002 (the legacy global state scikit-learn reads)
+    before = np.random.get_state()[1].copy()  # noqa: NPY002
+    second = embed_2d(x)
+    assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
+    assert first.tobytes() == second.tobytes()
