@@ -83,8 +83,7 @@ def order_overlap(
     k = keys.double()
     u = c_inv.double() @ k[relation, subject]
     moves = (k @ u).abs().mean(1) / float(k[relation, subject] @ u)  # [relation]
-    orders = torch.tensor([graph.relation(r).order for r in range(graph.n_relations)])
-    return {graph.order_name(o): float(moves[orders == o].mean()) for o in range(graph.n_orders)}
+    return _mean_by_order(moves, graph)
 
 
 def order_moves(
@@ -109,8 +108,7 @@ def order_moves(
         return {graph.order_name(o): math.nan for o in range(graph.n_orders)}
     moves = moves / edited
     moves[relation, subject] = math.nan
-    orders = torch.tensor([graph.relation(r).order for r in range(graph.n_relations)])
-    return {graph.order_name(o): float(moves[orders == o].nanmean()) for o in range(graph.n_orders)}
+    return _mean_by_order(moves, graph)
 
 
 def mean_key_cosine(
@@ -142,3 +140,11 @@ def _check_keys(keys: torch.Tensor, graph: KnowledgeGraph) -> None:
             f"keys must be [relation, entity, d] = [{graph.n_relations}, {graph.n_entities}, d] "
             f"for this graph, got {list(keys.shape)}"
         )
+
+
+def _mean_by_order(values: torch.Tensor, graph: KnowledgeGraph) -> dict[str, float]:
+    """Per order: the mean of ``values`` (indexed by relation first) over that order's
+    relations, NaNs left out."""
+    orders = torch.tensor([graph.relation(r).order for r in range(graph.n_relations)])
+    names = [graph.order_name(o) for o in range(graph.n_orders)]
+    return {name: float(values[orders == o].nanmean()) for o, name in enumerate(names)}

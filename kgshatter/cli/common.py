@@ -62,12 +62,12 @@ _positive, _natural = _whole(1), _whole(0)
 
 def _order_name(text: str) -> int:
     """An argparse type: an order's name (I, II, III, ...) as its index."""
-    names = {roman(i + 1): i for i in range(32)}
-    if text.strip().upper() not in names:
+    name = text.strip().upper()
+    if name not in ROMAN_ORDER:
         raise argparse.ArgumentTypeError(
             f"expected an order's name (I, II, III, ...), got {text!r}"
         )
-    return names[text.strip().upper()]
+    return ROMAN_ORDER[name] - 1
 
 
 _order_name.__name__ = "order name"
