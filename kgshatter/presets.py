@@ -206,7 +206,7 @@ PRESETS: dict[str, RunConfig] = {
 # the rings, and ROME and MEMIT edits damage every order more with distance. Trained once
 # (about 3 h on one CPU thread) and shipped (kgshatter/studies/runs/paper). Which orders an
 # edit shatters is this training seed's: an edit reaches the orders that share the edited
-# order's block-0 keys (here I and II, III in part); seeds 1 and 2 edited the same way shatter
+# order's block-0 keys (here I and II, III in part); seeds 1-3 edited the same way shatter
 # order I only (docs/paper-scale/README.md, "Which training seeds shatter every order").
 PRESETS["paper"] = PRESETS["cpu"].replace(
     name="paper",
