@@ -39,6 +39,17 @@ def test_train_then_evaluate(tmp_path, capsys):
         ablation["clean"] == json.loads((out / "evaluation.json").read_text())["accuracy"]["direct"]
     )
     assert "0.attn_out@relation" in ablation and "1.mlp_out@subject" in capsys.readouterr().out
+    # which orders share block 0's keys: every order's edits on every order, C cached in the run
+    args_ks = ["evaluate", str(out), "--no-rings", "--max-queries", "20", "--key-sharing"]
+    assert main(args_ks) == 0
+    sharing = json.loads((out / "evaluation.json").read_text())["key_sharing"]
+    assert sharing["site"] == "0.mlp_post" and set(sharing["overlap"]) == {"I", "II", "III"}
+    assert all(row[o] > 0 for o, row in sharing["overlap"].items())
+    cosine = sharing["mean_key_cosine"]
+    assert cosine["I"]["II"] == pytest.approx(cosine["II"]["I"]) and -1 <= cosine["I"]["III"] <= 1
+    assert "order II edited: I " in capsys.readouterr().out and any((out / "cache").iterdir())
+    assert main([*args_ks, "5"]) == 2
+    assert "model has layers 0..1" in capsys.readouterr().err
     assert (
         main(
             [

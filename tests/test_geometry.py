@@ -137,6 +137,41 @@ def test_order_moves_of_a_rank_one_edit_are_its_overlaps(tiny_graph):
         order_moves(keys[:2], g, x, r, delta)
 
 
+def test_key_sharing_is_every_orders_mean_overlap(tiny_graph):
+    """key_sharing is the mean order_overlap of an edit of every fact of each order (with every
+    subject sampled), and it reads the axis picture: orders I and II apart, III half on each."""
+    import torch
+
+    from kgshatter.analysis.spill import key_sharing, order_overlap
+
+    g = tiny_graph
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(g.n_relations, g.n_entities, 4, generator=gen, dtype=torch.float64)
+    c_inv = torch.linalg.inv(torch.einsum("rei,rej->ij", keys, keys) / keys[..., 0].numel())
+    sharing = key_sharing(keys, g, c_inv, n_subjects=g.n_entities)
+    for o in range(g.n_orders):
+        per = [
+            order_overlap(keys, g, x, r, c_inv)
+            for r in range(g.n_relations)
+            if g.relation(r).order == o
+            for x in range(g.n_entities)
+        ]
+        want = {name: sum(p[name] for p in per) / len(per) for name in per[0]}
+        assert sharing[g.order_name(o)] == pytest.approx(want, rel=1e-9)
+    # a sample of subjects: seeded, so the same bytes twice
+    assert key_sharing(keys, g, c_inv, n_subjects=5) == key_sharing(keys, g, c_inv, n_subjects=5)
+    axis = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0]), 2: torch.tensor([0.5, 0.5])}
+    flat = torch.stack(
+        [axis[g.relation(r).order].expand(g.n_entities, 2) for r in range(g.n_relations)]
+    )
+    picture = key_sharing(flat, g, torch.eye(2), n_subjects=3)
+    assert picture["I"] == pytest.approx({"I": 1.0, "II": 0.0, "III": 0.5})
+    assert picture["II"] == pytest.approx({"I": 0.0, "II": 1.0, "III": 0.5})
+    assert picture["III"] == pytest.approx({"I": 1.0, "II": 1.0, "III": 1.0})
+    with pytest.raises(ValueError, match="n_subjects must be a positive int, got 0"):
+        key_sharing(flat, g, torch.eye(2), n_subjects=0)
+
+
 def test_relation_keys_are_the_sweeps_keys(trained_tiny, tiny_sampler):
     import torch
 

@@ -10,7 +10,9 @@ and "Which training seeds shatter every order": an order I edit's overlaps 0.25 
 on orders I / II / III where the damage spread to every order, 0.17 / 0.02 / 0.02 and
 0.16 / 0.04 / 0.04 on two training seeds where it stayed in order I; on the second of those an
 order II edit's 0.11 / 0.24 / 0.22 foretold that it would shatter order III too, which it
-did). :func:`order_moves` measures the same for an edit already made, whatever its form.
+did). :func:`order_moves` measures the same for an edit already made, whatever its form;
+:func:`key_sharing` the overlaps of every order's edits on every order, the model's pattern of
+shared keys (``kgshatter evaluate RUN --key-sharing``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
@@ -109,6 +112,41 @@ def order_moves(
     moves = moves / edited
     moves[relation, subject] = math.nan
     return _mean_by_order(moves, graph)
+
+
+def key_sharing(
+    keys: Float[torch.Tensor, "relation entity d_mlp"],
+    graph: KnowledgeGraph,
+    c_inv: Float[torch.Tensor, "d_mlp d_mlp"],
+    n_subjects: int = 64,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Which orders share the keys, before any edit: ``{edited order: {order: overlap}}``.
+
+    For rank-one edits of each order's facts (every relation of that order, with ``n_subjects``
+    seeded subjects; all of them when ``n_subjects >= n_entities``), the mean
+    :func:`order_overlap` on every order. An order whose overlap is near the edited order's
+    own shares its keys and shatters with it; one near 0 is kept apart (docs/paper-scale,
+    "Which training seeds shatter every order"). Needs only the keys and C, so it reads a
+    checkpoint early in training as well as a finished one.
+    """
+    _check_keys(keys, graph)
+    if not (isinstance(n_subjects, int) and n_subjects >= 1):
+        raise ValueError(f"n_subjects must be a positive int, got {n_subjects!r}")
+    picked = np.random.default_rng(seed).permutation(graph.n_entities)[:n_subjects]
+    subjects = torch.from_numpy(np.sort(picked))
+    k, ci = keys.double(), c_inv.double()
+    result = {}
+    for o in range(graph.n_orders):
+        relations = [r for r in range(graph.n_relations) if graph.relation(r).order == o]
+        edited = k[relations][:, subjects].reshape(-1, k.shape[-1])  # [m, d]
+        u = edited @ ci.T  # row i: (C^-1 k*_i)^T
+        own = (edited * u).sum(-1)  # k*_i . C^-1 k*_i
+        total = torch.zeros(graph.n_relations, dtype=torch.float64)
+        for lo in range(0, len(edited), 64):  # [relation, entity, 64] at a time
+            total += ((k @ u[lo : lo + 64].T).abs() / own[lo : lo + 64]).mean(1).sum(1)
+        result[graph.order_name(o)] = _mean_by_order(total / len(edited), graph)
+    return result
 
 
 def mean_key_cosine(

@@ -59,6 +59,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     run, graph, model, state = load_run(args.run_dir, device=args.device, step=args.step)
     if args.site:  # fail before the long computation, not after it
         Site.parse(args.site).check(model.cfg.n_layers)
+    if args.key_sharing is not None:
+        Site(args.key_sharing, "mlp_post").check(model.cfg.n_layers)
     eval_cfg = run.eval
     if args.prefixes is not None:
         eval_cfg = dataclasses.replace(run.eval, n_prefixes=args.prefixes)
@@ -78,12 +80,59 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
         print("direct recall with one output mean-ablated at one token (where it is computed):")
         print(format_accuracy(result["ablation"]))
+    if args.key_sharing is not None:
+        result["key_sharing"] = measure_key_sharing(
+            model, evaluator.sampler, args.key_sharing, Path(args.run_dir) / "cache"
+        )
+        print(format_key_sharing(result["key_sharing"]))
     write_json_atomic(out, result)
     print(f"wrote {out}")
     if args.figure:
         fig_path = write_ring_figure(evaluator, model, result, args.figure, args.site, args.method)
         print(f"wrote {fig_path}")
     return 0
+
+
+def measure_key_sharing(
+    model: TransformerBridge, sampler: Any, layer: int, cache_dir: Path
+) -> dict[str, Any]:
+    """Which orders share block ``layer``'s MLP keys at the relation token: the overlap of
+    ROME-shaped edits of each order's facts on every order (C from 10^5 validation walks, as the
+    sweep's ROME uses it, cached in ``cache_dir``) and the orders' mean-key cosines."""
+    import torch
+
+    from kgshatter.analysis.spill import key_sharing, mean_key_cosine, relation_keys
+    from kgshatter.editing import CovarianceCache
+    from kgshatter.editing.core import synthetic_stats
+    from kgshatter.sites import Site
+
+    graph = sampler.graph
+    stats = synthetic_stats(model, sampler, layer, 100_000, CovarianceCache(cache_dir))
+    c_inv = stats.solve(torch.eye(len(stats.eigenvalues), dtype=torch.float64))  # ROME's C^-1
+    keys = relation_keys(model, sampler, layer)
+    return {
+        "site": str(Site(layer, "mlp_post")),
+        "overlap": key_sharing(keys, graph, c_inv),
+        "mean_key_cosine": {
+            graph.order_name(o): mean_key_cosine(keys, graph, o) for o in range(graph.n_orders)
+        },
+    }
+
+
+def format_key_sharing(sharing: dict[str, Any]) -> str:
+    """One line per edited order: its overlap on every order, as a share of its own."""
+    lines = [
+        f"key sharing at {sharing['site']} (relation token): how much of an edit of one "
+        "order's facts reaches each order, relative to the edited order (1: shared, 0: apart)"
+    ]
+    for edited, row in sharing["overlap"].items():
+        own = row[edited]
+        cells = ", ".join(f"{o} {v / own:.2f}" for o, v in row.items())
+        cos = ", ".join(
+            f"{o} {c:+.2f}" for o, c in sharing["mean_key_cosine"][edited].items() if o != edited
+        )
+        lines.append(f"  order {edited} edited: {cells} (own overlap {own:.3f}; key cosine {cos})")
+    return "\n".join(lines)
 
 
 def write_ring_figure(
@@ -191,6 +240,17 @@ def add_evaluate(sub: Any) -> None:
         action="store_true",
         help="also mean-ablate each block's attention and MLP output at the subject and at "
         "the relation token of direct queries: where the answer is computed",
+    )
+    p.add_argument(
+        "--key-sharing",
+        type=_natural,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="LAYER",
+        help="also measure which orders share block LAYER's MLP keys (default 0, where the "
+        "paper preset's ROME edits): how much of an edit of each order's facts reaches every "
+        "order, before any edit (C from 10^5 walks, cached in RUN_DIR/cache)",
     )
     p.add_argument("--figure", default=None, help="also draw each order's ring to this PNG")
     p.add_argument(
