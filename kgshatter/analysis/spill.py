@@ -137,8 +137,7 @@ def key_sharing(
     subjects = torch.from_numpy(np.sort(picked))
     k, ci = keys.double(), c_inv.double()
     result = {}
-    for o in range(graph.n_orders):
-        relations = [r for r in range(graph.n_relations) if graph.relation(r).order == o]
+    for o, relations in enumerate(_relations_by_order(graph)):
         edited = k[relations][:, subjects].reshape(-1, k.shape[-1])  # [m, d]
         u = edited @ ci.T  # row i: (C^-1 k*_i)^T
         own = (edited * u).sum(-1)  # k*_i . C^-1 k*_i
@@ -156,10 +155,7 @@ def mean_key_cosine(
     ``order`` and that of each other relation of the order named (how much the two orders
     share the MLP's key space)."""
     mean = keys.double().mean(1)
-    by_order = [
-        [r for r in range(graph.n_relations) if graph.relation(r).order == o]
-        for o in range(graph.n_orders)
-    ]
+    by_order = _relations_by_order(graph)
     result = {}
     for o, relations in enumerate(by_order):
         cos = [
@@ -178,6 +174,11 @@ def _check_keys(keys: torch.Tensor, graph: KnowledgeGraph) -> None:
             f"keys must be [relation, entity, d] = [{graph.n_relations}, {graph.n_entities}, d] "
             f"for this graph, got {list(keys.shape)}"
         )
+
+
+def _relations_by_order(graph: KnowledgeGraph) -> list[list[int]]:
+    """The relation indices of each order, in order."""
+    return [[r.index for r in graph.relations if r.order == o] for o in range(graph.n_orders)]
 
 
 def _mean_by_order(values: torch.Tensor, graph: KnowledgeGraph) -> dict[str, float]:
