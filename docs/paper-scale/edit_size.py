@@ -1,0 +1,87 @@
+"""Damage against an edit's size at fixed direction: ROME's relative edits at d = 1 and d = 4,
+their weight delta scaled by c, and the direct recall lost (issue 27, "the paper's size of
+effect").
+
+    python docs/paper-scale/edit_size.py SWEEP_RUN_DIR [EDITS_PER_D] > edit_size.json
+
+SWEEP_RUN_DIR is a sweep's copy of a paper-scale run (``OUT/run`` of ``kgshatter reproduce``,
+whose ``cache/`` holds block 0's key statistics; computed, about a minute, if not). ROME with the
+sweep's editor (``synthetic-relative``, block 0) makes EDITS_PER_D (default 8) single
+counterfactual edits of order I facts at d = 1 and at d = 4 (request seeds 1001 and 1004, as
+``broken_answers.py``); each edit's rank-one delta ``a b^T`` is applied scaled by c in
+``SCALES`` (c = 1: the edit itself), and the run's 2,000 direct queries (five contexts each) are
+answered again. Per d and c: the delta's Frobenius norm and the direct accuracy change in
+points, all orders and per order (the unscaled edits take: 100% efficacy in the sweeps).
+Same d, different c isolates the size; same norm, different d isolates the direction.
+"""
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import torch
+
+import kgshatter as ks
+from kgshatter.editing.edit import LayerDelta
+from kgshatter.evaluate import query_probs
+
+SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)
+torch.set_num_threads(1)
+run_dir = sys.argv[1]
+per_d = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+run, graph, model, _ = ks.load_run(run_dir)
+sampler = ks.WalkSampler(graph, run.walks)
+queries = ks.Evaluator.for_run(run, graph).queries["direct"]
+answers, orders = queries.answers.numpy(), queries.order.numpy()
+
+
+def predictions(m):
+    """Each query's predicted entity."""
+    return query_probs(m, queries)[:, : graph.n_entities].argmax(-1).numpy()
+
+
+def scaled(edit, c):
+    """The edit with every layer's delta multiplied by c."""
+    deltas = [LayerDelta(d.layer, d.a * c, d.b) for d in edit.deltas]
+    return dataclasses.replace(edit, deltas=deltas)
+
+
+before = predictions(model)
+was_right = before == answers
+rome = ks.get_method("rome")
+config = rome.config_with_samples("synthetic-relative", 100_000)
+task = ks.SyntheticTask(sampler, ks.CovarianceCache(f"{run_dir}/cache"))
+out = {"run": run_dir, "scales": list(SCALES), "accuracy_before": float(was_right.mean())}
+for d in (1, 4):
+    rows = []
+    for request in ks.sample_requests(graph, "counterfactual", per_d, 1000 + d, distance=d):
+        edit = rome.compute(model, task, request, config)
+        for c in SCALES:
+            e = scaled(edit, c)
+            with ks.edited(model, e):
+                after = predictions(model)
+            change = {"all": 100 * float((after == answers).mean() - was_right.mean())}
+            for o in range(graph.n_orders):
+                keep = orders == o
+                change[graph.order_name(o)] = 100 * float(
+                    (after[keep] == answers[keep]).mean() - was_right[keep].mean()
+                )
+            rows.append(
+                {
+                    "c": c,
+                    "norm": float(sum(torch.linalg.matrix_norm(x.dense) for x in e.deltas)),
+                    "change": change,
+                }
+            )
+    out[f"d={d}"] = {
+        str(c): {
+            "norm": round(float(np.mean([r["norm"] for r in rows if r["c"] == c])), 4),
+            "direct_change_points": {
+                k: round(float(np.mean([r["change"][k] for r in rows if r["c"] == c])), 2)
+                for k in rows[0]["change"]
+            },
+        }
+        for c in SCALES
+    }
+print(json.dumps(out, indent=1))
