@@ -10,7 +10,8 @@ sweep's editor (``synthetic-relative``, block 0) makes EDITS_PER_D (default 8) s
 counterfactual edits of order I facts at d = 1 and at d = 4 (request seeds 1001 and 1004, as
 ``broken_answers.py``); each edit's rank-one delta ``a b^T`` is applied scaled by c in
 ``SCALES`` (c = 1: the edit itself), and the run's 2,000 direct queries (five contexts each) are
-answered again. Per d and c: the delta's Frobenius norm and the direct accuracy change in
+answered again (a request whose target the model already gives is skipped; ``n_edits`` counts
+the edits made). Per d and c: the delta's Frobenius norm and the direct accuracy change in
 points, all orders and per order (the unscaled edits take: 100% efficacy in the sweeps).
 Same d, different c isolates the size; same norm, different d isolates the direction.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import kgshatter as ks
+from kgshatter.editing.core import AlreadyAnswered
 from kgshatter.editing.edit import LayerDelta
 from kgshatter.evaluate import query_probs
 
@@ -56,7 +58,10 @@ out = {"run": run_dir, "scales": list(SCALES), "accuracy_before": float(was_righ
 for d in (1, 4):
     rows = []
     for request in ks.sample_requests(graph, "counterfactual", per_d, 1000 + d, distance=d):
-        edit = rome.compute(model, task, request, config)
+        try:
+            edit = rome.compute(model, task, request, config)
+        except AlreadyAnswered:  # the model already gives this target (a wrong fact): skipped
+            continue
         for c in SCALES:
             e = scaled(edit, c)
             with ks.edited(model, e):
@@ -75,6 +80,8 @@ for d in (1, 4):
                 }
             )
     out[f"d={d}"] = {
+        "n_edits": len(rows) // len(SCALES),
+    } | {
         str(c): {
             "norm": round(float(np.mean([r["norm"] for r in rows if r["c"] == c])), 4),
             "direct_change_points": {
