@@ -11,7 +11,9 @@ from kgshatter.analysis.geometry import (
     fourier_probe,
     neighbour_fraction,
     probe_r2,
+    ring_far_distance,
     ring_metrics,
+    ring_step_distances,
 )
 
 N = 64
@@ -73,6 +75,32 @@ def test_fourier_probe_finds_the_frequency():
     spectrum = fourier_probe(x, pos, N, frequencies=range(1, 8))
     assert max(spectrum, key=spectrum.get) == 5
     assert spectrum[5] > 0.98 and spectrum[1] < 0.2
+
+
+def test_ring_step_distances_follow_the_winding():
+    # a circle drawn once around: D(d) is the chord, ~d * D(1) for small d, far entities ~1.8r
+    x, pos = ring_points()
+    dist = ring_step_distances(x, pos, N, (1, 2, 4, 8))
+    assert dist[4] / dist[1] == pytest.approx(np.sin(4 * np.pi / N) / np.sin(np.pi / N))
+    assert dist[1] / ring_far_distance(x, pos, N) < 0.06
+    # wound 8 times around: D peaks at N / 16 = 4 places and is back to 0 at N / 8 = 8
+    x, pos = ring_points(freq=8)
+    dist = ring_step_distances(x, pos, N, range(1, 9))
+    assert max(dist, key=dist.get) == 4 and dist[8] < 1e-9
+    assert dist[1] / ring_far_distance(x, pos, N) > 0.2
+
+
+def test_ring_step_distances_obey_the_triangle_inequality_and_reject_bad_input():
+    rng = np.random.default_rng(3)
+    x, pos = rng.normal(size=(N, 8)), rng.permutation(N)
+    dist = ring_step_distances(x, pos, N, (1, 4))
+    assert dist[4] <= 4 * dist[1]
+    with pytest.raises(ValueError, match="permutation of 0..63"):
+        ring_step_distances(x, np.zeros(N, int), N)
+    with pytest.raises(ValueError, match="steps must lie in 1..63"):
+        ring_step_distances(x, pos, N, (0,))
+    with pytest.raises(ValueError, match="one row per entity"):
+        ring_step_distances(x[:10], pos, N)
 
 
 def test_degenerate_representations_give_nan():

@@ -12,7 +12,8 @@ relation token of the query ``x o_C1`` (averaged over the evaluation's random-wa
 order's ring. On a ring drawn once around (frequency 1) D grows with d up to the far side;
 on a ring wound many times around D saturates within a few places, and a d = 4 edit is hardly
 larger than a d = 1 edit. Per run, order and site: D(d) / D(1) for d = 2..8, 16, ..., 1024,
-and D(1) / D(far), D(far) the mean distance between entities N / 4 or more places apart.
+and D(1) / D(far), D(far) the mean distance between entities N / 4 or more places apart
+(``kgshatter.analysis.geometry.ring_step_distances`` and ``ring_far_distance``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import numpy as np
 import torch
 
+from kgshatter.analysis.geometry import ring_far_distance, ring_step_distances
 from kgshatter.analysis.representations import collect_representations
 from kgshatter.evaluate import Evaluator
 from kgshatter.sites import Site
@@ -33,18 +35,10 @@ SITES = (Site(0, "mlp_out"), Site(1, "mlp_out"), Site(0, "resid_post"))
 torch.set_num_threads(1)
 
 
-def profile(x: np.ndarray) -> dict[str, float]:
-    """D(d) / D(1) along the ring for x in ring order, and D(1) / D(far)."""
-    n = len(x)
-    dist = {d: float(np.linalg.norm(np.roll(x, -d, 0) - x, axis=1).mean()) for d in STEPS}
-    far = float(
-        np.mean(
-            [
-                np.linalg.norm(np.roll(x, -d, 0) - x, axis=1).mean()
-                for d in range(n // 4, n // 2 + 1, 64)
-            ]
-        )
-    )
+def profile(reps: torch.Tensor, positions: np.ndarray, n: int) -> dict[str, float]:
+    """D(d) / D(1) along the ring, and D(1) / D(far)."""
+    dist = ring_step_distances(reps, positions, n, STEPS)
+    far = ring_far_distance(reps, positions, n)
     out = {f"D({d})/D(1)": round(dist[d] / dist[1], 3) for d in STEPS[1:]}
     return {"D(1)": round(dist[1], 5), "D(1)/D(far)": round(dist[1] / far, 3)} | out
 
@@ -57,7 +51,7 @@ for run_dir in sys.argv[1:]:
     for o in range(graph.n_orders):
         reps = collect_representations(model, evaluator.ring_tokens(o), SITES, batch_size=1024)
         result[run_dir]["orders"][graph.order_name(o)] = {
-            str(s): profile(r.numpy()[graph.rings[o]]) for s, r in reps.items()
+            str(s): profile(r, graph.positions[o], graph.n_entities) for s, r in reps.items()
         }
     print(run_dir, json.dumps(result[run_dir]["orders"]["I"]), file=sys.stderr, flush=True)
 print(json.dumps(result, indent=1))

@@ -97,6 +97,44 @@ def neighbour_fraction(reps, positions: np.ndarray, n: int, window: int = 2) -> 
     return float((gap <= window).all(axis=1).mean())
 
 
+def _ring_ordered(reps, positions: np.ndarray, n: int) -> np.ndarray:
+    """The representations in ring order (row p: the entity at ring position p)."""
+    pos = np.asarray(positions)
+    if pos.shape != (n,) or not np.array_equal(np.sort(pos), np.arange(n)):
+        raise ValueError(f"positions must be a permutation of 0..{n - 1} (one per entity)")
+    x = _np(reps)
+    if len(x) != n:
+        raise ValueError(f"reps has {len(x)} rows, positions {n}: one row per entity")
+    return x[np.argsort(pos)]
+
+
+def ring_step_distances(reps, positions: np.ndarray, n: int, steps=(1, 2, 4)) -> dict[int, float]:
+    """D(d): the mean distance between the representations of entities d places apart along
+    the ring, for each d in ``steps`` (0 < d < n).
+
+    How far a counterfactual edit at distance d must move a value, to first order (README,
+    "The paper's size of effect"). D(d) <= d * D(1) on any ring (the triangle inequality,
+    averaged around it), with equality where the ring is straight over d places; a ring wound
+    f times around peaks at d = n / 2f and returns to ~0 at d = n / f.
+    """
+    x = _ring_ordered(reps, positions, n)
+    out = {}
+    for d in steps:
+        if not 0 < int(d) < n:
+            raise ValueError(f"steps must lie in 1..{n - 1}, got {d}")
+        out[int(d)] = float(np.linalg.norm(np.roll(x, -int(d), 0) - x, axis=1).mean())
+    return out
+
+
+def ring_far_distance(reps, positions: np.ndarray, n: int) -> float:
+    """The mean of D(d) over d = n / 4 .. n / 2: how far apart entities a quarter or more of the
+    ring apart are. ``D(1) / ring_far_distance`` says how wound the ring is: small for a
+    circle drawn once around (about 3.5 / n: 0.0017 at n = 2,048), a sizeable fraction for a
+    ring that winds many times around (its neighbours nearly as far apart as distant ones)."""
+    steps = range(max(n // 4, 1), n // 2 + 1)
+    return float(np.mean(list(ring_step_distances(reps, positions, n, steps).values())))
+
+
 def embed_2d(reps, method: str = "isomap", n_neighbors: int = ISOMAP_NEIGHBORS) -> np.ndarray:
     """2-D Isomap or PCA embedding of the representations."""
     x = _np(reps)
