@@ -10,7 +10,12 @@ time (``VARIANTS``: Adam's step, the weight decay, both). Per variant and d: the
 ``||v* - v||`` and the weight delta's norm (means over the edits), the Adam steps taken, the
 final NLL of the new target (the optimisation stops below 0.05), the share of edits whose
 final NLL is below ln 2 (the new target more likely than not), and the direct accuracy change
-over the run's 2,000 direct queries (all orders and per order). SWEEP_RUN_DIR as in
+over the run's 2,000 direct queries (all orders and per order). And whether the edit writes
+the value the model already writes for the entity d places along: per edit, the change ``b``
+the edit writes at its key against the gap ``g = v(x') - v(x)`` between the subject x and the
+entity x' whose answer is the new target, at the edited block's MLP output and residual stream
+(relation token, the five evaluation prefixes): ``||b|| / ||g||``, cos(b, g) and |cos(b, g)|
+(two random directions in d_model 24 have a mean |cos| of 0.16). SWEEP_RUN_DIR as in
 ``edit_size.py`` (its ``cache/`` holds the key statistics; computed if absent).
 """
 
@@ -22,8 +27,10 @@ import numpy as np
 import torch
 
 import kgshatter as ks
+from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.editing.core import AlreadyAnswered
 from kgshatter.evaluate import query_probs
+from kgshatter.sites import Site
 
 # one lever at a time against the preset (relative=True, lr=0.05, weight_decay=0.5, steps=200)
 VARIANTS = {
@@ -49,6 +56,23 @@ def predictions(m):
 
 def change(after, keep):
     return 100 * float((after[keep] == answers[keep]).mean() - was_right[keep].mean())
+
+
+def value_gap(request, edit) -> dict[str, float]:
+    """For the edit's written change b and the gap g at the edited block's MLP output and
+    residual stream: ||b|| / ||g||, cos(b, g)."""
+    layer = edit.deltas[0].layer
+    other = int(np.flatnonzero(graph.table[request.relation] == request.target)[0])
+    tokens = entity_query_tokens(sampler, request.relation, 5)[[request.subject, other]]
+    sites = [Site(layer, "mlp_out"), Site(layer, "resid_post")]
+    v = collect_representations(model, tokens, sites)
+    b = edit.deltas[0].b[:, 0].double()
+    out = {}
+    for site in sites:
+        g = (v[site][1] - v[site][0]).double()
+        out[f"b/g {site.component}"] = float(b.norm() / g.norm())
+        out[f"cos {site.component}"] = float(b @ g / (b.norm() * g.norm()))
+    return out
 
 
 before = predictions(model)
@@ -77,6 +101,7 @@ for name, overrides in VARIANTS.items():
                     "norm": float(sum(torch.linalg.matrix_norm(x.dense) for x in edit.deltas)),
                     "steps": len(edit.info["losses"]),
                     "nll": edit.info["final_nll"],
+                    "gap": value_gap(request, edit),
                     "change": {"all": change(after, slice(None))}
                     | {
                         graph.order_name(o): change(after, orders == o)
@@ -91,6 +116,14 @@ for name, overrides in VARIANTS.items():
             "steps": round(float(np.mean([r["steps"] for r in rows])), 1),
             "final_nll": round(float(np.mean([r["nll"] for r in rows])), 3),
             "taken": round(float(np.mean([r["nll"] < math.log(2) for r in rows])), 3),
+            "value_gap": {
+                k: round(float(np.mean([r["gap"][k] for r in rows])), 3) for k in rows[0]["gap"]
+            }
+            | {
+                f"|{k}|": round(float(np.mean([abs(r["gap"][k]) for r in rows])), 3)
+                for k in rows[0]["gap"]
+                if k.startswith("cos")
+            },
             "direct_change_points": {
                 k: round(float(np.mean([r["change"][k] for r in rows])), 2)
                 for k in rows[0]["change"]
