@@ -20,23 +20,22 @@ import sys
 
 import numpy as np
 import torch
+from direct_queries import DirectQueries
 
 import kgshatter as ks
-from kgshatter.evaluate import query_probs
 
 torch.set_num_threads(1)
 run_dir = sys.argv[1]
 per_d = int(sys.argv[2]) if len(sys.argv) > 2 else 6
-run, graph, model, _ = ks.load_run(run_dir)
-sampler = ks.WalkSampler(graph, run.walks)
-queries = ks.Evaluator.for_run(run, graph).queries["direct"]
-answers, orders = queries.answers.numpy(), queries.order.numpy()
+dq = DirectQueries.load(run_dir)
+graph, model, sampler, queries = dq.graph, dq.model, dq.sampler, dq.queries
+answers, orders = dq.answers, dq.orders
 rows = torch.arange(len(answers))
 
 
 def answer(m):
     """Each query's predicted entity and its margin (log p(right) - max log p(other))."""
-    logp = torch.log(query_probs(m, queries)[:, : graph.n_entities].clamp_min(1e-30))
+    logp = torch.log(dq.probs(m).clamp_min(1e-30))
     predicted = logp.argmax(-1).numpy()
     right = logp[rows, torch.from_numpy(answers)]
     logp[rows, torch.from_numpy(answers)] = -torch.inf

@@ -22,26 +22,19 @@ import sys
 
 import numpy as np
 import torch
+from direct_queries import DirectQueries
 
 import kgshatter as ks
 from kgshatter.editing.core import AlreadyAnswered
 from kgshatter.editing.edit import LayerDelta
-from kgshatter.evaluate import query_probs
 
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)
 torch.set_num_threads(1)
 run_dir = sys.argv[1]
 per_d = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 preset = sys.argv[3] if len(sys.argv) > 3 else "synthetic-relative"
-run, graph, model, _ = ks.load_run(run_dir)
-sampler = ks.WalkSampler(graph, run.walks)
-queries = ks.Evaluator.for_run(run, graph).queries["direct"]
-answers, orders = queries.answers.numpy(), queries.order.numpy()
-
-
-def predictions(m):
-    """Each query's predicted entity."""
-    return query_probs(m, queries)[:, : graph.n_entities].argmax(-1).numpy()
+dq = DirectQueries.load(run_dir)
+graph, model, sampler, answers = dq.graph, dq.model, dq.sampler, dq.answers
 
 
 def scaled(edit, c):
@@ -50,7 +43,7 @@ def scaled(edit, c):
     return dataclasses.replace(edit, deltas=deltas)
 
 
-before = predictions(model)
+before = dq.predictions()
 was_right = before == answers
 rome = ks.get_method("rome")
 config = rome.config_with_samples(preset, 100_000)
@@ -71,18 +64,12 @@ for d in (1, 4):
         for c in SCALES:
             e = scaled(edit, c)
             with ks.edited(model, e):
-                after = predictions(model)
-            change = {"all": 100 * float((after == answers).mean() - was_right.mean())}
-            for o in range(graph.n_orders):
-                keep = orders == o
-                change[graph.order_name(o)] = 100 * float(
-                    (after[keep] == answers[keep]).mean() - was_right[keep].mean()
-                )
+                after = dq.predictions()
             rows.append(
                 {
                     "c": c,
                     "norm": float(sum(torch.linalg.matrix_norm(x.dense) for x in e.deltas)),
-                    "change": change,
+                    "change": dq.change_points(after, was_right),
                 }
             )
     out[f"d={d}"] = {

@@ -25,11 +25,11 @@ import sys
 
 import numpy as np
 import torch
+from direct_queries import DirectQueries
 
 import kgshatter as ks
 from kgshatter.analysis.representations import collect_representations, entity_query_tokens
 from kgshatter.editing.core import AlreadyAnswered
-from kgshatter.evaluate import query_probs
 from kgshatter.sites import Site
 
 # one lever at a time against the preset (relative=True, lr=0.05, weight_decay=0.5, steps=200)
@@ -43,19 +43,8 @@ VARIANTS = {
 torch.set_num_threads(1)
 run_dir = sys.argv[1]
 per_d = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-run, graph, model, _ = ks.load_run(run_dir)
-sampler = ks.WalkSampler(graph, run.walks)
-queries = ks.Evaluator.for_run(run, graph).queries["direct"]
-answers, orders = queries.answers.numpy(), queries.order.numpy()
-
-
-def predictions(m):
-    """Each query's predicted entity."""
-    return query_probs(m, queries)[:, : graph.n_entities].argmax(-1).numpy()
-
-
-def change(after, keep):
-    return 100 * float((after[keep] == answers[keep]).mean() - was_right[keep].mean())
+dq = DirectQueries.load(run_dir)
+graph, model, sampler = dq.graph, dq.model, dq.sampler
 
 
 def value_gap(request, edit) -> dict[str, float]:
@@ -75,8 +64,7 @@ def value_gap(request, edit) -> dict[str, float]:
     return out
 
 
-before = predictions(model)
-was_right = before == answers
+was_right = dq.predictions() == dq.answers
 rome = ks.get_method("rome")
 task = ks.SyntheticTask(sampler, ks.CovarianceCache(f"{run_dir}/cache"))
 requests = {
@@ -94,7 +82,7 @@ for name, overrides in VARIANTS.items():
             except AlreadyAnswered:  # the model already gives this target: skipped
                 continue
             with ks.edited(model, edit):
-                after = predictions(model)
+                after = dq.predictions()
             rows.append(
                 {
                     "shift": edit.info["delta_norm"],
@@ -102,11 +90,7 @@ for name, overrides in VARIANTS.items():
                     "steps": len(edit.info["losses"]),
                     "nll": edit.info["final_nll"],
                     "gap": value_gap(request, edit),
-                    "change": {"all": change(after, slice(None))}
-                    | {
-                        graph.order_name(o): change(after, orders == o)
-                        for o in range(graph.n_orders)
-                    },
+                    "change": dq.change_points(after, was_right),
                 }
             )
         out["variants"][name][f"d={d}"] = {

@@ -4,9 +4,9 @@ of effect")
     python docs/paper-scale/value_distance.py RUN_DIR [RUN_DIR ...] > out.json
 
 A counterfactual edit at distance d asks subject x for the answer of the entity d places along
-the ring; the value that makes the model give it is, to first order, the value the model
-already writes for that entity. So the size of the edit follows the distance between the two
-values, D(d) = mean over x of ||v(x + d) - v(x)||, where v(x) is a site's output at the
+the ring. The edits measured in ``editor_ratio.py`` are 1.5-2.2 times the gap between the two
+entities' values at every d, though mostly not in its direction, so the size of the edit
+follows D(d) = mean over x of ||v(x + d) - v(x)||, where v(x) is a site's output at the
 relation token of the query ``x o_C1`` (averaged over the evaluation's random-walk prefixes, as
 ``kgshatter evaluate`` reads the rings) and x + d is the entity d places clockwise on the same
 order's ring. On a ring drawn once around (frequency 1) D grows with d up to the far side;
